@@ -1,0 +1,64 @@
+"""The runner interface every backend implements (after polygraphy's BaseRunner).
+
+`infer()` checks the feed against the IO spec once, here; backends write `infer_impl` only.
+Runners are context managers: `activate` loads sessions/engines, `deactivate` frees them.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from typing import Any
+
+import numpy as np
+
+from engines.iospec import IOSpec, TensorSpec
+
+
+class Runner(abc.ABC):
+    backend: str = "base"
+
+    def __init__(self, spec: IOSpec, *, name: str | None = None):
+        self.spec = spec
+        self.name = name or self.backend
+        self.is_active = False
+        self.last_inference_ms: float | None = None
+
+    def __enter__(self) -> Runner:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.deactivate()
+
+    def activate(self) -> None:
+        if not self.is_active:
+            self.activate_impl()
+            self.is_active = True
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self.deactivate_impl()
+            self.is_active = False
+
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        return self.spec.inputs
+
+    def infer(self, feeds: dict[str, np.ndarray], *, check: bool = True) -> dict[str, np.ndarray]:
+        if not self.is_active:
+            raise RuntimeError(f"{self.name}: activate the runner (use it as a context manager)")
+        if check:
+            self.spec.check_feeds(feeds)
+        t0 = time.perf_counter()
+        out = self.infer_impl(feeds)
+        self.last_inference_ms = (time.perf_counter() - t0) * 1e3
+        return out
+
+    @abc.abstractmethod
+    def activate_impl(self) -> None: ...
+
+    @abc.abstractmethod
+    def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def deactivate_impl(self) -> None:
+        pass

@@ -1,0 +1,89 @@
+"""Torch-free runtime: manifest -> runner -> few-step sampler -> images.
+
+    import engines
+    pipe = engines.load("out/", precision="int8", backend="onnxruntime")
+    images = pipe(seeds=[0, 1, 2, 3])      # numpy [B, C, H, W] in [0, 1]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.base import Runner
+from engines.errors import InputError
+from engines.manifest import Artifact, Manifest
+from engines.schedule import Sampler, draw_noise, to_images
+
+ORT_BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt")
+
+
+def pick_artifact(manifest: Manifest, precision: str, backend: str) -> Artifact:
+    kind, match = ("engine", {"backend": "tensorrt"}) if backend == "tensorrt" else ("onnx", {})
+    found = manifest.find(kind, precision=precision, **match)
+    if not found:
+        have = sorted({f"{a.backend or 'onnxruntime'}/{a.precision}"
+                       for a in manifest.artifacts.values() if a.kind in ("onnx", "engine")})
+        raise InputError(f"{manifest.path}: no {kind} for precision {precision!r} "
+                         f"and backend {backend!r} (have: {', '.join(have) or 'none'})")
+    return found[-1]
+
+
+def make_runner(manifest: Manifest, art: Artifact, backend: str, **kw: Any) -> Runner:
+    path = manifest.verify(art)
+    spec = manifest.io_spec
+    if backend in ORT_BACKENDS:
+        from engines.onnxruntime_runner import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(path, spec, backend=backend, **kw)
+    if backend == "tensorrt":
+        from engines.tensorrt_runner import TensorRTRunner, check_engine_compatible
+
+        check_engine_compatible(art)
+        return TensorRTRunner(path, spec, **kw)
+    raise InputError(f"unknown backend {backend!r}; choose from {[*ORT_BACKENDS, 'tensorrt']}")
+
+
+class DiffusionPipeline:
+    """A runner and the student's sampler; call with seeds or noise."""
+
+    def __init__(self, manifest: Manifest, runner: Runner):
+        self.manifest, self.runner = manifest, runner
+        self.schedule = manifest.schedule
+        self.sample_shape = tuple(manifest.meta["sample_shape"])  # (C, H, W)
+        self.max_batch = manifest.io_spec.dims["batch"].max if "batch" in manifest.io_spec.dims else None
+        self.sampler = Sampler(self.schedule, runner, output_name=manifest.io_spec.output_names[0],
+                               max_batch=self.max_batch)
+        runner.activate()
+
+    def __call__(self, seeds: list[int] | None = None, noise: np.ndarray | None = None,
+                 step_noise: np.ndarray | None = None, cond: dict[str, np.ndarray] | None = None,
+                 output: str = "images") -> np.ndarray:
+        if (seeds is None) == (noise is None):
+            raise InputError("pass exactly one of seeds= or noise=")
+        if noise is None:
+            noise, step_noise = draw_noise(list(seeds), self.sample_shape, self.schedule.steps)
+        elif self.schedule.kind == "consistency" and step_noise is None and self.schedule.steps > 1:
+            raise InputError("a consistency student needs step_noise with noise= (or pass seeds=)")
+        if tuple(noise.shape[1:]) != self.sample_shape:
+            raise InputError(f"noise shape {noise.shape[1:]} != sample shape {self.sample_shape}")
+        samples = self.sampler(noise, step_noise, cond)
+        return to_images(samples) if output == "images" else samples
+
+    def close(self) -> None:
+        self.runner.deactivate()
+
+    def __enter__(self) -> DiffusionPipeline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def load(out_dir: str | Path, precision: str = "fp32", backend: str = "onnxruntime",
+         **runner_kw: Any) -> DiffusionPipeline:
+    manifest = Manifest.load(out_dir)
+    art = pick_artifact(manifest, precision, backend)
+    return DiffusionPipeline(manifest, make_runner(manifest, art, backend, **runner_kw))

@@ -1,0 +1,146 @@
+"""The student's sampling schedule and its few-step sampler, in numpy.
+
+The same `Sampler` drives every runner (onnxruntime, tensorrt, torch), so "engine sampler vs
+torch student sampler" compares backends, never two implementations of the math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+SAMPLER_KINDS = ("ddim", "consistency")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass(frozen=True)
+class SamplingSchedule:
+    kind: str  # "ddim" (deterministic, eta=0) or "consistency" (LCM multistep, fresh noise per step)
+    timesteps: tuple[int, ...]  # model timestep inputs, first (noisiest) to last
+    alphas_cumprod: tuple[float, ...]  # alpha_bar at each of `timesteps`
+    prediction_type: str  # what the model outputs: "epsilon", "v_prediction" or "sample"
+    final_alpha_cumprod: float = 1.0  # alpha_bar after the last step (1.0: a clean sample)
+    sigma_data: float = 0.5  # consistency boundary condition (Song et al. 2023, App. C)
+    timestep_scaling: float = 10.0  # LCM's scaling of t inside c_skip/c_out
+    clip_sample: float | None = None  # clamp x0 to [-c, c] at each step (None: no clamp)
+
+    def __post_init__(self) -> None:
+        if self.kind not in SAMPLER_KINDS:
+            raise ValueError(f"sampler kind {self.kind!r} not in {SAMPLER_KINDS}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction type {self.prediction_type!r} not in {PREDICTION_TYPES}")
+        if len(self.timesteps) != len(self.alphas_cumprod) or not self.timesteps:
+            raise ValueError("timesteps and alphas_cumprod must be non-empty and of equal length")
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["timesteps"] = list(self.timesteps)
+        d["alphas_cumprod"] = list(self.alphas_cumprod)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamplingSchedule:
+        d = dict(d)
+        d["timesteps"] = tuple(int(t) for t in d["timesteps"])
+        d["alphas_cumprod"] = tuple(float(a) for a in d["alphas_cumprod"])
+        return cls(**d)
+
+    @classmethod
+    def from_alphas(cls, alphas_cumprod: np.ndarray, timesteps: list[int], kind: str,
+                    prediction_type: str, **kw: Any) -> SamplingSchedule:
+        """Pick alpha_bar at the given timesteps from a scheduler's full table."""
+        return cls(kind=kind, timesteps=tuple(int(t) for t in timesteps),
+                   alphas_cumprod=tuple(float(alphas_cumprod[t]) for t in timesteps),
+                   prediction_type=prediction_type, **kw)
+
+
+def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """Evenly spaced, ending at T-1 ("trailing" spacing, Lin et al. 2023 Table 2)."""
+    ratio = num_train_timesteps / steps
+    return [int(round(num_train_timesteps - i * ratio)) - 1 for i in range(steps)]
+
+
+def predict_x0_eps(x: np.ndarray, out: np.ndarray, a: float, prediction_type: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Model output -> (x0, eps) at alpha_bar a; z = sqrt(a) x0 + sqrt(1-a) eps."""
+    sa, so = np.float32(np.sqrt(a)), np.float32(np.sqrt(1.0 - a))
+    if prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1-a) x0 (Salimans & Ho, eq. 9)
+        return sa * x - so * out, sa * out + so * x
+    if prediction_type == "epsilon":
+        return (x - so * out) / sa, out
+    return out, (x - sa * out) / max(so, np.float32(1e-8))
+
+
+class InferFn(Protocol):
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def draw_noise(seeds: list[int], shape: tuple[int, ...], steps: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-seed noise so a sample does not depend on its batch: (x_T [B,...], per-step [S-1,B,...])."""
+    init, per_step = [], []
+    for s in seeds:
+        rng = np.random.default_rng(s)
+        init.append(rng.standard_normal(shape, dtype=np.float32))
+        per_step.append(rng.standard_normal((max(steps - 1, 0), *shape), dtype=np.float32))
+    return np.stack(init), np.stack(per_step, axis=1)
+
+
+class Sampler:
+    """Noise -> samples in the model's data space, with any runner exposing `infer(feeds)`."""
+
+    def __init__(self, schedule: SamplingSchedule, runner: InferFn, *, output_name: str = "out_sample",
+                 max_batch: int | None = None):
+        self.schedule, self.runner = schedule, runner
+        self.output_name, self.max_batch = output_name, max_batch
+
+    def _model(self, x: np.ndarray, t: int, cond: dict[str, np.ndarray]) -> np.ndarray:
+        n = x.shape[0]
+        step = self.max_batch or n
+        outs = []
+        for i in range(0, n, step):
+            feeds = {"sample": x[i:i + step], "timestep": np.full((min(step, n - i),), t, np.float32)}
+            feeds.update({k: v[i:i + step] for k, v in cond.items()})
+            outs.append(self.runner.infer(feeds)[self.output_name])
+        return np.concatenate(outs).astype(np.float32)
+
+    def __call__(self, noise: np.ndarray, step_noise: np.ndarray | None = None,
+                 cond: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        sch, cond = self.schedule, cond or {}
+        if sch.kind == "consistency" and sch.steps > 1 and step_noise is None:
+            raise ValueError("a consistency sampler needs step_noise [steps-1, B, ...] (see draw_noise)")
+        x = noise.astype(np.float32)
+        alphas = [*sch.alphas_cumprod, sch.final_alpha_cumprod]
+        for i, t in enumerate(sch.timesteps):
+            a, a_next = alphas[i], alphas[i + 1]
+            out = self._model(x, t, cond)
+            x0, eps = predict_x0_eps(x, out, a, sch.prediction_type)
+            if sch.clip_sample is not None:
+                x0 = np.clip(x0, -sch.clip_sample, sch.clip_sample)
+            last = i == sch.steps - 1
+            if sch.kind == "ddim":  # DDIM, eta = 0 (Song et al. 2021, eq. 12)
+                x = x0 if last else np.sqrt(a_next) * x0 + np.sqrt(1 - a_next) * eps
+            else:  # consistency multistep (Song et al. 2023, Alg. 1; LCM boundary scalings)
+                c = (t * sch.timestep_scaling) ** 2
+                c_skip = sch.sigma_data**2 / (c + sch.sigma_data**2)
+                c_out = np.sqrt(c) / np.sqrt(c + sch.sigma_data**2)
+                denoised = c_skip * x + c_out * x0
+                x = denoised if last else np.sqrt(a_next) * denoised + np.sqrt(1 - a_next) * step_noise[i]
+            x = x.astype(np.float32)
+        return x
+
+    def from_seeds(self, seeds: list[int], sample_shape: tuple[int, ...],
+                   cond: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        noise, step_noise = draw_noise(seeds, sample_shape, self.schedule.steps)
+        return self(noise, step_noise, cond)
+
+
+def to_images(samples: np.ndarray) -> np.ndarray:
+    """Model space [-1, 1] -> images in [0, 1]."""
+    return np.clip((samples + 1.0) / 2.0, 0.0, 1.0)

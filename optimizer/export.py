@@ -1,0 +1,73 @@
+"""Stage `export`: student checkpoint -> onnx/student.fp32.onnx (dynamo exporter, dynamic batch)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engines.iospec import IOSpec
+from engines.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+TWO_GB = 2 << 30
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 20  # >= 18 for GroupNormalization; the dynamo exporter's default
+    dynamo: bool = True  # torch.onnx's dynamo exporter; the TorchScript one is deprecated
+    check: bool = True  # onnx.checker full check (with shape inference)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _example_inputs(spec: IOSpec, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    rng = np.random.default_rng(0)
+    args = []
+    for t in spec.inputs:
+        shape = t.concrete({"batch": batch})
+        if t.name == "timestep":
+            args.append(torch.full(shape, 500.0))
+        elif t.dtype.startswith("int"):
+            args.append(torch.from_numpy(rng.integers(0, 2, size=shape).astype(t.dtype)))
+        else:
+            args.append(torch.from_numpy(rng.standard_normal(shape).astype(t.dtype)))
+    return tuple(args)
+
+
+def export_onnx(model: torch.nn.Module, spec: IOSpec, out_path: str | Path,
+                config: ExportConfig = ExportConfig()) -> Path:
+    """Export `model` (a `Denoiser`) to ONNX at `out_path`, written atomically."""
+    import onnx
+
+    out_path = Path(out_path)
+    model = model.eval().float()
+    args = _example_inputs(spec)
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = n_bytes > TWO_GB - (64 << 20)  # protobuf's 2 GB limit, with headroom for the graph
+    batch = torch.export.Dim("batch", min=1, max=max(4096, spec.dims["batch"].max))
+    dynamic_shapes = {t.name: ({0: batch} if t.shape and t.shape[0] == "batch" else None)
+                      for t in spec.inputs}
+    # The dynamo exporter binds inputs by the forward's parameter names.
+    with torch.no_grad(), atomic_path(out_path, suffix=".onnx") as tmp:
+        prog = torch.onnx.export(
+            model, args, dynamo=config.dynamo, opset_version=config.opset,
+            input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_shapes=dynamic_shapes, external_data=external, verbose=False,
+            report=False, optimize=True)
+        prog.save(str(tmp), external_data=external)
+        if external:
+            log.info("model is %.1f GB: weights written as external data", n_bytes / 1e9)
+        if config.check:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        if external:  # external data was written next to tmp; move it beside the final name
+            data = tmp.with_name(tmp.name + ".data")
+            if data.exists():
+                data.rename(out_path.with_name(out_path.name + ".data"))
+    log.info("exported %s (%s params)", out_path, f"{sum(p.numel() for p in model.parameters()):,}")
+    return out_path
