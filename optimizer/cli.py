@@ -1,0 +1,146 @@
+"""dd-compile command line: exit 0 when every check passes, 1 when a check fails, 2 for bad input."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (shared machines)
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from engines.errors import DDCompileError
+
+log = logging.getLogger("dd-compile")
+
+
+def _csv(kind, convert, allowed=None):
+    def cb(ctx, param, value):
+        if value is None:
+            return None
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not items:
+            raise click.BadParameter(f"empty {kind} list")
+        try:
+            out = tuple(convert(v) for v in items)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind}") from None
+        if allowed:
+            bad = [v for v in out if v not in allowed]
+            if bad:
+                raise click.BadParameter(f"unknown {kind} {bad[0]!r} (choose from {', '.join(allowed)})")
+        if kind == "batch sizes" and any(v < 1 for v in out):
+            raise click.BadParameter("batch sizes must be >= 1")
+        return out
+    return cb
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch._export", "polygraphy",
+                  "root", "diffusers", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    import diffusers.utils.logging as dlog
+
+    dlog.set_verbosity_warning() if verbose else dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+
+
+def print_table(report) -> None:
+    rows = [("variant", "call relL2", "sample PSNR", "per-call ms", "x teacher", "e2e ms", "x teacher", "pass")]
+    for v in report.variants:
+        b = max(v.latency_ms.get("per_call", {0: 0}))
+        pc = v.latency_ms.get("per_call", {}).get(b)
+        e2e = v.latency_ms.get("end_to_end", {}).get(b)
+        spc = v.speedup_vs_teacher.get("per_call", {}).get(b)
+        se = v.speedup_vs_teacher.get("end_to_end", {}).get(b)
+        rows.append((f"{v.backend} {v.precision}{' *' if v.recommended else ''}",
+                     f"{v.parity['call']['rel_l2']:.2e}", f"{v.parity['sample']['psnr_db']:.1f} dB",
+                     f"{pc:.2f} (b{b})" if pc else "-", f"{spc:.2f}x" if spc else "-",
+                     f"{e2e:.1f}" if e2e else "-", f"{se:.1f}x" if se else "-",
+                     "yes" if v.passed else "NO"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            click.echo("  ".join("-" * w for w in widths))
+    d = report.distribution
+    if d:
+        fids = ", ".join(f"{k[4:]} {d[k]:.2f}" for k in
+                         ("fid_student", "fid_teacher", "fid_teacher_low_steps", "fid_student_vs_teacher")
+                         if d.get(k) is not None)
+        click.echo(f"distribution: paired PSNR to teacher {d['paired_psnr_db']:.1f} dB; FID {fids}")
+    for s in report.skipped:
+        click.echo(f"skipped: {s}")
+    click.echo("* recommended (fastest variant that passes)")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.option("--demo", is_flag=True, help="Compile the bundled digits student (distilled from the bundled teacher).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder: onnx/, engines/, report.{json,md}, samples.png, latency.png, manifest.json. "
+                   "[default: out/]")
+@click.option("--precision", "precisions", callback=_csv("precisions", str, ("fp32", "fp16", "int8")),
+              default="fp32,fp16,int8", show_default=True,
+              help="Comma-separated variants to build and validate; fp16/int8 precision lives in the ONNX graph.")
+@click.option("--backend", default="onnxruntime", show_default=True,
+              type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt"]),
+              help="Runtime that runs the graphs: ONNX Runtime (CPU, or its CUDA/TensorRT providers) or TensorRT engines.")
+@click.option("--batch-sizes", callback=_csv("batch sizes", int), default="1,16", show_default=True,
+              help="Batch sizes to validate and time; min/max bound the dynamic batch axis (TensorRT profiles, Triton).")
+@click.option("--teacher", type=click.Path(path_type=Path), default=None,
+              help="Teacher diffusers folder (unet/ + scheduler/); overrides the path stored in the checkpoint.")
+@click.option("--require-teacher", is_flag=True, help="Fail (exit 2) instead of skipping teacher checks when the teacher is missing.")
+@click.option("--steps", type=int, default=None, help="For a diffusers folder SOURCE: the student's DDIM step count.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for validation noise and calibration trajectories.")
+@click.option("--samples", "n_samples", type=int, default=64, show_default=True, help="Samples for sample- and distribution-level checks.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads for ONNX Runtime and torch (default: all cores).")
+@click.option("--triton-repo", type=click.Path(path_type=Path), default=None, help="Also write a Triton model repository here.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, library warnings included.")
+def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_teacher, steps, seed,
+         n_samples, threads, triton_repo, as_json, verbose):
+    """Compile a diffusion student for deployment and validate it against its teacher.
+
+    SOURCE is a student.ckpt (from dd-distill) or a diffusers folder (unet/ + scheduler/) with
+    --steps N. Writes ONNX graphs (fp32, fp16, int8), engines, a manifest and a report to --out.
+    Exit code: 0 every check passed, 1 a parity/quality check failed (artifacts and report still
+    written), 2 bad input or a missing backend.
+    """
+    setup_logging(verbose)
+    from optimizer.pipeline import CompileConfig, demo_source, run
+
+    try:
+        if demo == (source is not None):
+            raise click.UsageError("give exactly one of SOURCE or --demo")
+        if demo:
+            source, steps = demo_source()
+        cfg = CompileConfig(out=out or Path("out"), precisions=precisions, backend=backend,
+                            batch_sizes=batch_sizes, teacher=teacher, require_teacher=require_teacher,
+                            seed=seed, steps=steps, threads=threads, n_samples=n_samples,
+                            triton_repo=triton_repo)
+        if n_samples < 2:
+            raise click.BadParameter("--samples must be >= 2")
+        report = run(source, cfg)
+    except DDCompileError as e:
+        click.echo(f"dd-compile: error: {e}", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        print_table(report)
+        click.echo(f"report: {cfg.out / 'report.md'}  manifest: {cfg.out / 'manifest.json'}  "
+                   f"({report.seconds:.0f} s)")
+    if not report.passed:
+        for f in report.failures:
+            click.echo(f"FAILED {f}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The compile report: an object first (`bool(report)` is pass/fail), then JSON and Markdown.
+Only the CLI turns it into an exit code."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class VariantResult:
+    backend: str
+    precision: str
+    path: str
+    parity: dict[str, Any] = field(default_factory=dict)  # {"call": {...}, "sample": {...}}
+    latency_ms: dict[str, dict[int, float]] = field(default_factory=dict)  # level -> b -> median
+    timings: dict[str, Any] = field(default_factory=dict)  # full stats (p10/p50/p90/p99, n)
+    speedup_vs_teacher: dict[str, dict[int, float]] = field(default_factory=dict)
+    precision_info: dict[str, Any] = field(default_factory=dict)  # from the quantize stage
+    passed: bool = False
+    recommended: bool = False
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompileReport:
+    student: dict[str, Any]
+    teacher: dict[str, Any]
+    variants: list[VariantResult] = field(default_factory=list)
+    distribution: dict[str, Any] | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failures(self) -> list[str]:
+        out = [f"{v.backend}/{v.precision}: {f}" for v in self.variants for f in v.failures]
+        if self.distribution and not self.distribution.get("passed", True):
+            out += [f"distribution: {n}" for n in self.distribution.get("notes", [])]
+        return out
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.variants) and not self.failures
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def recommend(self) -> VariantResult | None:
+        """Flag the fastest passing variant at the largest batch (per call)."""
+        ok = [v for v in self.variants if v.passed and v.latency_ms.get("per_call")]
+        for v in self.variants:
+            v.recommended = False
+        if not ok:
+            return None
+        b = max(max(v.latency_ms["per_call"]) for v in ok)
+        best = min(ok, key=lambda v: v.latency_ms["per_call"].get(b, float("inf")))
+        best.recommended = True
+        return best
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d = {"passed": self.passed, "failures": self.failures, **d}
+        return json.loads(json.dumps(d, default=str))  # int dict keys -> str, numpy -> str
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def to_markdown(self) -> str:
+        t = self.teacher
+        lines = [f"# dd-compile report: {'PASSED' if self.passed else 'FAILED'}", ""]
+        lines.append(f"Student: `{self.student.get('path')}` ({self.student.get('model_class')}, "
+                     f"{self.student.get('steps')} {self.student.get('sampler')} steps, "
+                     f"{self.student.get('params', 0):,} params)  ")
+        if t.get("available"):
+            lines.append(f"Teacher: `{t.get('path')}`, reference {t.get('reference_sampler')} "
+                         f"{t.get('reference_steps')} steps")
+        else:
+            lines.append(f"Teacher: skipped ({t.get('reason')})")
+        lines += ["", "| variant | call rel. L2 | max abs | cosine | sample PSNR dB | "
+                  "per call ms (b) | speedup per call | end to end ms | speedup e2e | pass |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for v in self.variants:
+            c, s = v.parity.get("call", {}), v.parity.get("sample", {})
+            pc, e2e = v.latency_ms.get("per_call", {}), v.latency_ms.get("end_to_end", {})
+            sp_pc = v.speedup_vs_teacher.get("per_call", {})
+            sp_e2e = v.speedup_vs_teacher.get("end_to_end", {})
+            fmt = lambda d, f: " / ".join(f"{f.format(x)} ({b})" for b, x in d.items()) or "-"  # noqa: E731
+            name = f"{v.backend} {v.precision}" + (" **recommended**" if v.recommended else "")
+            lines.append(
+                f"| {name} | {c.get('rel_l2', float('nan')):.2e} | {c.get('max_abs', float('nan')):.2e} "
+                f"| {c.get('cosine', float('nan')):.6f} | {s.get('psnr_db', float('nan')):.1f} "
+                f"| {fmt(pc, '{:.2f}')} | {fmt(sp_pc, '{:.2f}x')} | {fmt(e2e, '{:.1f}')} "
+                f"| {fmt(sp_e2e, '{:.1f}x')} | {'yes' if v.passed else 'NO'} |")
+        if self.distribution:
+            d = self.distribution
+            lines += ["", f"Distribution ({d['feature_space']}, {d['n_samples']} samples): "
+                      f"paired PSNR to the teacher {d['paired_psnr_db']:.1f} dB"]
+            for k in ("fid_student", "fid_teacher", "fid_teacher_low_steps", "fid_student_vs_teacher"):
+                if d.get(k) is not None:
+                    lines.append(f"- {k.replace('_', ' ')}: {d[k]:.2f}")
+        for v in self.variants:
+            info = v.precision_info
+            if info.get("float_nodes"):
+                lines += ["", f"{v.precision}: {len(info['float_nodes'])} node(s) kept in float"]
+                for n in info["float_nodes"][:20]:
+                    lines.append(f"- `{n.get('name')}` {n.get('op_type', '')} "
+                                 f"{n.get('module', '')}: {n.get('reason', '')}")
+        if self.skipped:
+            lines += ["", "Skipped:"] + [f"- {s}" for s in self.skipped]
+        if self.failures:
+            lines += ["", "Failures:"] + [f"- {f}" for f in self.failures]
+        env = self.environment
+        lines += ["", f"Environment: {env.get('cpu', '')}, {env.get('threads')} threads, "
+                  + ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items())]
+        return "\n".join(lines) + "\n"
+
+
+def environment(threads: int | None = None) -> dict[str, Any]:
+    import importlib.metadata as md
+    import os
+
+    libs = {}
+    for pkg in ("torch", "diffusers", "onnx", "onnxruntime", "polygraphy", "tensorrt"):
+        try:
+            libs[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+            "platform": platform.platform(), "libraries": libs}
