@@ -23,6 +23,12 @@ META_KEY = "dd_compile"
 SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
 
 
+def clean_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers config as plain JSON: private keys (_name_or_path, _diffusers_version...) dropped."""
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")},
+                                 default=str))
+
+
 @dataclass
 class TeacherRef:
     path: str | None
@@ -46,8 +52,8 @@ class StudentCheckpoint:
     def metadata(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
-            "model": {"class": self.model_class, "config": self.model_config},
-            "scheduler": {"class": self.scheduler_class, "config": self.scheduler_config},
+            "model": {"class": self.model_class, "config": clean_config(self.model_config)},
+            "scheduler": {"class": self.scheduler_class, "config": clean_config(self.scheduler_config)},
             "schedule": self.schedule.to_dict(),
             "teacher": vars(self.teacher),
             "distillation": self.distillation,

@@ -38,11 +38,37 @@ def _csv(kind, convert, allowed=None):
     return cb
 
 
+def parse_bars(items: tuple[str, ...]):
+    from optimizer.validate import ParityBars
+
+    bars = ParityBars()
+    call, sample = dict(bars.call_rel_l2), dict(bars.sample_psnr_db)
+    fid_margin, paired = bars.fid_margin, bars.min_paired_psnr_db
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            v = float(value)
+        except ValueError:
+            raise click.BadParameter(f"--bar {item!r}: value is not a number") from None
+        level, _, prec = key.partition(".")
+        if level == "call" and prec in call:
+            call[prec] = v
+        elif level == "sample" and prec in sample:
+            sample[prec] = v
+        elif key == "fid_margin":
+            fid_margin = v
+        elif key == "paired_psnr":
+            paired = v
+        else:
+            raise click.BadParameter(f"--bar {item!r}: unknown key (call.<p>, sample.<p>, fid_margin, paired_psnr)")
+    return ParityBars(call_rel_l2=call, sample_psnr_db=sample, fid_margin=fid_margin, min_paired_psnr_db=paired)
+
+
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch._export", "polygraphy",
-                  "root", "diffusers", "matplotlib", "PIL"):
+                  "diffusers", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
     import diffusers.utils.logging as dlog
 
@@ -100,11 +126,16 @@ def print_table(report) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for validation noise and calibration trajectories.")
 @click.option("--samples", "n_samples", type=int, default=64, show_default=True, help="Samples for sample- and distribution-level checks.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads for ONNX Runtime and torch (default: all cores).")
+@click.option("--bar", "bars", multiple=True, metavar="KEY=VALUE",
+              help="Override a pass/fail bar: call.<precision>=REL_L2, sample.<precision>=PSNR_DB, "
+                   "fid_margin=X, paired_psnr=DB (repeatable).")
+@click.option("--bench-seconds", type=float, default=8.0, show_default=True,
+              help="Time budget per batch size and level for the speed measurement (at least 3 repeats).")
 @click.option("--triton-repo", type=click.Path(path_type=Path), default=None, help="Also write a Triton model repository here.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, library warnings included.")
 def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_teacher, steps, seed,
-         n_samples, threads, triton_repo, as_json, verbose):
+         n_samples, threads, bars, bench_seconds, triton_repo, as_json, verbose):
     """Compile a diffusion student for deployment and validate it against its teacher.
 
     SOURCE is a student.ckpt (from dd-distill) or a diffusers folder (unet/ + scheduler/) with
@@ -114,6 +145,7 @@ def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_t
     """
     setup_logging(verbose)
     from optimizer.pipeline import CompileConfig, demo_source, run
+    from optimizer.speed import SpeedConfig
 
     try:
         if demo == (source is not None):
@@ -123,7 +155,9 @@ def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_t
         cfg = CompileConfig(out=out or Path("out"), precisions=precisions, backend=backend,
                             batch_sizes=batch_sizes, teacher=teacher, require_teacher=require_teacher,
                             seed=seed, steps=steps, threads=threads, n_samples=n_samples,
-                            triton_repo=triton_repo)
+                            triton_repo=triton_repo,
+                            speed=SpeedConfig(batch_sizes=batch_sizes, max_seconds=bench_seconds),
+                            bars=parse_bars(bars))
         if n_samples < 2:
             raise click.BadParameter("--samples must be >= 2")
         report = run(source, cfg)

@@ -157,6 +157,8 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
 
     ckpt, model = _as_student(source, cfg.steps)
     model = model.eval().float()
+    report_teacher = CompileReport(student={}, teacher={})
+    teacher = _load_teacher(ckpt, cfg, report_teacher)  # before any work: a missing one may be an error
     spec = io_spec_for(ckpt.model_class, ckpt.model_config, list(cfg.batch_sizes))
     shape = sample_shape(ckpt.model_class, ckpt.model_config)
     ckpt_sha = sha256_file(source) if source.is_file() else f"diffusers:{ckpt.teacher.sha256}"
@@ -165,7 +167,8 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
         student={"path": str(source), "sha256": ckpt_sha, "model_class": ckpt.model_class,
                  "params": n_params, "steps": ckpt.schedule.steps, "sampler": ckpt.schedule.kind,
                  "timesteps": list(ckpt.schedule.timesteps), "distillation": ckpt.distillation},
-        teacher={}, environment=environment(cfg.threads))
+        teacher=report_teacher.teacher, skipped=report_teacher.skipped,
+        environment=environment(cfg.threads))
     manifest = Manifest.open_or_create(out, spec, ckpt.schedule, {
         "student_checkpoint": str(source), "student_sha256": ckpt_sha, "model_class": ckpt.model_class,
         "sample_shape": list(shape), "batch_sizes": list(cfg.batch_sizes),
@@ -182,7 +185,7 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     cond_fn = _cond_fn(spec, cfg.seed)
     calib_seeds = list(range(10_000 + cfg.seed, 10_000 + cfg.seed + cfg.calib_seeds))
     calib = record_trajectory(torch_ref, ckpt.schedule, shape, calib_seeds,
-                              cond_fn(len(calib_seeds)) if cond_fn else None)
+                              cond_fn(len(calib_seeds)) if cond_fn else None, batch=max(cfg.batch_sizes))
     graphs = {"fp32": fp32}
     for p in cfg.precisions:
         if p != "fp32":
@@ -193,7 +196,6 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     runners = _runners(manifest, graphs, cfg)
 
     # 4. validate
-    teacher = _load_teacher(ckpt, cfg, report)
     rng_seeds = list(range(cfg.seed, cfg.seed + cfg.n_samples))
     noise, step_noise = draw_noise(rng_seeds, shape, ckpt.schedule.steps)
     cond = cond_fn(cfg.n_samples) if cond_fn else None
@@ -204,7 +206,7 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
                           max_batch=max_b)(noise, step_noise, cond)
     val_seeds = list(range(20_000 + cfg.seed, 20_000 + cfg.seed + 4))
     val_feeds = record_trajectory(torch_ref, ckpt.schedule, shape, val_seeds,
-                                  cond_fn(len(val_seeds)) if cond_fn else None)
+                                  cond_fn(len(val_seeds)) if cond_fn else None, batch=max_b)
     rows = {"torch student": ref_samples}
     for (p, backend), runner in runners.items():
         v = VariantResult(backend=backend, precision=p, path=str(graphs[p].relative_to(out)))
@@ -326,14 +328,11 @@ def _tensorrt_runners(manifest: Manifest, graphs: dict[str, Path], cfg: CompileC
 
     runners = {}
     for p, onnx_path in graphs.items():
-        bcfg = TrtBuildConfig()
-        engine_path = manifest.root / "engines" / f"student.{p}.plan"
-        res = build_engine(onnx_path, manifest.io_spec, engine_path, bcfg)
-        info = res.to_manifest()
-        manifest.add(f"engine/tensorrt/{p}", engine_path, "engine", precision=p, backend="tensorrt",
-                     target=info, input_sha256=sha256_file(onnx_path), config=asdict(bcfg))
+        res = build_engine(onnx_path, manifest.io_spec, manifest.root / "engines",
+                           TrtBuildConfig(batch_sizes=tuple(cfg.batch_sizes)), precision=p)
+        manifest.add(**res.to_manifest())
         manifest.save()
-        runners[(p, "tensorrt")] = TensorRTRunner(engine_path, manifest.io_spec)
+        runners[(p, "tensorrt")] = TensorRTRunner(res.path, manifest.io_spec)
     return runners
 
 

@@ -113,7 +113,7 @@ class CompileReport:
         if self.failures:
             lines += ["", "Failures:"] + [f"- {f}" for f in self.failures]
         env = self.environment
-        lines += ["", f"Environment: {env.get('cpu', '')}, {env.get('threads')} threads, "
+        lines += ["", f"Environment: {env.get('cpu', '')}, {env.get('threads') or 'default'} threads of {env.get('cores')} cores, "
                   + ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items())]
         return "\n".join(lines) + "\n"
 

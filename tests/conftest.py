@@ -30,3 +30,25 @@ def pytest_collection_modifyitems(config, items):
                            "'dd-compile[tensorrt]' on a machine with an NVIDIA GPU"))
             elif not has_cuda:
                 item.add_marker(pytest.mark.skip(reason="TensorRT is installed but no CUDA device is visible"))
+
+
+TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                 layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
+
+
+def make_tiny_teacher(path, seed=0, prediction_type="v_prediction"):
+    """A real diffusers UNet2DModel + DDPMScheduler folder (random weights), like the demo's."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    UNet2DModel(**TINY_UNET).save_pretrained(path / "unet")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                  prediction_type=prediction_type, clip_sample=False).save_pretrained(path / "scheduler")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    return make_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"))

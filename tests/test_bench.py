@@ -1,0 +1,184 @@
+"""dd-bench on a tiny real dd-compile output: timing, schema, memory, FLOPs, merge, plots, errors."""
+
+import json
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from engines.errors import InputError
+from optimizer.bench.cli import main
+from optimizer.bench.flops import count_flops, matmul_peak_gflops
+from optimizer.bench.measure import BenchConfig, run_bench, time_until_stable
+from optimizer.bench.merge import merge
+from optimizer.bench.schema import BENCH_VERSION, load_bench, result
+
+REF_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from optimizer.bench.minimal_out import build_minimal_out
+
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                        layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
+                        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    out = tmp_path_factory.mktemp("bench") / "out"
+    build_minimal_out(model, DDPMScheduler(num_train_timesteps=1000), out, student_steps=2,
+                      reference_steps=REF_STEPS, batch_sizes=[1, 4])
+    return out
+
+
+@pytest.fixture(scope="module")
+def benches(out_dir, tmp_path_factory):
+    """Two real bench files of the same output: 2 threads measured, 1 thread with no e2e budget."""
+    d = tmp_path_factory.mktemp("benches")
+    runner = CliRunner()
+    r2 = runner.invoke(main, [str(out_dir), "--batch-sizes", "1,2", "--seconds", "4", "--threads", "2",
+                              "--no-progress", "-o", str(d / "t2")])
+    assert r2.exit_code == 0, r2.output
+    r1 = runner.invoke(main, [str(out_dir), "--batch-sizes", "1,2", "--seconds", "0", "--threads", "1",
+                              "--no-memory", "--no-progress", "-o", str(d / "t1")])
+    assert r1.exit_code == 0, r1.output
+    return load_bench(d / "t2" / "bench.json"), load_bench(d / "t1" / "bench.json"), d
+
+
+def _variant(bench, name):
+    return next(v for v in bench["variants"] if v["name"] == name)
+
+
+def test_bench_measures_engine_and_teacher(benches):
+    b2, _, d = benches
+    assert b2["version"] == BENCH_VERSION and b2["config"]["threads"] == 2
+    names = {v["name"] for v in b2["variants"] if not v["skipped"]}
+    assert {"onnxruntime/fp32", "teacher/torch-eager/fp32"} <= names
+    student, teacher = _variant(b2, "onnxruntime/fp32"), _variant(b2, "teacher/torch-eager/fp32")
+    for v, steps in ((student, 2), (teacher, REF_STEPS)):
+        for phase in ("call", "e2e"):
+            for batch in (1, 2):
+                r = result(v, phase, batch)
+                assert r["method"] == "measured" and r["n"] >= 2
+                assert 0 < r["p10_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+                assert r["steps"] == (1 if phase == "call" else steps)
+                assert r["images_per_s"] == pytest.approx(batch / (r["p50_ms"] / 1e3), rel=1e-3)
+    # the teacher's e2e runs REF_STEPS model calls, the student's 2: several times the cost
+    assert result(teacher, "e2e", 1)["p50_ms"] > 1.5 * result(student, "e2e", 1)["p50_ms"]
+    assert result(teacher, "call", 1)["speedup_vs_teacher"] == 1.0
+    s = result(student, "e2e", 2)
+    assert s["speedup_vs_teacher"] == pytest.approx(result(teacher, "e2e", 2)["p50_ms"] / s["p50_ms"], rel=1e-3)
+    best = b2["best"]["e2e"]["1"]
+    assert best == min((result(v, "e2e", 1)["p50_ms"], v["name"]) for v in b2["variants"]
+                       if not v["skipped"])[1]
+    for f in ("bench.json", "bench.md", "latency.png", "speedup.png"):
+        assert (d / "t2" / f).stat().st_size > 500
+    assert (d / "t2" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (d / "t2" / "bench.md").read_text()
+    assert "| onnxruntime/fp32" in md and "torch.compile on CPU is off" in md
+
+
+def test_flops_memory_and_fingerprint(benches):
+    b2, b1, _ = benches
+    # student.ckpt holds the teacher's weights here: one architecture, one FLOP count
+    assert b2["flops"]["student"] == b2["flops"]["teacher"] > 0
+    r = result(_variant(b2, "onnxruntime/fp32"), "call", 2)
+    assert r["achieved_gflops"] == pytest.approx(
+        b2["flops"]["student"] * 2 / (r["p50_ms"] / 1e3) / 1e9, rel=1e-2)
+    assert 0 < r["fraction_of_peak"] == pytest.approx(r["achieved_gflops"] / b2["peak"]["fp32_gflops"], rel=1e-2)
+    for name in ("onnxruntime/fp32", "teacher/torch-eager/fp32"):
+        mem = _variant(b2, name)["memory"]
+        assert mem["peak_rss_mb"].keys() == {"1", "2"}, mem
+        for b in ("1", "2"):
+            assert mem["peak_rss_mb"][b] >= mem["after_import_rss_mb"] > 10
+    # the ORT process never imports torch: far smaller than the torch teacher's
+    assert (_variant(b2, "onnxruntime/fp32")["memory"]["after_import_rss_mb"]
+            < _variant(b2, "teacher/torch-eager/fp32")["memory"]["after_import_rss_mb"])
+    fp = b2["target"]["fingerprint"]
+    flags = open("/proc/cpuinfo").read().split()
+    assert fp["cpu"]["isa"]["avx2"] == ("avx2" in flags)
+    assert fp["libraries"]["onnxruntime"] and fp["cpu"]["threads_used"] == 2
+    assert b1["target"]["name"] != b2["target"]["name"]  # "x1t" vs "x2t"
+
+
+def test_no_budget_estimates_e2e(benches):
+    _, b1, _ = benches
+    for v in b1["variants"]:
+        if v["skipped"]:
+            continue
+        e2e, call = result(v, "e2e", 1), result(v, "call", 1)
+        assert e2e["method"] == "estimated" and e2e["p90_ms"] is None
+        assert e2e["p50_ms"] == pytest.approx(e2e["steps"] * call["p50_ms"], rel=1e-3)
+    assert "e2e" not in b1["best"]  # estimates never win
+
+
+def test_merge_two_targets(benches, tmp_path):
+    b2, b1, d = benches
+    out = tmp_path / "targets.md"
+    r = CliRunner().invoke(main, ["merge", str(d / "t2" / "bench.json"), str(d / "t1" / "bench.json"),
+                                  "--phase", "call", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    md = out.read_text()
+    assert b1["target"]["name"] in md and b2["target"]["name"] in md
+    for batch in (1, 2):
+        assert f"## batch {batch}" in md
+        best_row = [line for line in md.splitlines() if line.startswith("| **best**")][batch - 1]
+        assert f"**{b2['best']['call'][str(batch)]}**" in best_row.split("|")[2]
+        assert f"**{b1['best']['call'][str(batch)]}**" in best_row.split("|")[3]
+    e2e = merge([d / "t2" / "bench.json", d / "t1" / "bench.json"])
+    assert "(est.)" in e2e  # the 1-thread file's e2e figures are estimates and say so
+    with pytest.raises(InputError, match="not measured"):
+        merge([d / "t2" / "bench.json"], batch_sizes=[64])
+
+
+def test_time_until_stable_interleaves_and_ranks():
+    order = []
+    fns = {"fast": lambda: order.append("fast"),
+           "slow": lambda: (order.append("slow"), time.sleep(0.004))}
+    cfg = BenchConfig(slice_s=0.01, min_rounds=3, max_rounds=6, progress=False)
+    g = time_until_stable(fns, 0.5, cfg, warmup=1)
+    assert g.rounds >= 3
+    # A B A B: every round visits both, so "slow" calls sit between runs of "fast" calls
+    switches = sum(1 for a, b in zip(order, order[1:]) if a != b)
+    assert switches >= 2 * g.rounds - 1
+    assert g.timings["slow"].median_ms > 3.5 > g.timings["fast"].median_ms
+
+
+def test_count_flops_matches_formula():
+    lin = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = lin
+
+        def forward(self, sample):
+            return self.m(sample)
+
+    x = np.zeros((4, 16), np.float32)
+    assert count_flops(Wrap(), {"sample": x}) == 2 * (16 * 32 + 32 * 8)  # per image, 2 per MAC
+    assert matmul_peak_gflops("cpu", "float32", seconds=0.2, n=256) > 0.1
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, out_dir):
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(InputError, match=r"x\.json: not a dd-bench file"):
+        load_bench(bad)
+    bad.write_text("{oops")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_bench(bad)
+    r = CliRunner().invoke(main, [str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "no manifest" in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(main, [str(out_dir), "--teacher", str(tmp_path / "missing"), "--no-progress"])
+    assert r.exit_code == 2 and "teacher folder not found" in r.output
+    with pytest.raises(InputError, match="batch sizes"):
+        run_bench(out_dir, BenchConfig(batch_sizes=(0,)))

@@ -1,0 +1,112 @@
+"""dd-compile end to end on a tiny real diffusers model, and its exit codes for bad input."""
+
+import json
+import pickle
+
+import pytest
+from click.testing import CliRunner
+
+from optimizer.checkpoint import StudentCheckpoint, TeacherRef, save_checkpoint
+from optimizer.cli import main
+from optimizer.models import load_teacher
+
+# Random-weight models: the student-vs-teacher quality bars mean nothing here (the distilled demo
+# is held to them in test_demo), parity and speed bars stay as they are.
+FAST = ["--batch-sizes", "1,2", "--samples", "8", "--bench-seconds", "0.2", "--threads", "1",
+        "--bar", "paired_psnr=-100", "--bar", "fid_margin=1e9"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_teacher_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    res = invoke(tiny_teacher_dir, "--steps", 2, "-o", out, "--precision", "fp32", *FAST)
+    return res, out
+
+
+def test_compile_fp32_passes_and_writes_everything(compiled):
+    res, out = compiled
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["passed"] is True
+    (v,) = rep["variants"]
+    assert v["backend"] == "onnxruntime" and v["precision"] == "fp32"
+    assert v["parity"]["call"]["rel_l2"] < 1e-5 and v["parity"]["call"]["cosine"] > 0.999999
+    assert v["parity"]["sample"]["psnr_db"] > 60
+    assert set(v["latency_ms"]["per_call"]) == {"1", "2"}
+    assert v["speedup_vs_teacher"]["end_to_end"]["2"] > 0
+    assert rep["teacher"]["available"] and rep["teacher"]["reference_steps"] == 64
+    man = json.loads((out / "manifest.json").read_text())
+    kinds = {a["name"]: a for a in man["artifacts"]}
+    assert kinds["onnx/fp32"]["sha256"] and man["io_spec"]["dims"]["batch"] == [1, 2, 2]
+    assert man["schedule"]["timesteps"] == [999, 499]
+    for f in ("report.md", "samples.png", "latency.png"):
+        assert (out / f).stat().st_size > 0
+    assert "onnxruntime fp32" in res.output  # the terminal table
+
+
+def test_second_run_reuses_the_export(compiled, tiny_teacher_dir):
+    _, out = compiled
+    onnx = out / "onnx" / "student.fp32.onnx"
+    before = onnx.stat().st_mtime_ns
+    res = invoke(tiny_teacher_dir, "--steps", 2, "-o", out, "--precision", "fp32", *FAST)
+    assert res.exit_code == 0
+    assert onnx.stat().st_mtime_ns == before
+
+
+def test_failed_bar_exits_1_with_report(tiny_teacher_dir, tmp_path):
+    res = invoke(tiny_teacher_dir, "--steps", 2, "-o", tmp_path, "--precision", "fp32",
+                 "--bar", "call.fp32=1e-12", *FAST)
+    assert res.exit_code == 1
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["passed"] is False and "call-level rel. L2" in rep["failures"][0]
+
+
+@pytest.fixture(scope="module")
+def orphan_ckpt(tiny_teacher_dir, tmp_path_factory):
+    """A student whose teacher folder no longer exists."""
+    t = load_teacher(tiny_teacher_dir)
+    ck = StudentCheckpoint("UNet2DModel", dict(t.model.config), "DDPMScheduler", dict(t.scheduler.config),
+                           t.schedule(2), TeacherRef("/nonexistent/teacher", "0" * 64))
+    return save_checkpoint(ck, t.model, tmp_path_factory.mktemp("orphan") / "student.ckpt")
+
+
+def test_missing_teacher_is_skipped_with_reason(orphan_ckpt, tmp_path):
+    res = invoke(orphan_ckpt, "-o", tmp_path, "--precision", "fp32", *FAST)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["teacher"]["available"] is False and "not found" in rep["teacher"]["reason"]
+    assert any("teacher checks" in s for s in rep["skipped"])
+
+
+def test_require_teacher_exits_2(orphan_ckpt, tmp_path):
+    res = invoke(orphan_ckpt, "-o", tmp_path / "o", "--precision", "fp32", "--require-teacher", *FAST)
+    assert res.exit_code == 2
+    assert "/nonexistent/teacher" in res.output and "not found" in res.output
+
+
+@pytest.mark.parametrize("case", ["missing", "pickle", "precision", "batch", "unwritable", "folder_no_steps", "bar"])
+def test_bad_input_exits_2_without_artifacts(case, tmp_path, tiny_teacher_dir):
+    src, out, extra = tmp_path / "student.ckpt", tmp_path / "out", []
+    if case == "pickle":
+        src.write_bytes(pickle.dumps({"state_dict": {}}))
+    elif case == "precision":
+        src, extra = tiny_teacher_dir, ["--steps", "2", "--precision", "fp32,fp64"]
+    elif case == "batch":
+        src, extra = tiny_teacher_dir, ["--steps", "2", "--batch-sizes", "1,x"]
+    elif case == "bar":
+        src, extra = tiny_teacher_dir, ["--steps", "2", "--bar", "call.fp99=1"]
+    elif case == "unwritable":
+        src, extra = tiny_teacher_dir, ["--steps", "2"]
+        (tmp_path / "a_file").write_text("x")  # chmod would not stop root; a file as parent does
+        out = tmp_path / "a_file" / "out"
+    elif case == "folder_no_steps":
+        src = tiny_teacher_dir
+    res = CliRunner().invoke(main, [str(src), "-o", str(out), *extra])
+    assert res.exit_code == 2, res.output
+    errors = [ln for ln in res.output.splitlines() if "rror" in ln]
+    assert errors, res.output
+    assert not out.exists() or not any(out.iterdir())
