@@ -145,7 +145,6 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     t_start = time.perf_counter()
     source = Path(source)
     out = Path(cfg.out)
-    _check_writable(out)
     for p in cfg.precisions:
         if p not in PRECISIONS:
             raise InputError(f"--precision: unknown precision {p!r} (choose from {', '.join(PRECISIONS)})")
@@ -159,6 +158,7 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     model = model.eval().float()
     report_teacher = CompileReport(student={}, teacher={})
     teacher = _load_teacher(ckpt, cfg, report_teacher)  # before any work: a missing one may be an error
+    _check_writable(out)
     spec = io_spec_for(ckpt.model_class, ckpt.model_config, list(cfg.batch_sizes))
     shape = sample_shape(ckpt.model_class, ckpt.model_config)
     ckpt_sha = sha256_file(source) if source.is_file() else f"diffusers:{ckpt.teacher.sha256}"
