@@ -27,7 +27,6 @@ from optimizer.iospec import conditioning_feeds, io_spec_for, sample_shape
 from optimizer.models import Denoiser, Teacher, load_teacher, teacher_reference_samples
 from optimizer.report import CompileReport, VariantResult, environment
 from optimizer.speed import SpeedConfig, measure, speedups
-from optimizer.trajectory import record_trajectory
 from optimizer.validate import ParityBars, call_parity, distribution, sample_parity
 
 log = logging.getLogger(__name__)
@@ -101,10 +100,18 @@ def _load_teacher(ckpt: StudentCheckpoint, cfg: CompileConfig, report: CompileRe
 
 
 def _cond_fn(spec: IOSpec, seed: int):
+    """Conditioning inputs (text embeddings, labels) of batch b; None for unconditional models."""
     extra = [t for t in spec.inputs if t.name not in ("sample", "timestep")]
     if not extra:
         return None
-    return lambda b: conditioning_feeds(spec, b, np.random.default_rng(seed))
+    return lambda b, rng=None: conditioning_feeds(spec, b, rng or np.random.default_rng(seed))
+
+
+def _trajectory(runner, ckpt, shape, seeds, batch, cond_fn) -> list[dict[str, np.ndarray]]:
+    """Feeds the student sees along its own sampling trajectory (calibration, call parity)."""
+    from optimizer.quantize import calibration_feeds
+
+    return calibration_feeds(runner, runner.spec, ckpt.schedule, shape, seeds, batch, cond_fn)
 
 
 def _export(manifest: Manifest, model: torch.nn.Module, spec: IOSpec, ckpt_sha: str) -> Path:
@@ -120,8 +127,29 @@ def _export(manifest: Manifest, model: torch.nn.Module, spec: IOSpec, ckpt_sha: 
     return path
 
 
+def _sample_psnr_check(torch_ref: TorchRunner, schedule, shape, cond_fn, cfg: CompileConfig):
+    """For INT8 layer selection: sample-level PSNR of a candidate graph vs the torch student."""
+    from engines.onnxruntime_runner import OnnxRuntimeRunner
+    from engines.schedule import Sampler
+    from optimizer.validate import psnr_db
+
+    seeds = list(range(30_000 + cfg.seed, 30_000 + cfg.seed + 16))  # not the report's seeds
+    noise, step_noise = draw_noise(seeds, shape, schedule.steps)
+    cond = cond_fn(len(seeds)) if cond_fn else None
+    b = max(cfg.batch_sizes)
+    ref = Sampler(schedule, torch_ref, output_name=torch_ref.spec.output_names[0], max_batch=b)(
+        noise, step_noise, cond)
+
+    def check(path: Path) -> float:
+        with OnnxRuntimeRunner(path, torch_ref.spec, threads=cfg.threads) as r:
+            out = Sampler(schedule, r, output_name=r.spec.output_names[0], max_batch=b)(noise, step_noise, cond)
+        return psnr_db(out, ref) if np.isfinite(out).all() else float("-inf")
+
+    return check
+
+
 def _quantize(manifest: Manifest, precision: str, fp32: Path, calib: list[dict], cfg: CompileConfig,
-              torch_ref: TorchRunner, schedule, shape, cond) -> Path:
+              torch_ref: TorchRunner, schedule, shape, cond_fn) -> Path:
     from optimizer import quantize as q
 
     qcfg = q.Fp16Config() if precision == "fp16" else q.Int8Config()
@@ -135,7 +163,8 @@ def _quantize(manifest: Manifest, precision: str, fp32: Path, calib: list[dict],
     if precision == "fp16":
         res = q.quantize_fp16(fp32, path, calib, qcfg)
     else:
-        res = q.quantize_int8(fp32, path, calib, qcfg)
+        res = q.quantize_int8(fp32, path, calib, qcfg,
+                              parity_check=_sample_psnr_check(torch_ref, schedule, shape, cond_fn, cfg))
     manifest.add(name, path, "onnx", precision=precision, backend=None, input_sha256=fp32_sha,
                  config=config, libraries=environment()["libraries"], extra=res.to_dict())
     return path
@@ -184,8 +213,7 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     torch_ref.activate()
     cond_fn = _cond_fn(spec, cfg.seed)
     calib_seeds = list(range(10_000 + cfg.seed, 10_000 + cfg.seed + cfg.calib_seeds))
-    calib = record_trajectory(torch_ref, ckpt.schedule, shape, calib_seeds,
-                              cond_fn(len(calib_seeds)) if cond_fn else None, batch=max(cfg.batch_sizes))
+    calib = _trajectory(torch_ref, ckpt, shape, calib_seeds, max(cfg.batch_sizes), cond_fn)
     graphs = {"fp32": fp32}
     for p in cfg.precisions:
         if p != "fp32":
@@ -205,8 +233,7 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     ref_samples = Sampler(ckpt.schedule, torch_ref, output_name=spec.output_names[0],
                           max_batch=max_b)(noise, step_noise, cond)
     val_seeds = list(range(20_000 + cfg.seed, 20_000 + cfg.seed + 4))
-    val_feeds = record_trajectory(torch_ref, ckpt.schedule, shape, val_seeds,
-                                  cond_fn(len(val_seeds)) if cond_fn else None, batch=max_b)
+    val_feeds = _trajectory(torch_ref, ckpt, shape, val_seeds, max_b, cond_fn)
     rows = {"torch student": ref_samples}
     for (p, backend), runner in runners.items():
         v = VariantResult(backend=backend, precision=p, path=str(graphs[p].relative_to(out)))

@@ -103,11 +103,18 @@ class CompileReport:
                     lines.append(f"- {k.replace('_', ' ')}: {d[k]:.2f}")
         for v in self.variants:
             info = v.precision_info
-            if info.get("float_nodes"):
-                lines += ["", f"{v.precision}: {len(info['float_nodes'])} node(s) kept in float"]
-                for n in info["float_nodes"][:20]:
-                    lines.append(f"- `{n.get('name')}` {n.get('op_type', '')} "
-                                 f"{n.get('module', '')}: {n.get('reason', '')}")
+            kept = info.get("kept_float") or []
+            if info:
+                counts = ", ".join(f"{k} {n}" for k, n in info.get("counts", {}).items())
+                lines += ["", f"**{v.precision}** nodes by precision: {counts}; "
+                          f"{len(kept)} node(s) kept in float"]
+                for n in kept[:25]:
+                    fig = n.get("figure")
+                    lines.append(f"- `{n.get('name')}` {n.get('op_type', '')} `{n.get('module', '')}`: "
+                                 f"{n.get('reason', '')}" + (f" ({fig:.3g})" if fig is not None else "")
+                                 + (f" {n['note']}" if n.get("note") else ""))
+                if len(kept) > 25:
+                    lines.append(f"- ... {len(kept) - 25} more in report.json")
         if self.skipped:
             lines += ["", "Skipped:"] + [f"- {s}" for s in self.skipped]
         if self.failures:

@@ -71,7 +71,8 @@ def server(tmp_path_factory):
             except Exception:  # not listening yet
                 pass
             if time.monotonic() > deadline:
-                pytest.fail("dd-serve not ready after 180 s:\n" + (tmp / "server.log").read_text()[-3000:])
+                pytest.fail("dd-serve not ready after 180 s:\n"
+                            + (tmp / "server.log").read_text()[-3000:])
             time.sleep(1)
         yield {"http": url, "grpc": f"127.0.0.1:{ports['grpc']}", "out": out, "proc": proc}
     finally:

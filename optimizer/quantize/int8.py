@@ -1,0 +1,250 @@
+"""INT8 graph with explicit, symmetric Q/DQ on the inputs of Conv/MatMul/Gemm, chosen by measurement.
+
+Placement follows what TensorRT's explicit quantization fuses (Q/DQ on the activation and weight
+inputs of Conv/MatMul/Gemm; weights per output channel; zero point 0) and is made with
+onnxruntime.quantization.quantize_static (QDQ format, QInt8 activations and weights), after
+quant_pre_process. Which nodes get Q/DQ is decided here:
+
+1. candidates: Conv/MatMul/Gemm whose second input is a weight (activation x activation MatMuls in
+   attention stay float: per-tensor int8 on softmax outputs is what breaks diffusion samples);
+2. `require_int8_kernel`: drop candidates whose DQ->op->Q group ONNX Runtime's CPU provider does not
+   fuse into an integer kernel (they would run in float and pay Q/DQ for nothing: measured slower);
+3. sensitivity: call-level rel. L2 vs FP32 with only that node quantized;
+4. the largest least-sensitive prefix whose call-level error (and `parity_check`, e.g. the
+   sample-level PSNR) stays within budget, found by bisection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.errors import InputError
+from engines.fileio import atomic_path
+from optimizer.quantize.calibration import ort_reader
+from optimizer.quantize.result import KeptNode, PrecisionResult, call_error, copy_metadata, module_path, run_model
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    calibration: str = "minmax"  # minmax | percentile | entropy (default measured: benchmarks/precision.py)
+    percentile: float = 99.999  # for calibration="percentile"
+    op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
+    require_int8_kernel: bool = True  # quantize only nodes ORT CPU runs as integer kernels
+    target_call_rel_l2: float = 4e-2  # the int8 bar is 5e-2: keep a margin for unseen inputs
+    min_psnr_db: float = 25.0  # what parity_check (sample-level PSNR, dB) must reach
+    sensitivity: str = "single"  # "single": measure each node alone | "none": graph order
+    sensitivity_feeds: int = 4  # calibration feeds used per sensitivity measurement
+    preprocess: bool = True  # quant_pre_process (folds constants; ORT fuses more QDQ groups after it)
+
+    def __post_init__(self) -> None:
+        if self.calibration not in CALIBRATION_METHODS:
+            raise InputError(f"int8 calibration {self.calibration!r} not in {CALIBRATION_METHODS}")
+        if self.sensitivity not in ("single", "none"):
+            raise InputError(f"int8 sensitivity {self.sensitivity!r} not in ('single', 'none')")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["op_types"] = list(self.op_types)
+        return d
+
+
+@contextlib.contextmanager
+def _in_dir(d: Path) -> Iterator[None]:
+    """ORT's quantization tools write temp files into the cwd: run them somewhere disposable."""
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+class _Quantizer:
+    """quantize_static with one calibration (cached) and changing node sets."""
+
+    def __init__(self, src: Path, work: Path, calib: list[dict[str, np.ndarray]], cfg: Int8Config):
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod
+
+        self.work, self.calib, self.cfg = work, calib, cfg
+        self.orig = onnx.load(str(src))
+        self.model_path = src
+        if cfg.preprocess:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            pre = work / "pre.onnx"
+            with _in_dir(work):  # symbolic shape inference fails on dynamo graphs: skip it
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            m = onnx.load(str(pre))
+            copy_metadata(self.orig, m)  # pre-processing drops the module-path metadata
+            onnx.save(m, str(pre))
+            self.model_path = pre
+        self.model = onnx.load(str(self.model_path))
+        self.method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                       "entropy": CalibrationMethod.Entropy}[cfg.calibration]
+        self.cache = work / f"calib.{cfg.calibration}.json"
+        self._n = 0
+
+    def candidates(self) -> tuple[list[Any], list[Any]]:
+        """(weight ops, activation x activation ops) among op_types."""
+        inits = {i.name for i in self.model.graph.initializer}
+        consts = {o for n in self.model.graph.node if n.op_type == "Constant" for o in n.output}
+        w, aa = [], []
+        for n in self.model.graph.node:
+            if n.op_type in self.cfg.op_types:
+                (w if len(n.input) > 1 and (n.input[1] in inits or n.input[1] in consts) else aa).append(n)
+        return w, aa
+
+    def quantize(self, nodes: list[str]) -> Path:
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        self._n += 1
+        out = self.work / f"q{self._n}.onnx"
+        if not nodes:  # ORT reads an empty list as "every node": write the float graph instead
+            import shutil
+
+            shutil.copy(self.model_path, out)
+            return out
+        extra = {"ActivationSymmetric": True, "WeightSymmetric": True,  # zero point 0 (TensorRT)
+                 "CalibTensorRangeSymmetric": True}
+        if self.cfg.calibration == "percentile":
+            extra["CalibPercentile"] = self.cfg.percentile
+        with _in_dir(self.work):
+            quantize_static(str(self.model_path), str(out), ort_reader(self.calib),
+                            quant_format=QuantFormat.QDQ, op_types_to_quantize=list(self.cfg.op_types),
+                            per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8, nodes_to_quantize=list(nodes),
+                            calibrate_method=self.method, extra_options=extra,
+                            calibration_cache_path=str(self.cache))
+        return out
+
+
+def unfused_nodes(qdq_path: Path, names: list[str]) -> list[str]:
+    """Nodes of `names` that ONNX Runtime's CPU provider still runs in float after its QDQ fusions."""
+    import onnx
+    import onnxruntime as ort
+
+    from engines.onnxruntime_runner import session_options
+
+    so = session_options()
+    # EXTENDED: QDQ fusions happen, hardware-specific layout rewrites (NCHWc) do not.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opt = qdq_path.with_suffix(".opt.onnx")
+    so.optimized_model_filepath = str(opt)
+    ort.InferenceSession(str(qdq_path), so, providers=["CPUExecutionProvider"])
+    left = {n.name for n in onnx.load(str(opt)).graph.node if n.op_type in ("Conv", "MatMul", "Gemm")}
+    return [n for n in names if n in left]
+
+
+def check_symmetric(model: Any) -> None:
+    """TensorRT rejects non-zero zero points: fail loudly if the quantizer produced one."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
+            if np.any(numpy_helper.to_array(inits[n.input[2]]) != 0):
+                raise ValueError(f"{n.name}: non-zero zero point (asymmetric quantization)")
+
+
+def quantize_int8(fp32_onnx: Path, out_path: Path, calib: list[dict[str, np.ndarray]],
+                  config: Int8Config = Int8Config(),
+                  parity_check: Callable[[Path], float] | None = None) -> PrecisionResult:
+    """FP32 ONNX -> QDQ INT8 ONNX at `out_path`. `parity_check(path)` returns the sample-level PSNR
+    (dB) of a candidate graph vs the torch student; a selection passes when it is >= min_psnr_db."""
+    import onnx
+
+    fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
+    if not fp32_onnx.is_file():
+        raise InputError(f"{fp32_onnx}: ONNX model not found")
+    if not calib:
+        raise InputError(f"{fp32_onnx}: INT8 calibration needs feeds (got none)")
+    result = PrecisionResult(path=out_path, precision="int8", config=config.to_dict())
+    with tempfile.TemporaryDirectory(prefix="ddq.int8.") as d:
+        work = Path(d)
+        qz = _Quantizer(fp32_onnx, work, calib, config)
+        out_name = qz.model.graph.output[0].name
+        refs = run_model(qz.model_path, calib, out_name)
+        weight_ops, act_ops = qz.candidates()
+        kept = {n.name: KeptNode(n.name, n.op_type, module_path(n), "activation-input", None,
+                                 "both inputs are activations (attention): kept float")
+                for n in act_ops}
+        names = [n.name for n in weight_ops]
+        by_name = {n.name: n for n in weight_ops}
+        if names and config.require_int8_kernel:
+            slow = unfused_nodes(qz.quantize(names), names)
+            for s in slow:
+                n = by_name[s]
+                kept[s] = KeptNode(s, n.op_type, module_path(n), "no-int8-kernel", None,
+                                   "ORT CPU would run it in float between Q/DQ (slower, less accurate)")
+            names = [n for n in names if n not in slow]
+        # Sensitivity: error with only that node quantized (least sensitive first).
+        sens: dict[str, float] = {}
+        sub = calib[: config.sensitivity_feeds]
+        if config.sensitivity == "single" and len(names) > 1:
+            for nm in names:
+                sens[nm] = call_error(run_model(qz.quantize([nm]), sub, out_name), refs[: len(sub)])[0]
+            names.sort(key=lambda k: sens[k])
+        tried: dict[int, tuple[float, float | None, Path]] = {}
+
+        def evaluate(k: int) -> bool:
+            path = qz.quantize(names[:k])
+            err, _ = call_error(run_model(path, calib, out_name), refs)
+            psnr = parity_check(path) if (parity_check is not None and k > 0) else None
+            tried[k] = (err, psnr, path)
+            ok = err <= config.target_call_rel_l2 and (psnr is None or psnr >= config.min_psnr_db)
+            result.history.append({"quantized": k, "call_rel_l2": err, "psnr_db": psnr, "passed": ok})
+            log.info("int8: %d/%d nodes quantized: call rel. L2 %.3g%s -> %s", k, len(names), err,
+                     "" if psnr is None else f", PSNR {psnr:.1f} dB", "ok" if ok else "over budget")
+            return ok
+
+        lo, hi = 0, len(names)  # invariant: lo passes (0 = float graph), search the largest passing k
+        if hi and evaluate(hi):
+            lo = hi
+        else:
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if evaluate(mid):
+                    lo = mid
+                else:
+                    hi = mid
+            if lo == 0 and 0 not in tried:
+                evaluate(0)
+        err, psnr, path = tried[lo]
+        for nm in names[lo:]:
+            n = by_name[nm]
+            kept[nm] = KeptNode(nm, n.op_type, module_path(n), "sensitivity", sens.get(nm),
+                                "call rel. L2 when quantized alone" if nm in sens else "over the error budget")
+        final = onnx.load(str(path))
+        check_symmetric(final)
+        copy_metadata(qz.model, final)
+        out_err, max_abs = call_error(run_model(final, calib, out_name), refs)
+        result.call_rel_l2, result.call_max_abs = out_err, max_abs
+        result.kept_float = list(kept.values())
+        result.counts = {"int8": lo, "float": len(kept)}
+        result.calibration = {"method": config.calibration, "feeds": len(calib),
+                              "samples": int(sum(next(iter(f.values())).shape[0] for f in calib)),
+                              "timesteps": sorted({float(t) for f in calib
+                                                   for t in np.unique(f.get("timestep", []))}),
+                              "sensitivity": {k: v for k, v in sorted(sens.items(), key=lambda kv: kv[1])},
+                              "sample_psnr_db": psnr}
+        result.passed = lo > 0 and out_err <= config.target_call_rel_l2 and (
+            psnr is None or psnr >= config.min_psnr_db)
+        with atomic_path(out_path, suffix=".onnx") as tmp:
+            onnx.save(final, str(tmp))
+            onnx.checker.check_model(str(tmp))
+    log.info("int8: %s (%d nodes int8, %d float, call rel. L2 %.3g)", out_path, lo, len(kept), out_err)
+    return result
