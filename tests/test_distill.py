@@ -28,7 +28,12 @@ from optimizer.models import Denoiser, alphas_cumprod, load_teacher, teacher_ref
 REPO = Path(__file__).resolve().parent.parent
 
 
-def make_teacher(path: Path, prediction_type: str = "v_prediction", seed: int = 0) -> Path:
+def make_teacher(
+    path: Path,
+    prediction_type: str = "v_prediction",
+    seed: int = 0,
+    beta_schedule: str = "squaredcos_cap_v2",
+) -> Path:
     """A tiny random UNet2DModel (8x8x1) + cosine DDPMScheduler, save_pretrained layout."""
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -47,7 +52,7 @@ def make_teacher(path: Path, prediction_type: str = "v_prediction", seed: int = 
     m.save_pretrained(path / "unet", safe_serialization=True)
     DDPMScheduler(
         num_train_timesteps=1000,
-        beta_schedule="squaredcos_cap_v2",
+        beta_schedule=beta_schedule,
         prediction_type=prediction_type,
         clip_sample=False,
     ).save_pretrained(path / "scheduler")
@@ -151,16 +156,16 @@ def test_round_plan():
 
 
 def test_progressive_end_to_end(tiny, data_npy, tmp_path):
-    res = run_distillation(cfg(tiny, tmp_path, data_npy, eval_samples=32))
+    res = run_distillation(cfg(tiny, tmp_path, data_npy, eval_samples=32, round_iters=(4, 6)))
     ck = load_checkpoint(res.path)
     assert ck.schedule.kind == "ddim" and ck.schedule.steps == 2
     assert ck.schedule.timesteps == tuple(trailing_timesteps(1000, 2))
     assert ck.schedule.final_alpha_cumprod == 1.0 and ck.schedule.prediction_type == "v_prediction"
     rounds = ck.distillation["rounds"]
     assert [r["student_steps"] for r in rounds] == [4, 2]
+    assert [len(r["loss_curve"]) for r in rounds] == [4, 6]
     for r in rounds:
         assert np.isfinite(r["fid_student"]) and np.isfinite(r["psnr_student_vs_teacher_db"])
-        assert len(r["loss_curve"]) == 6
     work = tmp_path / "student.distill"
     assert (work / "losses.png").exists() and (work / "round1_samples.png").exists()
     assert not (work / "state.safetensors").exists()
@@ -175,8 +180,8 @@ def test_progressive_end_to_end(tiny, data_npy, tmp_path):
 
 
 def test_resume_after_stop_is_bit_identical(tiny, data_npy, tmp_path):
-    full = run_distillation(cfg(tiny, tmp_path / "a", data_npy)).model
-    c = cfg(tiny, tmp_path / "b", data_npy, stop_after=7)  # mid round 2, after its first checkpoint
+    full = run_distillation(cfg(tiny, tmp_path / "a", data_npy, round_iters=(6, 6))).model
+    c = cfg(tiny, tmp_path / "b", data_npy, stop_after=7, round_iters=(6, 6))  # mid round 2
     with pytest.raises(StopRequested):
         run_distillation(c)
     _, meta = load_state(c.work_dir / "state.safetensors")
@@ -399,3 +404,24 @@ def test_ddp_two_cpu_ranks_end_identical(tiny, data_npy, tmp_path):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert any(not torch.equal(w0[k], start[k]) for k in w0)  # and they did train
     assert load_checkpoint(out).distillation["world_size"] == 2
+
+
+@pytest.mark.parametrize("pred", ["v_prediction", "epsilon"])
+def test_one_step_zero_terminal_snr(tmp_path, data_npy, pred):
+    """Linear betas end at alpha_bar(T) ~ 4e-5: one step rescales a v teacher's schedule to zero
+    terminal SNR (Lin et al. 2023); an epsilon teacher keeps its schedule (x0 is undefined at SNR 0)
+    and its student predicts v."""
+    t = make_teacher(tmp_path / "t", prediction_type=pred, beta_schedule="linear")
+    res = run_distillation(cfg(t, tmp_path, data_npy, steps=1, teacher_steps=2, iters=2))
+    ck = load_checkpoint(res.path)
+    zsnr = pred == "v_prediction"
+    assert ck.distillation["zero_terminal_snr"] is zsnr
+    assert ck.schedule.prediction_type == "v_prediction" and ck.schedule.timesteps == (999,)
+    assert (ck.schedule.alphas_cumprod[0] < 1e-12) is zsnr
+    assert ck.scheduler_config.get("rescale_betas_zero_snr", False) is zsnr
+    assert all(torch.isfinite(v).all() for v in ck.state_dict.values())
+    if not zsnr:
+        with pytest.raises(InputError, match="zero-snr"):
+            run_distillation(
+                cfg(t, tmp_path / "z", data_npy, steps=1, teacher_steps=2, zero_snr=True)
+            )

@@ -1,0 +1,56 @@
+"""Every precision through dd-compile, and a UNet2DConditionModel (text-conditioned) end to end."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from optimizer.cli import main
+from tests.test_pipeline import FAST
+
+
+@pytest.fixture(scope="module")
+def cond_teacher_dir(tmp_path_factory):
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    path = tmp_path_factory.mktemp("cond_teacher")
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(path / "unet")
+    # Stable Diffusion's schedule (epsilon, scaled_linear): the text-to-image family this stands for.
+    DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon", beta_schedule="scaled_linear",
+                  beta_start=0.00085, beta_end=0.012).save_pretrained(path / "scheduler")
+    return path
+
+
+def test_unet2d_condition_fp32_fp16(cond_teacher_dir, tmp_path):
+    res = CliRunner().invoke(main, [str(cond_teacher_dir), "--steps", "2", "-o", str(tmp_path),
+                                    "--precision", "fp32,fp16", *FAST], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "report.json").read_text())
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    names = [t["name"] for t in man["io_spec"]["inputs"]]
+    assert names == ["sample", "timestep", "encoder_hidden_states"]
+    by = {v["precision"]: v for v in rep["variants"]}
+    assert by["fp32"]["parity"]["call"]["rel_l2"] < 1e-5
+    assert by["fp16"]["parity"]["call"]["rel_l2"] < 1e-2
+    assert by["fp16"]["parity"]["sample"]["psnr_db"] > 35
+
+
+def test_all_precisions_on_the_tiny_unet(tiny_teacher_dir, tmp_path):
+    res = CliRunner().invoke(main, [str(tiny_teacher_dir), "--steps", "2", "-o", str(tmp_path), *FAST],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "report.json").read_text())
+    by = {v["precision"]: v for v in rep["variants"]}
+    assert set(by) == {"fp32", "fp16", "int8"}
+    assert by["int8"]["parity"]["call"]["rel_l2"] <= 5e-2
+    assert by["int8"]["parity"]["sample"]["psnr_db"] >= 25
+    assert by["int8"]["precision_info"]["counts"]  # nodes per precision are reported
+    assert sum(v["recommended"] for v in rep["variants"]) == 1
+    md = (tmp_path / "report.md").read_text()
+    assert "nodes by precision" in md
