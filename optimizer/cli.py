@@ -132,10 +132,16 @@ def print_table(report) -> None:
 @click.option("--bench-seconds", type=float, default=8.0, show_default=True,
               help="Time budget per batch size and level for the speed measurement (at least 3 repeats).")
 @click.option("--triton-repo", type=click.Path(path_type=Path), default=None, help="Also write a Triton model repository here.")
+@click.option("--trt-opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="TensorRT builder optimization level (higher: longer build, maybe faster engine).")
+@click.option("--trt-hardware-compat", type=click.Choice(["none", "ampere_plus", "same_compute_capability"]),
+              default="none", show_default=True, help="TensorRT hardware compatibility level of the engines.")
+@click.option("--trt-version-compatible", is_flag=True, help="Build TensorRT engines that run on newer TensorRT versions.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, library warnings included.")
 def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_teacher, steps, seed,
-         n_samples, threads, bars, bench_seconds, triton_repo, as_json, verbose):
+         n_samples, threads, bars, bench_seconds, triton_repo, trt_opt_level, trt_hardware_compat,
+         trt_version_compatible, as_json, verbose):
     """Compile a diffusion student for deployment and validate it against its teacher.
 
     SOURCE is a student.ckpt (from dd-distill) or a diffusers folder (unet/ + scheduler/) with
@@ -157,7 +163,10 @@ def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_t
                             seed=seed, steps=steps, threads=threads, n_samples=n_samples,
                             triton_repo=triton_repo,
                             speed=SpeedConfig(batch_sizes=batch_sizes, max_seconds=bench_seconds),
-                            bars=parse_bars(bars))
+                            bars=parse_bars(bars),
+                            trt_options={"builder_optimization_level": trt_opt_level,
+                                         "hardware_compatibility_level": trt_hardware_compat,
+                                         "version_compatible": trt_version_compatible})
         if n_samples < 2:
             raise click.BadParameter("--samples must be >= 2")
         report = run(source, cfg)

@@ -52,6 +52,7 @@ class CompileConfig:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     bars: ParityBars = field(default_factory=ParityBars)
     triton_repo: Path | None = None
+    trt_options: dict[str, Any] = field(default_factory=dict)  # TrtBuildConfig fields (--backend tensorrt)
 
 
 def _as_student(source: Path, steps: int | None) -> tuple[StudentCheckpoint, torch.nn.Module]:
@@ -356,7 +357,7 @@ def _tensorrt_runners(manifest: Manifest, graphs: dict[str, Path], cfg: CompileC
     runners = {}
     for p, onnx_path in graphs.items():
         res = build_engine(onnx_path, manifest.io_spec, manifest.root / "engines",
-                           TrtBuildConfig(batch_sizes=tuple(cfg.batch_sizes)), precision=p)
+                           TrtBuildConfig(batch_sizes=tuple(cfg.batch_sizes), **cfg.trt_options), precision=p)
         manifest.add(**res.to_manifest())
         manifest.save()
         runners[(p, "tensorrt")] = TensorRTRunner(res.path, manifest.io_spec)

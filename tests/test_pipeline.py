@@ -110,3 +110,19 @@ def test_bad_input_exits_2_without_artifacts(case, tmp_path, tiny_teacher_dir):
     errors = [ln for ln in res.output.splitlines() if "rror" in ln]
     assert errors, res.output
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_tensorrt_backend_without_tensorrt_exits_2_and_keeps_the_onnx(tiny_teacher_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: this checks the machine without it")
+    res = invoke(tiny_teacher_dir, "--steps", 2, "-o", tmp_path, "--precision", "fp32",
+                 "--backend", "tensorrt", *FAST)
+    assert res.exit_code == 2
+    (line,) = [ln for ln in res.output.splitlines() if "error" in ln]
+    assert "TensorRT" in line and "dd-compile[tensorrt]" in line
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    assert any(a["name"] == "onnx/fp32" for a in man["artifacts"])
+    assert (tmp_path / "onnx" / "student.fp32.onnx").exists()
