@@ -125,6 +125,8 @@ def print_table(report) -> None:
 @click.option("--steps", type=int, default=None, help="For a diffusers folder SOURCE: the student's DDIM step count.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for validation noise and calibration trajectories.")
 @click.option("--samples", "n_samples", type=int, default=64, show_default=True, help="Samples for sample- and distribution-level checks.")
+@click.option("--fid-samples", "n_fid_samples", type=int, default=256, show_default=True,
+              help="Samples for the distribution level (student vs teacher, FID).")
 @click.option("--threads", type=int, default=None, help="Intra-op threads for ONNX Runtime and torch (default: all cores).")
 @click.option("--bar", "bars", multiple=True, metavar="KEY=VALUE",
               help="Override a pass/fail bar: call.<precision>=REL_L2, sample.<precision>=PSNR_DB, "
@@ -140,7 +142,7 @@ def print_table(report) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, library warnings included.")
 def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_teacher, steps, seed,
-         n_samples, threads, bars, bench_seconds, triton_repo, trt_opt_level, trt_hardware_compat,
+         n_samples, n_fid_samples, threads, bars, bench_seconds, triton_repo, trt_opt_level, trt_hardware_compat,
          trt_version_compatible, as_json, verbose):
     """Compile a diffusion student for deployment and validate it against its teacher.
 
@@ -161,6 +163,7 @@ def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_t
         cfg = CompileConfig(out=out or Path("out"), precisions=precisions, backend=backend,
                             batch_sizes=batch_sizes, teacher=teacher, require_teacher=require_teacher,
                             seed=seed, steps=steps, threads=threads, n_samples=n_samples,
+                            n_fid_samples=n_fid_samples,
                             triton_repo=triton_repo,
                             speed=SpeedConfig(batch_sizes=batch_sizes, max_seconds=bench_seconds),
                             bars=parse_bars(bars),

@@ -47,7 +47,8 @@ class CompileConfig:
     seed: int = 0
     steps: int | None = None  # for a diffusers folder input: the student's step count
     threads: int | None = None  # ORT/torch intra-op threads (None: library default)
-    n_samples: int = 64  # sample- and distribution-level validation
+    n_samples: int = 64  # sample-level parity (each variant's sampler vs the torch student's)
+    n_fid_samples: int = 256  # distribution level (student vs teacher; FID needs more than 64)
     calib_seeds: int = 8  # trajectories captured for calibration
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     bars: ParityBars = field(default_factory=ParityBars)
@@ -225,14 +226,20 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     runners = _runners(manifest, graphs, cfg)
 
     # 4. validate
-    rng_seeds = list(range(cfg.seed, cfg.seed + cfg.n_samples))
-    noise, step_noise = draw_noise(rng_seeds, shape, ckpt.schedule.steps)
-    cond = cond_fn(cfg.n_samples) if cond_fn else None
     from engines.schedule import Sampler
 
+    # Noise is drawn per seed, so the first n_samples of the distribution set are the sample set.
+    n_all = max(cfg.n_samples, cfg.n_fid_samples if teacher is not None else 0)
+    all_noise, all_step_noise = draw_noise(list(range(cfg.seed, cfg.seed + n_all)), shape,
+                                           ckpt.schedule.steps)
+    all_cond = cond_fn(n_all) if cond_fn else None
     max_b = max(cfg.batch_sizes)
-    ref_samples = Sampler(ckpt.schedule, torch_ref, output_name=spec.output_names[0],
-                          max_batch=max_b)(noise, step_noise, cond)
+    student_all = Sampler(ckpt.schedule, torch_ref, output_name=spec.output_names[0],
+                          max_batch=max_b)(all_noise, all_step_noise, all_cond)
+    n = cfg.n_samples
+    noise, step_noise = all_noise[:n], all_step_noise[:, :n]
+    cond = {k: v[:n] for k, v in all_cond.items()} if all_cond else None
+    ref_samples = student_all[:n]
     val_seeds = list(range(20_000 + cfg.seed, 20_000 + cfg.seed + 4))
     val_feeds = _trajectory(torch_ref, ckpt, shape, val_seeds, max_b, cond_fn)
     rows = {"torch student": ref_samples}
@@ -256,13 +263,15 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
         log.info("%s %s: call rel. L2 %.2e, sample PSNR %.1f dB", backend, p, cp.rel_l2, sp.psnr_db)
 
     if teacher is not None:
-        t_noise = torch.from_numpy(noise)
-        tcond = {k: torch.from_numpy(v) for k, v in cond.items()} if cond else None
+        log.info("teacher: %d samples at %d and %d steps", n_all, teacher.reference_steps,
+                 ckpt.schedule.steps)
+        t_noise = torch.from_numpy(all_noise)
+        tcond = {k: torch.from_numpy(v) for k, v in all_cond.items()} if all_cond else None
         t_ref = teacher_reference_samples(teacher, t_noise, teacher.reference_steps, tcond).numpy()
         t_low = teacher_reference_samples(teacher, t_noise, ckpt.schedule.steps, tcond).numpy()
-        rows = {f"teacher {teacher.reference_steps} steps": t_ref,
-                f"teacher {ckpt.schedule.steps} steps": t_low, **rows}
-        report.distribution = _distribution(ref_samples, t_ref, t_low, shape, cfg).to_dict()
+        rows = {f"teacher {teacher.reference_steps} steps": t_ref[:n],
+                f"teacher {ckpt.schedule.steps} steps": t_low[:n], **rows}
+        report.distribution = _distribution(student_all, t_ref, t_low, shape, cfg).to_dict()
 
     # speed: the teacher and every variant, side by side in this process
     timed = {f"{b} {p}": (r, ckpt.schedule) for (p, b), r in runners.items()}
@@ -319,6 +328,9 @@ def _best_precision(report: CompileReport) -> str:
 def _distribution(student, t_ref, t_low, shape, cfg: CompileConfig):
     from optimizer import quality
 
+    # Scored as images: clipped to the data range, as the teacher's own FID figures are.
+    student, t_ref = np.clip(student, -1, 1), np.clip(t_ref, -1, 1)
+    t_low = np.clip(t_low, -1, 1) if t_low is not None else None
     real = None
     extractor = quality.default_feature_extractor(shape)
     space = type(extractor).__name__
