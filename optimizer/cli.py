@@ -152,7 +152,7 @@ def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_t
     written), 2 bad input or a missing backend.
     """
     setup_logging(verbose)
-    from optimizer.pipeline import CompileConfig, demo_source, run
+    from optimizer.pipeline import DEMO_DIR, CompileConfig, demo_source, run
     from optimizer.speed import SpeedConfig
 
     try:
@@ -160,6 +160,7 @@ def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_t
             raise click.UsageError("give exactly one of SOURCE or --demo")
         if demo:
             source, steps = demo_source()
+            teacher = teacher or DEMO_DIR / "teacher"  # wherever the package is installed
         cfg = CompileConfig(out=out or Path("out"), precisions=precisions, backend=backend,
                             batch_sizes=batch_sizes, teacher=teacher, require_teacher=require_teacher,
                             seed=seed, steps=steps, threads=threads, n_samples=n_samples,
