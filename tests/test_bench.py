@@ -1,4 +1,4 @@
-"""dd-bench on a tiny real dd-compile output: timing, schema, memory, FLOPs, merge, plots, errors."""
+"""dd-bench on a tiny real dd-compile output: timing, schema, memory, FLOPs, merge, errors."""
 
 import json
 import os
@@ -29,13 +29,26 @@ def out_dir(tmp_path_factory):
     from optimizer.bench.minimal_out import build_minimal_out
 
     torch.manual_seed(0)
-    model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                        layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
-                        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                        up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    model = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
     out = tmp_path_factory.mktemp("bench") / "out"
-    build_minimal_out(model, DDPMScheduler(num_train_timesteps=1000), out, student_steps=2,
-                      reference_steps=REF_STEPS, batch_sizes=[1, 4])
+    build_minimal_out(
+        model,
+        DDPMScheduler(num_train_timesteps=1000),
+        out,
+        student_steps=2,
+        reference_steps=REF_STEPS,
+        batch_sizes=[1, 4],
+    )
     return out
 
 
@@ -44,11 +57,38 @@ def benches(out_dir, tmp_path_factory):
     """Two real bench files of the same output: 2 threads measured, 1 thread with no e2e budget."""
     d = tmp_path_factory.mktemp("benches")
     runner = CliRunner()
-    r2 = runner.invoke(main, [str(out_dir), "--batch-sizes", "1,2", "--seconds", "4", "--threads", "2",
-                              "--no-progress", "-o", str(d / "t2")])
+    r2 = runner.invoke(
+        main,
+        [
+            str(out_dir),
+            "--batch-sizes",
+            "1,2",
+            "--seconds",
+            "4",
+            "--threads",
+            "2",
+            "--no-progress",
+            "-o",
+            str(d / "t2"),
+        ],
+    )
     assert r2.exit_code == 0, r2.output
-    r1 = runner.invoke(main, [str(out_dir), "--batch-sizes", "1,2", "--seconds", "0", "--threads", "1",
-                              "--no-memory", "--no-progress", "-o", str(d / "t1")])
+    r1 = runner.invoke(
+        main,
+        [
+            str(out_dir),
+            "--batch-sizes",
+            "1,2",
+            "--seconds",
+            "0",
+            "--threads",
+            "1",
+            "--no-memory",
+            "--no-progress",
+            "-o",
+            str(d / "t1"),
+        ],
+    )
     assert r1.exit_code == 0, r1.output
     return load_bench(d / "t2" / "bench.json"), load_bench(d / "t1" / "bench.json"), d
 
@@ -75,10 +115,16 @@ def test_bench_measures_engine_and_teacher(benches):
     assert result(teacher, "e2e", 1)["p50_ms"] > 1.5 * result(student, "e2e", 1)["p50_ms"]
     assert result(teacher, "call", 1)["speedup_vs_teacher"] == 1.0
     s = result(student, "e2e", 2)
-    assert s["speedup_vs_teacher"] == pytest.approx(result(teacher, "e2e", 2)["p50_ms"] / s["p50_ms"], rel=1e-3)
+    assert s["speedup_vs_teacher"] == pytest.approx(
+        result(teacher, "e2e", 2)["p50_ms"] / s["p50_ms"], rel=1e-3
+    )
     best = b2["best"]["e2e"]["1"]
-    assert best == min((result(v, "e2e", 1)["p50_ms"], v["name"]) for v in b2["variants"]
-                       if not v["skipped"])[1]
+    assert (
+        best
+        == min(
+            (result(v, "e2e", 1)["p50_ms"], v["name"]) for v in b2["variants"] if not v["skipped"]
+        )[1]
+    )
     for f in ("bench.json", "bench.md", "latency.png", "speedup.png"):
         assert (d / "t2" / f).stat().st_size > 500
     assert (d / "t2" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -92,16 +138,23 @@ def test_flops_memory_and_fingerprint(benches):
     assert b2["flops"]["student"] == b2["flops"]["teacher"] > 0
     r = result(_variant(b2, "onnxruntime/fp32"), "call", 2)
     assert r["achieved_gflops"] == pytest.approx(
-        b2["flops"]["student"] * 2 / (r["p50_ms"] / 1e3) / 1e9, rel=1e-2)
-    assert 0 < r["fraction_of_peak"] == pytest.approx(r["achieved_gflops"] / b2["peak"]["fp32_gflops"], rel=1e-2)
+        b2["flops"]["student"] * 2 / (r["p50_ms"] / 1e3) / 1e9, rel=1e-2
+    )
+    assert (
+        0
+        < r["fraction_of_peak"]
+        == pytest.approx(r["achieved_gflops"] / b2["peak"]["fp32_gflops"], rel=1e-2)
+    )
     for name in ("onnxruntime/fp32", "teacher/torch-eager/fp32"):
         mem = _variant(b2, name)["memory"]
         assert mem["peak_rss_mb"].keys() == {"1", "2"}, mem
         for b in ("1", "2"):
             assert mem["peak_rss_mb"][b] >= mem["after_import_rss_mb"] > 10
     # the ORT process never imports torch: far smaller than the torch teacher's
-    assert (_variant(b2, "onnxruntime/fp32")["memory"]["after_import_rss_mb"]
-            < _variant(b2, "teacher/torch-eager/fp32")["memory"]["after_import_rss_mb"])
+    assert (
+        _variant(b2, "onnxruntime/fp32")["memory"]["after_import_rss_mb"]
+        < _variant(b2, "teacher/torch-eager/fp32")["memory"]["after_import_rss_mb"]
+    )
     fp = b2["target"]["fingerprint"]
     flags = open("/proc/cpuinfo").read().split()
     assert fp["cpu"]["isa"]["avx2"] == ("avx2" in flags)
@@ -123,8 +176,18 @@ def test_no_budget_estimates_e2e(benches):
 def test_merge_two_targets(benches, tmp_path):
     b2, b1, d = benches
     out = tmp_path / "targets.md"
-    r = CliRunner().invoke(main, ["merge", str(d / "t2" / "bench.json"), str(d / "t1" / "bench.json"),
-                                  "--phase", "call", "-o", str(out)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "merge",
+            str(d / "t2" / "bench.json"),
+            str(d / "t1" / "bench.json"),
+            "--phase",
+            "call",
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     md = out.read_text()
     assert b1["target"]["name"] in md and b2["target"]["name"] in md
@@ -141,13 +204,15 @@ def test_merge_two_targets(benches, tmp_path):
 
 def test_time_until_stable_interleaves_and_ranks():
     order = []
-    fns = {"fast": lambda: order.append("fast"),
-           "slow": lambda: (order.append("slow"), time.sleep(0.004))}
+    fns = {
+        "fast": lambda: order.append("fast"),
+        "slow": lambda: (order.append("slow"), time.sleep(0.004)),
+    }
     cfg = BenchConfig(slice_s=0.01, min_rounds=3, max_rounds=6, progress=False)
     g = time_until_stable(fns, 0.5, cfg, warmup=1)
     assert g.rounds >= 3
     # A B A B: every round visits both, so "slow" calls sit between runs of "fast" calls
-    switches = sum(1 for a, b in zip(order, order[1:]) if a != b)
+    switches = sum(1 for a, b in zip(order, order[1:], strict=False) if a != b)
     assert switches >= 2 * g.rounds - 1
     assert g.timings["slow"].median_ms > 3.5 > g.timings["fast"].median_ms
 
@@ -177,8 +242,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path, out_dir):
     with pytest.raises(InputError, match="not valid JSON"):
         load_bench(bad)
     r = CliRunner().invoke(main, [str(tmp_path / "nowhere")])
-    assert r.exit_code == 2 and "no manifest" in r.output and len(r.output.strip().splitlines()) == 1
-    r = CliRunner().invoke(main, [str(out_dir), "--teacher", str(tmp_path / "missing"), "--no-progress"])
+    assert (
+        r.exit_code == 2 and "no manifest" in r.output and len(r.output.strip().splitlines()) == 1
+    )
+    r = CliRunner().invoke(
+        main, [str(out_dir), "--teacher", str(tmp_path / "missing"), "--no-progress"]
+    )
     assert r.exit_code == 2 and "teacher folder not found" in r.output
     with pytest.raises(InputError, match="batch sizes"):
         run_bench(out_dir, BenchConfig(batch_sizes=(0,)))

@@ -1,0 +1,501 @@
+"""Measure every variant side by side: warm-up, interleaved rounds (A B A B ...) until each median
+is stable or the time budget ends, per-call and end-to-end, with memory, FLOP/s and peak.
+
+CPU timings are `time.perf_counter` around whole `runner.infer` calls (numpy in, numpy out: what a
+user of `engines` sees); GPU runners return host arrays, so each call ends synchronized.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.errors import DDCompileError, InputError
+from engines.fileio import sha256_file
+from engines.iospec import random_feeds
+from engines.manifest import Manifest
+from engines.schedule import Sampler, draw_noise
+from optimizer.bench.fingerprint import fingerprint, target_name
+from optimizer.bench.schema import BENCH_FORMAT, BENCH_VERSION
+from optimizer.bench.variants import BenchContext, VariantSpec, cuda_available, discover
+from optimizer.timing import Timing
+
+log = logging.getLogger(__name__)
+TEACHER_BASELINE = "teacher/torch-eager/fp32"  # speedups are relative to this row
+
+
+@dataclass
+class BenchConfig:
+    batch_sizes: tuple[int, ...] = (1, 8)
+    seconds: float = 60.0  # timing budget for all (phase, batch) groups; setup and probes extra
+    threads: int | None = None  # intra-op threads for ORT and torch (None: the usable cores)
+    device: str = "auto"  # "auto" (cuda if torch sees one), "cpu", "cuda"
+    backends: tuple[str, ...] | None = None  # None: every backend usable here
+    teacher: bool = True  # time the PyTorch teacher baselines
+    teacher_path: str | None = None  # None: the manifest's meta["teacher"]["path"]
+    compile: str = "auto"  # torch.compile baseline: "auto" (GPU only), "on", "off"
+    memory: bool = True  # peak-memory probe, one fresh process per variant
+    warmup: int = 2  # untimed calls per variant and batch size
+    min_rounds: int = 3
+    max_rounds: int = 200
+    rel_tol: float = 0.02  # stable: the median moved < rel_tol over each of the last 2 rounds
+    slice_s: float = 0.05  # per round, a variant repeats its call for at least this long
+    peak_seconds: float = 1.5  # matmul peak measurement per dtype
+    seed: int = 0
+    progress: bool = True  # tqdm bar on stderr while measuring
+    target: str | None = None  # column name in merge tables (None: derived from the fingerprint)
+
+
+@dataclass
+class GroupResult:
+    timings: dict[str, Timing]
+    stable: dict[str, bool]
+    rounds: int
+    seconds: float
+
+
+def time_until_stable(
+    fns: dict[str, Callable[[], object]],
+    budget_s: float,
+    cfg: BenchConfig,
+    *,
+    warmup: int,
+    desc: str = "",
+    min_rounds: int | None = None,
+) -> GroupResult:
+    """Interleaved rounds: in each, every variant runs for >= cfg.slice_s (at least one call).
+
+    Stops when every median is stable (after min_rounds) or the budget is spent; a cheap variant
+    thus collects many samples per round (meaningful p99) while heavy ones still alternate with it.
+    """
+    from tqdm import tqdm
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    min_rounds = cfg.min_rounds if min_rounds is None else min_rounds
+    timings = {k: Timing(k) for k in fns}
+    history: dict[str, list[float]] = {k: [] for k in fns}
+    stable = {k: False for k in fns}
+    start = time.perf_counter()
+    rounds = 0
+    with tqdm(
+        total=round(budget_s, 1),
+        desc=desc,
+        unit="s",
+        leave=False,
+        disable=not cfg.progress,
+        file=sys.stderr,
+        bar_format="{desc}: {bar} {n:.0f}/{total:.0f}s {postfix}",
+    ) as bar:
+        while rounds < cfg.max_rounds:
+            for k, fn in fns.items():
+                t_slice = time.perf_counter()
+                while True:
+                    t0 = time.perf_counter()
+                    fn()
+                    t1 = time.perf_counter()
+                    timings[k].samples_ms.append((t1 - t0) * 1e3)
+                    if t1 - t_slice >= cfg.slice_s:
+                        break
+            rounds += 1
+            for k, t in timings.items():
+                history[k].append(t.median_ms)
+                h = history[k]
+                stable[k] = len(h) >= 3 and all(
+                    abs(h[-1] - m) <= cfg.rel_tol * h[-1] for m in h[-3:-1]
+                )
+            elapsed = time.perf_counter() - start
+            bar.n = min(elapsed, budget_s)
+            bar.set_postfix_str(f"round {rounds}, {sum(stable.values())}/{len(stable)} stable")
+            if rounds >= min_rounds and (all(stable.values()) or elapsed >= budget_s):
+                break
+    return GroupResult(timings, stable, rounds, time.perf_counter() - start)
+
+
+def probe_memory(
+    manifest_dir: Path, v: VariantSpec, ctx: BenchContext, timeout: float = 300
+) -> dict[str, Any]:
+    """Run optimizer.bench.memprobe for `v` in a fresh process (its docstring: the meaning)."""
+    if v.backend == "torch-compile":
+        return {
+            "method": "not probed: compiling again in a fresh process would double the "
+            "compile time; expect the eager figure plus compiled code"
+        }
+    req = {
+        "manifest": str(manifest_dir),
+        "variant": v.to_dict(),
+        "batch_sizes": list(ctx.batch_sizes),
+        "threads": ctx.threads,
+        "teacher": str(ctx.teacher_path) if ctx.teacher_path else None,
+    }
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "optimizer.bench.memprobe", json.dumps(req)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return {"method": f"probe timed out after {timeout:.0f} s"}
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"method": f"probe failed: {last[:300]}"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _resolve(path: str, root: Path) -> Path:
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return root / p  # relative paths in the manifest: relative to out/ when not to the cwd
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _count_flops(ctx: BenchContext, cfg: BenchConfig, root: Path) -> dict[str, Any]:
+    """FLOPs per image per call: the manifest's record if the pipeline stored one, else counted."""
+    from optimizer.bench.flops import count_flops
+    from optimizer.models import Denoiser
+
+    out: dict[str, Any] = {
+        "student": None,
+        "teacher": None,
+        "method": "torch.utils.flop_counter.FlopCounterMode, batch 1, fp32 "
+        "(matmul/conv/attention only, 2 FLOPs per MAC)",
+    }
+    rng = np.random.default_rng(cfg.seed)
+    stored = ctx.manifest.meta.get("flops_per_call")
+    if isinstance(stored, int | float):
+        out["student"] = int(stored)
+    elif ctx.manifest.meta.get("student_checkpoint"):
+        from optimizer.checkpoint import load_checkpoint
+        from optimizer.models import load_teacher
+
+        src = _resolve(ctx.manifest.meta["student_checkpoint"], root)
+        try:
+            # dd-compile also takes a diffusers folder (a teacher packed as a few-step student)
+            model = load_teacher(src).model if src.is_dir() else load_checkpoint(src).build_model()
+            spec = ctx.manifest.io_spec.with_batch_range([1])
+            out["student"] = count_flops(Denoiser(model), random_feeds(spec, {"batch": 1}, rng))
+        except InputError as e:
+            log.warning("student FLOPs not counted: %s", e)
+    if cfg.teacher:
+        out["teacher"] = count_flops(
+            Denoiser(ctx.teacher.model),
+            random_feeds(ctx.teacher_spec.with_batch_range([1]), {"batch": 1}, rng),
+        )
+    return out
+
+
+def _timing_dict(t: Timing | None, stable: bool | None) -> dict[str, Any]:
+    if t is None:
+        return {
+            "p10_ms": None,
+            "p50_ms": None,
+            "p90_ms": None,
+            "p99_ms": None,
+            "n": 0,
+            "spread": None,
+            "stable": None,
+        }
+    return {
+        "p10_ms": round(t.quantile_ms(0.1), 4),
+        "p50_ms": round(t.median_ms, 4),
+        "p90_ms": round(t.quantile_ms(0.9), 4),
+        "p99_ms": round(t.quantile_ms(0.99), 4),
+        "n": len(t.samples_ms),
+        "spread": round(t.spread, 4),
+        "stable": stable,
+    }
+
+
+def run_bench(out_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
+    """Bench every variant of the student in `out_dir` (a dd-compile output) and the teacher."""
+    manifest = Manifest.load(out_dir)
+    root = manifest.root
+    if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
+        raise InputError(f"batch sizes must be >= 1, got {list(cfg.batch_sizes)}")
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if cuda_available() else "cpu"
+    elif device.startswith("cuda") and not cuda_available():
+        raise InputError("--device cuda: no CUDA device is visible to torch")
+    threads = cfg.threads or _usable_cores()
+    teacher_path = None
+    if cfg.teacher:
+        raw = cfg.teacher_path or (manifest.meta.get("teacher") or {}).get("path")
+        if not raw:
+            raise InputError(
+                f"{manifest.path}: meta has no teacher path; pass --teacher DIR or --no-teacher"
+            )
+        teacher_path = _resolve(raw, root)
+        if not teacher_path.is_dir():
+            raise InputError(
+                f"{teacher_path}: teacher folder not found (pass --teacher DIR or --no-teacher)"
+            )
+    batches = sorted(set(cfg.batch_sizes))
+    ctx = BenchContext(
+        manifest, teacher_path=teacher_path, threads=threads, device=device, batch_sizes=batches
+    )
+    variants, skipped = discover(
+        ctx,
+        backends=list(cfg.backends) if cfg.backends else None,
+        teacher=cfg.teacher,
+        compile_=cfg.compile,
+    )
+    import torch
+
+    torch.set_num_threads(threads)
+    fp = fingerprint(threads)
+    t_setup = time.perf_counter()
+
+    flops = _count_flops(ctx, cfg, root)
+    from optimizer.bench.flops import matmul_peak_gflops
+
+    cuda = device.startswith("cuda")
+    peak: dict[str, Any] = {
+        "method": f"best of torch.mm n x n, {cfg.peak_seconds:g} s before and again after the "
+        f"timing (the max counts: a peak measured while the machine was busy reads low), "
+        f"{threads} threads" + (", CUDA events" if cuda else "")
+    }
+    dtypes = ("float32", "float16") if cuda else ("float32",)
+    peaks = {dt: [matmul_peak_gflops(device, dt, cfg.peak_seconds)] for dt in dtypes}
+
+    memory: dict[str, dict[str, Any]] = {}
+    if cfg.memory:
+        for v in variants:
+            log.info("memory probe: %s", v.name)
+            memory[v.name] = probe_memory(root, v, ctx)
+
+    # Open every runner; one that cannot start is reported as skipped, not fatal.
+    runners: dict[str, Any] = {}
+    for v in list(variants):
+        try:
+            r = ctx.open(v)
+            r.activate()
+            runners[v.name] = r
+        except (DDCompileError, RuntimeError, OSError, ImportError) as e:
+            skipped.append((v, f"failed to load: {str(e).splitlines()[0][:300]}"))
+            variants.remove(v)
+    log.info(
+        "setup (FLOPs, peak, memory probes, loading) took %.1f s", time.perf_counter() - t_setup
+    )
+
+    rng = np.random.default_rng(cfg.seed)
+    results: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
+    groups = [(b, ph) for b in batches for ph in ("call", "e2e")]
+    t_start = time.perf_counter()
+    call_p50: dict[tuple[str, int], float] = {}
+    for gi, (b, phase) in enumerate(groups):
+        budget = max(0.0, cfg.seconds - (time.perf_counter() - t_start)) / (len(groups) - gi)
+        fns: dict[str, Callable[[], object]] = {}
+        steps: dict[str, int] = {}
+        estimated: list[str] = []
+        for v in list(variants):
+            if (why := ctx.batch_supported(v, b)) is not None:
+                results[v.name].append({"phase": phase, "batch": b, "skipped": why})
+                continue
+            spec, runner = ctx.spec(v), runners[v.name]
+            if phase == "call":
+                feeds = random_feeds(spec, {"batch": b}, rng)
+                fns[v.name] = lambda r=runner, f=feeds: r.infer(f)
+                steps[v.name] = 1
+                continue
+            sch = ctx.schedule(v)
+            steps[v.name] = sch.steps
+            if (v.name, b) not in call_p50:
+                continue  # its per-call group failed
+            # One e2e run costs about steps x per-call; when two runs would not fit the group's
+            # budget, report steps x per-call p50 as an estimate rather than overrun.
+            if sch.steps * call_p50[(v.name, b)] / 1e3 * 2 > budget:
+                estimated.append(v.name)
+                continue
+            shape = ctx.sample_shape if v.model == "student" else _teacher_shape(ctx)
+            noise, step_noise = draw_noise(list(range(b)), shape, sch.steps)
+            from optimizer.iospec import conditioning_feeds
+
+            cond = conditioning_feeds(spec, b, rng)
+            sampler = Sampler(sch, runner, output_name=spec.output_names[0])
+            fns[v.name] = lambda s=sampler, n=noise, sn=step_noise, c=cond: s(n, sn, c)
+        try:
+            g = _run_group(fns, budget, cfg, phase, b, variants, skipped, runners)
+        except KeyboardInterrupt:
+            raise
+        for name, t in g.timings.items():
+            if phase == "call":
+                call_p50[(name, b)] = t.median_ms
+            results[name].append(
+                {
+                    "phase": phase,
+                    "batch": b,
+                    "steps": steps[name],
+                    "method": "measured",
+                    **_timing_dict(t, g.stable[name]),
+                }
+            )
+        for name in estimated:
+            est = {
+                "phase": phase,
+                "batch": b,
+                "steps": steps[name],
+                "method": "estimated",
+                **_timing_dict(None, None),
+            }
+            est["p50_ms"] = round(steps[name] * call_p50[(name, b)], 4)
+            results[name].append(est)
+        log.info(
+            "%s b=%d: %d rounds in %.1f s (budget %.1f s)", phase, b, g.rounds, g.seconds, budget
+        )
+    for r in runners.values():
+        r.deactivate()
+    for dt in dtypes:
+        peaks[dt].append(matmul_peak_gflops(device, dt, cfg.peak_seconds))
+    peak["fp32_gflops"] = round(max(peaks["float32"]), 2)
+    peak["fp16_gflops"] = round(max(peaks["float16"]), 2) if cuda else None
+    peak["samples_gflops"] = {dt: [round(x, 2) for x in v] for dt, v in peaks.items()}
+
+    rows = []
+    for v in variants:
+        rows.append(
+            {
+                **v.to_dict(),
+                "skipped": None,
+                "memory": memory.get(v.name),
+                "results": results[v.name],
+            }
+        )
+    for v, why in skipped:
+        rows.append({**v.to_dict(), "skipped": why, "memory": None, "results": []})
+    _derive(rows, flops, peak)
+    sch = manifest.schedule
+    return {
+        "format": BENCH_FORMAT,
+        "version": BENCH_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "target": {
+            "name": cfg.target or target_name(fp, device),
+            "device": device,
+            "fingerprint": fp,
+        },
+        "source": {
+            "manifest": str(manifest.path.resolve()),
+            "manifest_sha256": sha256_file(manifest.path),
+            "sample_shape": list(ctx.sample_shape),
+            "schedule": {"kind": sch.kind, "steps": sch.steps},
+            "teacher": {"path": str(teacher_path), "reference_steps": ctx.reference_steps}
+            if teacher_path
+            else None,
+        },
+        "config": {**asdict(cfg), "batch_sizes": batches, "threads": threads, "device": device},
+        "peak": peak,
+        "flops": flops,
+        "variants": rows,
+        "best": _best(rows),
+    }
+
+
+def _teacher_shape(ctx: BenchContext) -> tuple[int, ...]:
+    from optimizer.iospec import sample_shape
+
+    return sample_shape(ctx.teacher.model_class, dict(ctx.teacher.model.config))
+
+
+def _run_group(
+    fns: dict[str, Callable[[], object]],
+    budget: float,
+    cfg: BenchConfig,
+    phase: str,
+    b: int,
+    variants: list[VariantSpec],
+    skipped: list,
+    runners: dict,
+) -> GroupResult:
+    """Time one (phase, batch) group; a variant that raises is dropped with its error, not fatal."""
+    while True:
+        try:
+            return time_until_stable(
+                fns,
+                budget,
+                cfg,
+                warmup=cfg.warmup if phase == "call" else 0,
+                desc=f"{phase} b={b}",
+                min_rounds=cfg.min_rounds if phase == "call" else 2,
+            )
+        except (DDCompileError, RuntimeError, OSError, ValueError) as e:
+            bad = _which_fails(fns)
+            if bad is None:
+                raise
+            log.warning("%s failed at %s b=%d, dropped: %s", bad, phase, b, e)
+            v = next(v for v in variants if v.name == bad)
+            variants.remove(v)
+            skipped.append((v, f"failed at {phase} b={b}: {str(e).splitlines()[0][:300]}"))
+            runners.pop(bad).deactivate()
+            fns = {k: f for k, f in fns.items() if k != bad}
+
+
+def _which_fails(fns: dict[str, Callable[[], object]]) -> str | None:
+    for k, fn in fns.items():
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - we only want the culprit's name; the caller reports e
+            return k
+    return None
+
+
+def _derive(rows: list[dict[str, Any]], flops: dict[str, Any], peak: dict[str, Any]) -> None:
+    """Fill images_per_s, speedup_vs_teacher, achieved_gflops and fraction_of_peak in place."""
+    base = next((r for r in rows if r["name"] == TEACHER_BASELINE and not r["skipped"]), None)
+    ref = {(x["phase"], x["batch"]): x.get("p50_ms") for x in (base or {}).get("results", [])}
+    for row in rows:
+        n_flops = flops.get(row["model"])
+        peak_g = (
+            peak.get("fp16_gflops")
+            if row["precision"] == "fp16" and peak.get("fp16_gflops")
+            else peak.get("fp32_gflops")
+        )
+        for x in row["results"]:
+            p50 = x.get("p50_ms")
+            if not p50:
+                continue
+            x["images_per_s"] = round(x["batch"] / (p50 / 1e3), 3)
+            t = ref.get((x["phase"], x["batch"]))
+            x["speedup_vs_teacher"] = round(t / p50, 3) if t else None
+            if x["phase"] == "call" and n_flops:
+                g = n_flops * x["batch"] / (p50 / 1e3) / 1e9
+                x["achieved_gflops"] = round(g, 2)
+                x["fraction_of_peak"] = round(g / peak_g, 4) if peak_g else None
+            else:
+                x["achieved_gflops"] = x["fraction_of_peak"] = None
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    best: dict[str, dict[str, str]] = {}
+    cands: dict[tuple[str, int], list[tuple[float, str]]] = {}
+    for row in rows:
+        for x in row["results"]:
+            if x.get("p50_ms") and x.get("method") == "measured":
+                cands.setdefault((x["phase"], x["batch"]), []).append((x["p50_ms"], row["name"]))
+    for (phase, b), c in sorted(cands.items()):
+        best.setdefault(phase, {})[str(b)] = min(c)[1]
+    return best

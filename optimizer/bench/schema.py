@@ -1,0 +1,81 @@
+"""The bench JSON: a stable, versioned schema that `dd-bench merge` and other tools read.
+
+Version 1 (``{"format": "dd-bench", "version": 1, ...}``); new keys may be added within a version,
+keys are never renamed or removed without a version bump. Times in milliseconds, memory in MiB,
+FLOPs as counts per image per model call (one UNet evaluation).
+
+    format, version, created (ISO 8601 UTC)
+    target: {name, fingerprint}              fingerprint: see optimizer/bench/fingerprint.py
+    source: {manifest, manifest_sha256, sample_shape, schedule: {kind, steps},
+             teacher: {path, reference_steps} | null}
+    config: {batch_sizes, seconds, threads, warmup, min_rounds, rel_tol, ...}  (the BenchConfig)
+    peak: {fp32_gflops, fp16_gflops | null, method}   matmul peak measured in the same run
+    flops: {student: int | null, teacher: int | null, method}      per image per call
+    variants: [{
+        name           "onnxruntime/fp16", "tensorrt/int8", "teacher/torch-eager/fp32", ...
+        model          "student" | "teacher"
+        role           "engine" | "baseline"
+        backend, precision, artifact (manifest artifact name or null)
+        skipped        null, or why the variant was not measured (one line)
+        memory: {method, after_import_rss_mb, peak_rss_mb: {batch: MiB}, delta_rss_mb: {batch: MiB},
+                 device_peak_mb: {batch: MiB} | null} | null
+        results: [{
+            phase          "call" (one model evaluation) | "e2e" (noise -> sample, all steps)
+            batch, steps   steps = model calls per phase run (1 for "call")
+            method         "measured" | "estimated" (e2e only: steps x per-call p50, when one run
+                           would not fit the time budget; timing percentiles are then null)
+            p10_ms, p50_ms, p90_ms, p99_ms, n, spread, stable
+            images_per_s           batch / p50
+            speedup_vs_teacher     teacher's p50 / this p50, same phase and batch (e2e: the teacher
+                                   with its reference steps vs the student sampler)
+            achieved_gflops, fraction_of_peak   phase "call" only; null without a FLOP count
+        }]
+    }]
+    best: {phase: {batch: variant name}}   fastest measured student engine or baseline by p50
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from engines.errors import InputError
+
+BENCH_FORMAT = "dd-bench"
+BENCH_VERSION = 1
+PHASES = ("call", "e2e")
+
+
+def load_bench(path: str | Path) -> dict[str, Any]:
+    """Read and check a bench JSON; a one-line InputError names the file and the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such bench file")
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(d, dict) or d.get("format") != BENCH_FORMAT:
+        raise InputError(f'{p}: not a dd-bench file (no "format": "{BENCH_FORMAT}")')
+    if d.get("version") != BENCH_VERSION:
+        raise InputError(
+            f"{p}: bench schema version {d.get('version')!r} is not supported "
+            f"(this dd-bench reads version {BENCH_VERSION})"
+        )
+    for key in ("target", "variants"):
+        if key not in d:
+            raise InputError(f"{p}: bench file lacks {key!r}")
+    if not isinstance(d["variants"], list) or not all(
+        isinstance(v, dict) and "name" in v and isinstance(v.get("results"), list)
+        for v in d["variants"]
+    ):
+        raise InputError(f'{p}: "variants" must be a list of {{name, results: [...]}}')
+    return d
+
+
+def result(variant: dict[str, Any], phase: str, batch: int) -> dict[str, Any] | None:
+    for r in variant.get("results", []):
+        if r.get("phase") == phase and r.get("batch") == batch:
+            return r
+    return None
