@@ -77,7 +77,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="keep the ONNX files here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    logging.getLogger("root").setLevel(logging.ERROR)
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # exporter chatter, not our results
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
 
     model, schedule = build(args.model)
