@@ -102,6 +102,8 @@ def print_table(report) -> None:
         click.echo(f"distribution: paired PSNR to teacher {d['paired_psnr_db']:.1f} dB; FID {fids}")
     for s in report.skipped:
         click.echo(f"skipped: {s}")
+    for n in report.notes:
+        click.echo(f"note: {n}")
     click.echo("* recommended (fastest variant that passes)")
 
 

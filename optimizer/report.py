@@ -32,6 +32,7 @@ class CompileReport:
     distribution: dict[str, Any] | None = None
     environment: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # findings a user should read (e.g. INT8 pay-off)
     seconds: float = 0.0
 
     @property
@@ -58,7 +59,21 @@ class CompileReport:
         b = max(max(v.latency_ms["per_call"]) for v in ok)
         best = min(ok, key=lambda v: v.latency_ms["per_call"].get(b, float("inf")))
         best.recommended = True
+        self._precision_payoff(b, best)
         return best
+
+    def _precision_payoff(self, b: int, best: VariantResult) -> None:
+        """Say plainly when a lower precision does not pay for itself on this target."""
+        by = {(v.backend, v.precision): v for v in self.variants}
+        for (backend, p), v in by.items():
+            base = by.get((backend, "fp32"))
+            if p == "fp32" or base is None or b not in v.latency_ms.get("per_call", {}):
+                continue
+            ratio = base.latency_ms["per_call"][b] / v.latency_ms["per_call"][b]
+            if ratio < 1.1:
+                self.notes.append(
+                    f"{p} runs at {ratio:.2f}x the speed of fp32 on {backend} here (per call, batch {b}): "
+                    f"it does not pay off on this target; recommended: {best.backend} {best.precision}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -115,6 +130,8 @@ class CompileReport:
                                  + (f" {n['note']}" if n.get("note") else ""))
                 if len(kept) > 25:
                     lines.append(f"- ... {len(kept) - 25} more in report.json")
+        if self.notes:
+            lines += ["", "Notes:"] + [f"- {n}" for n in self.notes]
         if self.skipped:
             lines += ["", "Skipped:"] + [f"- {s}" for s in self.skipped]
         if self.failures:
