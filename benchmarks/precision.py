@@ -22,12 +22,18 @@ import numpy as np
 import torch
 
 from engines.onnxruntime_runner import OnnxRuntimeRunner
-from engines.schedule import SamplingSchedule, Sampler, trailing_timesteps
+from engines.schedule import Sampler, SamplingSchedule, trailing_timesteps
 from engines.torch_runner import TorchRunner
 from optimizer.export import export_onnx
 from optimizer.iospec import conditioning_feeds, io_spec_for, sample_shape
 from optimizer.models import Denoiser
-from optimizer.quantize import Fp16Config, Int8Config, calibration_feeds, quantize_fp16, quantize_int8
+from optimizer.quantize import (
+    Fp16Config,
+    Int8Config,
+    calibration_feeds,
+    quantize_fp16,
+    quantize_int8,
+)
 from optimizer.timing import time_interleaved
 
 log = logging.getLogger("precision")

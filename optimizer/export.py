@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.iospec import IOSpec
 from engines.fileio import atomic_path
+from engines.iospec import IOSpec
 
 log = logging.getLogger(__name__)
 TWO_GB = 2 << 30

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from engines.errors import InputError
-from optimizer.checkpoint import (StudentCheckpoint, TeacherRef, load_checkpoint, read_metadata,
-                                  save_checkpoint)
+from optimizer.checkpoint import (
+    StudentCheckpoint,
+    TeacherRef,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
 from optimizer.models import load_teacher
 
 

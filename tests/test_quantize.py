@@ -21,7 +21,13 @@ from engines.schedule import SamplingSchedule, trailing_timesteps
 from optimizer.export import export_onnx
 from optimizer.iospec import io_spec_for
 from optimizer.models import Denoiser
-from optimizer.quantize import Fp16Config, Int8Config, calibration_feeds, quantize_fp16, quantize_int8
+from optimizer.quantize import (
+    Fp16Config,
+    Int8Config,
+    calibration_feeds,
+    quantize_fp16,
+    quantize_int8,
+)
 from optimizer.quantize.result import rel_l2, run_model, toposort
 
 torch.set_num_threads(1)

@@ -6,7 +6,13 @@ import torch
 
 from engines.errors import InputError
 from engines.iospec import DimRange, IOSpec, TensorSpec
-from engines.schedule import Sampler, SamplingSchedule, draw_noise, predict_x0_eps, trailing_timesteps
+from engines.schedule import (
+    Sampler,
+    SamplingSchedule,
+    draw_noise,
+    predict_x0_eps,
+    trailing_timesteps,
+)
 from engines.torch_runner import TorchRunner
 from optimizer.iospec import io_spec_for
 from optimizer.models import Denoiser, load_teacher, teacher_reference_samples

@@ -23,9 +23,22 @@ import numpy as np
 
 from engines.errors import InputError
 from engines.fileio import atomic_path
-from optimizer.quantize.calibration import FP16_MAX, TensorStats, run_with_intermediates, tensor_stats
-from optimizer.quantize.result import (KeptNode, PrecisionResult, call_error, copy_metadata, module_path,
-                                       rel_l2, run_model, toposort)
+from optimizer.quantize.calibration import (
+    FP16_MAX,
+    TensorStats,
+    run_with_intermediates,
+    tensor_stats,
+)
+from optimizer.quantize.result import (
+    KeptNode,
+    PrecisionResult,
+    call_error,
+    copy_metadata,
+    module_path,
+    rel_l2,
+    run_model,
+    toposort,
+)
 
 log = logging.getLogger(__name__)
 
