@@ -20,16 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# google/ddpm-cifar10-32's unet/config.json
-CIFAR_UNET = dict(
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(128, 256, 256, 256),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-)
+from optimizer.model_zoo import DDPM_CIFAR10_32 as CIFAR_UNET  # noqa: E402
 
 
 def build(out: Path, student_steps: int, reference_steps: int) -> None:

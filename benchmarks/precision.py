@@ -52,10 +52,9 @@ def build(name: str) -> tuple[torch.nn.Module, SamplingSchedule]:
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                           prediction_type="v_prediction")
     if name == "cifar":
-        m = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-                        layers_per_block=2,
-                        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+        from optimizer.model_zoo import DDPM_CIFAR10_32
+
+        m = UNet2DModel(**DDPM_CIFAR10_32)
     else:
         log.warning("no trained demo teacher at %s: random weights", DEMO)
         from optimizer.demo.train_teacher import TeacherConfig, build_unet
