@@ -35,21 +35,15 @@ MODES = {
     # name: (out path, DistillConfig overrides): the settings behind the figures in modes.json
     "progressive": (
         DEMO_OUT / "student.ckpt",
-        {"round_iters": (150, 200, 300, 400), "iters": 400, "eval_samples": 1000},
+        {"round_iters": (150, 200, 400, 700), "iters": 700, "eval_samples": 1000},
     ),
     "consistency": (
         ROOT / "out/distill_demo/consistency/student.ckpt",
         {"method": "consistency", "iters": 400, "eval_samples": 500},
     ),
     "width0.5": (
-        ROOT / "out/distill_demo/width0.5/student.ckpt",
-        {
-            "width": 0.5,
-            "kd_iters": 200,
-            "round_iters": (100, 100, 150, 200),
-            "iters": 200,
-            "eval_samples": 500,
-        },
+        ROOT / "out/distill_demo/width0.5_kd800/student.ckpt",
+        {"width": 0.5, "kd_iters": 800, "round_iters": (50, 50, 100, 150), "iters": 150, "eval_samples": 500},
     ),
     # the 1-step bar: 6 rounds from 64 steps (not yet run on the shared CPU)
     "steps1": (ROOT / "out/distill_demo/steps1/student.ckpt", {"steps": 1, "iters": 500}),
@@ -69,9 +63,7 @@ def summarize(name: str, record: dict, seconds: float) -> dict:
         "fid_teacher_ddim_same_steps": last.get("fid_teacher_ddim"),
         "fid_teacher_reference": q.get("teacher_reference", {}).get("fid"),
         "fid_ratio_to_teacher_reference": (
-            round(last["fid_student"] / q["teacher_reference"]["fid"], 3)
-            if "fid_student" in last
-            else None
+            round(last["fid_student"] / q["teacher_reference"]["fid"], 3) if "fid_student" in last else None
         ),
         "psnr_student_vs_teacher_db": last.get("psnr_student_vs_teacher_db"),
         "training_seconds": record["seconds"],
@@ -109,9 +101,7 @@ def main() -> None:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     for name in args.modes.split(","):
         out, over = MODES[name]
-        cfg = DistillConfig(
-            teacher=args.teacher, out=str(out), demo=True, threads=args.threads, **over
-        )
+        cfg = DistillConfig(teacher=args.teacher, out=str(out), demo=True, threads=args.threads, **over)
         if args.collect:
             if not out.exists():
                 continue

@@ -105,10 +105,11 @@ def _read_header(path: Path) -> dict[str, Any]:
         head = f.read(8)
         if len(head) < 8:
             raise InputError(f"{path}: file too short ({size} bytes) to be a safetensors checkpoint")
-        if head[:1] == b"\x80" or head[:2] == b"PK":
+        (n,) = struct.unpack("<Q", head)
+        # a safetensors header length may start with 0x80 too: call it pickle only if it is not one
+        if (head[:1] == b"\x80" or head[:2] == b"PK") and (n > size - 8 or n > 100 << 20):
             raise InputError(f"{path}: is a pickle/torch.save file; dd-compile never unpickles "
                              "checkpoints (convert it to safetensors with save_checkpoint)")
-        (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100 << 20:
             raise InputError(f"{path}: not a safetensors file (header length {n} exceeds file size {size})")
         raw = f.read(n)

@@ -78,8 +78,8 @@ def _as_student(source: Path, steps: int | None) -> tuple[StudentCheckpoint, tor
 
 def _load_teacher(ckpt: StudentCheckpoint, cfg: CompileConfig, report: CompileReport) -> Teacher | None:
     path = cfg.teacher or (Path(ckpt.teacher.path) if ckpt.teacher.path else None)
-    if path is not None and not path.is_absolute() and ckpt.path is not None and not path.exists():
-        path = ckpt.path.parent / path  # teacher stored relative to the checkpoint
+    if cfg.teacher is None and path is not None and not path.is_absolute() and ckpt.path is not None:
+        path = ckpt.path.parent / path  # a stored relative path is relative to the checkpoint
     reason = None
     if path is None:
         reason = "the checkpoint names no teacher and --teacher was not given"

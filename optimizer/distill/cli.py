@@ -1,0 +1,162 @@
+"""dd-distill: the command line of optimizer.distill (console script dd-distill).
+
+dd-distill TEACHER_DIR -o student.ckpt --steps 4                  # progressive (default)
+dd-distill TEACHER_DIR -o student.ckpt --steps 4 --method consistency
+dd-distill TEACHER_DIR -o student.ckpt --steps 4 --width 0.5      # smaller student too
+dd-distill --demo -o student.ckpt                                  # the bundled digits teacher
+torchrun --nproc_per_node 8 -m optimizer.distill TEACHER_DIR -o student.ckpt
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+DEMO_TEACHER = Path(__file__).resolve().parent.parent / "demo" / "teacher"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("teacher_dir", required=False, type=click.Path(path_type=str))
+@click.option(
+    "-o",
+    "--out",
+    required=True,
+    help="student.ckpt to write (state and report go to <stem>.distill/ beside it)",
+)
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="distill the bundled digits teacher, trained on the digits, "
+    "with FID against them (one thread)",
+)
+@click.option("--method", type=click.Choice(["progressive", "consistency"]), default="progressive")
+@click.option("--steps", type=int, default=4, help="the student's sampling steps")
+@click.option(
+    "--teacher-steps",
+    type=int,
+    default=None,
+    help="progressive: start from the teacher's DDIM at steps*2^k [default: near its reference]",
+)
+@click.option(
+    "--iters",
+    default="500",
+    help="iterations per round, or one per round (e.g. 150,200,300,400); consistency: in total",
+)
+@click.option("--batch-size", type=int, default=128, help="global batch, split across DDP ranks")
+@click.option("--lr", type=float, default=1e-4, help="Adam lr, annealed linearly to 0 per round")
+@click.option("--seed", type=int, default=0)
+@click.option("--width", type=float, default=1.0, help="< 1: smaller student (channel multiplier)")
+@click.option(
+    "--layers-per-block", type=int, default=None, help="smaller student: layers per block"
+)
+@click.option("--kd-iters", type=int, default=0, help="smaller student: KD iterations [0: --iters]")
+@click.option(
+    "--data",
+    type=click.Path(path_type=str),
+    default=None,
+    help="folder of images or .npy array [default: data-free, the teacher's own samples]",
+)
+@click.option("--data-free-samples", type=int, default=2048)
+@click.option("--eval-samples", type=int, default=1000, help="samples per FID (0: no evaluation)")
+@click.option(
+    "--checkpoint-every", type=int, default=100, help="iterations between training checkpoints"
+)
+@click.option("--resume", is_flag=True, help="continue from <stem>.distill/state.safetensors")
+@click.option("--threads", type=int, default=None, help="torch threads [--demo: 1]")
+@click.option(
+    "--zero-snr/--no-zero-snr",
+    default=None,
+    help="rescale to zero terminal SNR [default: where <= 2 steps and the schedule needs it]",
+)
+@click.option(
+    "--solver-steps", type=int, default=50, help="consistency: the teacher's DDIM solver grid"
+)
+@click.option("-v", "--verbose", is_flag=True)
+def main(
+    teacher_dir: str | None,
+    out: str,
+    demo: bool,
+    method: str,
+    steps: int,
+    teacher_steps: int | None,
+    iters: str,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    width: float,
+    layers_per_block: int | None,
+    kd_iters: int,
+    data: str | None,
+    data_free_samples: int,
+    eval_samples: int,
+    checkpoint_every: int,
+    resume: bool,
+    threads: int | None,
+    zero_snr: bool | None,
+    solver_steps: int,
+    verbose: bool,
+) -> None:
+    """Distill TEACHER_DIR (a diffusers save_pretrained folder) into a few-step student.ckpt."""
+    from engines.errors import DDCompileError, InputError
+    from optimizer.distill.config import DistillConfig
+    from optimizer.distill.trainer import StopRequested
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if demo:
+        teacher_dir = teacher_dir or str(DEMO_TEACHER)
+        threads = threads or 1
+    if teacher_dir is None:
+        raise click.UsageError("give TEACHER_DIR or --demo")
+    try:
+        per_round = [int(v) for v in iters.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"{iters!r}: expected an integer or a comma list", param_hint="--iters"
+        ) from None
+    cfg = DistillConfig(
+        teacher=teacher_dir,
+        out=out,
+        method=method,
+        steps=steps,
+        teacher_steps=teacher_steps,
+        iters=per_round[-1],
+        round_iters=tuple(per_round) if len(per_round) > 1 else None,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        width=width,
+        layers_per_block=layers_per_block,
+        kd_iters=kd_iters,
+        data=data,
+        data_free_samples=data_free_samples,
+        eval_samples=eval_samples,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        threads=threads,
+        zero_snr=zero_snr,
+        solver_steps=solver_steps,
+        demo=demo,
+    )
+    try:
+        from optimizer.distill.run import distill
+
+        distill(cfg)
+    except StopRequested as e:
+        click.echo(f"dd-distill: {e}", err=True)
+        sys.exit(3)
+    except InputError as e:
+        click.echo(f"dd-distill: error: {e}", err=True)
+        sys.exit(2)
+    except DDCompileError as e:
+        click.echo(f"dd-distill: error: {e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

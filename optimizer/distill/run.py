@@ -1,0 +1,455 @@
+"""distill(config) -> student.ckpt: the rounds of one method, evaluated and written atomically."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engines.errors import InputError
+from engines.fileio import write_json_atomic
+from engines.schedule import SamplingSchedule, trailing_timesteps
+from optimizer.checkpoint import StudentCheckpoint, TeacherRef, save_checkpoint
+from optimizer.distill import consistency, progressive, smaller
+from optimizer.distill.config import METHODS, DistillConfig
+from optimizer.distill.report import Evaluator, save_grid, save_loss_plot, summarize_losses
+from optimizer.distill.trainer import Dist, Phase, Trainer, init_distributed
+from optimizer.iospec import sample_shape
+from optimizer.models import Denoiser, alphas_cumprod, load_teacher
+
+log = logging.getLogger(__name__)
+
+ZERO_SNR_TERMINAL = 1e-6  # alpha_bar(T) above this counts as non-zero terminal SNR
+
+
+def _check(cfg: DistillConfig) -> None:
+    if cfg.method not in METHODS:
+        raise InputError(f"--method {cfg.method!r}: expected one of {', '.join(METHODS)}")
+    if cfg.steps < 1:
+        raise InputError(f"--steps {cfg.steps}: expected >= 1")
+    if (
+        min(cfg.iters, *(cfg.round_iters or [1])) < 1
+        or cfg.batch_size < 1
+        or cfg.checkpoint_every < 1
+    ):
+        raise InputError("--iters, --batch-size and --checkpoint-every must be >= 1")
+    if not cfg.lr > 0:
+        raise InputError(f"--lr {cfg.lr}: expected > 0")
+
+
+def _alphas(teacher: Any, cfg: DistillConfig) -> tuple[np.ndarray, bool, dict[str, Any]]:
+    """The alpha_bar table the student trains and samples with, and its scheduler config.
+
+    Zero terminal SNR (Lin et al. 2023, arXiv 2305.08891, Alg. 1; diffusers
+    rescale_zero_terminal_snr) where 1-2 steps are asked for: the first step then starts from pure
+    noise, as sampling does. Needs v- or x-prediction (epsilon is undefined at SNR 0).
+    """
+    table = alphas_cumprod(teacher.scheduler)
+    sched_cfg = dict(teacher.scheduler.config)
+    want = (
+        cfg.zero_snr
+        if cfg.zero_snr is not None
+        else (cfg.steps <= 2 and table[-1] > ZERO_SNR_TERMINAL)
+    )
+    if want and teacher.prediction_type == "epsilon":
+        # an epsilon teacher cannot give x0 at SNR 0 (x0 = (z - eps) / 0)
+        if cfg.zero_snr:
+            raise InputError(
+                f"{cfg.teacher}: --zero-snr needs a v- or x-prediction teacher "
+                "(epsilon is undefined at zero SNR)"
+            )
+        log.warning(
+            "epsilon teacher: keeping its schedule (terminal SNR %.3g), no zero-SNR rescale",
+            table[-1] / (1 - table[-1]),
+        )
+        want = False
+    if not want:
+        return table, False, sched_cfg
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    betas = rescale_zero_terminal_snr(teacher.scheduler.betas.double())
+    table = torch.cumprod(1.0 - betas, 0).numpy()
+    sched_cfg["rescale_betas_zero_snr"] = True
+    log.info(
+        "zero terminal SNR: alpha_bar(T) %.3g -> 0 (rescaled schedule)",
+        alphas_cumprod(teacher.scheduler)[-1],
+    )
+    return table, True, sched_cfg
+
+
+def _student_prediction(teacher_pred: str, zero_snr: bool, steps: int) -> str:
+    # epsilon-prediction is unstable at 1-2 steps and undefined at zero SNR (Salimans & Ho 2022,
+    # Sec. 4): switch such students to v-prediction
+    if teacher_pred == "epsilon" and (zero_snr or steps <= 2):
+        log.info("student predicts v (the teacher predicts epsilon)")
+        return "v_prediction"
+    return teacher_pred
+
+
+def _load_data(
+    cfg: DistillConfig, teacher: Any, shape: tuple[int, int, int], dist: Dist
+) -> np.ndarray:
+    from optimizer.distill.data import data_free_images, load_images
+
+    if cfg.data is not None:
+        return load_images(cfg.data, shape)
+    if cfg.demo:
+        from optimizer.quality import load_digits_images
+
+        return load_digits_images()[0]
+    if dist.enabled:  # rank 0 samples, everyone receives the same images
+        x = torch.zeros((cfg.data_free_samples, *shape))
+        if dist.main:
+            x = torch.from_numpy(data_free_images(teacher, cfg.data_free_samples, shape, cfg.seed))
+        torch.distributed.broadcast(x, 0)
+        return x.numpy()
+    return data_free_images(teacher, cfg.data_free_samples, shape, cfg.seed)
+
+
+@dataclass
+class DistillResult:
+    path: Path  # the student.ckpt written (by rank 0)
+    model: torch.nn.Module  # the student (diffusers model), identical on every rank
+    record: dict[str, Any]  # the checkpoint's distillation record
+
+
+def distill(cfg: DistillConfig, dist: Dist | None = None) -> Path:
+    """Run the distillation `cfg` describes; write cfg.out (rank 0) and return its path."""
+    return run_distillation(cfg, dist).path
+
+
+def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillResult:
+    _check(cfg)
+    dist = dist or init_distributed()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    teacher = load_teacher(cfg.teacher)
+    if teacher.model_class != "UNet2DModel" or teacher.model.config.get("num_class_embeds"):
+        raise InputError(
+            f"{cfg.teacher}: dd-distill supports unconditional UNet2DModel teachers so far "
+            f"(got {teacher.model_class})"
+        )
+    teacher.model.to(dist.device).requires_grad_(False).eval()
+    shape = sample_shape(teacher.model_class, dict(teacher.model.config))
+    T = int(teacher.scheduler.config.num_train_timesteps)
+    table, zero_snr, sched_cfg = _alphas(teacher, cfg)
+    t_pred = teacher.prediction_type
+    s_pred = _student_prediction(t_pred, zero_snr, cfg.steps)
+
+    work = cfg.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    data = torch.from_numpy(_load_data(cfg, teacher, shape, dist)).to(dist.device)
+    trainer = Trainer(
+        work, data, cfg.batch_size, cfg.seed, cfg.checkpoint_every, dist, cfg.stop_after
+    )
+    # JSON round trip: the key is compared with the one read back from the state's JSON
+    key = json.loads(json.dumps({**cfg.training_key(), "teacher_sha256": teacher.weights_sha256}))
+    if cfg.resume:
+        trainer.try_resume(key)
+
+    evaluator = None
+    if dist.main and cfg.eval_samples > 0:
+        ref, ref_name = (
+            data.cpu().numpy(),
+            ("--data" if cfg.data else "data-free teacher samples") + f" ({len(data)} images)",
+        )
+        if cfg.demo:
+            from optimizer.quality import load_digits_images
+
+            ref, ref_name = load_digits_images()[0], "all 1797 sklearn digits"
+        evaluator = Evaluator(
+            teacher, Denoiser(teacher.model), shape, cfg.eval_samples, ref, ref_name, dist.device
+        )
+
+    # -- the student ----------------------------------------------------------------------------
+    t_cfg = dict(teacher.model.config)
+    if cfg.width < 1.0 or cfg.layers_per_block is not None:
+        s_cfg = smaller.smaller_config(t_cfg, cfg.width, cfg.layers_per_block)
+        student_model = type(teacher.model).from_config(s_cfg)
+        counts = smaller.init_from_teacher(student_model, teacher.model)
+        log.info(
+            "smaller student: %d -> %d parameters; from the teacher: %s",
+            smaller.parameter_count(teacher.model),
+            smaller.parameter_count(student_model),
+            counts,
+        )
+    else:
+        student_model = copy.deepcopy(teacher.model)
+    student_model.to(dist.device).requires_grad_(True).train()
+    student = Denoiser(student_model)
+    teacher_net = Denoiser(teacher.model)
+    record: dict[str, Any] = {
+        "method": cfg.method,
+        "steps": cfg.steps,
+        "student_prediction_type": s_pred,
+        "zero_terminal_snr": zero_snr,
+        "config": cfg.to_dict(),
+        "world_size": dist.world,
+        "teacher_parameters": smaller.parameter_count(teacher.model),
+        "student_parameters": smaller.parameter_count(student_model),
+        "data": cfg.data
+        or (
+            "all 1797 sklearn digits"
+            if cfg.demo
+            else f"data-free: {cfg.data_free_samples} teacher reference samples"
+        ),
+    }
+    if evaluator is not None:
+        record["quality"] = evaluator.header()
+    phase_index = 0
+
+    def evaluate_round(
+        name: str, net: torch.nn.Module, schedule: SamplingSchedule, extra: dict
+    ) -> dict:
+        rec = {"round": name, **extra}
+        losses = trainer.meta["losses"].get(str(extra["phase"]), [])
+        rec.update(summarize_losses(losses))
+        rec["seconds"] = round(trainer.meta["seconds"].get(str(extra["phase"]), 0.0), 1)
+        if evaluator is not None:
+            m, x = evaluator.measure(net, schedule)
+            rec.update(m)
+            save_grid(
+                work / f"round{extra['phase']}_samples.png",
+                [
+                    (f"teacher-{teacher.reference_steps}", evaluator.teacher_ref),
+                    (f"teacher-{schedule.steps}", evaluator.teacher_samples(schedule.steps)),
+                    (f"student-{schedule.steps}", x),
+                ],
+            )
+            log.info(
+                "%s: FID student %.3f | teacher DDIM-%d %.3f | teacher-%d %.3f; PSNR %.2f dB",
+                name,
+                m["fid_student"],
+                schedule.steps,
+                m["fid_teacher_ddim"],
+                teacher.reference_steps,
+                m["fid_teacher_reference"],
+                m["psnr_student_vs_teacher_db"],
+            )
+        return rec
+
+    # -- optional knowledge distillation into the smaller student (BK-SDM) ----------------------
+    if cfg.width < 1.0 or cfg.layers_per_block is not None:
+        kd_net = smaller.KDStudent(student, student_model, teacher.model).to(dist.device)
+        t_tap = smaller.FeatureTap(teacher.model)
+        a_table = torch.from_numpy(table.astype(np.float32))
+        phase = Phase(
+            phase_index,
+            "KD (smaller student)",
+            cfg.kd_iters or cfg.iters,
+            cfg.kd_lr,
+            kd_net,
+            lambda net, x, g: smaller.kd_loss(
+                net, teacher_net, t_tap, x, g, a_table, t_pred, cfg.feature_weight
+            ),
+            {"kd": kd_net},
+        )
+        if not trainer.done(phase_index):
+            trainer.run(phase, key)
+            t_tap.remove()  # before sampling: the taps would keep every step's features
+            kd_net.tap.remove()
+            rec = None
+            if dist.main and t_pred == s_pred:
+                rec = evaluate_round(
+                    "KD",
+                    student,
+                    _ddim_schedule(table, T, teacher.reference_steps, s_pred),
+                    {
+                        "phase": phase_index,
+                        "student_steps": teacher.reference_steps,
+                        "iters": phase.iters,
+                    },
+                )
+            first_next = (
+                {"student": student}
+                if cfg.method == "progressive"
+                else {"student": student, "target": student}
+            )
+            trainer.finish_phase(key, phase, first_next, rec)
+        t_tap.remove()  # (removing twice is harmless)
+        kd_net.tap.remove()
+        phase_index += 1
+
+    # -- step distillation -----------------------------------------------------------------------
+    if cfg.method == "progressive":
+        t_steps = cfg.teacher_steps or progressive.default_teacher_steps(
+            teacher.reference_steps, cfg.steps
+        )
+        plan = progressive.round_plan(t_steps, cfg.steps)
+        prev = t_steps
+        for r, n in enumerate(plan):
+            is_last = r == len(plan) - 1
+            grid = progressive.RoundGrid(table, T, n)
+            round_teacher = (
+                teacher_net if r == 0 else copy.deepcopy(student).requires_grad_(False).eval()
+            )
+            mods = (
+                {"student": student}
+                if r == 0
+                else {"student": student, "round_teacher": round_teacher}
+            )
+            tp = t_pred if r == 0 else s_pred
+            name = f"round {r + 1}/{len(plan)} ({prev}->{n} steps)"
+            phase = Phase(
+                phase_index,
+                name,
+                cfg.iters_of_round(r, len(plan)),
+                cfg.lr,
+                student,
+                lambda net, x, g, rt=round_teacher, gr=grid, tp=tp: progressive.pd_loss(
+                    net, rt, gr, x, g, s_pred, tp
+                ),
+                mods,
+            )
+            if not trainer.done(phase_index):
+                trainer.run(phase, key)
+                rec = None
+                if dist.main:
+                    rec = evaluate_round(
+                        name,
+                        student,
+                        _ddim_schedule(table, T, n, s_pred),
+                        {
+                            "phase": phase_index,
+                            "teacher_steps": prev,
+                            "student_steps": n,
+                            "iters": phase.iters,
+                        },
+                    )
+                trainer.finish_phase(
+                    key,
+                    phase,
+                    {"student": student}
+                    if is_last
+                    else {"student": student, "round_teacher": student},
+                    rec,
+                )
+            phase_index += 1
+            prev = n
+        schedule = _ddim_schedule(table, T, cfg.steps, s_pred)
+    else:
+        if s_pred != t_pred:
+            raise InputError(
+                "consistency distillation keeps the teacher's prediction type; "
+                "use an x- or v-prediction teacher for 1-2 steps"
+            )
+        grid = consistency.SolverGrid(table, T, cfg.solver_steps)
+        target = copy.deepcopy(student).requires_grad_(False).eval()
+        huber_c = cfg.huber_c or consistency.default_huber_c(int(np.prod(shape)))
+        ts = consistency.lcm_timesteps(sched_cfg, cfg.steps, cfg.solver_steps)
+        schedule = SamplingSchedule.from_alphas(
+            table, ts, kind="consistency", prediction_type=s_pred
+        )
+        name = f"consistency ({cfg.solver_steps}-step solver, {cfg.steps}-step sampler)"
+        phase = Phase(
+            phase_index,
+            name,
+            cfg.iters,
+            cfg.lr,
+            student,
+            lambda net, x, g: consistency.cd_loss(
+                net, teacher_net, target, grid, x, g, s_pred, huber_c
+            ),
+            {"student": student, "target": target},
+            after_step=lambda: consistency.ema_update(target, student, cfg.ema_decay),
+        )
+        if not trainer.done(phase_index):
+            trainer.run(phase, key)
+            rec = None
+            if dist.main:
+                rec = evaluate_round(
+                    name,
+                    student,
+                    schedule,
+                    {
+                        "phase": phase_index,
+                        "student_steps": cfg.steps,
+                        "iters": cfg.iters,
+                        "huber_c": huber_c,
+                    },
+                )
+            trainer.finish_phase(key, phase, {"student": student}, rec)
+        record["solver_steps"] = cfg.solver_steps
+    if trainer.resume_tensors is not None and trainer.meta["phase"] >= phase_index:
+        # resumed after the last phase had already finished
+        from optimizer.distill.trainer import load_module
+
+        load_module("student", student, trainer.resume_tensors)
+
+    if dist.enabled:
+        _check_ranks_agree(student_model)
+    record["rounds"] = trainer.meta["records"]
+    record["seconds"] = round(sum(trainer.meta["seconds"].values()), 1)
+    record["wall_seconds_this_run"] = round(time.perf_counter() - t_start, 1)
+    out = Path(cfg.out)
+    if dist.main:
+        ckpt = StudentCheckpoint(
+            model_class=teacher.model_class,
+            model_config={
+                k: v for k, v in dict(student_model.config).items() if not k.startswith("_")
+            },
+            scheduler_class=type(teacher.scheduler).__name__,
+            scheduler_config=sched_cfg,
+            schedule=schedule,
+            teacher=TeacherRef(
+                path=_teacher_ref_path(teacher.path, out, cfg.demo),
+                sha256=teacher.weights_sha256,
+                reference_sampler=teacher.reference_sampler,
+                reference_steps=teacher.reference_steps,
+            ),
+            distillation=record,
+        )
+        student_model.eval()
+        save_checkpoint(ckpt, student_model, out)
+        write_json_atomic(work / "report.json", record)
+        names = trainer.meta.get("names", {})
+        save_loss_plot(
+            work / "losses.png", {names.get(k, k): v for k, v in trainer.meta["losses"].items()}
+        )
+        (work / "state.safetensors").unlink(missing_ok=True)  # finished: nothing to resume
+        log.info(
+            "wrote %s (%s, %d steps) in %.0f s; report in %s",
+            out,
+            cfg.method,
+            cfg.steps,
+            time.perf_counter() - t_start,
+            work,
+        )
+    dist.barrier()
+    return DistillResult(out, student_model, record)
+
+
+def _teacher_ref_path(teacher: Path, out: Path, demo: bool) -> str:
+    """Absolute, except for the bundled demo: relative to the checkpoint's folder, so the shipped
+    student finds its teacher wherever the package is installed (optimizer.pipeline resolves it)."""
+    if demo:
+        return os.path.relpath(teacher.resolve(), out.resolve().parent)
+    return str(teacher.resolve())
+
+
+def _ddim_schedule(table: np.ndarray, T: int, steps: int, pred: str) -> SamplingSchedule:
+    return SamplingSchedule.from_alphas(
+        table, trailing_timesteps(T, steps), kind="ddim", prediction_type=pred
+    )
+
+
+def _check_ranks_agree(model: torch.nn.Module) -> None:
+    """DDP keeps replicas identical; check it (a checksum per rank) rather than assume it."""
+    s = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    all_s = [torch.zeros_like(s) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(all_s, s)
+    if any(not torch.equal(a, all_s[0]) for a in all_s):
+        raise RuntimeError(f"DDP ranks disagree on the final weights: {[float(a) for a in all_s]}")
+
+
+def config_from_json(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

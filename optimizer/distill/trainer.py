@@ -1,0 +1,331 @@
+"""The training loop shared by every method: batches, annealed Adam, NaN guard, DDP, progress,
+and atomic training-state checkpoints that --resume continues from bit for bit.
+
+Randomness is a pure function of (seed, phase, iteration, rank): each iteration reseeds its own
+generator, so a resumed run draws exactly the batches and noise an uninterrupted run would.
+The state file is safetensors (tensors) + JSON metadata (position, losses, records): nothing is
+pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engines.errors import DDCompileError, InputError
+from engines.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.safetensors"
+STATE_VERSION = 1
+
+
+class TrainingDiverged(DDCompileError):
+    """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+class StopRequested(DDCompileError):
+    """`stop_after` iterations reached (tests and time-boxed runs); resume with --resume."""
+
+
+@dataclass
+class Dist:
+    """torch.distributed context: world of 1 without torchrun."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun (or mp.spawn) set up: gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available()
+    if world <= 1:
+        return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    return Dist(rank=rank, world=world, device=device)
+
+
+def iteration_generator(
+    seed: int, phase: int, it: int, rank: int, device: torch.device
+) -> torch.Generator:
+    # distinct, reproducible streams per (seed, phase, iteration, rank)
+    g = torch.Generator(device=device)
+    g.manual_seed(((seed * 1_000_003 + phase) * 10_000_019 + it) * 257 + rank)
+    return g
+
+
+# -- training state (atomic, safetensors) -------------------------------------------------------
+
+
+def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    # clone: the same module may be saved under two prefixes (safetensors refuses shared storage)
+    flat = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(
+            flat, str(tmp), metadata={"dd_distill": json.dumps({"version": STATE_VERSION, **meta})}
+        )
+
+
+def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("dd_distill")
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{path}: cannot read the training state ({e})") from None
+    if raw is None:
+        raise InputError(f"{path}: not a dd-distill training state")
+    meta = json.loads(raw)
+    if meta.get("version") != STATE_VERSION:
+        raise InputError(f"{path}: training state version {meta.get('version')!r} not supported")
+    return tensors, meta
+
+
+def module_tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def load_module(prefix: str, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    sd = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    module.load_state_dict(sd, strict=True)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class Phase:
+    index: int  # position in the run (checkpoints and RNG streams are keyed by it)
+    name: str  # shown in the progress bar, e.g. "round 2/4 (32->16 steps)"
+    iters: int
+    lr: float
+    trainable: nn.Module  # what the optimizer updates (wrapped in DDP when distributed)
+    loss_fn: LossFn  # (net, x0 batch, generator) -> scalar loss
+    state_modules: dict[str, nn.Module]  # everything a resume needs, by prefix
+    after_step: Callable[[], None] | None = None  # e.g. the EMA update
+
+
+class Trainer:
+    def __init__(
+        self,
+        work_dir: Path,
+        data: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        checkpoint_every: int,
+        dist: Dist,
+        stop_after: int | None = None,
+        grad_clip: float = 1.0,
+    ):
+        self.work_dir, self.data, self.seed = work_dir, data, seed
+        self.dist, self.checkpoint_every, self.stop_after = dist, checkpoint_every, stop_after
+        self.grad_clip = grad_clip
+        if batch_size % dist.world:
+            raise InputError(f"--batch-size {batch_size} is not divisible by {dist.world} ranks")
+        self.local_batch = batch_size // dist.world
+        self.meta: dict[str, Any] = {
+            "phase": 0,
+            "iteration": 0,
+            "losses": {},
+            "records": [],
+            "seconds": {},
+        }
+        self.resume_tensors: dict[str, torch.Tensor] | None = None
+        self.iterations_run = 0
+
+    @property
+    def state_path(self) -> Path:
+        return self.work_dir / STATE_FILE
+
+    def try_resume(self, key: dict[str, Any]) -> bool:
+        if not self.state_path.exists():
+            log.warning("--resume: no training state at %s; starting from scratch", self.state_path)
+            return False
+        tensors, meta = load_state(self.state_path)
+        if meta.get("key") != key:
+            diff = sorted(k for k in key if meta.get("key", {}).get(k) != key[k])
+            raise InputError(
+                f"{self.state_path}: was written with different settings ({', '.join(diff)}); "
+                "rerun them or drop --resume"
+            )
+        self.resume_tensors, self.meta = tensors, meta
+        log.info("resuming at phase %d iteration %d", meta["phase"], meta["iteration"])
+        return True
+
+    def checkpoint(
+        self, key: dict[str, Any], phase: Phase, it: int, opt: torch.optim.Optimizer | None
+    ) -> None:
+        if self.dist.main:
+            tensors: dict[str, torch.Tensor] = {}
+            for prefix, m in phase.state_modules.items():
+                tensors.update(module_tensors(prefix, m))
+            if opt is not None:
+                tensors.update(optimizer_tensors(opt))
+            self.meta.update(phase=phase.index, iteration=it, key=key)
+            save_state(self.state_path, tensors, self.meta)
+        self.dist.barrier()
+
+    def done(self, phase_index: int) -> bool:
+        """True when a resumed run already finished this phase."""
+        return self.meta["phase"] > phase_index
+
+    def restore_modules(self, phase: Phase) -> None:
+        if self.resume_tensors is not None and self.meta["phase"] == phase.index:
+            for prefix, m in phase.state_modules.items():
+                load_module(prefix, m, self.resume_tensors)
+
+    def run(self, phase: Phase, key: dict[str, Any]) -> list[float]:
+        """Train one phase; return its per-iteration losses (mean over ranks)."""
+        start = 0
+        losses: list[float] = self.meta["losses"].setdefault(str(phase.index), [])
+        if self.resume_tensors is not None and self.meta["phase"] == phase.index:
+            start = self.meta["iteration"]
+            self.restore_modules(phase)
+        net: nn.Module = phase.trainable
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # rank 0's weights are broadcast here; averaged gradients keep every rank identical
+            net = DDP(
+                phase.trainable,
+                device_ids=None if self.dist.device.type == "cpu" else [self.dist.device.index],
+            )
+        params = [p for p in phase.trainable.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=phase.lr)
+        if start > 0:
+            load_optimizer(opt, self.resume_tensors)
+        del losses[start:]  # losses logged after the checkpoint are recomputed
+        self.meta["phase"], self.meta["iteration"] = phase.index, start
+        self.meta.setdefault("names", {})[str(phase.index)] = phase.name
+        bar = None
+        if self.dist.main:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=phase.iters,
+                initial=start,
+                desc=phase.name,
+                mininterval=2.0,
+                dynamic_ncols=True,
+                leave=True,
+            )
+        t0 = time.perf_counter()
+        seconds0 = self.meta["seconds"].get(str(phase.index), 0.0)
+        n = len(self.data)
+        for it in range(start, phase.iters):
+            if self.stop_after is not None and self.iterations_run >= self.stop_after:
+                if bar:
+                    bar.close()
+                raise StopRequested(
+                    f"stopped after {self.iterations_run} iterations "
+                    f"(phase {phase.index}, iteration {it}); continue with --resume"
+                )
+            gen = iteration_generator(self.seed, phase.index, it, self.dist.rank, self.dist.device)
+            idx = torch.randint(0, n, (self.local_batch,), generator=gen, device=self.dist.device)
+            x0 = self.data[idx.to(self.data.device)].to(self.dist.device)
+            # linear decay to 0 over the phase (Salimans & Ho 2022, Sec. 4: lr annealed per round)
+            for g in opt.param_groups:
+                g["lr"] = phase.lr * (1.0 - it / phase.iters)
+            loss = phase.loss_fn(net, x0, gen)
+            value = loss.detach().clone()
+            if self.dist.enabled:
+                torch.distributed.all_reduce(value)
+                value /= self.dist.world
+            if not math.isfinite(float(value)):
+                if bar:
+                    bar.close()
+                raise TrainingDiverged(
+                    f"loss is {float(value)} at {phase.name}, iteration {it}: stopped; last good "
+                    f"checkpoint is {self.state_path} (lower --lr and run again with --resume)"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            opt.step()
+            if phase.after_step is not None:
+                phase.after_step()
+            losses.append(float(value))
+            self.iterations_run += 1
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(value):.4g}", refresh=False)
+            if (it + 1) % self.checkpoint_every == 0 and it + 1 < phase.iters:
+                self.meta["seconds"][str(phase.index)] = seconds0 + time.perf_counter() - t0
+                self.checkpoint(key, phase, it + 1, opt)
+        if bar:
+            bar.close()
+        self.meta["seconds"][str(phase.index)] = seconds0 + time.perf_counter() - t0
+        return losses
+
+    def finish_phase(
+        self,
+        key: dict[str, Any],
+        phase: Phase,
+        next_modules: dict[str, nn.Module],
+        record: dict[str, Any] | None,
+    ) -> None:
+        """Checkpoint the start of the next phase (weights only) with this phase's record."""
+        if record is not None:
+            self.meta["records"].append(record)
+        nxt = Phase(phase.index + 1, "", 1, 0.0, phase.trainable, phase.loss_fn, next_modules)
+        self.resume_tensors = None
+        self.checkpoint(key, nxt, 0, None)
