@@ -201,9 +201,11 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
         teacher=report_teacher.teacher, skipped=report_teacher.skipped,
         environment=environment(cfg.threads))
     manifest = Manifest.open_or_create(out, spec, ckpt.schedule, {
-        "student_checkpoint": str(source), "student_sha256": ckpt_sha, "model_class": ckpt.model_class,
+        "student_checkpoint": str(source.resolve()), "student_sha256": ckpt_sha, "model_class": ckpt.model_class,
         "sample_shape": list(shape), "batch_sizes": list(cfg.batch_sizes),
-        "teacher": {"path": ckpt.teacher.path, "sha256": ckpt.teacher.sha256,
+        # the teacher actually used (resolved), so dd-bench and others find it from out/ alone
+        "teacher": {"path": str(teacher.path.resolve()) if teacher else ckpt.teacher.path,
+                    "sha256": ckpt.teacher.sha256,
                     "reference_sampler": ckpt.teacher.reference_sampler,
                     "reference_steps": ckpt.teacher.reference_steps},
         "created_by": "dd-compile"})
