@@ -60,9 +60,14 @@ class Teacher:
 
     def schedule(self, steps: int, kind: str = "ddim") -> SamplingSchedule:
         """The teacher packed as a few-step student: DDIM at `steps` trailing timesteps."""
-        T = self.scheduler.config.num_train_timesteps
-        return SamplingSchedule.from_alphas(alphas_cumprod(self.scheduler), trailing_timesteps(T, steps),
-                                            kind=kind, prediction_type=self.prediction_type)
+        cfg = self.scheduler.config
+        # A teacher trained with x0 clipping (e.g. google/ddpm-cifar10-32) samples with it too;
+        # without it, epsilon errors at t~T are amplified by 1/sqrt(alpha_bar) (~158x there).
+        clip = float(cfg.get("clip_sample_range", 1.0)) if cfg.get("clip_sample", False) else None
+        return SamplingSchedule.from_alphas(alphas_cumprod(self.scheduler),
+                                            trailing_timesteps(cfg.num_train_timesteps, steps),
+                                            kind=kind, prediction_type=self.prediction_type,
+                                            clip_sample=clip)
 
 
 def load_teacher(path: str | Path, *, reference_steps: int | None = None) -> Teacher:
@@ -129,7 +134,7 @@ def teacher_reference_samples(teacher: Teacher, noise: torch.Tensor, steps: int 
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing",
-                                      clip_sample=False, set_alpha_to_one=True)
+                                      set_alpha_to_one=True)  # clip_sample as the teacher's config says
     sched.set_timesteps(steps or teacher.reference_steps)
     den = Denoiser(teacher.model).eval()
     x = noise.clone()

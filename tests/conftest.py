@@ -37,7 +37,7 @@ TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channel
                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
 
 
-def make_tiny_teacher(path, seed=0, prediction_type="v_prediction"):
+def make_tiny_teacher(path, seed=0, prediction_type="v_prediction", clip_sample=False):
     """A real diffusers UNet2DModel + DDPMScheduler folder (random weights), like the demo's."""
     import torch
     from diffusers import DDPMScheduler, UNet2DModel
@@ -45,7 +45,7 @@ def make_tiny_teacher(path, seed=0, prediction_type="v_prediction"):
     torch.manual_seed(seed)
     UNet2DModel(**TINY_UNET).save_pretrained(path / "unet")
     DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                  prediction_type=prediction_type, clip_sample=False).save_pretrained(path / "scheduler")
+                  prediction_type=prediction_type, clip_sample=clip_sample).save_pretrained(path / "scheduler")
     return path
 
 

@@ -87,3 +87,18 @@ def test_iospec_collects_every_problem():
     assert IOSpec.from_dict(spec.to_dict()) == spec
     assert spec.profiles()["sample"] == ((1, 1, 8, 8), (4, 1, 8, 8), (4, 1, 8, 8))
     assert spec.dynamic_axes() == {"sample": {0: "batch"}, "timestep": {0: "batch"}, "out_sample": {0: "batch"}}
+
+
+def test_clipping_teacher_keeps_clipping_and_matches_diffusers(tmp_path):
+    """A teacher trained with clip_sample (google/ddpm-cifar10-32) is sampled with x0 clipped."""
+    from tests.conftest import make_tiny_teacher
+
+    teacher = load_teacher(make_tiny_teacher(tmp_path, prediction_type="epsilon", clip_sample=True))
+    sch = teacher.schedule(4)
+    assert sch.clip_sample == 1.0
+    spec = io_spec_for(teacher.model_class, dict(teacher.model.config))
+    noise, _ = draw_noise([0, 1], (1, 8, 8), 4)
+    ref = teacher_reference_samples(teacher, torch.from_numpy(noise), steps=4).numpy()
+    with TorchRunner(Denoiser(teacher.model), spec) as r:
+        ours = Sampler(sch, r).from_seeds([0, 1], (1, 8, 8))
+    assert np.abs(ours - ref).max() < 1e-4 and np.abs(ours).max() <= 1.0 + 1e-5
