@@ -197,3 +197,29 @@ def test_bad_input(tmp_path):
     with pytest.raises(InputError, match="calibration"):
         Int8Config(calibration="kl")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_fp16_keeps_large_phase_sin_cos_in_fp32(tmp_path):
+    """sin(t * f) for t up to 999: fp16 rounds t*f to 0.5, a phase error no range check sees."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    freq = np.linspace(0.05, 1.0, 16, dtype=np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Unsqueeze", ["timestep", "axes"], ["t1"], name="unsq"),
+         helper.make_node("Mul", ["t1", "freq"], ["arg"], name="mul"),
+         helper.make_node("Sin", ["arg"], ["s"], name="sin"),
+         helper.make_node("Cos", ["arg"], ["c"], name="cos"),
+         helper.make_node("Concat", ["s", "c"], ["out_sample"], name="cat", axis=1)],
+        "phase", [helper.make_tensor_value_info("timestep", TensorProto.FLOAT, ["batch"])],
+        [helper.make_tensor_value_info("out_sample", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+         helper.make_tensor("freq", TensorProto.FLOAT, [1, 16], freq)])
+    src = tmp_path / "phase.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]), src)
+    calib = [{"timestep": np.array([999.0, 749.0, 499.0, 249.0], np.float32)}]
+    ours = quantize_fp16(src, tmp_path / "ours.onnx", calib, Fp16Config())
+    naive = quantize_fp16(src, tmp_path / "naive.onnx", calib,
+                          Fp16Config(max_phase_error=float("inf"), max_rounds=0))
+    assert {k.name for k in ours.kept_float if k.reason == "phase"} >= {"sin", "cos", "mul"}
+    assert naive.call_rel_l2 > 1e-2 and ours.call_rel_l2 < 1e-3

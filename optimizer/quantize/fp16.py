@@ -56,6 +56,7 @@ class Fp16Config:
     widen_per_round: int = 4  # nodes moved to FP32 per round, by measured error amplification
     max_fp32_fraction: float = 0.25  # give up widening past this share of math nodes in FP32
     analysis_feeds: int = 2  # calibration feeds used to compare intermediates when widening
+    max_phase_error: float = 1e-3  # radians: fp16's spacing at a Sin/Cos argument's |max| above this -> FP32
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +139,32 @@ def _range_islands(model: Any, stats: dict[str, TensorStats], cfg: Fp16Config) -
     return kept
 
 
+def _phase_islands(model: Any, stats: dict[str, TensorStats], cfg: Fp16Config) -> dict[str, KeptNode]:
+    """Sin/Cos of large arguments (timestep embeddings: t * freq up to ~1000) need absolute
+    precision: fp16's spacing is |x| * 2^-10 (0.5 at 999), a phase error no range check sees.
+    Keep in FP32 each such Sin/Cos and the producers of its argument whose spacing is too coarse."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    kept: dict[str, KeptNode] = {}
+
+    def spacing(t: str) -> float:
+        return stats[t].absmax * 2.0**-10 if t in stats else 0.0
+
+    for n in model.graph.node:
+        if n.op_type not in ("Sin", "Cos") or spacing(n.input[0]) <= cfg.max_phase_error:
+            continue
+        fig = spacing(n.input[0])
+        todo = [n]
+        while todo:
+            m = todo.pop()
+            if m.name in kept:
+                continue
+            kept[m.name] = KeptNode(m.name, m.op_type, module_path(m), "phase", fig,
+                                    f"fp16 spacing {fig:.3g} rad at the Sin/Cos argument")
+            todo += [producer[i] for i in m.input
+                     if i in producer and spacing(i) > cfg.max_phase_error]
+    return kept
+
+
 def _amplification(model: Any, m16: Any, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """Per node: rel. L2 of its fp16 output minus the worst rel. L2 among its inputs."""
     names = {o for n in model.graph.node if n.op_type not in _NO_MATH for o in n.output}
@@ -172,7 +199,7 @@ def quantize_fp16(fp32_onnx: Path, out_path: Path, calib: list[dict[str, np.ndar
     out_name = model.graph.output[0].name
     stats = tensor_stats(model, calib)
     refs = run_model(model, calib, out_name)
-    kept = _range_islands(model, stats, config)
+    kept = {**_phase_islands(model, stats, config), **_range_islands(model, stats, config)}
     math_nodes = [n for n in model.graph.node if n.op_type not in _NO_MATH]
     budget = max(1, int(config.max_fp32_fraction * len(math_nodes)))
     result = PrecisionResult(path=out_path, precision="fp16", config=config.to_dict(),
