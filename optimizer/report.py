@@ -70,7 +70,10 @@ class CompileReport:
             if p == "fp32" or base is None or b not in v.latency_ms.get("per_call", {}):
                 continue
             ratio = base.latency_ms["per_call"][b] / v.latency_ms["per_call"][b]
-            if ratio < 1.1:
+            if ratio < 1.1 and v is best:
+                self.notes.append(f"{p} is the fastest variant that passes, but only {ratio:.2f}x fp32 "
+                                  f"on {backend} here (per call, batch {b}): within measurement noise")
+            elif ratio < 1.1:
                 self.notes.append(
                     f"{p} runs at {ratio:.2f}x the speed of fp32 on {backend} here (per call, batch {b}): "
                     f"it does not pay off on this target; recommended: {best.backend} {best.precision}")
