@@ -55,9 +55,14 @@ class Manifest:
     # -- artifacts --------------------------------------------------------------------------
     def add(self, name: str, path: str | Path, kind: str, *, config: dict[str, Any] | None = None,
             **kw: Any) -> Artifact:
-        p = Path(path)
-        rel = p.relative_to(self.root) if p.is_absolute() else p
-        art = Artifact(name=name, path=str(rel), sha256=sha256_file(self.root / rel), kind=kind,
+        # `path` is a path as the caller sees it (absolute or relative to the cwd), not relative to
+        # the root: with `-o out/` a relative path already starts with `out/`.
+        p = Path(path).resolve()
+        try:
+            rel = p.relative_to(self.root.resolve())
+        except ValueError:
+            raise ValueError(f"{p}: artifact lies outside the output directory {self.root}") from None
+        art = Artifact(name=name, path=rel.as_posix(), sha256=sha256_file(p), kind=kind,
                        config=config or {}, config_hash=config_hash(config or {}), **kw)
         self.artifacts[name] = art
         return art

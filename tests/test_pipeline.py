@@ -1,6 +1,7 @@
 """dd-compile end to end on a tiny real diffusers model, and its exit codes for bad input."""
 
 import json
+import os
 import pickle
 
 import pytest
@@ -22,9 +23,16 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def compiled(tiny_teacher_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("out")
-    res = invoke(tiny_teacher_dir, "--steps", 2, "-o", out, "--precision", "fp32", *FAST)
-    return res, out
+    # A relative -o, as users type it (CI's `-o .ci-out/demo` once broke on this); later tests
+    # reopen the same directory by its absolute path.
+    parent = tmp_path_factory.mktemp("cwd")
+    cwd = os.getcwd()
+    os.chdir(parent)
+    try:
+        res = invoke(tiny_teacher_dir, "--steps", 2, "-o", "rel/out", "--precision", "fp32", *FAST)
+    finally:
+        os.chdir(cwd)
+    return res, parent / "rel" / "out"
 
 
 def test_compile_fp32_passes_and_writes_everything(compiled):
