@@ -137,9 +137,11 @@ def teacher_reference_samples(teacher: Teacher, noise: torch.Tensor, steps: int 
                                       set_alpha_to_one=True)  # clip_sample as the teacher's config says
     sched.set_timesteps(steps or teacher.reference_steps)
     den = Denoiser(teacher.model).eval()
-    x = noise.clone()
+    dev = next(teacher.model.parameters()).device  # noise may come from a CPU generator
+    x = noise.to(dev, copy=True)
+    cond = {k: v.to(dev) for k, v in (cond or {}).items()}
     for t in sched.timesteps:
-        tt = torch.full((x.shape[0],), float(t))
-        out = den(x, tt, **(cond or {}))
+        tt = torch.full((x.shape[0],), float(t), device=dev)
+        out = den(x, tt, **cond)
         x = sched.step(out, t, x).prev_sample
-    return x
+    return x.to(noise.device)

@@ -134,10 +134,13 @@ def test_fp16_unet_within_bar(tiny_unet, tmp_path):
     onnx.checker.check_model(str(res.path))
 
 
-def test_int8_symmetric_qdq_within_bar(tiny_unet, tmp_path):
+def test_int8_symmetric_qdq_within_bar(tiny_unet, tmp_path, monkeypatch):
     path, spec = tiny_unet
     calib = _calib(path, spec, (1, 8, 8))
-    res = quantize_int8(path, tmp_path / "s.int8.onnx", calib, Int8Config(sensitivity_feeds=2))
+    # Relative paths, as `dd-compile -o out/` passes them (pre-processing runs in a temp dir).
+    monkeypatch.chdir(path.parent)
+    rel_out = Path(os.path.relpath(tmp_path / "s.int8.onnx"))
+    res = quantize_int8(Path(path.name), rel_out, calib, Int8Config(sensitivity_feeds=2))
     m = onnx.load(str(res.path))
     inits = {i.name: i for i in m.graph.initializer}
     qdq = [n for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]

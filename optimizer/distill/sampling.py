@@ -64,7 +64,7 @@ def sample(
             # float32 alpha, as numpy computes np.float32(np.sqrt(a)) from the float64 table
             a = torch.tensor(np.float32(alphas[i]))
             a_next = torch.tensor(np.float32(alphas[i + 1]))
-            pred = model(x, torch.full((len(x),), float(t)))
+            pred = model(x, torch.full((len(x),), float(t), device=x.device))
             x0, eps = predict_x0_eps(x, pred, a, schedule.prediction_type)
             if schedule.clip_sample is not None:
                 x0 = x0.clamp(-schedule.clip_sample, schedule.clip_sample)

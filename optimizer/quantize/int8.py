@@ -243,6 +243,7 @@ class _Quantizer:
         import onnx
         from onnxruntime.quantization import CalibrationMethod
 
+        src = Path(src).resolve()  # pre-processing runs inside `work` (_in_dir): no relative paths
         self.work, self.calib, self.cfg = work, calib, cfg
         self.orig = onnx.load(str(src))
         self.model_path = src
