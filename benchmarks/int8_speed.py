@@ -162,6 +162,11 @@ def main() -> None:
     ap.add_argument("--eval-seeds", type=int, default=32, help="seeds for the sample-level PSNR")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--ceiling", action="store_true", help="also time every fusable node in int8")
+    ap.add_argument(
+        "--explore",
+        action="store_true",
+        help="also: Conv-only / Conv+Gemm selections, shared Q/DQ, percentile and entropy calibration",
+    )
     ap.add_argument("--out", type=Path, default=None, help="keep the ONNX files here")
     ap.add_argument("--json", type=Path, default=None, help="write the measurements here")
     args = ap.parse_args()
@@ -195,6 +200,12 @@ def main() -> None:
             return pb.psnr(Sampler(schedule, r, max_batch=16).from_seeds(eval_seeds, shape), ref)
 
     configs = {"int8-shared": Int8Config(isolate_qdq=False), "int8": Int8Config()}
+    if args.explore:  # the placements and calibrations the defaults were chosen against
+        configs["int8-conv"] = Int8Config(op_types=("Conv",))
+        configs["int8-conv-shared"] = Int8Config(op_types=("Conv",), isolate_qdq=False)
+        configs["int8-conv-gemm-shared"] = Int8Config(op_types=("Conv", "Gemm"), isolate_qdq=False)
+        configs["int8-shared-percentile"] = Int8Config(isolate_qdq=False, calibration="percentile")
+        configs["int8-shared-entropy"] = Int8Config(isolate_qdq=False, calibration="entropy")
     if args.ceiling:  # no accuracy budget: every node ORT fuses, in graph order
         configs["int8-all"] = Int8Config(
             sensitivity="none", target_call_rel_l2=float("inf"), min_psnr_db=-1e9
