@@ -60,6 +60,13 @@ DEMO_TEACHER = Path(__file__).resolve().parent.parent / "demo" / "teacher"
     default=None,
     help="folder of images or .npy array [default: data-free, the teacher's own samples]",
 )
+@click.option(
+    "--cond",
+    type=click.Path(path_type=str),
+    default=None,
+    help="conditional teachers: .npz with encoder_hidden_states [N, tokens, dim] and/or "
+    "class_labels [N], one row per --data image (data-free: used in turn)",
+)
 @click.option("--data-free-samples", type=int, default=2048)
 @click.option("--eval-samples", type=int, default=1000, help="samples per FID (0: no evaluation)")
 @click.option(
@@ -91,6 +98,7 @@ def main(
     layers_per_block: int | None,
     kd_iters: int,
     data: str | None,
+    cond: str | None,
     data_free_samples: int,
     eval_samples: int,
     checkpoint_every: int,
@@ -137,6 +145,7 @@ def main(
         layers_per_block=layers_per_block,
         kd_iters=kd_iters,
         data=data,
+        cond=cond,
         data_free_samples=data_free_samples,
         eval_samples=eval_samples,
         checkpoint_every=checkpoint_every,

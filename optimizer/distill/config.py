@@ -30,6 +30,7 @@ class DistillConfig:
     kd_lr: float = 3e-4  # smaller student: learning rate of the KD phase
     feature_weight: float = 1.0  # smaller student: weight of the feature-matching loss
     data: str | None = None  # folder of images or an .npy array; None: data-free (teacher samples)
+    cond: str | None = None  # conditional teachers: .npz of encoder_hidden_states / class_labels
     data_free_samples: int = 2048  # data-free mode: teacher reference samples to train on
     eval_samples: int = 1000  # samples per FID (0: skip quality evaluation)
     checkpoint_every: int = 100  # iterations between training-state checkpoints

@@ -85,7 +85,12 @@ def load_images(path: str | Path, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def data_free_images(
-    teacher, n: int, shape: tuple[int, int, int], seed: int, batch_size: int = 512
+    teacher,
+    n: int,
+    shape: tuple[int, int, int],
+    seed: int,
+    batch_size: int = 512,
+    cond: dict[str, torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Data-free mode: n samples of the teacher's reference sampler (diffusers DDIM) to train on."""
     from optimizer.models import teacher_reference_samples
@@ -94,6 +99,8 @@ def data_free_images(
     gen = torch.Generator().manual_seed(10_000_019 + seed)  # disjoint from the eval seeds
     out = []
     for lo in range(0, n, batch_size):
-        noise = torch.randn((min(batch_size, n - lo), *shape), generator=gen)
-        out.append(teacher_reference_samples(teacher, noise).clamp(-1, 1))
+        hi = min(n, lo + batch_size)
+        noise = torch.randn((hi - lo, *shape), generator=gen)
+        c = {k: v[lo:hi] for k, v in cond.items()} if cond else None  # row i for sample i
+        out.append(teacher_reference_samples(teacher, noise, cond=c).clamp(-1, 1))
     return torch.cat(out).numpy()

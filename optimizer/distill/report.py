@@ -31,11 +31,13 @@ class Evaluator:
         reference: np.ndarray,
         reference_name: str,
         device: torch.device,
+        cond: dict[str, torch.Tensor] | None = None,
     ):
         from optimizer.quality import default_feature_extractor
 
         self.teacher, self.teacher_net, self.shape, self.n = teacher, teacher_net, shape, n
         self.device = device
+        self.cond = cond  # n conditioning rows (conditional teachers), sample i gets row i
         self.seeds = list(range(EVAL_SEED0, EVAL_SEED0 + n))
         self.reference, self.reference_name = reference, reference_name
         self.extractor = default_feature_extractor(shape)
@@ -59,7 +61,9 @@ class Evaluator:
         noise, step_noise = noise_for_seeds(self.seeds, self.shape, schedule.steps)
         was = net.training
         net.eval()
-        x = sample(net, schedule, noise.to(self.device), step_noise.to(self.device))
+        x = sample(
+            net, schedule, noise.to(self.device), step_noise.to(self.device), cond=self.cond
+        )
         net.train(was)
         return x.clamp(-1, 1).cpu().numpy()
 

@@ -18,7 +18,8 @@ from engines.errors import InputError
 from engines.fileio import write_json_atomic
 from engines.schedule import SamplingSchedule, trailing_timesteps
 from optimizer.checkpoint import StudentCheckpoint, TeacherRef, save_checkpoint
-from optimizer.distill import consistency, progressive, smaller
+from optimizer.distill import conditioning, consistency, progressive, smaller
+from optimizer.distill.conditioning import bind
 from optimizer.distill.config import METHODS, DistillConfig
 from optimizer.distill.report import Evaluator, save_grid, save_loss_plot, summarize_losses
 from optimizer.distill.trainer import Dist, Phase, Trainer, init_distributed
@@ -95,7 +96,11 @@ def _student_prediction(teacher_pred: str, zero_snr: bool, steps: int) -> str:
 
 
 def _load_data(
-    cfg: DistillConfig, teacher: Any, shape: tuple[int, int, int], dist: Dist
+    cfg: DistillConfig,
+    teacher: Any,
+    shape: tuple[int, int, int],
+    dist: Dist,
+    cond: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     from optimizer.distill.data import data_free_images, load_images
 
@@ -105,13 +110,15 @@ def _load_data(
         from optimizer.quality import load_digits_images
 
         return load_digits_images()[0]
+    n = cfg.data_free_samples
+    c = conditioning.rows(cond, n) if cond else None  # sample i drawn for conditioning row i
     if dist.enabled:  # rank 0 samples, everyone receives the same images
-        x = torch.zeros((cfg.data_free_samples, *shape))
+        x = torch.zeros((n, *shape))
         if dist.main:
-            x = torch.from_numpy(data_free_images(teacher, cfg.data_free_samples, shape, cfg.seed))
+            x = torch.from_numpy(data_free_images(teacher, n, shape, cfg.seed, cond=c))
         torch.distributed.broadcast(x, 0)
         return x.numpy()
-    return data_free_images(teacher, cfg.data_free_samples, shape, cfg.seed)
+    return data_free_images(teacher, n, shape, cfg.seed, cond=c)
 
 
 @dataclass
@@ -133,11 +140,22 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     teacher = load_teacher(cfg.teacher)
-    if teacher.model_class != "UNet2DModel" or teacher.model.config.get("num_class_embeds"):
+    if teacher.model_class not in ("UNet2DModel", "UNet2DConditionModel"):
         raise InputError(
-            f"{cfg.teacher}: dd-distill supports unconditional UNet2DModel teachers so far "
+            f"{cfg.teacher}: dd-distill supports UNet2DModel and UNet2DConditionModel teachers "
             f"(got {teacher.model_class})"
         )
+    cond_keys = conditioning.required_keys(teacher.model_class, dict(teacher.model.config))
+    cond_np = None
+    if cond_keys:
+        if cfg.cond is None:
+            raise InputError(
+                f"{cfg.teacher}: a conditional teacher ({teacher.model_class}) needs --cond, an "
+                f".npz with {cond_keys} (one row per training image)"
+            )
+        cond_np = conditioning.load_conditioning(cfg.cond, cond_keys, dict(teacher.model.config))
+    elif cfg.cond is not None:
+        raise InputError(f"{cfg.cond}: --cond given, but {cfg.teacher} is unconditional")
     teacher.model.to(dist.device).requires_grad_(False).eval()
     shape = sample_shape(teacher.model_class, dict(teacher.model.config))
     T = int(teacher.scheduler.config.num_train_timesteps)
@@ -147,9 +165,24 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
 
     work = cfg.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    data = torch.from_numpy(_load_data(cfg, teacher, shape, dist)).to(dist.device)
+    data = torch.from_numpy(_load_data(cfg, teacher, shape, dist, cond_np)).to(dist.device)
+    cond_train = None
+    if cond_np is not None:
+        if cfg.data is not None and len(next(iter(cond_np.values()))) != len(data):
+            raise InputError(
+                f"{cfg.cond}: {len(next(iter(cond_np.values())))} conditioning rows for "
+                f"{len(data)} images in {cfg.data} (one row per image)"
+            )
+        cond_train = {k: v.to(dist.device) for k, v in conditioning.rows(cond_np, len(data)).items()}
     trainer = Trainer(
-        work, data, cfg.batch_size, cfg.seed, cfg.checkpoint_every, dist, cfg.stop_after
+        work,
+        data,
+        cfg.batch_size,
+        cfg.seed,
+        cfg.checkpoint_every,
+        dist,
+        cfg.stop_after,
+        cond=cond_train,
     )
     # JSON round trip: the key is compared with the one read back from the state's JSON
     key = json.loads(json.dumps({**cfg.training_key(), "teacher_sha256": teacher.weights_sha256}))
@@ -167,7 +200,14 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
 
             ref, ref_name = load_digits_images()[0], "all 1797 sklearn digits"
         evaluator = Evaluator(
-            teacher, Denoiser(teacher.model), shape, cfg.eval_samples, ref, ref_name, dist.device
+            teacher,
+            Denoiser(teacher.model),
+            shape,
+            cfg.eval_samples,
+            ref,
+            ref_name,
+            dist.device,
+            cond=conditioning.rows(cond_np, cfg.eval_samples) if cond_np is not None else None,
         )
 
     # -- the student ----------------------------------------------------------------------------
@@ -248,8 +288,8 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
             cfg.kd_iters or cfg.iters,
             cfg.kd_lr,
             kd_net,
-            lambda net, x, g: smaller.kd_loss(
-                net, teacher_net, t_tap, x, g, a_table, t_pred, cfg.feature_weight
+            lambda net, x, g, c: smaller.kd_loss(
+                bind(net, c), bind(teacher_net, c), t_tap, x, g, a_table, t_pred, cfg.feature_weight
             ),
             {"kd": kd_net},
         )
@@ -305,8 +345,8 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
                 cfg.iters_of_round(r, len(plan)),
                 cfg.lr,
                 student,
-                lambda net, x, g, rt=round_teacher, gr=grid, tp=tp: progressive.pd_loss(
-                    net, rt, gr, x, g, s_pred, tp
+                lambda net, x, g, c, rt=round_teacher, gr=grid, tp=tp: progressive.pd_loss(
+                    bind(net, c), bind(rt, c), gr, x, g, s_pred, tp
                 ),
                 mods,
             )
@@ -356,8 +396,8 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
             cfg.iters,
             cfg.lr,
             student,
-            lambda net, x, g: consistency.cd_loss(
-                net, teacher_net, target, grid, x, g, s_pred, huber_c
+            lambda net, x, g, c: consistency.cd_loss(
+                bind(net, c), bind(teacher_net, c), bind(target, c), grid, x, g, s_pred, huber_c
             ),
             {"student": student, "target": target},
             after_step=lambda: consistency.ema_update(target, student, cfg.ema_decay),

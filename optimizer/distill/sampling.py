@@ -48,23 +48,26 @@ def sample(
     noise: torch.Tensor,
     step_noise: torch.Tensor | None = None,
     batch_size: int = 1024,
+    cond: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """engines.schedule.Sampler, in torch: noise [B, ...] -> samples in model space.
 
     `model(sample, timestep)` is a Denoiser (timestep float32 [B]); step_noise [S-1, B, ...] is
-    needed for the consistency sampler with S > 1 (see engines.schedule.draw_noise).
+    needed for the consistency sampler with S > 1 (see engines.schedule.draw_noise); `cond` holds
+    per-sample conditioning rows (encoder_hidden_states, class_labels) for conditional models.
     """
     if schedule.kind == "consistency" and schedule.steps > 1 and step_noise is None:
         raise ValueError("a consistency sampler needs step_noise [steps-1, B, ...]")
     out = []
     for lo in range(0, len(noise), batch_size):
         x = noise[lo : lo + batch_size].float()
+        c = {k: v[lo : lo + batch_size].to(x.device) for k, v in (cond or {}).items()}
         alphas = [*schedule.alphas_cumprod, schedule.final_alpha_cumprod]
         for i, t in enumerate(schedule.timesteps):
             # float32 alpha, as numpy computes np.float32(np.sqrt(a)) from the float64 table
             a = torch.tensor(np.float32(alphas[i]))
             a_next = torch.tensor(np.float32(alphas[i + 1]))
-            pred = model(x, torch.full((len(x),), float(t), device=x.device))
+            pred = model(x, torch.full((len(x),), float(t), device=x.device), **c)
             x0, eps = predict_x0_eps(x, pred, a, schedule.prediction_type)
             if schedule.clip_sample is not None:
                 x0 = x0.clamp(-schedule.clip_sample, schedule.clip_sample)

@@ -108,10 +108,10 @@ class KDStudent(nn.Module):
         self.tap = FeatureTap(student_model)
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, **cond: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self.tap.take()
-        out = self.student(sample, timestep)
+        out = self.student(sample, timestep, **cond)
         return out, [p(f) for p, f in zip(self.proj, self.tap.take(), strict=True)]
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from engines.errors import DDCompileError, InputError
 from engines.fileio import atomic_path
+from optimizer.distill.conditioning import take
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,8 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor])
 
 # -- the loop -------------------------------------------------------------------------------------
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
+# (net, x0 batch, generator, conditioning rows of the batch: {} for unconditional teachers)
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator, dict[str, torch.Tensor]], torch.Tensor]
 
 
 @dataclass
@@ -159,7 +161,7 @@ class Phase:
     iters: int
     lr: float
     trainable: nn.Module  # what the optimizer updates (wrapped in DDP when distributed)
-    loss_fn: LossFn  # (net, x0 batch, generator) -> scalar loss
+    loss_fn: LossFn  # (net, x0 batch, generator, cond) -> scalar loss
     state_modules: dict[str, nn.Module]  # everything a resume needs, by prefix
     after_step: Callable[[], None] | None = None  # e.g. the EMA update
 
@@ -175,8 +177,10 @@ class Trainer:
         dist: Dist,
         stop_after: int | None = None,
         grad_clip: float = 1.0,
+        cond: dict[str, torch.Tensor] | None = None,
     ):
         self.work_dir, self.data, self.seed = work_dir, data, seed
+        self.cond = cond  # conditioning rows aligned with `data` (conditional teachers)
         self.dist, self.checkpoint_every, self.stop_after = dist, checkpoint_every, stop_after
         self.grad_clip = grad_clip
         if batch_size % dist.world:
@@ -285,7 +289,7 @@ class Trainer:
             # linear decay to 0 over the phase (Salimans & Ho 2022, Sec. 4: lr annealed per round)
             for g in opt.param_groups:
                 g["lr"] = phase.lr * (1.0 - it / phase.iters)
-            loss = phase.loss_fn(net, x0, gen)
+            loss = phase.loss_fn(net, x0, gen, take(self.cond, idx, self.dist.device))
             value = loss.detach().clone()
             if self.dist.enabled:
                 torch.distributed.all_reduce(value)
