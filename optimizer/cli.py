@@ -135,6 +135,12 @@ def print_table(report) -> None:
                    "fid_margin=X, paired_psnr=DB (repeatable).")
 @click.option("--bench-seconds", type=float, default=8.0, show_default=True,
               help="Time budget per batch size and level for the speed measurement (at least 3 repeats).")
+@click.option("--int8-calibration", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
+              show_default=True, help="INT8 activation range calibration (minmax measured best on the demo).")
+@click.option("--int8-selection", type=click.Choice(["sensitivity", "graph-order"]), default="sensitivity",
+              show_default=True,
+              help="INT8 nodes: the largest set within the int8 bars, least sensitive first ('sensitivity': one "
+                   "measurement per node) or in graph order (no per-node measurement: faster on big models).")
 @click.option("--triton-repo", type=click.Path(path_type=Path), default=None, help="Also write a Triton model repository here.")
 @click.option("--trt-opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimization level (higher: longer build, maybe faster engine).")
@@ -144,8 +150,8 @@ def print_table(report) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, library warnings included.")
 def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_teacher, steps, seed,
-         n_samples, n_fid_samples, threads, bars, bench_seconds, triton_repo, trt_opt_level, trt_hardware_compat,
-         trt_version_compatible, as_json, verbose):
+         n_samples, n_fid_samples, threads, bars, bench_seconds, int8_calibration, int8_selection, triton_repo,
+         trt_opt_level, trt_hardware_compat, trt_version_compatible, as_json, verbose):
     """Compile a diffusion student for deployment and validate it against its teacher.
 
     SOURCE is a student.ckpt (from dd-distill) or a diffusers folder (unet/ + scheduler/) with
@@ -170,6 +176,8 @@ def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_t
                             triton_repo=triton_repo,
                             speed=SpeedConfig(batch_sizes=batch_sizes, max_seconds=bench_seconds),
                             bars=parse_bars(bars),
+                            int8_options={"calibration": int8_calibration,
+                                          "sensitivity": "single" if int8_selection == "sensitivity" else "none"},
                             trt_options={"builder_optimization_level": trt_opt_level,
                                          "hardware_compatibility_level": trt_hardware_compat,
                                          "version_compatible": trt_version_compatible})

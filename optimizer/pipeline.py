@@ -54,6 +54,7 @@ class CompileConfig:
     bars: ParityBars = field(default_factory=ParityBars)
     triton_repo: Path | None = None
     trt_options: dict[str, Any] = field(default_factory=dict)  # TrtBuildConfig fields (--backend tensorrt)
+    int8_options: dict[str, Any] = field(default_factory=dict)  # Int8Config fields (--int8-*)
 
 
 def _as_student(source: Path, steps: int | None) -> tuple[StudentCheckpoint, torch.nn.Module]:
@@ -154,7 +155,7 @@ def _quantize(manifest: Manifest, precision: str, fp32: Path, calib: list[dict],
               torch_ref: TorchRunner, schedule, shape, cond_fn) -> Path:
     from optimizer import quantize as q
 
-    qcfg = q.Fp16Config() if precision == "fp16" else q.Int8Config()
+    qcfg = q.Fp16Config() if precision == "fp16" else q.Int8Config(**cfg.int8_options)
     config = {"precision": precision, **asdict(qcfg), "calib_seeds": cfg.calib_seeds, "seed": cfg.seed}
     name, path = f"onnx/{precision}", manifest.root / "onnx" / f"student.{precision}.onnx"
     fp32_sha = manifest.get("onnx/fp32").sha256
