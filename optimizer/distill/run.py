@@ -277,6 +277,28 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
             )
         return rec
 
+    def run_phase(
+        phase: Phase,
+        record_name: str,
+        schedule: SamplingSchedule | None,
+        extra: dict,
+        next_modules: dict[str, torch.nn.Module],
+        before_eval: Any = None,
+    ) -> None:
+        """Train a phase (unless a resumed run already finished it), evaluate the student with
+        `schedule` (None: no evaluation) and checkpoint the start of the next phase."""
+        if trainer.done(phase.index):
+            return
+        trainer.run(phase, key)
+        if before_eval is not None:
+            before_eval()
+        rec = None
+        if dist.main and schedule is not None:
+            rec = evaluate_round(
+                record_name, student, schedule, {"phase": phase.index, **extra, "iters": phase.iters}
+            )
+        trainer.finish_phase(key, phase, next_modules, rec)
+
     # -- optional knowledge distillation into the smaller student (BK-SDM) ----------------------
     if cfg.width < 1.0 or cfg.layers_per_block is not None:
         kd_net = smaller.KDStudent(student, student_model, teacher.model).to(dist.device)
@@ -293,28 +315,23 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
             ),
             {"kd": kd_net},
         )
-        if not trainer.done(phase_index):
-            trainer.run(phase, key)
-            t_tap.remove()  # before sampling: the taps would keep every step's features
+
+
+        def remove_taps() -> None:  # before sampling: the taps would keep every step's features
+            t_tap.remove()
             kd_net.tap.remove()
-            rec = None
-            if dist.main and t_pred == s_pred:
-                rec = evaluate_round(
-                    "KD",
-                    student,
-                    _ddim_schedule(table, T, teacher.reference_steps, s_pred),
-                    {
-                        "phase": phase_index,
-                        "student_steps": teacher.reference_steps,
-                        "iters": phase.iters,
-                    },
-                )
-            first_next = (
-                {"student": student}
-                if cfg.method == "progressive"
-                else {"student": student, "target": student}
-            )
-            trainer.finish_phase(key, phase, first_next, rec)
+
+        run_phase(
+            phase,
+            "KD",
+            # the KD student is evaluated at the teacher's steps when it predicts what the teacher does
+            _ddim_schedule(table, T, teacher.reference_steps, s_pred) if t_pred == s_pred else None,
+            {"student_steps": teacher.reference_steps},
+            {"student": student}
+            if cfg.method == "progressive"
+            else {"student": student, "target": student},
+            before_eval=remove_taps,
+        )
         t_tap.remove()  # (removing twice is harmless)
         kd_net.tap.remove()
         phase_index += 1
@@ -350,29 +367,13 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
                 ),
                 mods,
             )
-            if not trainer.done(phase_index):
-                trainer.run(phase, key)
-                rec = None
-                if dist.main:
-                    rec = evaluate_round(
-                        name,
-                        student,
-                        _ddim_schedule(table, T, n, s_pred),
-                        {
-                            "phase": phase_index,
-                            "teacher_steps": prev,
-                            "student_steps": n,
-                            "iters": phase.iters,
-                        },
-                    )
-                trainer.finish_phase(
-                    key,
-                    phase,
-                    {"student": student}
-                    if is_last
-                    else {"student": student, "round_teacher": student},
-                    rec,
-                )
+            run_phase(
+                phase,
+                name,
+                _ddim_schedule(table, T, n, s_pred),
+                {"teacher_steps": prev, "student_steps": n},
+                {"student": student} if is_last else {"student": student, "round_teacher": student},
+            )
             phase_index += 1
             prev = n
         schedule = _ddim_schedule(table, T, cfg.steps, s_pred)
@@ -402,22 +403,9 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
             {"student": student, "target": target},
             after_step=lambda: consistency.ema_update(target, student, cfg.ema_decay),
         )
-        if not trainer.done(phase_index):
-            trainer.run(phase, key)
-            rec = None
-            if dist.main:
-                rec = evaluate_round(
-                    name,
-                    student,
-                    schedule,
-                    {
-                        "phase": phase_index,
-                        "student_steps": cfg.steps,
-                        "iters": cfg.iters,
-                        "huber_c": huber_c,
-                    },
-                )
-            trainer.finish_phase(key, phase, {"student": student}, rec)
+        run_phase(
+            phase, name, schedule, {"student_steps": cfg.steps, "huber_c": huber_c}, {"student": student}
+        )
         record["solver_steps"] = cfg.solver_steps
     if trainer.resume_tensors is not None and trainer.meta["phase"] >= phase_index:
         # resumed after the last phase had already finished
