@@ -28,6 +28,7 @@ from optimizer.quantize import (
     quantize_fp16,
     quantize_int8,
 )
+from optimizer.quantize.int8 import unfused_nodes
 from optimizer.quantize.result import rel_l2, run_model, toposort
 
 torch.set_num_threads(1)
@@ -226,3 +227,30 @@ def test_fp16_keeps_large_phase_sin_cos_in_fp32(tmp_path):
                           Fp16Config(max_phase_error=float("inf"), max_rounds=0))
     assert {k.name for k in ours.kept_float if k.reason == "phase"} >= {"sin", "cos", "mul"}
     assert naive.call_rel_l2 > 1e-2 and ours.call_rel_l2 < 1e-3
+
+
+def test_int8_placement_is_measured_and_reported(tiny_unet, tmp_path):
+    """Both Q/DQ placements are built for the selected nodes; the kept one passes the bars, and
+    nodes a shared placement leaves unfused are reported in float, never counted as int8."""
+    path, spec = tiny_unet
+    calib = _calib(path, spec, (1, 8, 8))
+    res = quantize_int8(path, tmp_path / "p.int8.onnx", calib,
+                        Int8Config(sensitivity_feeds=2, placement_repeats=5))
+    pl = res.placement
+    assert set(pl["placements"]) == {"isolated", "shared"} and pl["chosen"] in pl["placements"]
+    if pl["placements"]["shared"]["passed"]:
+        assert all(v > 0 for v in pl["median_ms"].values()) and pl["batch"] == 2
+    assert res.passed and res.call_rel_l2 <= 4e-2
+    unfused = set(pl.get("unfused", []))
+    assert unfused <= {k.name for k in res.kept_float if k.reason == "no-int8-kernel"}
+    # What ORT runs in float in the kept graph is exactly what the report says.
+    assert set(unfused_nodes(res.path, _int8_nodes(res.path))) == unfused
+    assert res.counts["int8"] == len(_int8_nodes(res.path)) - len(unfused)
+
+
+def _int8_nodes(path):
+    """Names of the Conv/MatMul/Gemm nodes fed by a DequantizeLinear of a weight."""
+    m = onnx.load(str(path))
+    prod = {o: n for n in m.graph.node for o in n.output}
+    return [n.name for n in m.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")
+            and len(n.input) > 1 and n.input[1] in prod and prod[n.input[1]].op_type == "DequantizeLinear"]

@@ -41,6 +41,7 @@ class PrecisionResult:
     call_max_abs: float = float("nan")
     passed: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)  # each verify/widen round
+    placement: dict[str, Any] = field(default_factory=dict)  # int8: the Q/DQ placements measured
     config: dict[str, Any] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
