@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 import optimizer  # noqa: F401  (sets OMP_WAIT_POLICY)
 from optimizer.checkpoint import load_checkpoint
+from optimizer.cli import main as compile_main
 from optimizer.distill.cli import main as distill_main
 from optimizer.distill.conditioning import bind, load_conditioning
-from optimizer.cli import main as compile_main
 from optimizer.models import Denoiser, load_teacher, teacher_reference_samples
 from tests.test_pipeline import FAST
 

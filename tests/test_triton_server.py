@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from tests.test_serve import serve_python
 
 ROOT = Path(__file__).parents[1]
