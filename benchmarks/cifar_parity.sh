@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The google/ddpm-cifar10-32 UNet config (random weights, 35.7M params) through dd-compile:
-# export + fp32/fp16 parity (+ int8 with --precision fp32,fp16,int8), side by side with the teacher.
+# export + fp32/fp16 parity (+ int8 with PRECISION=fp32,fp16,int8), side by side with the teacher.
+# EXTRA adds dd-compile options, e.g. EXTRA="--int8-selection graph-order --threads 1" (the per-node
+# sensitivity pass on this 35.7M-parameter UNet takes long on 2 cores).
 set -euo pipefail
 OUT=${1:-runs/cifar_parity}
 mkdir -p "$OUT"
@@ -17,4 +19,4 @@ PY
 # Random weights: the student-vs-teacher quality bars mean nothing, parity bars stay as they are.
 dd-compile "$OUT/teacher" --steps 4 -o "$OUT/out" --precision "${PRECISION:-fp32,fp16}" \
   --batch-sizes 1,4 --samples 8 --fid-samples 8 --bench-seconds 10 \
-  --bar paired_psnr=-100 --bar fid_margin=1e9
+  --bar paired_psnr=-100 --bar fid_margin=1e9 ${EXTRA:-}

@@ -263,6 +263,9 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
                               f"{cp.nonfinite} non-finite")
         if not sp.passed:
             v.failures.append(f"sample PSNR {sp.psnr_db:.1f} dB < {sp.bar_psnr_db} dB")
+        if p != "fp32" and v.precision_info.get("counts", {}).get(p) == 0:
+            # parity would pass trivially: the graph is the fp32 one
+            v.failures.append(f"no node runs in {p} within the {p} bars: this graph is the fp32 one")
         rows[f"{backend} {p}"] = samples
         report.variants.append(v)
         log.info("%s %s: call rel. L2 %.2e, sample PSNR %.1f dB", backend, p, cp.rel_l2, sp.psnr_db)

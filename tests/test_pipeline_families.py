@@ -67,3 +67,18 @@ def test_int8_calibration_and_selection_options_reach_the_graph(tiny_teacher_dir
     assert info["config"]["calibration"] == "percentile" and info["config"]["sensitivity"] == "none"
     assert info["calibration"]["method"] == "percentile"
     assert v["parity"]["call"]["rel_l2"] <= 5e-2
+
+
+def test_int8_with_no_quantizable_node_fails_instead_of_passing_as_fp32(tiny_teacher_dir, tmp_path):
+    """A selection that keeps every node float gives the fp32 graph: that is no INT8 variant."""
+    from optimizer.pipeline import CompileConfig, run
+    from optimizer.speed import SpeedConfig
+
+    cfg = CompileConfig(out=tmp_path, precisions=("fp32", "int8"), batch_sizes=(1, 2), steps=2, threads=1,
+                        n_samples=8, n_fid_samples=16, speed=SpeedConfig(batch_sizes=(1, 2), max_seconds=0.2),
+                        int8_options={"target_call_rel_l2": 1e-12, "sensitivity": "none"})
+    rep = run(tiny_teacher_dir, cfg)
+    (v,) = [v for v in rep.variants if v.precision == "int8"]
+    assert v.precision_info["counts"]["int8"] == 0
+    assert not v.passed and any("is the fp32 one" in f for f in v.failures)
+    assert v.parity["call"]["rel_l2"] < 1e-5  # identical to fp32: why parity alone must not pass it
