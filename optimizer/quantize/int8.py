@@ -388,14 +388,7 @@ def quantize_int8(
         refs = run_model(qz.model_path, calib, out_name)
         weight_ops, act_ops = qz.candidates()
         kept = {
-            n.name: KeptNode(
-                n.name,
-                n.op_type,
-                module_path(n),
-                "activation-input",
-                None,
-                "both inputs are activations (attention): kept float",
-            )
+            n.name: _kept(n, "activation-input", None, "both inputs are activations (attention): kept float")
             for n in act_ops
         }
         names = [n.name for n in weight_ops]
@@ -406,14 +399,8 @@ def quantize_int8(
             slow = unfused_nodes(qz.quantize(names), names) if names else []
             for s in slow:
                 n = by_name[s]
-                kept[s] = KeptNode(
-                    s,
-                    n.op_type,
-                    module_path(n),
-                    "no-int8-kernel",
-                    None,
-                    "ORT CPU would run it in float between Q/DQ (slower, less accurate)",
-                )
+                note = "ORT CPU would run it in float between Q/DQ (slower, less accurate)"
+                kept[s] = _kept(n, "no-int8-kernel", None, note)
             names = [n for n in names if n not in slow]
             if not slow:
                 break
@@ -478,14 +465,8 @@ def quantize_int8(
             )
         for nm in names[lo:]:
             n = by_name[nm]
-            kept[nm] = KeptNode(
-                nm,
-                n.op_type,
-                module_path(n),
-                "sensitivity",
-                sens.get(nm),
-                "call rel. L2 when quantized alone" if nm in sens else "over the error budget",
-            )
+            note = "call rel. L2 when quantized alone" if nm in sens else "over the error budget"
+            kept[nm] = _kept(n, "sensitivity", sens.get(nm), note)
         final = onnx.load(str(path))
         check_symmetric(final)
         copy_metadata(qz.model, final)
@@ -493,13 +474,8 @@ def quantize_int8(
         result.call_rel_l2, result.call_max_abs = out_err, max_abs
         for nm in result.placement.get("unfused", []):  # shared Q/DQ that ORT leaves in float
             n = by_name[nm]
-            kept[nm] = KeptNode(
-                nm,
-                n.op_type,
-                module_path(n),
-                "no-int8-kernel",
-                None,
-                "shared Q/DQ placement: ORT CPU runs it in float between Q/DQ",
+            kept[nm] = _kept(
+                n, "no-int8-kernel", None, "shared Q/DQ placement: ORT CPU runs it in float between Q/DQ"
             )
         lo -= len(result.placement.get("unfused", []))
         result.kept_float = list(kept.values())
@@ -592,4 +568,9 @@ def _session_fn(path: Path, feed: dict[str, np.ndarray]) -> Callable[[], Any]:
     names = {i.name for i in sess.get_inputs()}
     f = {k: v for k, v in feed.items() if k in names}
     return lambda: sess.run(None, f)
+
+
+def _kept(node: Any, reason: str, figure: float | None, note: str) -> KeptNode:
+    """A node left in float, named by its module path, with why and the figure behind it."""
+    return KeptNode(node.name, node.op_type, module_path(node), reason, figure, note)
 
