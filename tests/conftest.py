@@ -37,6 +37,13 @@ TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channel
                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
 
 
+# A text-conditioned UNet2DConditionModel of the same size (cross-attention in the first block).
+TINY_COND_UNET = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=16,
+                      attention_head_dim=4, norm_num_groups=8,
+                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
 def make_tiny_teacher(path, seed=0, prediction_type="v_prediction", clip_sample=False):
     """A real diffusers UNet2DModel + DDPMScheduler folder (random weights), like the demo's."""
     import torch

@@ -14,9 +14,10 @@ from optimizer.cli import main as compile_main
 from optimizer.distill.cli import main as distill_main
 from optimizer.distill.conditioning import bind, load_conditioning
 from optimizer.models import Denoiser, load_teacher, teacher_reference_samples
+from tests.conftest import TINY_COND_UNET
 from tests.test_pipeline import FAST
 
-DIM = 16
+DIM = TINY_COND_UNET["cross_attention_dim"]
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +26,7 @@ def cond_teacher(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("cond_teacher")
     torch.manual_seed(0)
-    UNet2DConditionModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
-        cross_attention_dim=DIM, attention_head_dim=4, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).save_pretrained(path / "unet")
+    UNet2DConditionModel(in_channels=1, out_channels=1, **TINY_COND_UNET).save_pretrained(path / "unet")
     DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction",
                   beta_schedule="squaredcos_cap_v2").save_pretrained(path / "scheduler")
     return path

@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from optimizer.cli import main
+from tests.conftest import TINY_COND_UNET
 from tests.test_pipeline import FAST
 
 
@@ -16,11 +17,7 @@ def cond_teacher_dir(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("cond_teacher")
     torch.manual_seed(0)
-    UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(path / "unet")
+    UNet2DConditionModel(in_channels=4, out_channels=4, **TINY_COND_UNET).save_pretrained(path / "unet")
     # Stable Diffusion's schedule (epsilon, scaled_linear): the text-to-image family this stands for.
     DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon", beta_schedule="scaled_linear",
                   beta_start=0.00085, beta_end=0.012).save_pretrained(path / "scheduler")
