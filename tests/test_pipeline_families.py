@@ -59,9 +59,9 @@ def test_all_precisions_on_the_tiny_unet(tiny_teacher_dir, tmp_path):
 
 
 def test_int8_calibration_and_selection_options_reach_the_graph(tiny_teacher_dir, tmp_path):
-    res = CliRunner().invoke(main, [str(tiny_teacher_dir), "--steps", "2", "-o", str(tmp_path), "--precision",
-                                    "int8", "--int8-calibration", "percentile", "--int8-selection", "graph-order",
-                                    *FAST], catch_exceptions=False)
+    args = [str(tiny_teacher_dir), "--steps", "2", "-o", str(tmp_path), "--precision", "int8",
+            "--int8-calibration", "percentile", "--int8-selection", "graph-order", *FAST]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "report.json").read_text())
     (v,) = [v for v in rep["variants"] if v["precision"] == "int8"]
