@@ -82,10 +82,6 @@ def take(cond: Cond | None, idx: torch.Tensor, device: torch.device) -> Cond:
     return {k: v[idx.to(v.device)].to(device) for k, v in cond.items()}
 
 
-def chunk(cond: Cond | None, lo: int, hi: int, device: torch.device) -> Cond:
-    return {k: v[lo:hi].to(device) for k, v in (cond or {}).items()}
-
-
 def bind(net: Callable[..., Any], cond: Cond | None) -> Callable[..., Any]:
     """net(z, t) with this batch's conditioning attached (the plain net when there is none)."""
     if not cond:
