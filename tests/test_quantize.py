@@ -254,3 +254,32 @@ def _int8_nodes(path):
     prod = {o: n for n in m.graph.node for o in n.output}
     return [n.name for n in m.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")
             and len(n.input) > 1 and n.input[1] in prod and prod[n.input[1]].op_type == "DequantizeLinear"]
+
+
+def test_int8_subset_cut_equals_quantize_static(tiny_unet, tmp_path):
+    """The sensitivity pass cuts single-node graphs out of one quantized graph: same graph
+    function as running quantize_static on that subset (isolated placement), for any subset."""
+    from optimizer.quantize.int8 import _Quantizer
+
+    path, spec = tiny_unet
+    calib = _calib(path, spec, (1, 8, 8), seeds=[0, 1], batch=2)
+    qz = _Quantizer(path, tmp_path, calib, Int8Config())
+    universe = [n.name for n in qz.candidates()[0]]
+    assert len(universe) > 6
+    rng = np.random.default_rng(0)
+    subsets = [[universe[0]], [universe[-1]],
+               [universe[i] for i in sorted(rng.choice(len(universe), 5, replace=False))]]
+    for nodes in subsets:
+        cut, ref = qz.subset(nodes, universe), qz.quantize(nodes, isolate=True)
+        a, b = run_model(cut, calib, OUT), run_model(ref, calib, OUT)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)), nodes
+        m = onnx.load(str(cut))
+        onnx.checker.check_model(m)
+        # Only the subset keeps int8 weights: every other node reads its float weight again.
+        dq_w = {n.output[0] for n in m.graph.node if n.op_type == "DequantizeLinear"
+                and n.input[0] in {i.name for i in m.graph.initializer}}
+        with_int8_w = {n.name for n in m.graph.node if any(i in dq_w for i in n.input)}
+        assert with_int8_w == set(nodes)
+    # The float graph is reachable too (a cut with no node).
+    assert not any(n.op_type == "QuantizeLinear"
+                   for n in onnx.load(str(qz.subset([], universe))).graph.node)
