@@ -141,6 +141,9 @@ def print_table(report) -> None:
               show_default=True,
               help="INT8 nodes: the largest set within the int8 bars, least sensitive first ('sensitivity': one "
                    "measurement per node) or in graph order (no per-node measurement: faster on big models).")
+@click.option("--cond", type=click.Path(path_type=Path), default=None,
+              help="Conditional students: .npz with encoder_hidden_states [N, tokens, dim] and/or class_labels [N] "
+                   "(e.g. real prompt embeddings) for calibration, parity and samples; default: random ones.")
 @click.option("--triton-repo", type=click.Path(path_type=Path), default=None, help="Also write a Triton model repository here.")
 @click.option("--trt-opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimization level (higher: longer build, maybe faster engine).")
@@ -150,7 +153,7 @@ def print_table(report) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, library warnings included.")
 def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_teacher, steps, seed,
-         n_samples, n_fid_samples, threads, bars, bench_seconds, int8_calibration, int8_selection, triton_repo,
+         n_samples, n_fid_samples, threads, bars, bench_seconds, int8_calibration, int8_selection, cond, triton_repo,
          trt_opt_level, trt_hardware_compat, trt_version_compatible, as_json, verbose):
     """Compile a diffusion student for deployment and validate it against its teacher.
 
@@ -173,7 +176,7 @@ def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_t
                             batch_sizes=batch_sizes, teacher=teacher, require_teacher=require_teacher,
                             seed=seed, steps=steps, threads=threads, n_samples=n_samples,
                             n_fid_samples=n_fid_samples,
-                            triton_repo=triton_repo,
+                            triton_repo=triton_repo, cond=cond,
                             speed=SpeedConfig(batch_sizes=batch_sizes, max_seconds=bench_seconds),
                             bars=parse_bars(bars),
                             int8_options={"calibration": int8_calibration,

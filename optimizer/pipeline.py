@@ -55,6 +55,7 @@ class CompileConfig:
     triton_repo: Path | None = None
     trt_options: dict[str, Any] = field(default_factory=dict)  # TrtBuildConfig fields (--backend tensorrt)
     int8_options: dict[str, Any] = field(default_factory=dict)  # Int8Config fields (--int8-*)
+    cond: Path | None = None  # --cond: conditioning rows (.npz) for calibration and validation
 
 
 def _as_student(source: Path, steps: int | None) -> tuple[StudentCheckpoint, torch.nn.Module]:
@@ -102,12 +103,47 @@ def _load_teacher(ckpt: StudentCheckpoint, cfg: CompileConfig, report: CompileRe
     return teacher
 
 
-def _cond_fn(spec: IOSpec, seed: int):
-    """Conditioning inputs (text embeddings, labels) of batch b; None for unconditional models."""
-    extra = [t for t in spec.inputs if t.name not in ("sample", "timestep")]
-    if not extra:
+def _cond_keys(spec: IOSpec) -> list[str]:
+    return [t.name for t in spec.inputs if t.name not in ("sample", "timestep")]
+
+
+def _cond_fn(spec: IOSpec, seed: int, cond: dict[str, np.ndarray] | None = None):
+    """Conditioning inputs (text embeddings, labels) of batch b; None for unconditional models.
+
+    From --cond: validation samples take the file's rows in order (sample i <- row i mod N), each
+    calibration trajectory draws its rows with its own seed; without it, N(0, 1) embeddings."""
+    if not _cond_keys(spec):
         return None
-    return lambda b, rng=None: conditioning_feeds(spec, b, rng or np.random.default_rng(seed))
+    if cond is None:
+        return lambda b, rng=None: conditioning_feeds(spec, b, rng or np.random.default_rng(seed))
+    n = len(next(iter(cond.values())))
+
+    def from_file(b: int, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        idx = np.arange(b) % n if rng is None else rng.integers(0, n, size=b)
+        return {k: v[idx] for k, v in cond.items()}
+
+    return from_file
+
+
+def _load_cond(cfg: CompileConfig, ckpt: StudentCheckpoint, report: CompileReport
+               ) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """--cond checked against the student's conditioning inputs; (arrays, sha256) or (None, None)."""
+    from optimizer.conditioning import load_conditioning
+
+    keys = _cond_keys(io_spec_for(ckpt.model_class, ckpt.model_config))
+    if cfg.cond is None:
+        if keys:
+            msg = (f"no --cond: {', '.join(keys)} drawn at random (N(0, 1) embeddings); INT8 ranges "
+                   "and FID then reflect random prompts, pass --cond with real ones")
+            log.warning(msg)
+            report.notes.append(msg)
+        return None, None
+    if not keys:
+        raise InputError(f"{cfg.cond}: --cond given, but {ckpt.model_class} takes no conditioning input")
+    cond = load_conditioning(cfg.cond, keys, ckpt.model_config)
+    report.notes.append(f"conditioning: {cfg.cond} ({len(next(iter(cond.values())))} rows of "
+                        f"{', '.join(f'{k} {list(v.shape[1:])}' for k, v in cond.items())})")
+    return cond, sha256_file(cfg.cond)
 
 
 def _trajectory(runner, ckpt, shape, seeds, batch, cond_fn) -> list[dict[str, np.ndarray]]:
@@ -152,13 +188,14 @@ def _sample_psnr_check(torch_ref: TorchRunner, schedule, shape, cond_fn, cfg: Co
 
 
 def _quantize(manifest: Manifest, precision: str, fp32: Path, calib: list[dict], cfg: CompileConfig,
-              torch_ref: TorchRunner, schedule, shape, cond_fn) -> Path:
+              torch_ref: TorchRunner, schedule, shape, cond_fn, cond_sha: str | None) -> Path:
     from optimizer import quantize as q
 
     # Q/DQ placement is chosen by ORT CPU timings only where ORT CPU is the target
     int8_opts = {"placement": "measure" if cfg.backend == "onnxruntime" else "fixed", **cfg.int8_options}
     qcfg = q.Fp16Config() if precision == "fp16" else q.Int8Config(**int8_opts)
-    config = {"precision": precision, **asdict(qcfg), "calib_seeds": cfg.calib_seeds, "seed": cfg.seed}
+    config = {"precision": precision, **asdict(qcfg), "calib_seeds": cfg.calib_seeds, "seed": cfg.seed,
+              "cond_sha256": cond_sha}  # the calibration inputs: a new --cond file re-quantizes
     name, path = f"onnx/{precision}", manifest.root / "onnx" / f"student.{precision}.onnx"
     fp32_sha = manifest.get("onnx/fp32").sha256
     if manifest.up_to_date(name, fp32_sha, config):
@@ -193,7 +230,9 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     report_teacher = CompileReport(student={}, teacher={})
     teacher = _load_teacher(ckpt, cfg, report_teacher)  # before any work: a missing one may be an error
     _check_writable(out)
-    spec = io_spec_for(ckpt.model_class, ckpt.model_config, list(cfg.batch_sizes))
+    cond, cond_sha = _load_cond(cfg, ckpt, report_teacher)
+    tokens = {"seq_len": cond["encoder_hidden_states"].shape[1]} if cond and "encoder_hidden_states" in cond else {}
+    spec = io_spec_for(ckpt.model_class, ckpt.model_config, list(cfg.batch_sizes), **tokens)
     shape = sample_shape(ckpt.model_class, ckpt.model_config)
     ckpt_sha = sha256_file(source) if source.is_file() else f"diffusers:{ckpt.teacher.sha256}"
     n_params = sum(p.numel() for p in model.parameters())
@@ -201,7 +240,7 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
         student={"path": str(source), "sha256": ckpt_sha, "model_class": ckpt.model_class,
                  "params": n_params, "steps": ckpt.schedule.steps, "sampler": ckpt.schedule.kind,
                  "timesteps": list(ckpt.schedule.timesteps), "distillation": ckpt.distillation},
-        teacher=report_teacher.teacher, skipped=report_teacher.skipped,
+        teacher=report_teacher.teacher, skipped=report_teacher.skipped, notes=report_teacher.notes,
         environment=environment(cfg.threads))
     manifest = Manifest.open_or_create(out, spec, ckpt.schedule, {
         "student_checkpoint": str(source.resolve()), "student_sha256": ckpt_sha, "model_class": ckpt.model_class,
@@ -218,13 +257,14 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     manifest.save()
     torch_ref = TorchRunner(Denoiser(model), spec, name="torch-student")
     torch_ref.activate()
-    cond_fn = _cond_fn(spec, cfg.seed)
+    cond_fn = _cond_fn(spec, cfg.seed, cond)
     calib_seeds = list(range(10_000 + cfg.seed, 10_000 + cfg.seed + cfg.calib_seeds))
     calib = _trajectory(torch_ref, ckpt, shape, calib_seeds, max(cfg.batch_sizes), cond_fn)
     graphs = {"fp32": fp32}
     for p in cfg.precisions:
         if p != "fp32":
-            graphs[p] = _quantize(manifest, p, fp32, calib, cfg, torch_ref, ckpt.schedule, shape, cond_fn)
+            graphs[p] = _quantize(manifest, p, fp32, calib, cfg, torch_ref, ckpt.schedule, shape, cond_fn,
+                                  cond_sha)
             manifest.save()
 
     # 3. build (TensorRT) -- fails fast with exit 2 when TensorRT/CUDA is missing; graphs are kept.

@@ -84,3 +84,55 @@ def test_int8_with_no_quantizable_node_fails_instead_of_passing_as_fp32(tiny_tea
     assert v.precision_info["counts"]["int8"] == 0
     assert not v.passed and any("is the fp32 one" in f for f in v.failures)
     assert v.parity["call"]["rel_l2"] < 1e-5  # identical to fp32: why parity alone must not pass it
+
+
+def test_cond_file_feeds_calibration_and_samples(cond_teacher_dir, tmp_path):
+    """--cond: the file's embeddings (here 3 tokens, not the default 77) shape the exported graph and
+    are what calibration and the samples see; bad files are one-line errors (exit 2)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    emb = (rng.standard_normal((5, 3, 16)) * 0.5).astype(np.float32)
+    np.savez(tmp_path / "cond.npz", encoder_hidden_states=emb)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, [str(cond_teacher_dir), "--steps", "2", "-o", str(out), "--precision", "fp32",
+                                    "--cond", str(tmp_path / "cond.npz"), *FAST], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    man = json.loads((out / "manifest.json").read_text())
+    ehs = next(t for t in man["io_spec"]["inputs"] if t["name"] == "encoder_hidden_states")
+    assert ehs["shape"][1:] == [3, 16]
+    rep = json.loads((out / "report.json").read_text())
+    assert any("cond.npz (5 rows" in n for n in rep["notes"])
+    assert rep["passed"]
+
+    # Wrong width, and --cond for a model without conditioning inputs: exit 2, the file named.
+    np.savez(tmp_path / "bad.npz", encoder_hidden_states=emb[..., :8])
+    bad = CliRunner().invoke(main, [str(cond_teacher_dir), "--steps", "2", "-o", str(tmp_path / "b"),
+                                    "--cond", str(tmp_path / "bad.npz"), *FAST])
+    assert bad.exit_code == 2 and "bad.npz" in bad.output and "cross_attention_dim" in bad.output
+    assert not (tmp_path / "b" / "manifest.json").exists()
+
+
+def test_cond_file_rejected_for_unconditional_models(tiny_teacher_dir, tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "c.npz", class_labels=np.arange(4))
+    res = CliRunner().invoke(main, [str(tiny_teacher_dir), "--steps", "2", "-o", str(tmp_path / "o"),
+                                    "--cond", str(tmp_path / "c.npz"), *FAST])
+    assert res.exit_code == 2 and "c.npz" in res.output and "no conditioning input" in res.output
+
+
+def test_cond_rows_in_order_for_samples_and_drawn_per_calibration_seed():
+    import numpy as np
+
+    from optimizer.iospec import io_spec_for
+    from optimizer.pipeline import _cond_fn
+
+    spec = io_spec_for("UNet2DConditionModel", {"sample_size": 8, "in_channels": 4, "cross_attention_dim": 16},
+                       seq_len=3)
+    emb = np.arange(5 * 3 * 16, dtype=np.float32).reshape(5, 3, 16)
+    fn = _cond_fn(spec, 0, {"encoder_hidden_states": emb})
+    np.testing.assert_array_equal(fn(7)["encoder_hidden_states"], emb[[0, 1, 2, 3, 4, 0, 1]])
+    drawn = fn(6, np.random.default_rng(1))["encoder_hidden_states"]
+    assert all(any(np.array_equal(r, e) for e in emb) for r in drawn)  # file rows, not noise
+    assert _cond_fn(spec, 0)(2)["encoder_hidden_states"].shape == (2, 3, 16)  # random without a file
