@@ -64,10 +64,12 @@ def _as_student(source: Path, steps: int | None) -> tuple[StudentCheckpoint, tor
         if not steps:
             raise InputError(f"{source}: a diffusers folder needs --steps N (the student's step count)")
         t = load_teacher(source)
+        # The teacher is the folder itself (resolved: a relative path would be read as relative
+        # to the "checkpoint's" folder, i.e. the folder's parent).
         ckpt = StudentCheckpoint(
             model_class=t.model_class, model_config=dict(t.model.config),
             scheduler_class=type(t.scheduler).__name__, scheduler_config=dict(t.scheduler.config),
-            schedule=t.schedule(steps), teacher=TeacherRef(str(source), t.weights_sha256,
+            schedule=t.schedule(steps), teacher=TeacherRef(str(source.resolve()), t.weights_sha256,
                                                            t.reference_sampler, t.reference_steps),
             distillation={"method": "none", "note": "diffusers folder packed with a DDIM schedule"},
             path=source)

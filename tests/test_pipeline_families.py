@@ -136,3 +136,19 @@ def test_cond_rows_in_order_for_samples_and_drawn_per_calibration_seed():
     drawn = fn(6, np.random.default_rng(1))["encoder_hidden_states"]
     assert all(any(np.array_equal(r, e) for e in emb) for r in drawn)  # file rows, not noise
     assert _cond_fn(spec, 0)(2)["encoder_hidden_states"].shape == (2, 3, 16)  # random without a file
+
+
+def test_relative_diffusers_folder_is_its_own_teacher(tiny_teacher_dir, monkeypatch):
+    """`dd-compile runs/x/teacher --steps 4`: the teacher checks find the folder itself (they once
+    looked for runs/x/runs/x/teacher and were skipped)."""
+    from pathlib import Path
+
+    from optimizer.pipeline import CompileConfig, _as_student, _load_teacher
+    from optimizer.report import CompileReport
+
+    monkeypatch.chdir(tiny_teacher_dir.parent.parent)
+    rel = Path(tiny_teacher_dir.parent.name) / tiny_teacher_dir.name
+    ckpt, _ = _as_student(rel, 2)
+    rep = CompileReport(student={}, teacher={})
+    assert _load_teacher(ckpt, CompileConfig(out=Path("o")), rep) is not None, rep.skipped
+    assert rep.teacher["available"]
