@@ -125,3 +125,34 @@ def test_teacher_loads_and_samples(extractor):
     real, _ = quality.load_digits_images()
     assert fid(x, real, extractor) < TEACHER_FID_64x64_BAR
 
+
+
+def test_train_teacher_conditional_sees_each_batch_labels():
+    """train(..., unet=, cond=) (benchmarks/cond_digits.py): the conditioning callable gets the digit
+    labels of exactly the images in the batch, and the UNet learns with it."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from optimizer.demo.train_teacher import TeacherConfig, train
+    from tests.conftest import TINY_COND_UNET
+
+    torch.set_num_threads(1)
+    emb = torch.randn(10, 2, 16)
+    seen = []
+
+    def cond(labels):
+        seen.append(labels.clone())
+        return {"encoder_hidden_states": emb[labels]}
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(in_channels=1, out_channels=1, **TINY_COND_UNET)
+    before = [p.detach().clone() for p in unet.parameters()]
+    cfg = TeacherConfig(batch_size=32, warmup_iters=2)
+    ema, _, _ = train(6, 0, cfg, unet=unet, cond=cond)
+    assert len(seen) == 6 and all(len(s) == 32 for s in seen)
+    # Batches follow one permutation of the data: the first batch's labels are those images' labels.
+    _, labels = quality.load_digits_images()
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seen[0], torch.as_tensor(labels)[perm[:32]])
+    assert type(ema) is UNet2DConditionModel
+    assert any(not torch.equal(a, b) for a, b in zip(before, unet.parameters(), strict=True))

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -165,20 +166,32 @@ def _lr_at(it: int, iters: int, cfg: TeacherConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 
 
-def train(iters: int, seed: int, cfg: TeacherConfig):
-    """Train and return (ema_unet, scheduler, seconds)."""
+def train(
+    iters: int,
+    seed: int,
+    cfg: TeacherConfig,
+    unet: torch.nn.Module | None = None,
+    cond: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
+):
+    """Train and return (ema_unet, scheduler, seconds).
+
+    `unet`: another diffusers UNet to train (default: build_unet(cfg)); `cond(labels)`: keyword
+    inputs of a conditional UNet for a batch's digit labels (e.g. one embedding per class)."""
     from optimizer.quality import load_digits_images
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    data = torch.from_numpy(load_digits_images()[0])  # [1797, 1, 8, 8] in [-1, 1]
-    unet = build_unet(cfg).train()
+    images, labels = load_digits_images()
+    data = torch.from_numpy(images)  # [1797, 1, 8, 8] in [-1, 1]
+    targets = torch.as_tensor(labels)
+    unet = (unet if unet is not None else build_unet(cfg)).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     scheduler = build_scheduler()
     n_params = sum(p.numel() for p in unet.parameters())
     log.info(
-        "UNet2DModel: %d parameters; %d iterations at batch %d", n_params, iters, cfg.batch_size
-    )
+        "%s: %d parameters; %d iterations at batch %d",
+        type(unet).__name__, n_params, iters, cfg.batch_size,
+    )  # fmt: skip
     opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
     T = scheduler.config.num_train_timesteps
 
@@ -195,7 +208,8 @@ def train(iters: int, seed: int, cfg: TeacherConfig):
         # 1. A batch without replacement within each pass over the data.
         if pos + cfg.batch_size > len(data):
             perm, pos = torch.randperm(len(data), generator=gen), 0
-        x0 = data[perm[pos : pos + cfg.batch_size]]
+        idx = perm[pos : pos + cfg.batch_size]
+        x0, kw = data[idx], (cond(targets[idx]) if cond is not None else {})
         pos += cfg.batch_size
         # 2. Forward diffusion at uniform timesteps; v target (Salimans & Ho 2022, eq. 9 ff.).
         noise = torch.randn(x0.shape, generator=gen)
@@ -205,7 +219,7 @@ def train(iters: int, seed: int, cfg: TeacherConfig):
         # 3. Step with the scheduled learning rate.
         for group in opt.param_groups:
             group["lr"] = _lr_at(it, iters, cfg)
-        loss = torch.nn.functional.mse_loss(unet(x_t, t, return_dict=False)[0], target)
+        loss = torch.nn.functional.mse_loss(unet(x_t, t, **kw, return_dict=False)[0], target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
