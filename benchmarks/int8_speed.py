@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from engines.onnxruntime_runner import OnnxRuntimeRunner, session_options
@@ -110,22 +111,69 @@ def time_variants(
     return out
 
 
-def op_profile(
+def node_profile(
     path: Path, feeds: dict[str, np.ndarray], runs: int = 20
-) -> dict[str, tuple[float, int]]:
-    """ORT profiler, 1 thread: per op type (ms per call, nodes), after ORT's graph optimizations."""
+) -> dict[str, tuple[str, float]]:
+    """ORT profiler, 1 thread: per node of the optimized graph, (op type, ms per call)."""
     with tempfile.TemporaryDirectory(prefix="ddq.prof.") as d:
         s = _session(path, 1, Path(d) / "p")
         for _ in range(runs):
             s.run(None, feeds)
         events = json.loads(Path(s.end_profiling()).read_text())
     dur: collections.Counter = collections.Counter()
-    n: collections.Counter = collections.Counter()
+    op: dict[str, str] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            dur[e["args"]["op_name"]] += e["dur"]
-            n[e["args"]["op_name"]] += 1
-    return {op: (us / runs / 1e3, n[op] // runs) for op, us in dur.most_common()}
+            name = e["name"][: -len("_kernel_time")]
+            dur[name] += e["dur"]
+            op[name] = e["args"]["op_name"]
+    return {k: (op[k], us / runs / 1e3) for k, us in dur.items()}
+
+
+def op_profile(nodes: dict[str, tuple[str, float]]) -> dict[str, tuple[float, int]]:
+    """Per op type: (ms per call, nodes)."""
+    dur: collections.Counter = collections.Counter()
+    n: collections.Counter = collections.Counter()
+    for op, ms in nodes.values():
+        dur[op] += ms
+        n[op] += 1
+    return {op: (ms, n[op]) for op, ms in dur.most_common()}
+
+
+def conv_bound(model, fp32: dict, int8: dict) -> dict[str, float]:
+    """Why INT8 cannot pay more here, from the two node profiles (batch 16, 1 thread).
+
+    - each Conv's int8 kernel (QLinearConv, named after the node) vs its fp32 kernel (ORT's NCHWc
+      conv, named after its output): how much faster integer math is on this CPU;
+    - the share of fp32 time in convs (with their NCHWc reorders);
+    - `free_qdq_bound`: the int8 graph's speed-up if its Q/DQ nodes and the layout transposes it
+      adds cost nothing (profiled fp32 total / (int8 total - Q - DQ - extra Transpose time)).
+    """
+    ratios = []
+    for n in model.graph.node:
+        if n.op_type != "Conv":
+            continue
+        f = fp32.get(f"{n.output[0]}_nchwc") or fp32.get(n.name)
+        q = next((v for k, v in int8.items() if v[0] == "QLinearConv"
+                  and (k == n.name or k.startswith(n.name + "_token"))), None)
+        if f and q:
+            ratios.append(f[1] / q[1])
+
+    def ms(prof: dict, *ops: str) -> float:
+        return sum(v[1] for v in prof.values() if v[0] in ops)
+
+    total_f, total_q = ms(fp32, *{v[0] for v in fp32.values()}), ms(int8, *{v[0] for v in int8.values()})
+    overhead = ms(int8, "QuantizeLinear", "DequantizeLinear") + ms(int8, "Transpose") - ms(fp32, "Transpose")
+    out = {
+        "fp32_conv_share": ms(fp32, "Conv", "ReorderInput", "ReorderOutput") / total_f,
+        "qdq_and_layout_ms": overhead,
+        "free_qdq_bound": total_f / (total_q - overhead),
+        "matched_convs": len(ratios),
+    }
+    if ratios:
+        out |= {"kernel_ratio_min": min(ratios), "kernel_ratio_median": float(np.median(ratios)),
+                "kernel_ratio_max": max(ratios)}
+    return out
 
 
 def optimized_counts(path: Path) -> dict[str, int]:
@@ -248,7 +296,9 @@ def main() -> None:
         "timestep": np.full((b0,), schedule.timesteps[0], np.float32),
     }
     feeds.update(conditioning_feeds(spec, b0, rng))
-    profiles = {k: op_profile(paths[k], feeds) for k in ("ort-fp32", "int8")}
+    nodes = {k: node_profile(paths[k], feeds) for k in ("ort-fp32", "int8")}
+    profiles = {k: op_profile(v) for k, v in nodes.items()}
+    bound = conv_bound(onnx.load(str(paths["ort-fp32"])), nodes["ort-fp32"], nodes["int8"])
 
     print(
         f"\n{cls} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
@@ -290,6 +340,16 @@ def main() -> None:
         print(f"  {op:<24} {a[0]:>7.3f} ({a[1]:>3}) | {b[0]:>7.3f} ({b[1]:>3})")
     tot = {k: sum(v[0] for v in p.values()) for k, p in profiles.items()}
     print(f"  {'total kernel time':<24} {tot['ort-fp32']:>7.3f}       | {tot['int8']:>7.3f}")
+    if bound.get("matched_convs"):
+        print(
+            f"\nconvs: int8 kernels {bound['kernel_ratio_min']:.2f}-{bound['kernel_ratio_max']:.2f}x "
+            f"(median {bound['kernel_ratio_median']:.2f}x) faster than their fp32 kernels "
+            f"({bound['matched_convs']} convs); convs are {bound['fp32_conv_share']:.0%} of fp32 time"
+        )
+    print(
+        f"int8: Q/DQ + extra transposes {bound['qdq_and_layout_ms']:.2f} ms; were they free, the int8 "
+        f"graph would run {bound['free_qdq_bound']:.2f}x fp32 (profiled kernel time)"
+    )
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -298,6 +358,7 @@ def main() -> None:
                     "quality": quality,
                     "optimized_counts": counts,
                     "timings": timings,
+                    "conv_bound": bound,
                     "profiles": {
                         k: {op: list(v) for op, v in p.items()} for k, p in profiles.items()
                     },
