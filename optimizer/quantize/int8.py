@@ -275,6 +275,8 @@ class _Quantizer:
         }[cfg.calibration]
         self.cache = work / f"calib.{cfg.calibration}.json"
         self._n = 0
+        self._full: Any = None  # quantize_static graph of every candidate (see subset)
+        self._full_key: tuple[str, ...] | None = None
 
     def candidates(self) -> tuple[list[Any], list[Any]]:
         """(weight ops, activation x activation ops) among op_types."""
@@ -341,21 +343,22 @@ class _Quantizer:
         import onnx
 
         key = tuple(universe)
-        if getattr(self, "_full_key", None) != key:
+        if self._full_key != key:
             self._full = onnx.load(str(self.quantize(list(universe), isolate=False)))
             self._full_key = key
         if not nodes:
             return self.quantize([])
         m = type(self._full)()
         m.CopyFrom(self._full)
-        keep = set(nodes)
+        keep, cut = set(nodes), set(universe) - set(nodes)
         float_nodes = {n.name: n for n in self.model.graph.node}
         float_inits = {i.name: i for i in self.model.graph.initializer}
         have = {i.name for i in m.graph.initializer}
-        produced = {o for n in m.graph.node for o in n.output}  # quantize_static's bias DQ keeps
+        # quantize_static's bias DQ outputs the float bias's own name: restore it under another one
+        produced = {o for n in m.graph.node for o in n.output}
         restored: set[str] = set()
-        for n in m.graph.node:  # the float bias's name as its output
-            if n.name in keep or n.name not in float_nodes or n.name not in key:
+        for n in m.graph.node:
+            if n.name not in cut or n.name not in float_nodes:
                 continue
             orig = float_nodes[n.name]  # back to its float inputs (weights, bias, activation)
             del n.input[:]
