@@ -53,10 +53,14 @@ def export_onnx(model: torch.nn.Module, spec: IOSpec, out_path: str | Path,
     batch = torch.export.Dim("batch", min=1, max=max(4096, spec.dims["batch"].max))
     dynamic_shapes = {t.name: ({0: batch} if t.shape and t.shape[0] == "batch" else None)
                       for t in spec.inputs}
-    # The dynamo exporter binds inputs by the forward's parameter names.
+    # The dynamo exporter binds inputs by the forward's parameter names: sample and timestep go
+    # by position, the optional ones by name (a class-conditional UNet has class_labels but no
+    # encoder_hidden_states, the third positional parameter).
+    names = [t.name for t in spec.inputs]
+    kwargs = dict(zip(names[2:], args[2:], strict=True))
     with torch.no_grad(), atomic_path(out_path, suffix=".onnx") as tmp:
         prog = torch.onnx.export(
-            model, args, dynamo=config.dynamo, opset_version=config.opset,
+            model, args[:2], kwargs=kwargs, dynamo=config.dynamo, opset_version=config.opset,
             input_names=spec.input_names, output_names=spec.output_names,
             dynamic_shapes=dynamic_shapes, external_data=external, verbose=False,
             report=False, optimize=True)

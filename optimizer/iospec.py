@@ -43,11 +43,13 @@ def io_spec_for(model_class: str, config: dict[str, Any], batch_sizes: list[int]
                   {"batch": DimRange(min(bs), max(bs), max(bs))})
 
 
-def conditioning_feeds(spec: IOSpec, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def conditioning_feeds(spec: IOSpec, batch: int, rng: np.random.Generator,
+                       n_classes: int = 1) -> dict[str, np.ndarray]:
     """Inputs besides sample/timestep (text embeddings, labels) for calibration and validation.
 
-    Without a text encoder here, embeddings are N(0, 1) draws: fine for parity (same inputs to both
-    sides) and for calibration ranges of a random-weight model; a real deployment passes its own.
+    Without a text encoder here, embeddings are N(0, 1) draws and labels uniform in [0, n_classes)
+    (default: class 0, valid for any class-conditional model): fine for parity (same inputs to
+    both sides) and timing; real prompts or labels come from `dd-compile --cond`.
     """
     feeds: dict[str, np.ndarray] = {}
     for t in spec.inputs:
@@ -55,7 +57,7 @@ def conditioning_feeds(spec: IOSpec, batch: int, rng: np.random.Generator) -> di
             continue
         shape = t.concrete({"batch": batch})
         if t.name == "class_labels":
-            feeds[t.name] = rng.integers(0, 10, size=shape).astype(t.dtype)
+            feeds[t.name] = rng.integers(0, max(1, n_classes), size=shape).astype(t.dtype)
         else:
             feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
     return feeds

@@ -123,7 +123,7 @@ class Denoiser(nn.Module):
                               class_labels=class_labels, return_dict=False)[0]
         if self.model_class == "DiTTransformer2DModel":
             out = self.model(sample, timestep=timestep, class_labels=class_labels, return_dict=False)[0]
-            return out[:, : sample.shape[1]]  # DiT also predicts variance channels: keep the mean
+            return out[:, : sample.shape[1]].contiguous()  # DiT also predicts variances: keep the mean
         return self.model(sample, timestep, class_labels=class_labels, return_dict=False)[0]
 
 

@@ -109,7 +109,12 @@ def _cond_keys(spec: IOSpec) -> list[str]:
     return [t.name for t in spec.inputs if t.name not in ("sample", "timestep")]
 
 
-def _cond_fn(spec: IOSpec, seed: int, cond: dict[str, np.ndarray] | None = None):
+def _n_classes(config: dict[str, Any]) -> int:
+    """Class count of a class-conditional model (UNet2DModel num_class_embeds, DiT's ada-norm)."""
+    return int(config.get("num_class_embeds") or config.get("num_embeds_ada_norm") or 1)
+
+
+def _cond_fn(spec: IOSpec, seed: int, cond: dict[str, np.ndarray] | None = None, n_classes: int = 1):
     """Conditioning inputs (text embeddings, labels) of batch b; None for unconditional models.
 
     From --cond: validation samples take the file's rows in order (sample i <- row i mod N), each
@@ -117,7 +122,7 @@ def _cond_fn(spec: IOSpec, seed: int, cond: dict[str, np.ndarray] | None = None)
     if not _cond_keys(spec):
         return None
     if cond is None:
-        return lambda b, rng=None: conditioning_feeds(spec, b, rng or np.random.default_rng(seed))
+        return lambda b, rng=None: conditioning_feeds(spec, b, rng or np.random.default_rng(seed), n_classes)
     n = len(next(iter(cond.values())))
 
     def from_file(b: int, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
@@ -135,8 +140,8 @@ def _load_cond(cfg: CompileConfig, ckpt: StudentCheckpoint, report: CompileRepor
     keys = _cond_keys(io_spec_for(ckpt.model_class, ckpt.model_config))
     if cfg.cond is None:
         if keys:
-            msg = (f"no --cond: {', '.join(keys)} drawn at random (N(0, 1) embeddings); INT8 ranges "
-                   "and FID then reflect random prompts, pass --cond with real ones")
+            msg = (f"no --cond: {', '.join(keys)} drawn at random (N(0, 1) embeddings, uniform labels); "
+                   "INT8 ranges and FID then reflect random conditioning, pass --cond with real ones")
             log.warning(msg)
             report.notes.append(msg)
         return None, None
@@ -233,7 +238,8 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     teacher = _load_teacher(ckpt, cfg, report_teacher)  # before any work: a missing one may be an error
     _check_writable(out)
     cond, cond_sha = _load_cond(cfg, ckpt, report_teacher)
-    tokens = {"seq_len": cond["encoder_hidden_states"].shape[1]} if cond and "encoder_hidden_states" in cond else {}
+    ehs = (cond or {}).get("encoder_hidden_states")
+    tokens = {"seq_len": ehs.shape[1]} if ehs is not None else {}
     spec = io_spec_for(ckpt.model_class, ckpt.model_config, list(cfg.batch_sizes), **tokens)
     shape = sample_shape(ckpt.model_class, ckpt.model_config)
     ckpt_sha = sha256_file(source) if source.is_file() else f"diffusers:{ckpt.teacher.sha256}"
@@ -259,7 +265,7 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     manifest.save()
     torch_ref = TorchRunner(Denoiser(model), spec, name="torch-student")
     torch_ref.activate()
-    cond_fn = _cond_fn(spec, cfg.seed, cond)
+    cond_fn = _cond_fn(spec, cfg.seed, cond, _n_classes(ckpt.model_config))
     calib_seeds = list(range(10_000 + cfg.seed, 10_000 + cfg.seed + cfg.calib_seeds))
     calib = _trajectory(torch_ref, ckpt, shape, calib_seeds, max(cfg.batch_sizes), cond_fn)
     graphs = {"fp32": fp32}

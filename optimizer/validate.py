@@ -69,8 +69,11 @@ def _polygraphy_compare(refs: list[np.ndarray], outs: list[np.ndarray], atol: fl
 
     G_LOGGER.module_severity = G_LOGGER.ERROR  # its per-output log is our report's job
     rr = RunResults()
-    rr.append(("reference", [IterationResult({"y": r}, runner_name="reference") for r in refs]))
-    rr.append(("candidate", [IterationResult({"y": o}, runner_name="candidate") for o in outs]))
+    # polygraphy views arrays when aligning shapes: it needs them contiguous (a sliced output is not)
+    rr.append(("reference", [IterationResult({"y": np.ascontiguousarray(r)}, runner_name="reference")
+                             for r in refs]))
+    rr.append(("candidate", [IterationResult({"y": np.ascontiguousarray(o)}, runner_name="candidate")
+                             for o in outs]))
     acc = Comparator.compare_accuracy(rr, compare_func=SimpleCompareFunc(
         atol=atol, rtol=rtol, check_error_stat="median"))[0]
     iters = next(iter(acc.values()))
