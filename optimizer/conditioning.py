@@ -25,6 +25,13 @@ def required_keys(model_class: str, config: dict[str, Any]) -> list[str]:
     return keys
 
 
+def n_classes(config: dict[str, Any]) -> int | None:
+    """Class count of a class-conditional model (UNet2DModel's num_class_embeds, DiT's ada-norm
+    embeddings); None when the config does not say."""
+    n = config.get("num_class_embeds") or config.get("num_embeds_ada_norm")
+    return int(n) if n else None
+
+
 def load_conditioning(path: str | Path, keys: list[str], config: dict[str, Any]) -> dict[str, np.ndarray]:
     """Read and check `--cond`: an .npz with one array per key, the same number of rows."""
     p = Path(path)
@@ -50,13 +57,13 @@ def load_conditioning(path: str | Path, keys: list[str], config: dict[str, Any])
                 )
             out[k] = a.astype(np.float32)
         else:
-            n_classes = config.get("num_class_embeds")
+            n = n_classes(config)
             if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
                 raise InputError(
                     f"{p}: class_labels must be integers of shape [N], got {a.dtype} {list(a.shape)}"
                 )
-            if n_classes and (a.min() < 0 or a.max() >= n_classes):
-                raise InputError(f"{p}: class_labels outside [0, {n_classes})")
+            if n and (a.min() < 0 or a.max() >= n):
+                raise InputError(f"{p}: class_labels outside [0, {n})")
             out[k] = a.astype(np.int64)
     rows = {len(a) for a in out.values()}
     if len(rows) != 1 or 0 in rows:

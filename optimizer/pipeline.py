@@ -22,6 +22,7 @@ from engines.manifest import Manifest
 from engines.schedule import draw_noise
 from engines.torch_runner import TorchRunner
 from optimizer.checkpoint import StudentCheckpoint, TeacherRef, load_checkpoint
+from optimizer.conditioning import load_conditioning, n_classes
 from optimizer.export import ExportConfig, export_onnx
 from optimizer.iospec import conditioning_feeds, io_spec_for, sample_shape
 from optimizer.models import Denoiser, Teacher, load_teacher, teacher_reference_samples
@@ -109,11 +110,6 @@ def _cond_keys(spec: IOSpec) -> list[str]:
     return [t.name for t in spec.inputs if t.name not in ("sample", "timestep")]
 
 
-def _n_classes(config: dict[str, Any]) -> int:
-    """Class count of a class-conditional model (UNet2DModel num_class_embeds, DiT's ada-norm)."""
-    return int(config.get("num_class_embeds") or config.get("num_embeds_ada_norm") or 1)
-
-
 def _cond_fn(spec: IOSpec, seed: int, cond: dict[str, np.ndarray] | None = None, n_classes: int = 1):
     """Conditioning inputs (text embeddings, labels) of batch b; None for unconditional models.
 
@@ -135,8 +131,6 @@ def _cond_fn(spec: IOSpec, seed: int, cond: dict[str, np.ndarray] | None = None,
 def _load_cond(cfg: CompileConfig, ckpt: StudentCheckpoint, report: CompileReport
                ) -> tuple[dict[str, np.ndarray] | None, str | None]:
     """--cond checked against the student's conditioning inputs; (arrays, sha256) or (None, None)."""
-    from optimizer.conditioning import load_conditioning
-
     keys = _cond_keys(io_spec_for(ckpt.model_class, ckpt.model_config))
     if cfg.cond is None:
         if keys:
@@ -265,7 +259,7 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     manifest.save()
     torch_ref = TorchRunner(Denoiser(model), spec, name="torch-student")
     torch_ref.activate()
-    cond_fn = _cond_fn(spec, cfg.seed, cond, _n_classes(ckpt.model_config))
+    cond_fn = _cond_fn(spec, cfg.seed, cond, n_classes(ckpt.model_config) or 1)
     calib_seeds = list(range(10_000 + cfg.seed, 10_000 + cfg.seed + cfg.calib_seeds))
     calib = _trajectory(torch_ref, ckpt, shape, calib_seeds, max(cfg.batch_sizes), cond_fn)
     graphs = {"fp32": fp32}
