@@ -40,9 +40,11 @@ def main(out_dir: str, refs_path: str) -> int:
     mse = float(np.mean((images - want) ** 2))
     psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
     ok = bool(np.isfinite(images).all()) and diff <= ATOL and psnr >= MIN_PSNR_DB
-    print(f"runtime-venv-check: {'ok' if ok else 'FAIL'}: {len(seeds)} images from {out_dir} "
-          f"({backend}/{precision}, no torch), max |diff| {diff:.2e} (<= {ATOL:g}), "
-          f"PSNR {psnr:.1f} dB (>= {MIN_PSNR_DB:g})")
+    print(
+        f"runtime-venv-check: {'ok' if ok else 'FAIL'}: {len(seeds)} images from {out_dir} "
+        f"({backend}/{precision}, no torch), max |diff| {diff:.2e} (<= {ATOL:g}), "
+        f"PSNR {psnr:.1f} dB (>= {MIN_PSNR_DB:g})"
+    )
     return 0 if ok else 1
 
 

@@ -117,9 +117,26 @@ def main() -> None:
     np.savez(cond_path, encoder_hidden_states=emb[labels])
 
     compiled = args.out / "compiled"
-    cmd = [sys.executable, "-m", "optimizer.cli", str(teacher), "--steps", str(args.steps),
-           "-o", str(compiled), "--cond", str(cond_path), "--threads", "1", "--batch-sizes", "1,16",
-           "--bar", "fid_margin=1e9", "--bar", "paired_psnr=-100"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "optimizer.cli",
+        str(teacher),
+        "--steps",
+        str(args.steps),
+        "-o",
+        str(compiled),
+        "--cond",
+        str(cond_path),
+        "--threads",
+        "1",
+        "--batch-sizes",
+        "1,16",
+        "--bar",
+        "fid_margin=1e9",
+        "--bar",
+        "paired_psnr=-100",
+    ]
     t0 = time.perf_counter()
     rc = subprocess.call(cmd)
     result["dd_compile"] = {"exit_code": rc, "seconds": time.perf_counter() - t0, "cmd": " ".join(cmd[1:])}
@@ -160,16 +177,22 @@ def main() -> None:
         mse = float(np.mean((x - np.clip(ref, -1, 1)) ** 2))
         psnr = 10 * np.log10(4.0 / mse) if k != "torch" and mse > 0 else None
         result.setdefault("conditioning", {})[k] = {"class_accuracy": acc[k], "psnr_vs_torch_db": psnr}
-    print(f"\nUNet2DConditionModel {sum(p.numel() for p in t.model.parameters()) / 1e6:.2f}M params, "
-          f"{args.steps} DDIM steps, {args.rows} conditioned samples; dd-compile exit {rc}")
-    print(f"{'variant':<8} {'call relL2':>10} {'sample PSNR':>11} {'int8 nodes':>10} {'class acc':>9} "
-          f"{'PSNR vs torch':>13}")
+    print(
+        f"\nUNet2DConditionModel {sum(p.numel() for p in t.model.parameters()) / 1e6:.2f}M params, "
+        f"{args.steps} DDIM steps, {args.rows} conditioned samples; dd-compile exit {rc}"
+    )
+    print(
+        f"{'variant':<8} {'call relL2':>10} {'sample PSNR':>11} {'int8 nodes':>10} {'class acc':>9} "
+        f"{'PSNR vs torch':>13}"
+    )
     for k, c in result["conditioning"].items():
         v = result["variants"].get(k, {})
         n8 = (v.get("nodes") or {}).get("int8", "") if k == "int8" else ""
-        print(f"{k:<8} {v.get('call_rel_l2', float('nan')):>10.2e} "
-              f"{v.get('sample_psnr_db', float('nan')):>11.1f} {n8!s:>10} {c['class_accuracy']:>9.2f} "
-              f"{c['psnr_vs_torch_db'] or float('nan'):>13.1f}")
+        print(
+            f"{k:<8} {v.get('call_rel_l2', float('nan')):>10.2e} "
+            f"{v.get('sample_psnr_db', float('nan')):>11.1f} {n8!s:>10} {c['class_accuracy']:>9.2f} "
+            f"{c['psnr_vs_torch_db'] or float('nan'):>13.1f}"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
 

@@ -30,9 +30,7 @@ from optimizer.model_zoo import DDPM_CIFAR10_32 as CIFAR_UNET  # noqa: E402
 from optimizer.model_zoo import SD15_UNET  # noqa: E402
 
 
-def cuda_time(
-    fn: Callable[[], Any], warmup: int, seconds: float, max_iters: int = 500
-) -> list[float]:
+def cuda_time(fn: Callable[[], Any], warmup: int, seconds: float, max_iters: int = 500) -> list[float]:
     """Milliseconds per call from CUDA events, after `warmup` calls, for about `seconds`."""
     import torch
 
@@ -138,9 +136,7 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    torch.backends.cuda.matmul.allow_tf32 = (
-        True  # what a user's fp32 baseline gets by default on Ampere+
-    )
+    torch.backends.cuda.matmul.allow_tf32 = True  # what a user's fp32 baseline gets by default on Ampere+
     torch.backends.cudnn.allow_tf32 = True
     from optimizer.bench.fingerprint import fingerprint
 
@@ -154,9 +150,7 @@ def main() -> None:
     for name, r in report["models"].items():
         for k, v in r.items():
             if isinstance(v, dict):
-                print(
-                    f"{name:18} {k:40} {v['p50_ms']:8.2f} {v['p90_ms']:8.2f} {v['peak_mem_mb']:6d}"
-                )
+                print(f"{name:18} {k:40} {v['p50_ms']:8.2f} {v['p90_ms']:8.2f} {v['peak_mem_mb']:6d}")
     print(f"wrote {a.out}")
 
 

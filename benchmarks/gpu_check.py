@@ -161,9 +161,7 @@ def teacher_baselines(
             with torch.inference_mode():
                 z = x.clone()
                 for ts in ddim.timesteps:
-                    z = ddim.step(
-                        den32(z, torch.full((b,), float(ts), device=device)), ts, z
-                    ).prev_sample
+                    z = ddim.step(den32(z, torch.full((b,), float(ts), device=device)), ts, z).prev_sample
                 return z
 
         e2e = time_interleaved(
@@ -185,9 +183,7 @@ def tensorrt_pipeline(out: Path, batch_sizes: list[int], backend: str) -> dict[s
     try:
         report = run(
             source,
-            CompileConfig(
-                out=out / backend, backend=backend, batch_sizes=tuple(batch_sizes), steps=steps
-            ),
+            CompileConfig(out=out / backend, backend=backend, batch_sizes=tuple(batch_sizes), steps=steps),
         )
     except DDCompileError as e:  # BackendUnavailable / InputError: one line, recorded
         return {"ran": False, "reason": str(e), "error": type(e).__name__}
@@ -220,9 +216,7 @@ def print_table(res: dict[str, Any]) -> None:
     base = res["teacher"]["per_call"]
     sizes = sorted({b for v in base.values() for b in v})
     print(
-        f"\n{'variant':22}"
-        + "".join(f"{'b=' + str(b):>14}" for b in sizes)
-        + "   (median ms per UNet call)"
+        f"\n{'variant':22}" + "".join(f"{'b=' + str(b):>14}" for b in sizes) + "   (median ms per UNet call)"
     )
     for name, per in base.items():
         print(
@@ -233,10 +227,7 @@ def print_table(res: dict[str, Any]) -> None:
         print(f"teacher e2e ({e['steps']} steps) b={b}: {e['median_ms']:.1f} ms")
     for k, v in res.items():
         if k.startswith("pipeline/"):
-            print(
-                f"{k}: "
-                + (f"passed={v['summary']['passed']}" if v["ran"] else f"not run: {v['reason']}")
-            )
+            print(f"{k}: " + (f"passed={v['summary']['passed']}" if v["ran"] else f"not run: {v['reason']}"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,9 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher", type=Path, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT pipeline")
-    ap.add_argument(
-        "--ort-backends", default="", help="also run e.g. onnxruntime-cuda,onnxruntime-trt"
-    )
+    ap.add_argument("--ort-backends", default="", help="also run e.g. onnxruntime-cuda,onnxruntime-trt")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -264,9 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     res["teacher"] = teacher_baselines(
         den, sched, ref_steps, sizes, args.device, args.repeats, compile_=not args.no_compile
     )
-    backends = ([] if args.no_tensorrt else ["tensorrt"]) + [
-        b for b in args.ort_backends.split(",") if b
-    ]
+    backends = ([] if args.no_tensorrt else ["tensorrt"]) + [b for b in args.ort_backends.split(",") if b]
     for backend in backends:
         res[f"pipeline/{backend}"] = tensorrt_pipeline(args.out, sizes, backend)
     write_json_atomic(args.out / "gpu_check.json", json.loads(json.dumps(res, default=str)))

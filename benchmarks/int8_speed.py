@@ -111,9 +111,7 @@ def time_variants(
     return out
 
 
-def node_profile(
-    path: Path, feeds: dict[str, np.ndarray], runs: int = 20
-) -> dict[str, tuple[str, float]]:
+def node_profile(path: Path, feeds: dict[str, np.ndarray], runs: int = 20) -> dict[str, tuple[str, float]]:
     """ORT profiler, 1 thread: per node of the optimized graph, (op type, ms per call)."""
     with tempfile.TemporaryDirectory(prefix="ddq.prof.") as d:
         s = _session(path, 1, Path(d) / "p")
@@ -154,8 +152,14 @@ def conv_bound(model, fp32: dict, int8: dict) -> dict[str, float]:
         if n.op_type != "Conv":
             continue
         f = fp32.get(f"{n.output[0]}_nchwc") or fp32.get(n.name)
-        q = next((v for k, v in int8.items() if v[0] == "QLinearConv"
-                  and (k == n.name or k.startswith(n.name + "_token"))), None)
+        q = next(
+            (
+                v
+                for k, v in int8.items()
+                if v[0] == "QLinearConv" and (k == n.name or k.startswith(n.name + "_token"))
+            ),
+            None,
+        )
         if f and q:
             ratios.append(f[1] / q[1])
 
@@ -171,8 +175,11 @@ def conv_bound(model, fp32: dict, int8: dict) -> dict[str, float]:
         "matched_convs": len(ratios),
     }
     if ratios:
-        out |= {"kernel_ratio_min": min(ratios), "kernel_ratio_median": float(np.median(ratios)),
-                "kernel_ratio_max": max(ratios)}
+        out |= {
+            "kernel_ratio_min": min(ratios),
+            "kernel_ratio_median": float(np.median(ratios)),
+            "kernel_ratio_max": max(ratios),
+        }
     return out
 
 
@@ -186,17 +193,13 @@ def optimized_counts(path: Path) -> dict[str, int]:
         so.optimized_model_filepath = str(Path(d) / "opt.onnx")
         so.log_severity_level = 3  # the "hardware specific optimizations" warning is expected here
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        c = collections.Counter(
-            n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node
-        )
+        c = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
     return {k: c.get(k, 0) for k in COUNTED} | {"nodes": sum(c.values())}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--teacher", type=Path, default=DEMO, help="diffusers teacher folder (default: the demo)"
-    )
+    ap.add_argument("--teacher", type=Path, default=DEMO, help="diffusers teacher folder (default: the demo)")
     ap.add_argument("--steps", type=int, default=4, help="student steps (DDIM, trailing timesteps)")
     ap.add_argument("--batch", type=int, nargs="+", default=[16])
     ap.add_argument(
@@ -305,9 +308,7 @@ def main() -> None:
         f"weights: {weights}), ORT {__import__('onnxruntime').__version__}, "
         f"{os.cpu_count()} CPUs (shared machines: noisy)"
     )
-    print(
-        f"{'variant':<12} {'int8 nodes':>10} {'call relL2':>10} {'PSNR dB':>8}  ORT-optimized graph"
-    )
+    print(f"{'variant':<12} {'int8 nodes':>10} {'call relL2':>10} {'PSNR dB':>8}  ORT-optimized graph")
     for k in paths:
         c = counts[k]
         n8 = results[k].counts.get("int8", 0) if k in results else 0
@@ -331,9 +332,7 @@ def main() -> None:
     print(f"\nper-op profile, batch {b0}, 1 thread (ms per call, nodes): fp32 | int8")
     ops = sorted(
         set(profiles["ort-fp32"]) | set(profiles["int8"]),
-        key=lambda o: (
-            -max(profiles["ort-fp32"].get(o, (0, 0))[0], profiles["int8"].get(o, (0, 0))[0])
-        ),
+        key=lambda o: -max(profiles["ort-fp32"].get(o, (0, 0))[0], profiles["int8"].get(o, (0, 0))[0]),
     )
     for op in ops[:18]:
         a, b = profiles["ort-fp32"].get(op, (0.0, 0)), profiles["int8"].get(op, (0.0, 0))
@@ -359,9 +358,7 @@ def main() -> None:
                     "optimized_counts": counts,
                     "timings": timings,
                     "conv_bound": bound,
-                    "profiles": {
-                        k: {op: list(v) for op, v in p.items()} for k, p in profiles.items()
-                    },
+                    "profiles": {k: {op: list(v) for op, v in p.items()} for k, p in profiles.items()},
                     "int8": {
                         k: {
                             "counts": r.counts,

@@ -49,8 +49,9 @@ def build(name: str) -> tuple[torch.nn.Module, SamplingSchedule]:
 
         t = load_teacher(DEMO)
         return t.model, t.schedule(4)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                          prediction_type="v_prediction")
+    sched = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+    )
     if name == "cifar":
         from optimizer.model_zoo import DDPM_CIFAR10_32
 
@@ -61,8 +62,9 @@ def build(name: str) -> tuple[torch.nn.Module, SamplingSchedule]:
 
         m = build_unet(TeacherConfig())
     T = sched.config.num_train_timesteps
-    return m.eval(), SamplingSchedule.from_alphas(sched.alphas_cumprod.numpy(), trailing_timesteps(T, 4),
-                                                  kind="ddim", prediction_type="v_prediction")
+    return m.eval(), SamplingSchedule.from_alphas(
+        sched.alphas_cumprod.numpy(), trailing_timesteps(T, 4), kind="ddim", prediction_type="v_prediction"
+    )
 
 
 def psnr(a: np.ndarray, ref: np.ndarray) -> float:
@@ -105,38 +107,54 @@ def main() -> None:
             return psnr(Sampler(schedule, r, max_batch=16).from_seeds(eval_seeds, shape), ref_samples)
 
     r16 = quantize_fp16(fp32, work / "student.fp16.onnx", calib, Fp16Config())
-    r8 = quantize_int8(fp32, work / "student.int8.onnx", calib, Int8Config(calibration=args.calibration),
-                       parity_check=sample_psnr)
+    r8 = quantize_int8(
+        fp32,
+        work / "student.int8.onnx",
+        calib,
+        Int8Config(calibration=args.calibration),
+        parity_check=sample_psnr,
+    )
     paths = {"ort-fp32": fp32, "ort-fp16": r16.path, "ort-int8": r8.path}
     quality = {k: sample_psnr(p) for k, p in paths.items()}
-    print(f"\nmodel={args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
-          f"int8 calibration={args.calibration}; fp16: {r16.counts} call rel.L2 {r16.call_rel_l2:.2e}; "
-          f"int8: {r8.counts} call rel.L2 {r8.call_rel_l2:.2e}")
+    print(
+        f"\nmodel={args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
+        f"int8 calibration={args.calibration}; fp16: {r16.counts} call rel.L2 {r16.call_rel_l2:.2e}; "
+        f"int8: {r8.counts} call rel.L2 {r8.call_rel_l2:.2e}"
+    )
     rng = np.random.default_rng(0)
-    print(f"{'batch':>5} {'variant':<10} {'median ms':>10} {'spread':>7} {'vs fp32':>8} {'vs torch':>8} "
-          f"{'sample PSNR dB':>15}")
+    print(
+        f"{'batch':>5} {'variant':<10} {'median ms':>10} {'spread':>7} {'vs fp32':>8} {'vs torch':>8} "
+        f"{'sample PSNR dB':>15}"
+    )
     for b in (1, 16):
-        feeds = {"sample": rng.standard_normal((b, *shape)).astype(np.float32),
-                 "timestep": np.full((b,), schedule.timesteps[0], np.float32)}
+        feeds = {
+            "sample": rng.standard_normal((b, *shape)).astype(np.float32),
+            "timestep": np.full((b,), schedule.timesteps[0], np.float32),
+        }
         feeds.update(conditioning_feeds(spec, b, rng))
         runners = {k: OnnxRuntimeRunner(p, spec) for k, p in paths.items()}
         for r in runners.values():
             r.activate()
-        fns = {"torch": lambda: torch_runner.infer(feeds)}
+        fns = {"torch": lambda feeds=feeds: torch_runner.infer(feeds)}
         torch_runner.activate()
-        fns.update({k: (lambda r=r: r.infer(feeds)) for k, r in runners.items()})
+        fns.update({k: (lambda r=r, feeds=feeds: r.infer(feeds)) for k, r in runners.items()})
         t = time_interleaved(fns, warmup=3, repeats=args.repeats, max_seconds=60)
         for k, v in t.items():
             q = quality.get(k)
-            print(f"{b:>5} {k:<10} {v.median_ms:>10.2f} {v.spread:>7.2f} "
-                  f"{t['ort-fp32'].median_ms / v.median_ms:>8.2f} {t['torch'].median_ms / v.median_ms:>8.2f} "
-                  f"{'' if q is None else f'{q:.1f}':>15}")
+            print(
+                f"{b:>5} {k:<10} {v.median_ms:>10.2f} {v.spread:>7.2f} "
+                f"{t['ort-fp32'].median_ms / v.median_ms:>8.2f} {t['torch'].median_ms / v.median_ms:>8.2f} "
+                f"{'' if q is None else f'{q:.1f}':>15}"
+            )
         torch_runner.deactivate()
         for r in runners.values():
             r.deactivate()
-    print("\nint8 kept float:", sorted({(k.reason) for k in r8.kept_float}),
-          f"{sum(k.reason == 'no-int8-kernel' for k in r8.kept_float)} without an ORT int8 kernel, "
-          f"{sum(k.reason == 'sensitivity' for k in r8.kept_float)} by sensitivity")
+    print(
+        "\nint8 kept float:",
+        sorted({(k.reason) for k in r8.kept_float}),
+        f"{sum(k.reason == 'no-int8-kernel' for k in r8.kept_float)} without an ORT int8 kernel, "
+        f"{sum(k.reason == 'sensitivity' for k in r8.kept_float)} by sensitivity",
+    )
 
 
 if __name__ == "__main__":

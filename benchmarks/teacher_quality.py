@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     real, _ = load_digits_images()
     noise = fixed_noise(args.n, args.seed)
     n_params = sum(p.numel() for p in unet.parameters())
-    print(
-        f"teacher {args.teacher} ({n_params:,} parameters), {args.n} samples vs {len(real)} digits"
-    )
+    print(f"teacher {args.teacher} ({n_params:,} parameters), {args.n} samples vs {len(real)} digits")
     print(f"feature extractor: digit classifier, test accuracy {extractor.test_accuracy:.4f}")
 
     ref_steps = REFERENCE_STEPS if REFERENCE_STEPS in args.steps else max(args.steps)
@@ -86,9 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         path = args.teacher / "teacher.json"
         info = json.loads(path.read_text()) if path.exists() else {}
-        info["fid"] = fid_record(
-            {s: fids[s] for s in args.steps}, args.n, args.seed, floor, len(real)
-        )
+        info["fid"] = fid_record({s: fids[s] for s in args.steps}, args.n, args.seed, floor, len(real))
         info["fid"]["measured_by"] = "benchmarks/teacher_quality.py"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(info, indent=2) + "\n")

@@ -9,5 +9,16 @@ from engines.manifest import Manifest
 from engines.runtime import DiffusionPipeline, load
 from engines.schedule import Sampler, SamplingSchedule
 
-__all__ = ["load", "DiffusionPipeline", "Manifest", "IOSpec", "TensorSpec", "Sampler",
-           "SamplingSchedule", "DDCompileError", "InputError", "BackendUnavailable", "IntegrityError"]
+__all__ = [
+    "load",
+    "DiffusionPipeline",
+    "Manifest",
+    "IOSpec",
+    "TensorSpec",
+    "Sampler",
+    "SamplingSchedule",
+    "DDCompileError",
+    "InputError",
+    "BackendUnavailable",
+    "IntegrityError",
+]

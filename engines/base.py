@@ -60,5 +60,5 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
-    def deactivate_impl(self) -> None:
+    def deactivate_impl(self) -> None:  # noqa: B027 (optional hook: most backends free nothing)
         pass

@@ -31,9 +31,7 @@ def import_cudart() -> Any:
 
 def import_tensorrt() -> Any:
     if importlib.util.find_spec("tensorrt") is None:
-        raise BackendUnavailable(
-            f"TensorRT is not installed: {TRT_EXTRA} on a machine with an NVIDIA GPU"
-        )
+        raise BackendUnavailable(f"TensorRT is not installed: {TRT_EXTRA} on a machine with an NVIDIA GPU")
     try:
         import tensorrt as trt
     except (ImportError, OSError) as e:  # wheel present but its libraries (libnvinfer) are not
@@ -127,9 +125,7 @@ class CudaEventTimer:
 
     def elapsed_ms(self) -> float:
         call(self._cudart.cudaEventSynchronize(self.end), "cudaEventSynchronize")
-        return float(
-            call(self._cudart.cudaEventElapsedTime(self.start, self.end), "cudaEventElapsedTime")
-        )
+        return float(call(self._cudart.cudaEventElapsedTime(self.start, self.end), "cudaEventElapsedTime"))
 
     def free(self) -> None:
         for ev in (self.start, self.end):

@@ -113,13 +113,15 @@ class IOSpec:
             if a.ndim != len(t.shape):
                 problems.append(f"{t.name}: rank {a.ndim} {a.shape}, expected {len(t.shape)}")
                 continue
-            for axis, (want, got) in enumerate(zip(t.shape, a.shape)):
+            for axis, (want, got) in enumerate(zip(t.shape, a.shape, strict=False)):
                 if isinstance(want, int):
                     if want != got:
                         problems.append(f"{t.name}: axis {axis} is {got}, expected {want}")
                     continue
                 if want in bound and bound[want] != got:
-                    problems.append(f"{t.name}: axis {axis} ({want}) is {got}, other inputs say {bound[want]}")
+                    problems.append(
+                        f"{t.name}: axis {axis} ({want}) is {got}, other inputs say {bound[want]}"
+                    )
                 bound.setdefault(want, got)
                 r = self.dims.get(want)
                 if r is not None and not (r.min <= got <= r.max):
@@ -146,8 +148,9 @@ class IOSpec:
         )
 
 
-def random_feeds(spec: IOSpec, dims: dict[str, int], rng: np.random.Generator,
-                 timestep_range: tuple[int, int] = (0, 999)) -> dict[str, np.ndarray]:
+def random_feeds(
+    spec: IOSpec, dims: dict[str, int], rng: np.random.Generator, timestep_range: tuple[int, int] = (0, 999)
+) -> dict[str, np.ndarray]:
     """Dummy inputs: N(0, 1) for float tensors, uniform timesteps, small ints for labels."""
     feeds: dict[str, np.ndarray] = {}
     for t in spec.inputs:

@@ -41,8 +41,13 @@ class Artifact:
 
 
 class Manifest:
-    def __init__(self, root: str | Path, io_spec: IOSpec | None = None,
-                 schedule: SamplingSchedule | None = None, meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        io_spec: IOSpec | None = None,
+        schedule: SamplingSchedule | None = None,
+        meta: dict[str, Any] | None = None,
+    ):
         self.root = Path(root)
         self.io_spec, self.schedule = io_spec, schedule
         self.meta: dict[str, Any] = meta or {}  # student info, sample shape, conditioning...
@@ -53,8 +58,9 @@ class Manifest:
         return self.root / MANIFEST_NAME
 
     # -- artifacts --------------------------------------------------------------------------
-    def add(self, name: str, path: str | Path, kind: str, *, config: dict[str, Any] | None = None,
-            **kw: Any) -> Artifact:
+    def add(
+        self, name: str, path: str | Path, kind: str, *, config: dict[str, Any] | None = None, **kw: Any
+    ) -> Artifact:
         # `path` is a path as the caller sees it (absolute or relative to the cwd), not relative to
         # the root: with `-o out/` a relative path already starts with `out/`.
         p = Path(path).resolve()
@@ -62,8 +68,15 @@ class Manifest:
             rel = p.relative_to(self.root.resolve())
         except ValueError:
             raise ValueError(f"{p}: artifact lies outside the output directory {self.root}") from None
-        art = Artifact(name=name, path=rel.as_posix(), sha256=sha256_file(p), kind=kind,
-                       config=config or {}, config_hash=config_hash(config or {}), **kw)
+        art = Artifact(
+            name=name,
+            path=rel.as_posix(),
+            sha256=sha256_file(p),
+            kind=kind,
+            config=config or {},
+            config_hash=config_hash(config or {}),
+            **kw,
+        )
         self.artifacts[name] = art
         return art
 
@@ -89,8 +102,10 @@ class Manifest:
             raise IntegrityError(f"{self.path}: artifact {art.name!r} names {p}, which is missing")
         digest = sha256_file(p)
         if digest != art.sha256:
-            raise IntegrityError(f"{p}: sha256 {digest[:12]}... does not match the manifest's "
-                                 f"{art.sha256[:12]}... (file changed after it was built)")
+            raise IntegrityError(
+                f"{p}: sha256 {digest[:12]}... does not match the manifest's "
+                f"{art.sha256[:12]}... (file changed after it was built)"
+            )
         return p
 
     def up_to_date(self, name: str, input_sha256: str, config: dict[str, Any]) -> Artifact | None:
@@ -133,19 +148,24 @@ class Manifest:
         if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
             raise InputError(f"{p}: not a dd-compile manifest")
         if d.get("version") != MANIFEST_VERSION:
-            raise InputError(f"{p}: manifest version {d.get('version')!r} is not supported "
-                             f"(this dd-compile reads version {MANIFEST_VERSION})")
-        m = cls(p.parent,
-                IOSpec.from_dict(d["io_spec"]) if d.get("io_spec") else None,
-                SamplingSchedule.from_dict(d["schedule"]) if d.get("schedule") else None,
-                d.get("meta") or {})
+            raise InputError(
+                f"{p}: manifest version {d.get('version')!r} is not supported "
+                f"(this dd-compile reads version {MANIFEST_VERSION})"
+            )
+        m = cls(
+            p.parent,
+            IOSpec.from_dict(d["io_spec"]) if d.get("io_spec") else None,
+            SamplingSchedule.from_dict(d["schedule"]) if d.get("schedule") else None,
+            d.get("meta") or {},
+        )
         for a in d.get("artifacts", []):
             m.artifacts[a["name"]] = Artifact(**a)
         return m
 
     @classmethod
-    def open_or_create(cls, root: str | Path, io_spec: IOSpec, schedule: SamplingSchedule,
-                       meta: dict[str, Any]) -> Manifest:
+    def open_or_create(
+        cls, root: str | Path, io_spec: IOSpec, schedule: SamplingSchedule, meta: dict[str, Any]
+    ) -> Manifest:
         """Reuse the artifact records of an existing manifest (for caching), refresh the rest."""
         root = Path(root)
         m = cls(root, io_spec, schedule, meta)

@@ -24,9 +24,9 @@ def _shapes_arg(shapes: dict[str, tuple[int, ...]]) -> str:
     return ",".join(f"{n}:{'x'.join(str(d) for d in s)}" for n, s in shapes.items())
 
 
-def default_provider_options(backend: str, spec: IOSpec | None = None,
-                             cache_dir: str | Path | None = None,
-                             device_id: int = 0) -> dict[str, dict[str, Any]]:
+def default_provider_options(
+    backend: str, spec: IOSpec | None = None, cache_dir: str | Path | None = None, device_id: int = 0
+) -> dict[str, dict[str, Any]]:
     """Provider options per execution provider (ORT docs: TensorRT-ExecutionProvider, CUDA EP).
 
     TensorRT EP: engine and timing caches in `cache_dir` (reused across sessions, keyed by ORT on
@@ -38,15 +38,29 @@ def default_provider_options(backend: str, spec: IOSpec | None = None,
     if backend in ("onnxruntime-cuda", "onnxruntime-trt"):
         opts["CUDAExecutionProvider"] = {"device_id": device_id}
     if backend == "onnxruntime-trt":
-        trt: dict[str, Any] = {"device_id": device_id, "trt_fp16_enable": False,
-                               "trt_int8_enable": False, "trt_builder_optimization_level": 3}
+        trt: dict[str, Any] = {
+            "device_id": device_id,
+            "trt_fp16_enable": False,
+            "trt_int8_enable": False,
+            "trt_builder_optimization_level": 3,
+        }
         if cache_dir is not None:  # created at activation
-            trt.update({"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
-                        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir)})
+            trt.update(
+                {
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": str(cache_dir),
+                    "trt_timing_cache_enable": True,
+                    "trt_timing_cache_path": str(cache_dir),
+                }
+            )
         if spec is not None and spec.dims:
-            trt.update({"trt_profile_min_shapes": _shapes_arg(spec.profile("min")),
-                        "trt_profile_opt_shapes": _shapes_arg(spec.profile("opt")),
-                        "trt_profile_max_shapes": _shapes_arg(spec.profile("max"))})
+            trt.update(
+                {
+                    "trt_profile_min_shapes": _shapes_arg(spec.profile("min")),
+                    "trt_profile_opt_shapes": _shapes_arg(spec.profile("opt")),
+                    "trt_profile_max_shapes": _shapes_arg(spec.profile("max")),
+                }
+            )
         opts["TensorrtExecutionProvider"] = trt
     return opts
 
@@ -66,17 +80,24 @@ def session_options(threads: int | None = None) -> Any:
     if threads:
         so.intra_op_num_threads = threads
     # Busy-waiting threads starve other processes on shared machines (seen: 30x slowdowns).
-    so.add_session_config_entry("session.intra_op.allow_spinning",
-                                os.environ.get("DD_ORT_SPINNING", "0"))
+    so.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("DD_ORT_SPINNING", "0"))
     return so
 
 
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, model_path: str | Path, spec: IOSpec, *, backend: str = "onnxruntime",
-                 threads: int | None = None, provider_options: dict[str, dict[str, Any]] | None = None,
-                 cache_dir: str | Path | None = None, name: str | None = None):
+    def __init__(
+        self,
+        model_path: str | Path,
+        spec: IOSpec,
+        *,
+        backend: str = "onnxruntime",
+        threads: int | None = None,
+        provider_options: dict[str, dict[str, Any]] | None = None,
+        cache_dir: str | Path | None = None,
+        name: str | None = None,
+    ):
         super().__init__(spec, name=name or f"{backend}:{Path(model_path).name}")
         if backend not in PROVIDERS:
             raise ValueError(f"unknown onnxruntime backend {backend!r}; choose from {list(PROVIDERS)}")
@@ -84,8 +105,7 @@ class OnnxRuntimeRunner(Runner):
         # TensorRT EP caches default to a folder beside the model (the output folder's onnx/).
         if cache_dir is None and backend == "onnxruntime-trt":
             cache_dir = self.model_path.parent / "trt_ep_cache"
-        self.provider_options = (provider_options
-                                 or default_provider_options(backend, spec, cache_dir))
+        self.provider_options = provider_options or default_provider_options(backend, spec, cache_dir)
         self.session: Any = None
 
     def activate_impl(self) -> None:
@@ -96,18 +116,20 @@ class OnnxRuntimeRunner(Runner):
             extra = "gpu" if "CUDA" in wanted[0] or "Tensorrt" in wanted[0] else "runtime"
             raise BackendUnavailable(
                 f"{self.backend}: onnxruntime has no {wanted[0]} here (available: {sorted(have)}); "
-                f"install dd-compile[{extra}] on a machine with a CUDA device")
+                f"install dd-compile[{extra}] on a machine with a CUDA device"
+            )
         providers = [(p, self.provider_options.get(p, {})) for p in wanted if p in have]
         for opts in self.provider_options.values():
             for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
                 if opts.get(key):
                     Path(opts[key]).mkdir(parents=True, exist_ok=True)
-        self.session = ort.InferenceSession(str(self.model_path), session_options(self.threads),
-                                            providers=providers)
+        self.session = ort.InferenceSession(
+            str(self.model_path), session_options(self.threads), providers=providers
+        )
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, feeds)))
+        return dict(zip(names, self.session.run(names, feeds), strict=True))
 
     def deactivate_impl(self) -> None:
         self.session = None

@@ -1,8 +1,8 @@
 """Torch-free runtime: manifest -> runner -> few-step sampler -> images.
 
-    import engines
-    pipe = engines.load("out/", precision="int8", backend="onnxruntime")
-    images = pipe(seeds=[0, 1, 2, 3])      # numpy [B, C, H, W] in [0, 1]
+import engines
+pipe = engines.load("out/", precision="int8", backend="onnxruntime")
+images = pipe(seeds=[0, 1, 2, 3])      # numpy [B, C, H, W] in [0, 1]
 """
 
 from __future__ import annotations
@@ -24,10 +24,17 @@ def pick_artifact(manifest: Manifest, precision: str, backend: str) -> Artifact:
     kind, match = ("engine", {"backend": "tensorrt"}) if backend == "tensorrt" else ("onnx", {})
     found = manifest.find(kind, precision=precision, **match)
     if not found:
-        have = sorted({f"{a.backend or 'onnxruntime'}/{a.precision}"
-                       for a in manifest.artifacts.values() if a.kind in ("onnx", "engine")})
-        raise InputError(f"{manifest.path}: no {kind} for precision {precision!r} "
-                         f"and backend {backend!r} (have: {', '.join(have) or 'none'})")
+        have = sorted(
+            {
+                f"{a.backend or 'onnxruntime'}/{a.precision}"
+                for a in manifest.artifacts.values()
+                if a.kind in ("onnx", "engine")
+            }
+        )
+        raise InputError(
+            f"{manifest.path}: no {kind} for precision {precision!r} "
+            f"and backend {backend!r} (have: {', '.join(have) or 'none'})"
+        )
     return found[-1]
 
 
@@ -54,13 +61,19 @@ class DiffusionPipeline:
         self.schedule = manifest.schedule
         self.sample_shape = tuple(manifest.meta["sample_shape"])  # (C, H, W)
         self.max_batch = manifest.io_spec.dims["batch"].max if "batch" in manifest.io_spec.dims else None
-        self.sampler = Sampler(self.schedule, runner, output_name=manifest.io_spec.output_names[0],
-                               max_batch=self.max_batch)
+        self.sampler = Sampler(
+            self.schedule, runner, output_name=manifest.io_spec.output_names[0], max_batch=self.max_batch
+        )
         runner.activate()
 
-    def __call__(self, seeds: list[int] | None = None, noise: np.ndarray | None = None,
-                 step_noise: np.ndarray | None = None, cond: dict[str, np.ndarray] | None = None,
-                 output: str = "images") -> np.ndarray:
+    def __call__(
+        self,
+        seeds: list[int] | None = None,
+        noise: np.ndarray | None = None,
+        step_noise: np.ndarray | None = None,
+        cond: dict[str, np.ndarray] | None = None,
+        output: str = "images",
+    ) -> np.ndarray:
         if (seeds is None) == (noise is None):
             raise InputError("pass exactly one of seeds= or noise=")
         if noise is None:
@@ -82,8 +95,9 @@ class DiffusionPipeline:
         self.close()
 
 
-def load(out_dir: str | Path, precision: str = "fp32", backend: str = "onnxruntime",
-         **runner_kw: Any) -> DiffusionPipeline:
+def load(
+    out_dir: str | Path, precision: str = "fp32", backend: str = "onnxruntime", **runner_kw: Any
+) -> DiffusionPipeline:
     manifest = Manifest.load(out_dir)
     art = pick_artifact(manifest, precision, backend)
     return DiffusionPipeline(manifest, make_runner(manifest, art, backend, **runner_kw))

@@ -52,12 +52,17 @@ class SamplingSchedule:
         return cls(**d)
 
     @classmethod
-    def from_alphas(cls, alphas_cumprod: np.ndarray, timesteps: list[int], kind: str,
-                    prediction_type: str, **kw: Any) -> SamplingSchedule:
+    def from_alphas(
+        cls, alphas_cumprod: np.ndarray, timesteps: list[int], kind: str, prediction_type: str, **kw: Any
+    ) -> SamplingSchedule:
         """Pick alpha_bar at the given timesteps from a scheduler's full table."""
-        return cls(kind=kind, timesteps=tuple(int(t) for t in timesteps),
-                   alphas_cumprod=tuple(float(alphas_cumprod[t]) for t in timesteps),
-                   prediction_type=prediction_type, **kw)
+        return cls(
+            kind=kind,
+            timesteps=tuple(int(t) for t in timesteps),
+            alphas_cumprod=tuple(float(alphas_cumprod[t]) for t in timesteps),
+            prediction_type=prediction_type,
+            **kw,
+        )
 
 
 def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
@@ -66,8 +71,9 @@ def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     return [int(round(num_train_timesteps - i * ratio)) - 1 for i in range(steps)]
 
 
-def predict_x0_eps(x: np.ndarray, out: np.ndarray, a: float, prediction_type: str
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def predict_x0_eps(
+    x: np.ndarray, out: np.ndarray, a: float, prediction_type: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Model output -> (x0, eps) at alpha_bar a; z = sqrt(a) x0 + sqrt(1-a) eps."""
     sa, so = np.float32(np.sqrt(a)), np.float32(np.sqrt(1.0 - a))
     if prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1-a) x0 (Salimans & Ho, eq. 9)
@@ -81,8 +87,7 @@ class InferFn(Protocol):
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-def draw_noise(seeds: list[int], shape: tuple[int, ...], steps: int
-               ) -> tuple[np.ndarray, np.ndarray]:
+def draw_noise(seeds: list[int], shape: tuple[int, ...], steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-seed noise so a sample does not depend on its batch: (x_T [B,...], per-step [S-1,B,...])."""
     init, per_step = [], []
     for s in seeds:
@@ -95,8 +100,14 @@ def draw_noise(seeds: list[int], shape: tuple[int, ...], steps: int
 class Sampler:
     """Noise -> samples in the model's data space, with any runner exposing `infer(feeds)`."""
 
-    def __init__(self, schedule: SamplingSchedule, runner: InferFn, *, output_name: str = "out_sample",
-                 max_batch: int | None = None):
+    def __init__(
+        self,
+        schedule: SamplingSchedule,
+        runner: InferFn,
+        *,
+        output_name: str = "out_sample",
+        max_batch: int | None = None,
+    ):
         self.schedule, self.runner = schedule, runner
         self.output_name, self.max_batch = output_name, max_batch
 
@@ -105,13 +116,17 @@ class Sampler:
         step = self.max_batch or n
         outs = []
         for i in range(0, n, step):
-            feeds = {"sample": x[i:i + step], "timestep": np.full((min(step, n - i),), t, np.float32)}
-            feeds.update({k: v[i:i + step] for k, v in cond.items()})
+            feeds = {"sample": x[i : i + step], "timestep": np.full((min(step, n - i),), t, np.float32)}
+            feeds.update({k: v[i : i + step] for k, v in cond.items()})
             outs.append(self.runner.infer(feeds)[self.output_name])
         return np.concatenate(outs).astype(np.float32)
 
-    def __call__(self, noise: np.ndarray, step_noise: np.ndarray | None = None,
-                 cond: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def __call__(
+        self,
+        noise: np.ndarray,
+        step_noise: np.ndarray | None = None,
+        cond: dict[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
         sch, cond = self.schedule, cond or {}
         if sch.kind == "consistency" and sch.steps > 1 and step_noise is None:
             raise ValueError("a consistency sampler needs step_noise [steps-1, B, ...] (see draw_noise)")
@@ -135,8 +150,9 @@ class Sampler:
             x = x.astype(np.float32)
         return x
 
-    def from_seeds(self, seeds: list[int], sample_shape: tuple[int, ...],
-                   cond: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def from_seeds(
+        self, seeds: list[int], sample_shape: tuple[int, ...], cond: dict[str, np.ndarray] | None = None
+    ) -> np.ndarray:
         noise, step_noise = draw_noise(seeds, sample_shape, self.schedule.steps)
         return self(noise, step_noise, cond)
 

@@ -55,9 +55,15 @@ def infer_function(pipe: DiffusionPipeline) -> Any:
         seeds = [int(s) for s in seed.reshape(-1)]
         if min(seeds) < 0:  # numpy's generators reject negative seeds
             raise ValueError(f"seeds must be >= 0, got {min(seeds)}")
-        extra = {k: (v.reshape(-1) if v.ndim == 2 and v.shape[1] == 1 and
-                     len(pipe.manifest.io_spec.input(k).shape) == 1 else v)
-                 for k, v in cond.items() if k in cond_names}
+        extra = {
+            k: (
+                v.reshape(-1)
+                if v.ndim == 2 and v.shape[1] == 1 and len(pipe.manifest.io_spec.input(k).shape) == 1
+                else v
+            )
+            for k, v in cond.items()
+            if k in cond_names
+        }
         images = pipe(seeds=seeds, cond=extra or None)
         return {"images": images.astype(np.float32)}
 
@@ -84,24 +90,47 @@ def serve(out_dir: str | Path, config: ServeConfig = ServeConfig()) -> None:
         from pytriton.model_config import DynamicBatcher, ModelConfig
         from pytriton.triton import Triton, TritonConfig
     except ImportError:
-        raise BackendUnavailable("PyTriton is not installed: run .ci/setup-serve (a Python 3.11 "
-                                 "venv with a shared libpython and nvidia-pytriton)") from None
+        raise BackendUnavailable(
+            "PyTriton is not installed: run .ci/setup-serve (a Python 3.11 "
+            "venv with a shared libpython and nvidia-pytriton)"
+        ) from None
     kw = {"threads": config.threads} if config.threads else {}
     pipe = load(out_dir, precision=config.precision, backend=config.backend, **kw)
     max_batch = pipe.max_batch or 1
     inputs, outputs = tensors(pipe)
-    triton_cfg = TritonConfig(http_address=config.host, http_port=config.port,
-                              grpc_address=config.host, grpc_port=config.grpc_port,
-                              metrics_address=config.host, metrics_port=config.metrics_port,
-                              exit_on_error=True)
-    model_cfg = ModelConfig(max_batch_size=max_batch, batcher=DynamicBatcher(
-        max_queue_delay_microseconds=config.max_queue_delay_us))
+    triton_cfg = TritonConfig(
+        http_address=config.host,
+        http_port=config.port,
+        grpc_address=config.host,
+        grpc_port=config.grpc_port,
+        metrics_address=config.host,
+        metrics_port=config.metrics_port,
+        exit_on_error=True,
+    )
+    model_cfg = ModelConfig(
+        max_batch_size=max_batch,
+        batcher=DynamicBatcher(max_queue_delay_microseconds=config.max_queue_delay_us),
+    )
     with Triton(config=triton_cfg) as triton:
-        triton.bind(model_name=MODEL_NAME, infer_func=infer_function(pipe), inputs=inputs,
-                    outputs=outputs, config=model_cfg, strict=True)
-        log.info("serving %s (%s/%s, max batch %d) on http://%s:%d and grpc %s:%d", out_dir,
-                 config.backend, config.precision, max_batch, config.host, config.port,
-                 config.host, config.grpc_port)
+        triton.bind(
+            model_name=MODEL_NAME,
+            infer_func=infer_function(pipe),
+            inputs=inputs,
+            outputs=outputs,
+            config=model_cfg,
+            strict=True,
+        )
+        log.info(
+            "serving %s (%s/%s, max batch %d) on http://%s:%d and grpc %s:%d",
+            out_dir,
+            config.backend,
+            config.precision,
+            max_batch,
+            config.host,
+            config.port,
+            config.host,
+            config.grpc_port,
+        )
         triton.serve()
     pipe.close()
 
@@ -115,15 +144,18 @@ def main(argv: list[str] | None = None) -> None:
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
     @click.argument("out_dir", type=click.Path(path_type=Path))
     @click.option("--host", default="127.0.0.1", show_default=True)
-    @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535),
-                  help="HTTP port.")
+    @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
     @click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535))
     @click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535))
-    @click.option("--precision", default="fp32", show_default=True,
-                  type=click.Choice(["fp32", "fp16", "int8"]))
-    @click.option("--backend", default="onnxruntime", show_default=True,
-                  type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-trt",
-                                     "tensorrt"]))
+    @click.option(
+        "--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"])
+    )
+    @click.option(
+        "--backend",
+        default="onnxruntime",
+        show_default=True,
+        type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt"]),
+    )
     @click.option("--max-queue-delay-us", default=2000, show_default=True, type=click.IntRange(0))
     @click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads.")
     def cli(out_dir: Path, **kw: Any) -> None:

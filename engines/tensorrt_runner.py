@@ -150,9 +150,7 @@ def running_target(device: int = 0) -> TrtTarget:
 def check_engine_compatible(artifact: Artifact, running: TrtTarget | None = None) -> None:
     """Refuse (IntegrityError, one line) an engine that cannot run on this TensorRT/GPU."""
     if artifact.kind != "engine" or not artifact.target:
-        raise IntegrityError(
-            f"artifact {artifact.name!r} is not a TensorRT engine record with a target"
-        )
+        raise IntegrityError(f"artifact {artifact.name!r} is not a TensorRT engine record with a target")
     built = TrtTarget.from_dict(artifact.target)
     running = running or running_target()
     problem = compatibility_problem(built, running)
@@ -182,9 +180,7 @@ class _Buffer:
         """A numpy view of the pinned host memory (valid until the buffer is freed)."""
         n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         raw = (ctypes.c_byte * max(n, 1)).from_address(int(self.host))
-        return np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape, dtype=np.int64))).reshape(
-            shape
-        )
+        return np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape, dtype=np.int64))).reshape(shape)
 
     def free(self) -> None:
         cudart = import_cudart()
@@ -213,9 +209,7 @@ class TensorRTRunner(Runner):
         self.cuda_graph, self.copy_outputs = cuda_graph, copy_outputs
         self.auto_profile = profile_index is None
         self.profile_index, self.device = profile_index or 0, device
-        self.last_gpu_ms: float | None = (
-            None  # CUDA-event time of the engine call (copies excluded)
-        )
+        self.last_gpu_ms: float | None = None  # CUDA-event time of the engine call (copies excluded)
         self.graph_captures = 0  # how many times a CUDA graph was (re)captured
         self._engine: Any = None
 
@@ -255,9 +249,7 @@ class TensorRTRunner(Runner):
         self._outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         missing = sorted(set(self.spec.input_names) - set(self._inputs))
         if missing:
-            raise IntegrityError(
-                f"{self.engine_path}: engine lacks input(s) {missing} of the IO spec"
-            )
+            raise IntegrityError(f"{self.engine_path}: engine lacks input(s) {missing} of the IO spec")
         self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         # Allocate once at the largest shapes of the profiles we may use: addresses stay fixed, so
         # a captured graph stays valid until the shapes (not the buffers) change.
@@ -275,9 +267,7 @@ class TensorRTRunner(Runner):
                         f"{self.engine_path}: output {n} has a data-dependent shape "
                         f"{shape}; this runner needs shapes known from the inputs"
                     )
-                nbytes[n] = max(
-                    nbytes[n], int(np.prod(shape, dtype=np.int64)) * self._dtypes[n].itemsize
-                )
+                nbytes[n] = max(nbytes[n], int(np.prod(shape, dtype=np.int64)) * self._dtypes[n].itemsize)
         self._select_profile(start)
         self._buffers: dict[str, _Buffer] = {n: _Buffer(nbytes[n]) for n in names}
         self._bind_addresses()
@@ -326,9 +316,7 @@ class TensorRTRunner(Runner):
         if shapes == self._shapes:
             return
         if self.auto_profile and not self._covers(self.profile_index, shapes):
-            fits = [
-                p for p in range(self._engine.num_optimization_profiles) if self._covers(p, shapes)
-            ]
+            fits = [p for p in range(self._engine.num_optimization_profiles) if self._covers(p, shapes)]
             if fits:  # else set_input_shape below reports the current profile's range
                 self._select_profile(fits[0])
                 self._bind_addresses()

@@ -14,8 +14,15 @@ from engines.iospec import IOSpec
 class TorchRunner(Runner):
     backend = "torch"
 
-    def __init__(self, module: Any, spec: IOSpec, *, device: str = "cpu", dtype: str = "float32",
-                 name: str | None = None):
+    def __init__(
+        self,
+        module: Any,
+        spec: IOSpec,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        name: str | None = None,
+    ):
         super().__init__(spec, name=name or "torch")
         self.module, self.device, self.dtype = module, device, dtype
 
@@ -23,7 +30,9 @@ class TorchRunner(Runner):
         try:
             import torch
         except ImportError:
-            raise BackendUnavailable("torch is not installed: pip install 'dd-compile[cpu]' torch==2.13.0") from None
+            raise BackendUnavailable(
+                "torch is not installed: pip install 'dd-compile[cpu]' torch==2.13.0"
+            ) from None
         self._torch = torch
         self.module.to(self.device, getattr(torch, self.dtype)).eval()
 

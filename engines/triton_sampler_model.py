@@ -35,12 +35,12 @@ class _UNetViaBLS:
             if len(spec["shape"]) == 1:  # a [batch] tensor is dims [1] + reshape [] in Triton
                 a = a.reshape(-1, 1)
             tensors.append(pb_utils.Tensor(spec["name"], a))
-        request = pb_utils.InferenceRequest(model_name=self.model_name, inputs=tensors,
-                                            requested_output_names=[self.output])
+        request = pb_utils.InferenceRequest(
+            model_name=self.model_name, inputs=tensors, requested_output_names=[self.output]
+        )
         response = request.exec()
         if response.has_error():
-            raise pb_utils.TritonModelException(
-                f"{self.model_name}: {response.error().message()}")
+            raise pb_utils.TritonModelException(f"{self.model_name}: {response.error().message()}")
         return {self.output: pb_utils.get_output_tensor_by_name(response, self.output).as_numpy()}
 
 
@@ -50,11 +50,11 @@ class TritonPythonModel:
         self.schedule = SamplingSchedule.from_dict(cfg["schedule"])
         self.sample_shape = tuple(cfg["sample_shape"])
         unet_inputs = cfg["unet_inputs"]
-        self.cond_names = [t["name"] for t in unet_inputs
-                           if t["name"] not in ("sample", "timestep")]
+        self.cond_names = [t["name"] for t in unet_inputs if t["name"] not in ("sample", "timestep")]
         runner = _UNetViaBLS(cfg["unet_model"], unet_inputs, cfg["unet_output"])
-        self.sampler = Sampler(self.schedule, runner, output_name=cfg["unet_output"],
-                               max_batch=cfg["max_batch"] or None)
+        self.sampler = Sampler(
+            self.schedule, runner, output_name=cfg["unet_output"], max_batch=cfg["max_batch"] or None
+        )
 
     def _parse(self, request):
         """(noise [B,...], step_noise [S-1,B,...] or None, cond) of one request, or ValueError."""
@@ -71,8 +71,10 @@ class TritonPythonModel:
             sn = pb_utils.get_input_tensor_by_name(request, "step_noise")
             step_noise = None if sn is None else np.swapaxes(sn.as_numpy(), 0, 1).astype(np.float32)
             if self.schedule.kind == "consistency" and steps > 1 and step_noise is None:
-                raise ValueError("a consistency student given 'noise' also needs 'step_noise' "
-                                 "[B, steps-1, C, H, W] (or send 'seed')")
+                raise ValueError(
+                    "a consistency student given 'noise' also needs 'step_noise' "
+                    "[B, steps-1, C, H, W] (or send 'seed')"
+                )
         cond = {}
         for name in self.cond_names:
             t = pb_utils.get_input_tensor_by_name(request, name)
@@ -103,8 +105,9 @@ class TritonPythonModel:
                 return responses
             start = 0
             for i, x, *_ in parsed:
-                part = images[start:start + len(x)]
+                part = images[start : start + len(x)]
                 start += len(x)
                 responses[i] = pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor("images", np.ascontiguousarray(part))])
+                    output_tensors=[pb_utils.Tensor("images", np.ascontiguousarray(part))]
+                )
         return responses

@@ -47,14 +47,10 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 @dataclass(frozen=True)
 class TrtBuildConfig:
-    builder_optimization_level: int = (
-        3  # 0..5; TensorRT's default 3. Higher: longer build, maybe faster
-    )
+    builder_optimization_level: int = 3  # 0..5; TensorRT's default 3. Higher: longer build, maybe faster
     workspace_bytes: int | None = None  # WORKSPACE memory pool limit; None: TensorRT's default
     batch_sizes: tuple[int, ...] | None = None  # None: the IO spec's batch range
-    profile_mode: str = (
-        "range"  # "range": one profile min..max; "per-batch": one exact profile per size
-    )
+    profile_mode: str = "range"  # "range": one profile min..max; "per-batch": one exact profile per size
     hardware_compatibility_level: str = "none"  # "none" | "ampere_plus" | "same_compute_capability"
     version_compatible: bool = False  # runs on newer TensorRT (same major, or 10 -> 11)
     refittable: bool = False  # weights can be refit without a rebuild
@@ -199,9 +195,7 @@ def build_engine(
     cache = (
         Path(config.timing_cache)
         if config.timing_cache
-        else timing_cache_path(
-            Path(config.cache_dir) if config.cache_dir else out_path.parent, target
-        )
+        else timing_cache_path(Path(config.cache_dir) if config.cache_dir else out_path.parent, target)
     )
     check_timing_cache(cache, target)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -210,9 +204,7 @@ def build_engine(
     network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
     t0 = time.perf_counter()
     try:
-        plan = engine_bytes_from_network(
-            network, config=CreateConfig(**kwargs), save_timing_cache=str(cache)
-        )
+        plan = engine_bytes_from_network(network, config=CreateConfig(**kwargs), save_timing_cache=str(cache))
     except Exception as e:  # polygraphy raises PolygraphyException after logging TensorRT's errors
         raise RuntimeError(f"{onnx_path}: TensorRT build failed: {e}") from e
     seconds = time.perf_counter() - t0

@@ -25,8 +25,9 @@ SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DMode
 
 def clean_config(config: dict[str, Any]) -> dict[str, Any]:
     """A diffusers config as plain JSON: private keys (_name_or_path, _diffusers_version...) dropped."""
-    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")},
-                                 default=str))
+    return json.loads(
+        json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, default=str)
+    )
 
 
 @dataclass
@@ -68,12 +69,15 @@ class StudentCheckpoint:
         expected = model.state_dict()
         missing = sorted(set(expected) - set(self.state_dict or {}))
         if missing:
-            raise InputError(f"{where}: {len(missing)} tensor(s) missing for {self.model_class}, "
-                             f"e.g. {missing[0]!r}")
+            raise InputError(
+                f"{where}: {len(missing)} tensor(s) missing for {self.model_class}, e.g. {missing[0]!r}"
+            )
         for k, v in expected.items():
             if tuple(self.state_dict[k].shape) != tuple(v.shape):
-                raise InputError(f"{where}: tensor {k!r} has shape {tuple(self.state_dict[k].shape)}, "
-                                 f"the config needs {tuple(v.shape)}")
+                raise InputError(
+                    f"{where}: tensor {k!r} has shape {tuple(self.state_dict[k].shape)}, "
+                    f"the config needs {tuple(v.shape)}"
+                )
         unexpected = sorted(set(self.state_dict) - set(expected))
         if unexpected:
             raise InputError(f"{where}: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]!r}")
@@ -98,8 +102,10 @@ def _read_header(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected a student.ckpt file "
-                         "(for a diffusers folder, pass it with --steps)")
+        raise InputError(
+            f"{path}: is a directory, expected a student.ckpt file "
+            "(for a diffusers folder, pass it with --steps)"
+        )
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -108,8 +114,10 @@ def _read_header(path: Path) -> dict[str, Any]:
         (n,) = struct.unpack("<Q", head)
         # a safetensors header length may start with 0x80 too: call it pickle only if it is not one
         if (head[:1] == b"\x80" or head[:2] == b"PK") and (n > size - 8 or n > 100 << 20):
-            raise InputError(f"{path}: is a pickle/torch.save file; dd-compile never unpickles "
-                             "checkpoints (convert it to safetensors with save_checkpoint)")
+            raise InputError(
+                f"{path}: is a pickle/torch.save file; dd-compile never unpickles "
+                "checkpoints (convert it to safetensors with save_checkpoint)"
+            )
         if n > size - 8 or n > 100 << 20:
             raise InputError(f"{path}: not a safetensors file (header length {n} exceeds file size {size})")
         raw = f.read(n)
@@ -135,14 +143,18 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{path}: dd-compile metadata is not valid JSON") from None
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise InputError(f"{path}: checkpoint format version {version!r} is not supported "
-                         f"(this dd-compile reads version {FORMAT_VERSION})")
+        raise InputError(
+            f"{path}: checkpoint format version {version!r} is not supported "
+            f"(this dd-compile reads version {FORMAT_VERSION})"
+        )
     for key in ("model", "scheduler", "schedule", "teacher"):
         if key not in meta:
             raise InputError(f"{path}: metadata lacks {key!r}")
     cls = meta["model"].get("class")
     if cls not in SUPPORTED_MODELS:
-        raise InputError(f"{path}: model class {cls!r} is not supported (supported: {', '.join(SUPPORTED_MODELS)})")
+        raise InputError(
+            f"{path}: model class {cls!r} is not supported (supported: {', '.join(SUPPORTED_MODELS)})"
+        )
     return meta
 
 
@@ -163,7 +175,13 @@ def load_checkpoint(path: str | Path, *, weights: bool = True) -> StudentCheckpo
     except (TypeError, ValueError, KeyError) as e:
         raise InputError(f"{path}: invalid sampling schedule ({e})") from None
     return StudentCheckpoint(
-        model_class=meta["model"]["class"], model_config=meta["model"]["config"],
-        scheduler_class=meta["scheduler"]["class"], scheduler_config=meta["scheduler"]["config"],
-        schedule=schedule, teacher=TeacherRef(**meta["teacher"]),
-        distillation=meta.get("distillation") or {}, state_dict=state, path=path)
+        model_class=meta["model"]["class"],
+        model_config=meta["model"]["config"],
+        scheduler_class=meta["scheduler"]["class"],
+        scheduler_config=meta["scheduler"]["config"],
+        schedule=schedule,
+        teacher=TeacherRef(**meta["teacher"]),
+        distillation=meta.get("distillation") or {},
+        state_dict=state,
+        path=path,
+    )

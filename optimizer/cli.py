@@ -35,6 +35,7 @@ def _csv(kind, convert, allowed=None):
         if kind == "batch sizes" and any(v < 1 for v in out):
             raise click.BadParameter("batch sizes must be >= 1")
         return out
+
     return cb
 
 
@@ -60,15 +61,30 @@ def parse_bars(items: tuple[str, ...]):
         elif key == "paired_psnr":
             paired = v
         else:
-            raise click.BadParameter(f"--bar {item!r}: unknown key (call.<p>, sample.<p>, fid_margin, paired_psnr)")
-    return ParityBars(call_rel_l2=call, sample_psnr_db=sample, fid_margin=fid_margin, min_paired_psnr_db=paired)
+            raise click.BadParameter(
+                f"--bar {item!r}: unknown key (call.<p>, sample.<p>, fid_margin, paired_psnr)"
+            )
+    return ParityBars(
+        call_rel_l2=call, sample_psnr_db=sample, fid_margin=fid_margin, min_paired_psnr_db=paired
+    )
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch._export", "polygraphy",
-                  "diffusers", "matplotlib", "PIL"):
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in (
+        "onnx_ir",
+        "onnxscript",
+        "torch.onnx",
+        "torch._export",
+        "polygraphy",
+        "diffusers",
+        "matplotlib",
+        "PIL",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
     import diffusers.utils.logging as dlog
 
@@ -77,28 +93,39 @@ def setup_logging(verbose: bool) -> None:
 
 
 def print_table(report) -> None:
-    rows = [("variant", "call relL2", "sample PSNR", "per-call ms", "x teacher", "e2e ms", "x teacher", "pass")]
+    rows = [
+        ("variant", "call relL2", "sample PSNR", "per-call ms", "x teacher", "e2e ms", "x teacher", "pass")
+    ]
     for v in report.variants:
         b = max(v.latency_ms.get("per_call", {0: 0}))
         pc = v.latency_ms.get("per_call", {}).get(b)
         e2e = v.latency_ms.get("end_to_end", {}).get(b)
         spc = v.speedup_vs_teacher.get("per_call", {}).get(b)
         se = v.speedup_vs_teacher.get("end_to_end", {}).get(b)
-        rows.append((f"{v.backend} {v.precision}{' *' if v.recommended else ''}",
-                     f"{v.parity['call']['rel_l2']:.2e}", f"{v.parity['sample']['psnr_db']:.1f} dB",
-                     f"{pc:.2f} (b{b})" if pc else "-", f"{spc:.2f}x" if spc else "-",
-                     f"{e2e:.1f}" if e2e else "-", f"{se:.1f}x" if se else "-",
-                     "yes" if v.passed else "NO"))
+        rows.append(
+            (
+                f"{v.backend} {v.precision}{' *' if v.recommended else ''}",
+                f"{v.parity['call']['rel_l2']:.2e}",
+                f"{v.parity['sample']['psnr_db']:.1f} dB",
+                f"{pc:.2f} (b{b})" if pc else "-",
+                f"{spc:.2f}x" if spc else "-",
+                f"{e2e:.1f}" if e2e else "-",
+                f"{se:.1f}x" if se else "-",
+                "yes" if v.passed else "NO",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
         if i == 0:
             click.echo("  ".join("-" * w for w in widths))
     d = report.distribution
     if d:
-        fids = ", ".join(f"{k[4:]} {d[k]:.2f}" for k in
-                         ("fid_student", "fid_teacher", "fid_teacher_low_steps", "fid_student_vs_teacher")
-                         if d.get(k) is not None)
+        fids = ", ".join(
+            f"{k[4:]} {d[k]:.2f}"
+            for k in ("fid_student", "fid_teacher", "fid_teacher_low_steps", "fid_student_vs_teacher")
+            if d.get(k) is not None
+        )
         click.echo(f"distribution: paired PSNR to teacher {d['paired_psnr_db']:.1f} dB; FID {fids}")
     for s in report.skipped:
         click.echo(f"skipped: {s}")
@@ -109,52 +136,174 @@ def print_table(report) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", required=False, type=click.Path(path_type=Path))
-@click.option("--demo", is_flag=True, help="Compile the bundled digits student (distilled from the bundled teacher).")
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
-              help="Output folder: onnx/, engines/, report.{json,md}, samples.png, latency.png, manifest.json. "
-                   "[default: out/]")
-@click.option("--precision", "precisions", callback=_csv("precisions", str, ("fp32", "fp16", "int8")),
-              default="fp32,fp16,int8", show_default=True,
-              help="Comma-separated variants to build and validate; fp16/int8 precision lives in the ONNX graph.")
-@click.option("--backend", default="onnxruntime", show_default=True,
-              type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt"]),
-              help="Runtime that runs the graphs: ONNX Runtime (CPU, or its CUDA/TensorRT providers) or TensorRT engines.")
-@click.option("--batch-sizes", callback=_csv("batch sizes", int), default="1,16", show_default=True,
-              help="Batch sizes to validate and time; min/max bound the dynamic batch axis (TensorRT profiles, Triton).")
-@click.option("--teacher", type=click.Path(path_type=Path), default=None,
-              help="Teacher diffusers folder (unet/ + scheduler/); overrides the path stored in the checkpoint.")
-@click.option("--require-teacher", is_flag=True, help="Fail (exit 2) instead of skipping teacher checks when the teacher is missing.")
-@click.option("--steps", type=int, default=None, help="For a diffusers folder SOURCE: the student's DDIM step count.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for validation noise and calibration trajectories.")
-@click.option("--samples", "n_samples", type=int, default=64, show_default=True, help="Samples for sample- and distribution-level checks.")
-@click.option("--fid-samples", "n_fid_samples", type=int, default=256, show_default=True,
-              help="Samples for the distribution level (student vs teacher, FID).")
-@click.option("--threads", type=int, default=None, help="Intra-op threads for ONNX Runtime and torch (default: all cores).")
-@click.option("--bar", "bars", multiple=True, metavar="KEY=VALUE",
-              help="Override a pass/fail bar: call.<precision>=REL_L2, sample.<precision>=PSNR_DB, "
-                   "fid_margin=X, paired_psnr=DB (repeatable).")
-@click.option("--bench-seconds", type=float, default=8.0, show_default=True,
-              help="Time budget per batch size and level for the speed measurement (at least 3 repeats).")
-@click.option("--int8-calibration", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
-              show_default=True, help="INT8 activation range calibration (minmax measured best on the demo).")
-@click.option("--int8-selection", type=click.Choice(["sensitivity", "graph-order"]), default="sensitivity",
-              show_default=True,
-              help="INT8 nodes: the largest set within the int8 bars, least sensitive first ('sensitivity': one "
-                   "measurement per node) or in graph order (no per-node measurement: faster on big models).")
-@click.option("--cond", type=click.Path(path_type=Path), default=None,
-              help="Conditional students: .npz with encoder_hidden_states [N, tokens, dim] and/or class_labels [N] "
-                   "(e.g. real prompt embeddings) for calibration, parity and samples; default: random ones.")
-@click.option("--triton-repo", type=click.Path(path_type=Path), default=None, help="Also write a Triton model repository here.")
-@click.option("--trt-opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
-              help="TensorRT builder optimization level (higher: longer build, maybe faster engine).")
-@click.option("--trt-hardware-compat", type=click.Choice(["none", "ampere_plus", "same_compute_capability"]),
-              default="none", show_default=True, help="TensorRT hardware compatibility level of the engines.")
-@click.option("--trt-version-compatible", is_flag=True, help="Build TensorRT engines that run on newer TensorRT versions.")
+@click.option(
+    "--demo", is_flag=True, help="Compile the bundled digits student (distilled from the bundled teacher)."
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output folder: onnx/, engines/, report.{json,md}, samples.png, latency.png, manifest.json. "
+    "[default: out/]",
+)
+@click.option(
+    "--precision",
+    "precisions",
+    callback=_csv("precisions", str, ("fp32", "fp16", "int8")),
+    default="fp32,fp16,int8",
+    show_default=True,
+    help="Comma-separated variants to build and validate; fp16/int8 precision lives in the ONNX graph.",
+)
+@click.option(
+    "--backend",
+    default="onnxruntime",
+    show_default=True,
+    type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt"]),
+    help="Runtime that runs the graphs: ONNX Runtime (CPU, or its CUDA/TensorRT providers) "
+    "or TensorRT engines.",
+)
+@click.option(
+    "--batch-sizes",
+    callback=_csv("batch sizes", int),
+    default="1,16",
+    show_default=True,
+    help="Batch sizes to validate and time; min/max bound the dynamic batch axis "
+    "(TensorRT profiles, Triton).",
+)
+@click.option(
+    "--teacher",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Teacher diffusers folder (unet/ + scheduler/); overrides the path stored in the checkpoint.",
+)
+@click.option(
+    "--require-teacher",
+    is_flag=True,
+    help="Fail (exit 2) instead of skipping teacher checks when the teacher is missing.",
+)
+@click.option(
+    "--steps", type=int, default=None, help="For a diffusers folder SOURCE: the student's DDIM step count."
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for validation noise and calibration trajectories.",
+)
+@click.option(
+    "--samples",
+    "n_samples",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Samples for sample- and distribution-level checks.",
+)
+@click.option(
+    "--fid-samples",
+    "n_fid_samples",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Samples for the distribution level (student vs teacher, FID).",
+)
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="Intra-op threads for ONNX Runtime and torch (default: all cores).",
+)
+@click.option(
+    "--bar",
+    "bars",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a pass/fail bar: call.<precision>=REL_L2, sample.<precision>=PSNR_DB, "
+    "fid_margin=X, paired_psnr=DB (repeatable).",
+)
+@click.option(
+    "--bench-seconds",
+    type=float,
+    default=8.0,
+    show_default=True,
+    help="Time budget per batch size and level for the speed measurement (at least 3 repeats).",
+)
+@click.option(
+    "--int8-calibration",
+    type=click.Choice(["minmax", "percentile", "entropy"]),
+    default="minmax",
+    show_default=True,
+    help="INT8 activation range calibration (minmax measured best on the demo).",
+)
+@click.option(
+    "--int8-selection",
+    type=click.Choice(["sensitivity", "graph-order"]),
+    default="sensitivity",
+    show_default=True,
+    help="INT8 nodes: the largest set within the int8 bars, least sensitive first ('sensitivity': one "
+    "measurement per node) or in graph order (no per-node measurement: faster on big models).",
+)
+@click.option(
+    "--cond",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Conditional students: .npz with encoder_hidden_states [N, tokens, dim] and/or class_labels [N] "
+    "(e.g. real prompt embeddings) for calibration, parity and samples; default: random ones.",
+)
+@click.option(
+    "--triton-repo",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write a Triton model repository here.",
+)
+@click.option(
+    "--trt-opt-level",
+    type=click.IntRange(0, 5),
+    default=3,
+    show_default=True,
+    help="TensorRT builder optimization level (higher: longer build, maybe faster engine).",
+)
+@click.option(
+    "--trt-hardware-compat",
+    type=click.Choice(["none", "ampere_plus", "same_compute_capability"]),
+    default="none",
+    show_default=True,
+    help="TensorRT hardware compatibility level of the engines.",
+)
+@click.option(
+    "--trt-version-compatible",
+    is_flag=True,
+    help="Build TensorRT engines that run on newer TensorRT versions.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, library warnings included.")
-def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_teacher, steps, seed,
-         n_samples, n_fid_samples, threads, bars, bench_seconds, int8_calibration, int8_selection, cond, triton_repo,
-         trt_opt_level, trt_hardware_compat, trt_version_compatible, as_json, verbose):
+def main(
+    source,
+    demo,
+    out,
+    precisions,
+    backend,
+    batch_sizes,
+    teacher,
+    require_teacher,
+    steps,
+    seed,
+    n_samples,
+    n_fid_samples,
+    threads,
+    bars,
+    bench_seconds,
+    int8_calibration,
+    int8_selection,
+    cond,
+    triton_repo,
+    trt_opt_level,
+    trt_hardware_compat,
+    trt_version_compatible,
+    as_json,
+    verbose,
+):
     """Compile a diffusion student for deployment and validate it against its teacher.
 
     SOURCE is a student.ckpt (from dd-distill) or a diffusers folder (unet/ + scheduler/) with
@@ -172,18 +321,32 @@ def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_t
         if demo:
             source, steps = demo_source()
             teacher = teacher or DEMO_DIR / "teacher"  # wherever the package is installed
-        cfg = CompileConfig(out=out or Path("out"), precisions=precisions, backend=backend,
-                            batch_sizes=batch_sizes, teacher=teacher, require_teacher=require_teacher,
-                            seed=seed, steps=steps, threads=threads, n_samples=n_samples,
-                            n_fid_samples=n_fid_samples,
-                            triton_repo=triton_repo, cond=cond,
-                            speed=SpeedConfig(batch_sizes=batch_sizes, max_seconds=bench_seconds),
-                            bars=parse_bars(bars),
-                            int8_options={"calibration": int8_calibration,
-                                          "sensitivity": "single" if int8_selection == "sensitivity" else "none"},
-                            trt_options={"builder_optimization_level": trt_opt_level,
-                                         "hardware_compatibility_level": trt_hardware_compat,
-                                         "version_compatible": trt_version_compatible})
+        cfg = CompileConfig(
+            out=out or Path("out"),
+            precisions=precisions,
+            backend=backend,
+            batch_sizes=batch_sizes,
+            teacher=teacher,
+            require_teacher=require_teacher,
+            seed=seed,
+            steps=steps,
+            threads=threads,
+            n_samples=n_samples,
+            n_fid_samples=n_fid_samples,
+            triton_repo=triton_repo,
+            cond=cond,
+            speed=SpeedConfig(batch_sizes=batch_sizes, max_seconds=bench_seconds),
+            bars=parse_bars(bars),
+            int8_options={
+                "calibration": int8_calibration,
+                "sensitivity": "single" if int8_selection == "sensitivity" else "none",
+            },
+            trt_options={
+                "builder_optimization_level": trt_opt_level,
+                "hardware_compatibility_level": trt_hardware_compat,
+                "version_compatible": trt_version_compatible,
+            },
+        )
         if n_samples < 2:
             raise click.BadParameter("--samples must be >= 2")
         report = run(source, cfg)
@@ -194,8 +357,10 @@ def main(source, demo, out, precisions, backend, batch_sizes, teacher, require_t
         click.echo(report.to_json())
     else:
         print_table(report)
-        click.echo(f"report: {cfg.out / 'report.md'}  manifest: {cfg.out / 'manifest.json'}  "
-                   f"({report.seconds:.0f} s)")
+        click.echo(
+            f"report: {cfg.out / 'report.md'}  manifest: {cfg.out / 'manifest.json'}  "
+            f"({report.seconds:.0f} s)"
+        )
     if not report.passed:
         for f in report.failures:
             click.echo(f"FAILED {f}", err=True)

@@ -40,8 +40,9 @@ def _example_inputs(spec: IOSpec, batch: int = 2) -> tuple[torch.Tensor, ...]:
     return tuple(args)
 
 
-def export_onnx(model: torch.nn.Module, spec: IOSpec, out_path: str | Path,
-                config: ExportConfig = ExportConfig()) -> Path:
+def export_onnx(
+    model: torch.nn.Module, spec: IOSpec, out_path: str | Path, config: ExportConfig = ExportConfig()
+) -> Path:
     """Export `model` (a `Denoiser`) to ONNX at `out_path`, written atomically."""
     import onnx
 
@@ -51,8 +52,9 @@ def export_onnx(model: torch.nn.Module, spec: IOSpec, out_path: str | Path,
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = n_bytes > TWO_GB - (64 << 20)  # protobuf's 2 GB limit, with headroom for the graph
     batch = torch.export.Dim("batch", min=1, max=max(4096, spec.dims["batch"].max))
-    dynamic_shapes = {t.name: ({0: batch} if t.shape and t.shape[0] == "batch" else None)
-                      for t in spec.inputs}
+    dynamic_shapes = {
+        t.name: ({0: batch} if t.shape and t.shape[0] == "batch" else None) for t in spec.inputs
+    }
     # The dynamo exporter binds inputs by the forward's parameter names: sample and timestep go
     # by position, the optional ones by name (a class-conditional UNet has class_labels but no
     # encoder_hidden_states, the third positional parameter).
@@ -60,10 +62,19 @@ def export_onnx(model: torch.nn.Module, spec: IOSpec, out_path: str | Path,
     kwargs = dict(zip(names[2:], args[2:], strict=True))
     with torch.no_grad(), atomic_path(out_path, suffix=".onnx") as tmp:
         prog = torch.onnx.export(
-            model, args[:2], kwargs=kwargs, dynamo=config.dynamo, opset_version=config.opset,
-            input_names=spec.input_names, output_names=spec.output_names,
-            dynamic_shapes=dynamic_shapes, external_data=external, verbose=False,
-            report=False, optimize=True)
+            model,
+            args[:2],
+            kwargs=kwargs,
+            dynamo=config.dynamo,
+            opset_version=config.opset,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=dynamic_shapes,
+            external_data=external,
+            verbose=False,
+            report=False,
+            optimize=True,
+        )
         prog.save(str(tmp), external_data=external)
         if external:
             log.info("model is %.1f GB: weights written as external data", n_bytes / 1e9)

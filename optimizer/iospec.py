@@ -17,13 +17,16 @@ def sample_shape(model_class: str, config: dict[str, Any]) -> tuple[int, int, in
     return (int(config.get("in_channels", 4)), int(h), int(w))
 
 
-def io_spec_for(model_class: str, config: dict[str, Any], batch_sizes: list[int] | None = None,
-                seq_len: int = 77) -> IOSpec:
+def io_spec_for(
+    model_class: str, config: dict[str, Any], batch_sizes: list[int] | None = None, seq_len: int = 77
+) -> IOSpec:
     """Batch is always dynamic; spatial size is fixed at the config's sample_size."""
     c, h, w = sample_shape(model_class, config)
     bs = batch_sizes or [1, 16]
-    inputs = [TensorSpec("sample", "float32", ("batch", c, h, w)),
-              TensorSpec("timestep", "float32", ("batch",))]
+    inputs = [
+        TensorSpec("sample", "float32", ("batch", c, h, w)),
+        TensorSpec("timestep", "float32", ("batch",)),
+    ]
     out_c = int(config.get("out_channels") or c)
     if model_class == "DiTTransformer2DModel":
         out_c = c  # the Denoiser wrapper keeps the mean channels only
@@ -35,16 +38,19 @@ def io_spec_for(model_class: str, config: dict[str, Any], batch_sizes: list[int]
         inputs.append(TensorSpec("encoder_hidden_states", "float32", ("batch", seq_len, int(dim))))
     if model_class == "DiTTransformer2DModel":
         family = "dit"
-    if config.get("num_class_embeds") or config.get("class_embed_type") is not None or \
-            model_class == "DiTTransformer2DModel":
+    if (
+        config.get("num_class_embeds")
+        or config.get("class_embed_type") is not None
+        or model_class == "DiTTransformer2DModel"
+    ):
         inputs.append(TensorSpec("class_labels", "int64", ("batch",)))
     outputs = (TensorSpec(OUTPUT, "float32", ("batch", out_c, h, w)),)
-    return IOSpec(family, tuple(inputs), outputs,
-                  {"batch": DimRange(min(bs), max(bs), max(bs))})
+    return IOSpec(family, tuple(inputs), outputs, {"batch": DimRange(min(bs), max(bs), max(bs))})
 
 
-def conditioning_feeds(spec: IOSpec, batch: int, rng: np.random.Generator,
-                       n_classes: int = 1) -> dict[str, np.ndarray]:
+def conditioning_feeds(
+    spec: IOSpec, batch: int, rng: np.random.Generator, n_classes: int = 1
+) -> dict[str, np.ndarray]:
     """Inputs besides sample/timestep (text embeddings, labels) for calibration and validation.
 
     Without a text encoder here, embeddings are N(0, 1) draws and labels uniform in [0, n_classes)

@@ -64,10 +64,13 @@ class Teacher:
         # A teacher trained with x0 clipping (e.g. google/ddpm-cifar10-32) samples with it too;
         # without it, epsilon errors at t~T are amplified by 1/sqrt(alpha_bar) (~158x there).
         clip = float(cfg.get("clip_sample_range", 1.0)) if cfg.get("clip_sample", False) else None
-        return SamplingSchedule.from_alphas(alphas_cumprod(self.scheduler),
-                                            trailing_timesteps(cfg.num_train_timesteps, steps),
-                                            kind=kind, prediction_type=self.prediction_type,
-                                            clip_sample=clip)
+        return SamplingSchedule.from_alphas(
+            alphas_cumprod(self.scheduler),
+            trailing_timesteps(cfg.num_train_timesteps, steps),
+            kind=kind,
+            prediction_type=self.prediction_type,
+            clip_sample=clip,
+        )
 
 
 def load_teacher(path: str | Path, *, reference_steps: int | None = None) -> Teacher:
@@ -77,15 +80,19 @@ def load_teacher(path: str | Path, *, reference_steps: int | None = None) -> Tea
         raise InputError(f"{path}: teacher folder not found")
     sub = next((s for s in MODEL_SUBFOLDERS if (path / s / "config.json").exists()), None)
     if sub is None:
-        raise InputError(f"{path}: no unet/config.json or transformer/config.json (a diffusers "
-                         "save_pretrained layout is expected)")
+        raise InputError(
+            f"{path}: no unet/config.json or transformer/config.json (a diffusers "
+            "save_pretrained layout is expected)"
+        )
     cfg_path = path / sub / "config.json"
     cls_name = json.loads(cfg_path.read_text()).get("_class_name")
     from optimizer.checkpoint import SUPPORTED_MODELS
 
     if cls_name not in SUPPORTED_MODELS:
-        raise InputError(f"{cfg_path}: model class {cls_name!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_MODELS)})")
+        raise InputError(
+            f"{cfg_path}: model class {cls_name!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODELS)})"
+        )
     weights = sorted((path / sub).glob("*.safetensors"))
     if not weights:
         raise InputError(f"{path / sub}: no .safetensors weights (dd-compile does not unpickle .bin files)")
@@ -97,10 +104,15 @@ def load_teacher(path: str | Path, *, reference_steps: int | None = None) -> Tea
     scheduler = _diffusers_class(sched_name).from_pretrained(path, subfolder="scheduler")
     info_path = path / "teacher.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    return Teacher(path=path, model=model, model_class=cls_name, scheduler=scheduler,
-                   weights_sha256=sha256_file(weights[0]),
-                   reference_sampler=info.get("reference_sampler", "ddim"),
-                   reference_steps=reference_steps or info.get("reference_steps", 64))
+    return Teacher(
+        path=path,
+        model=model,
+        model_class=cls_name,
+        scheduler=scheduler,
+        weights_sha256=sha256_file(weights[0]),
+        reference_sampler=info.get("reference_sampler", "ddim"),
+        reference_steps=reference_steps or info.get("reference_steps", 64),
+    )
 
 
 class Denoiser(nn.Module):
@@ -115,12 +127,21 @@ class Denoiser(nn.Module):
         self.model = model
         self.model_class = type(model).__name__
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.model_class == "UNet2DConditionModel":
-            return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                              class_labels=class_labels, return_dict=False)[0]
+            return self.model(
+                sample,
+                timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                class_labels=class_labels,
+                return_dict=False,
+            )[0]
         if self.model_class == "DiTTransformer2DModel":
             out = self.model(sample, timestep=timestep, class_labels=class_labels, return_dict=False)[0]
             return out[:, : sample.shape[1]].contiguous()  # DiT also predicts variances: keep the mean
@@ -128,13 +149,19 @@ class Denoiser(nn.Module):
 
 
 @torch.no_grad()
-def teacher_reference_samples(teacher: Teacher, noise: torch.Tensor, steps: int | None = None,
-                              cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def teacher_reference_samples(
+    teacher: Teacher,
+    noise: torch.Tensor,
+    steps: int | None = None,
+    cond: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Teacher samples with diffusers' DDIMScheduler (eta=0, trailing spacing), from given noise."""
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing",
-                                      set_alpha_to_one=True)  # clip_sample as the teacher's config says
+    # clip_sample as the teacher's config says
+    sched = DDIMScheduler.from_config(
+        teacher.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True
+    )
     sched.set_timesteps(steps or teacher.reference_steps)
     den = Denoiser(teacher.model).eval()
     dev = next(teacher.model.parameters()).device  # noise may come from a CPU generator

@@ -68,15 +68,22 @@ def _as_student(source: Path, steps: int | None) -> tuple[StudentCheckpoint, tor
         # The teacher is the folder itself (resolved: a relative path would be read as relative
         # to the "checkpoint's" folder, i.e. the folder's parent).
         ckpt = StudentCheckpoint(
-            model_class=t.model_class, model_config=dict(t.model.config),
-            scheduler_class=type(t.scheduler).__name__, scheduler_config=dict(t.scheduler.config),
-            schedule=t.schedule(steps), teacher=TeacherRef(str(source.resolve()), t.weights_sha256,
-                                                           t.reference_sampler, t.reference_steps),
+            model_class=t.model_class,
+            model_config=dict(t.model.config),
+            scheduler_class=type(t.scheduler).__name__,
+            scheduler_config=dict(t.scheduler.config),
+            schedule=t.schedule(steps),
+            teacher=TeacherRef(
+                str(source.resolve()), t.weights_sha256, t.reference_sampler, t.reference_steps
+            ),
             distillation={"method": "none", "note": "diffusers folder packed with a DDIM schedule"},
-            path=source)
+            path=source,
+        )
         return ckpt, t.model
     if steps:
-        raise InputError(f"{source}: --steps applies to a diffusers folder; a student.ckpt carries its schedule")
+        raise InputError(
+            f"{source}: --steps applies to a diffusers folder; a student.ckpt carries its schedule"
+        )
     ckpt = load_checkpoint(source)
     return ckpt, ckpt.build_model()
 
@@ -100,9 +107,13 @@ def _load_teacher(ckpt: StudentCheckpoint, cfg: CompileConfig, report: CompileRe
     if ckpt.teacher.sha256 and teacher.weights_sha256 != ckpt.teacher.sha256:
         log.warning("teacher weights at %s differ from the ones the student was distilled from", path)
         report.skipped.append("teacher sha256 differs from the checkpoint's record (compared anyway)")
-    report.teacher = {"available": True, "path": str(path), "sha256": teacher.weights_sha256,
-                      "reference_sampler": teacher.reference_sampler,
-                      "reference_steps": teacher.reference_steps}
+    report.teacher = {
+        "available": True,
+        "path": str(path),
+        "sha256": teacher.weights_sha256,
+        "reference_sampler": teacher.reference_sampler,
+        "reference_steps": teacher.reference_steps,
+    }
     return teacher
 
 
@@ -128,22 +139,27 @@ def _cond_fn(spec: IOSpec, seed: int, cond: dict[str, np.ndarray] | None = None,
     return from_file
 
 
-def _load_cond(cfg: CompileConfig, ckpt: StudentCheckpoint, report: CompileReport
-               ) -> tuple[dict[str, np.ndarray] | None, str | None]:
+def _load_cond(
+    cfg: CompileConfig, ckpt: StudentCheckpoint, report: CompileReport
+) -> tuple[dict[str, np.ndarray] | None, str | None]:
     """--cond checked against the student's conditioning inputs; (arrays, sha256) or (None, None)."""
     keys = _cond_keys(io_spec_for(ckpt.model_class, ckpt.model_config))
     if cfg.cond is None:
         if keys:
-            msg = (f"no --cond: {', '.join(keys)} drawn at random (N(0, 1) embeddings, uniform labels); "
-                   "INT8 ranges and FID then reflect random conditioning, pass --cond with real ones")
+            msg = (
+                f"no --cond: {', '.join(keys)} drawn at random (N(0, 1) embeddings, uniform labels); "
+                "INT8 ranges and FID then reflect random conditioning, pass --cond with real ones"
+            )
             log.warning(msg)
             report.notes.append(msg)
         return None, None
     if not keys:
         raise InputError(f"{cfg.cond}: --cond given, but {ckpt.model_class} takes no conditioning input")
     cond = load_conditioning(cfg.cond, keys, ckpt.model_config)
-    report.notes.append(f"conditioning: {cfg.cond} ({len(next(iter(cond.values())))} rows of "
-                        f"{', '.join(f'{k} {list(v.shape[1:])}' for k, v in cond.items())})")
+    report.notes.append(
+        f"conditioning: {cfg.cond} ({len(next(iter(cond.values())))} rows of "
+        f"{', '.join(f'{k} {list(v.shape[1:])}' for k, v in cond.items())})"
+    )
     return cond, sha256_file(cfg.cond)
 
 
@@ -162,8 +178,16 @@ def _export(manifest: Manifest, model: torch.nn.Module, spec: IOSpec, ckpt_sha: 
         return path
     log.info("export: %s", path)
     export_onnx(Denoiser(model), spec, path, cfg)
-    manifest.add(name, path, "onnx", precision="fp32", backend=None, input_sha256=ckpt_sha,
-                 config=cfg.to_dict(), libraries=environment()["libraries"])
+    manifest.add(
+        name,
+        path,
+        "onnx",
+        precision="fp32",
+        backend=None,
+        input_sha256=ckpt_sha,
+        config=cfg.to_dict(),
+        libraries=environment()["libraries"],
+    )
     return path
 
 
@@ -178,25 +202,43 @@ def _sample_psnr_check(torch_ref: TorchRunner, schedule, shape, cond_fn, cfg: Co
     cond = cond_fn(len(seeds)) if cond_fn else None
     b = max(cfg.batch_sizes)
     ref = Sampler(schedule, torch_ref, output_name=torch_ref.spec.output_names[0], max_batch=b)(
-        noise, step_noise, cond)
+        noise, step_noise, cond
+    )
 
     def check(path: Path) -> float:
         with OnnxRuntimeRunner(path, torch_ref.spec, threads=cfg.threads) as r:
-            out = Sampler(schedule, r, output_name=r.spec.output_names[0], max_batch=b)(noise, step_noise, cond)
+            out = Sampler(schedule, r, output_name=r.spec.output_names[0], max_batch=b)(
+                noise, step_noise, cond
+            )
         return psnr_db(out, ref) if np.isfinite(out).all() else float("-inf")
 
     return check
 
 
-def _quantize(manifest: Manifest, precision: str, fp32: Path, calib: list[dict], cfg: CompileConfig,
-              torch_ref: TorchRunner, schedule, shape, cond_fn, cond_sha: str | None) -> Path:
+def _quantize(
+    manifest: Manifest,
+    precision: str,
+    fp32: Path,
+    calib: list[dict],
+    cfg: CompileConfig,
+    torch_ref: TorchRunner,
+    schedule,
+    shape,
+    cond_fn,
+    cond_sha: str | None,
+) -> Path:
     from optimizer import quantize as q
 
     # Q/DQ placement is chosen by ORT CPU timings only where ORT CPU is the target
     int8_opts = {"placement": "measure" if cfg.backend == "onnxruntime" else "fixed", **cfg.int8_options}
     qcfg = q.Fp16Config() if precision == "fp16" else q.Int8Config(**int8_opts)
-    config = {"precision": precision, **asdict(qcfg), "calib_seeds": cfg.calib_seeds, "seed": cfg.seed,
-              "cond_sha256": cond_sha}  # the calibration inputs: a new --cond file re-quantizes
+    config = {
+        "precision": precision,
+        **asdict(qcfg),
+        "calib_seeds": cfg.calib_seeds,
+        "seed": cfg.seed,
+        "cond_sha256": cond_sha,
+    }  # the calibration inputs: a new --cond file re-quantizes
     name, path = f"onnx/{precision}", manifest.root / "onnx" / f"student.{precision}.onnx"
     fp32_sha = manifest.get("onnx/fp32").sha256
     if manifest.up_to_date(name, fp32_sha, config):
@@ -206,10 +248,20 @@ def _quantize(manifest: Manifest, precision: str, fp32: Path, calib: list[dict],
     if precision == "fp16":
         res = q.quantize_fp16(fp32, path, calib, qcfg)
     else:
-        res = q.quantize_int8(fp32, path, calib, qcfg,
-                              parity_check=_sample_psnr_check(torch_ref, schedule, shape, cond_fn, cfg))
-    manifest.add(name, path, "onnx", precision=precision, backend=None, input_sha256=fp32_sha,
-                 config=config, libraries=environment()["libraries"], extra=res.to_dict())
+        res = q.quantize_int8(
+            fp32, path, calib, qcfg, parity_check=_sample_psnr_check(torch_ref, schedule, shape, cond_fn, cfg)
+        )
+    manifest.add(
+        name,
+        path,
+        "onnx",
+        precision=precision,
+        backend=None,
+        input_sha256=fp32_sha,
+        config=config,
+        libraries=environment()["libraries"],
+        extra=res.to_dict(),
+    )
     return path
 
 
@@ -239,20 +291,41 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     ckpt_sha = sha256_file(source) if source.is_file() else f"diffusers:{ckpt.teacher.sha256}"
     n_params = sum(p.numel() for p in model.parameters())
     report = CompileReport(
-        student={"path": str(source), "sha256": ckpt_sha, "model_class": ckpt.model_class,
-                 "params": n_params, "steps": ckpt.schedule.steps, "sampler": ckpt.schedule.kind,
-                 "timesteps": list(ckpt.schedule.timesteps), "distillation": ckpt.distillation},
-        teacher=report_teacher.teacher, skipped=report_teacher.skipped, notes=report_teacher.notes,
-        environment=environment(cfg.threads))
-    manifest = Manifest.open_or_create(out, spec, ckpt.schedule, {
-        "student_checkpoint": str(source.resolve()), "student_sha256": ckpt_sha, "model_class": ckpt.model_class,
-        "sample_shape": list(shape), "batch_sizes": list(cfg.batch_sizes),
-        # the teacher actually used (resolved), so dd-bench and others find it from out/ alone
-        "teacher": {"path": str(teacher.path.resolve()) if teacher else ckpt.teacher.path,
-                    "sha256": ckpt.teacher.sha256,
-                    "reference_sampler": ckpt.teacher.reference_sampler,
-                    "reference_steps": ckpt.teacher.reference_steps},
-        "created_by": "dd-compile"})
+        student={
+            "path": str(source),
+            "sha256": ckpt_sha,
+            "model_class": ckpt.model_class,
+            "params": n_params,
+            "steps": ckpt.schedule.steps,
+            "sampler": ckpt.schedule.kind,
+            "timesteps": list(ckpt.schedule.timesteps),
+            "distillation": ckpt.distillation,
+        },
+        teacher=report_teacher.teacher,
+        skipped=report_teacher.skipped,
+        notes=report_teacher.notes,
+        environment=environment(cfg.threads),
+    )
+    manifest = Manifest.open_or_create(
+        out,
+        spec,
+        ckpt.schedule,
+        {
+            "student_checkpoint": str(source.resolve()),
+            "student_sha256": ckpt_sha,
+            "model_class": ckpt.model_class,
+            "sample_shape": list(shape),
+            "batch_sizes": list(cfg.batch_sizes),
+            # the teacher actually used (resolved), so dd-bench and others find it from out/ alone
+            "teacher": {
+                "path": str(teacher.path.resolve()) if teacher else ckpt.teacher.path,
+                "sha256": ckpt.teacher.sha256,
+                "reference_sampler": ckpt.teacher.reference_sampler,
+                "reference_steps": ckpt.teacher.reference_steps,
+            },
+            "created_by": "dd-compile",
+        },
+    )
 
     # 1. export, 2. quantize -- the graphs ONNX Runtime checks here are what TensorRT compiles.
     fp32 = _export(manifest, model, spec, ckpt_sha)
@@ -265,8 +338,9 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     graphs = {"fp32": fp32}
     for p in cfg.precisions:
         if p != "fp32":
-            graphs[p] = _quantize(manifest, p, fp32, calib, cfg, torch_ref, ckpt.schedule, shape, cond_fn,
-                                  cond_sha)
+            graphs[p] = _quantize(
+                manifest, p, fp32, calib, cfg, torch_ref, ckpt.schedule, shape, cond_fn, cond_sha
+            )
             manifest.save()
 
     # 3. build (TensorRT) -- fails fast with exit 2 when TensorRT/CUDA is missing; graphs are kept.
@@ -277,12 +351,14 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
 
     # Noise is drawn per seed, so the first n_samples of the distribution set are the sample set.
     n_all = max(cfg.n_samples, cfg.n_fid_samples if teacher is not None else 0)
-    all_noise, all_step_noise = draw_noise(list(range(cfg.seed, cfg.seed + n_all)), shape,
-                                           ckpt.schedule.steps)
+    all_noise, all_step_noise = draw_noise(
+        list(range(cfg.seed, cfg.seed + n_all)), shape, ckpt.schedule.steps
+    )
     all_cond = cond_fn(n_all) if cond_fn else None
     max_b = max(cfg.batch_sizes)
-    student_all = Sampler(ckpt.schedule, torch_ref, output_name=spec.output_names[0],
-                          max_batch=max_b)(all_noise, all_step_noise, all_cond)
+    student_all = Sampler(ckpt.schedule, torch_ref, output_name=spec.output_names[0], max_batch=max_b)(
+        all_noise, all_step_noise, all_cond
+    )
     n = cfg.n_samples
     noise, step_noise = all_noise[:n], all_step_noise[:, :n]
     cond = {k: v[:n] for k, v in all_cond.items()} if all_cond else None
@@ -296,13 +372,16 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
         v.precision_info = art.extra if art else {}
         with runner:
             cp = call_parity(torch_ref, runner, val_feeds, p, cfg.bars)
-            sp, samples = sample_parity(ref_samples, ckpt.schedule, runner, noise, step_noise, p,
-                                        cond, max_b, cfg.bars)
+            sp, samples = sample_parity(
+                ref_samples, ckpt.schedule, runner, noise, step_noise, p, cond, max_b, cfg.bars
+            )
         v.parity = {"call": cp.to_dict(), "sample": sp.to_dict()}
         if not cp.passed:
-            v.failures.append(f"call-level rel. L2 {cp.rel_l2:.2e} (bar {cp.bar_rel_l2:.0e}), "
-                              f"polygraphy {'pass' if cp.polygraphy['passed'] else 'fail'}, "
-                              f"{cp.nonfinite} non-finite")
+            v.failures.append(
+                f"call-level rel. L2 {cp.rel_l2:.2e} (bar {cp.bar_rel_l2:.0e}), "
+                f"polygraphy {'pass' if cp.polygraphy['passed'] else 'fail'}, "
+                f"{cp.nonfinite} non-finite"
+            )
         if not sp.passed:
             v.failures.append(f"sample PSNR {sp.psnr_db:.1f} dB < {sp.bar_psnr_db} dB")
         if p != "fp32" and v.precision_info.get("counts", {}).get(p) == 0:
@@ -313,14 +392,18 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
         log.info("%s %s: call rel. L2 %.2e, sample PSNR %.1f dB", backend, p, cp.rel_l2, sp.psnr_db)
 
     if teacher is not None:
-        log.info("teacher: %d samples at %d and %d steps", n_all, teacher.reference_steps,
-                 ckpt.schedule.steps)
+        log.info(
+            "teacher: %d samples at %d and %d steps", n_all, teacher.reference_steps, ckpt.schedule.steps
+        )
         t_noise = torch.from_numpy(all_noise)
         tcond = {k: torch.from_numpy(v) for k, v in all_cond.items()} if all_cond else None
         t_ref = teacher_reference_samples(teacher, t_noise, teacher.reference_steps, tcond).numpy()
         t_low = teacher_reference_samples(teacher, t_noise, ckpt.schedule.steps, tcond).numpy()
-        rows = {f"teacher {teacher.reference_steps} steps": t_ref[:n],
-                f"teacher {ckpt.schedule.steps} steps": t_low[:n], **rows}
+        rows = {
+            f"teacher {teacher.reference_steps} steps": t_ref[:n],
+            f"teacher {ckpt.schedule.steps} steps": t_low[:n],
+            **rows,
+        }
         report.distribution = _distribution(student_all, t_ref, t_low, shape, cfg).to_dict()
 
     # speed: the teacher and every variant, side by side in this process
@@ -331,21 +414,30 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
         teacher_runner.activate()
     for r, _ in timed.values():
         r.activate()
-    timings = measure((teacher_runner, teacher.schedule(teacher.reference_steps)) if teacher else None,
-                      timed, shape, cond_fn, cfg.speed)
+    timings = measure(
+        (teacher_runner, teacher.schedule(teacher.reference_steps)) if teacher else None,
+        timed,
+        shape,
+        cond_fn,
+        cfg.speed,
+    )
     for r, _ in timed.values():
         r.deactivate()
     for v in report.variants:
         key = f"{v.backend} {v.precision}"
         v.timings = timings[key]
-        v.latency_ms = {lvl: {b: t["median_ms"] for b, t in timings[key][lvl].items()}
-                        for lvl in ("per_call", "end_to_end")}
+        v.latency_ms = {
+            lvl: {b: t["median_ms"] for b, t in timings[key][lvl].items()}
+            for lvl in ("per_call", "end_to_end")
+        }
         if teacher is not None:
             v.speedup_vs_teacher = speedups(timings, key)
         v.passed = not v.failures
     if teacher is not None:
-        report.teacher["latency_ms"] = {lvl: {b: t["median_ms"] for b, t in timings["teacher"][lvl].items()}
-                                        for lvl in ("per_call", "end_to_end")}
+        report.teacher["latency_ms"] = {
+            lvl: {b: t["median_ms"] for b, t in timings["teacher"][lvl].items()}
+            for lvl in ("per_call", "end_to_end")
+        }
     best = report.recommend()
     if best:
         log.info("recommended: %s %s", best.backend, best.precision)
@@ -354,8 +446,12 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     from optimizer.plots import latency_png, samples_png
 
     samples_png(rows, out / "samples.png")
-    lat = {("teacher" if k == "teacher" else k): {lvl: {b: t["median_ms"] for b, t in v[lvl].items()}
-                                                  for lvl in v} for k, v in timings.items()}
+    lat = {
+        ("teacher" if k == "teacher" else k): {
+            lvl: {b: t["median_ms"] for b, t in v[lvl].items()} for lvl in v
+        }
+        for k, v in timings.items()
+    }
     latency_png(lat, out / "latency.png")
     report.seconds = time.perf_counter() - t_start
     write_json_atomic(out / "report.json", report.to_dict())
@@ -418,8 +514,13 @@ def _tensorrt_runners(manifest: Manifest, graphs: dict[str, Path], cfg: CompileC
 
     runners = {}
     for p, onnx_path in graphs.items():
-        res = build_engine(onnx_path, manifest.io_spec, manifest.root / "engines",
-                           TrtBuildConfig(batch_sizes=tuple(cfg.batch_sizes), **cfg.trt_options), precision=p)
+        res = build_engine(
+            onnx_path,
+            manifest.io_spec,
+            manifest.root / "engines",
+            TrtBuildConfig(batch_sizes=tuple(cfg.batch_sizes), **cfg.trt_options),
+            precision=p,
+        )
         manifest.add(**res.to_manifest())
         manifest.save()
         runners[(p, "tensorrt")] = TensorRTRunner(res.path, manifest.io_spec)

@@ -158,18 +158,14 @@ def load_digits_feature_extractor(
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found; train it with `python -m optimizer.quality --train`"
-        )
+        raise FileNotFoundError(f"{path} not found; train it with `python -m optimizer.quality --train`")
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get(_METADATA_KEY)
     if raw is None:
         raise ValueError(f"{path}: no '{_METADATA_KEY}' metadata entry; not a dd-compile file")
     metadata = json.loads(raw)
     if metadata.get("format") != _CLASSIFIER_FORMAT:
-        raise ValueError(
-            f"{path}: format {metadata.get('format')!r}, expected {_CLASSIFIER_FORMAT!r}"
-        )
+        raise ValueError(f"{path}: format {metadata.get('format')!r}, expected {_CLASSIFIER_FORMAT!r}")
     model = _build_digits_classifier()
     model.load_state_dict(load_file(str(path)))
     return DigitsFeatureExtractor(model, metadata)
@@ -264,9 +260,7 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return max(d2, 0.0)
 
 
-def fid(
-    images_a: np.ndarray, images_b: np.ndarray, extractor: FeatureExtractor | None = None
-) -> float:
+def fid(images_a: np.ndarray, images_b: np.ndarray, extractor: FeatureExtractor | None = None) -> float:
     """FID between two image sets [N, C, H, W] in [-1, 1] in ``extractor``'s feature space.
 
     ``extractor=None`` picks ``default_feature_extractor`` for the image shape.
@@ -287,9 +281,7 @@ def paired_psnr(a: np.ndarray, b: np.ndarray, data_range: float = 2.0) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim < 2:
-        raise ValueError(
-            f"expected two batches [N, ...] of the same shape, got {a.shape}, {b.shape}"
-        )
+        raise ValueError(f"expected two batches [N, ...] of the same shape, got {a.shape}, {b.shape}")
     mse = ((a - b) ** 2).reshape(len(a), -1).mean(1)  # [N]
     with np.errstate(divide="ignore"):
         psnr = 10.0 * np.log10(data_range**2 / mse)
@@ -341,9 +333,7 @@ def train_digits_classifier(
     model = _build_digits_classifier()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(x_tr) / 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=2e-3, total_steps=epochs * steps_per_epoch
-    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * steps_per_epoch)
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(len(x_tr), generator=gen)

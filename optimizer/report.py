@@ -71,12 +71,15 @@ class CompileReport:
                 continue
             ratio = base.latency_ms["per_call"][b] / v.latency_ms["per_call"][b]
             if ratio < 1.1 and v is best:
-                self.notes.append(f"{p} is the fastest variant that passes, but only {ratio:.2f}x fp32 "
-                                  f"on {backend} here (per call, batch {b}): within measurement noise")
+                self.notes.append(
+                    f"{p} is the fastest variant that passes, but only {ratio:.2f}x fp32 "
+                    f"on {backend} here (per call, batch {b}): within measurement noise"
+                )
             elif ratio < 1.1:
                 self.notes.append(
                     f"{p} runs at {ratio:.2f}x the speed of fp32 on {backend} here (per call, batch {b}): "
-                    f"it does not pay off on this target; recommended: {best.backend} {best.precision}")
+                    f"it does not pay off on this target; recommended: {best.backend} {best.precision}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -89,17 +92,24 @@ class CompileReport:
     def to_markdown(self) -> str:
         t = self.teacher
         lines = [f"# dd-compile report: {'PASSED' if self.passed else 'FAILED'}", ""]
-        lines.append(f"Student: `{self.student.get('path')}` ({self.student.get('model_class')}, "
-                     f"{self.student.get('steps')} {self.student.get('sampler')} steps, "
-                     f"{self.student.get('params', 0):,} params)  ")
+        lines.append(
+            f"Student: `{self.student.get('path')}` ({self.student.get('model_class')}, "
+            f"{self.student.get('steps')} {self.student.get('sampler')} steps, "
+            f"{self.student.get('params', 0):,} params)  "
+        )
         if t.get("available"):
-            lines.append(f"Teacher: `{t.get('path')}`, reference {t.get('reference_sampler')} "
-                         f"{t.get('reference_steps')} steps")
+            lines.append(
+                f"Teacher: `{t.get('path')}`, reference {t.get('reference_sampler')} "
+                f"{t.get('reference_steps')} steps"
+            )
         else:
             lines.append(f"Teacher: skipped ({t.get('reason')})")
-        lines += ["", "| variant | call rel. L2 | max abs | cosine | sample PSNR dB | "
-                  "per call ms (b) | speedup per call | end to end ms | speedup e2e | pass |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| variant | call rel. L2 | max abs | cosine | sample PSNR dB | "
+            "per call ms (b) | speedup per call | end to end ms | speedup e2e | pass |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for v in self.variants:
             c, s = v.parity.get("call", {}), v.parity.get("sample", {})
             pc, e2e = v.latency_ms.get("per_call", {}), v.latency_ms.get("end_to_end", {})
@@ -111,11 +121,15 @@ class CompileReport:
                 f"| {name} | {c.get('rel_l2', float('nan')):.2e} | {c.get('max_abs', float('nan')):.2e} "
                 f"| {c.get('cosine', float('nan')):.6f} | {s.get('psnr_db', float('nan')):.1f} "
                 f"| {fmt(pc, '{:.2f}')} | {fmt(sp_pc, '{:.2f}x')} | {fmt(e2e, '{:.1f}')} "
-                f"| {fmt(sp_e2e, '{:.1f}x')} | {'yes' if v.passed else 'NO'} |")
+                f"| {fmt(sp_e2e, '{:.1f}x')} | {'yes' if v.passed else 'NO'} |"
+            )
         if self.distribution:
             d = self.distribution
-            lines += ["", f"Distribution ({d['feature_space']}, {d['n_samples']} samples): "
-                      f"paired PSNR to the teacher {d['paired_psnr_db']:.1f} dB"]
+            lines += [
+                "",
+                f"Distribution ({d['feature_space']}, {d['n_samples']} samples): "
+                f"paired PSNR to the teacher {d['paired_psnr_db']:.1f} dB",
+            ]
             for k in ("fid_student", "fid_teacher", "fid_teacher_low_steps", "fid_student_vs_teacher"):
                 if d.get(k) is not None:
                     lines.append(f"- {k.replace('_', ' ')}: {d[k]:.2f}")
@@ -124,13 +138,18 @@ class CompileReport:
             kept = info.get("kept_float") or []
             if info:
                 counts = ", ".join(f"{k} {n}" for k, n in info.get("counts", {}).items())
-                lines += ["", f"**{v.precision}** nodes by precision: {counts}; "
-                          f"{len(kept)} node(s) kept in float"]
+                lines += [
+                    "",
+                    f"**{v.precision}** nodes by precision: {counts}; {len(kept)} node(s) kept in float",
+                ]
                 for n in kept[:25]:
                     fig = n.get("figure")
-                    lines.append(f"- `{n.get('name')}` {n.get('op_type', '')} `{n.get('module', '')}`: "
-                                 f"{n.get('reason', '')}" + (f" ({fig:.3g})" if fig is not None else "")
-                                 + (f" {n['note']}" if n.get("note") else ""))
+                    lines.append(
+                        f"- `{n.get('name')}` {n.get('op_type', '')} `{n.get('module', '')}`: "
+                        f"{n.get('reason', '')}"
+                        + (f" ({fig:.3g})" if fig is not None else "")
+                        + (f" {n['note']}" if n.get("note") else "")
+                    )
                 if len(kept) > 25:
                     lines.append(f"- ... {len(kept) - 25} more in report.json")
         if self.notes:
@@ -140,8 +159,12 @@ class CompileReport:
         if self.failures:
             lines += ["", "Failures:"] + [f"- {f}" for f in self.failures]
         env = self.environment
-        lines += ["", f"Environment: {env.get('cpu', '')}, {env.get('threads') or 'default'} threads of {env.get('cores')} cores, "
-                  + ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items())]
+        lines += [
+            "",
+            f"Environment: {env.get('cpu', '')}, "
+            f"{env.get('threads') or 'default'} threads of {env.get('cores')} cores, "
+            + ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items()),
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -163,5 +186,11 @@ def environment(threads: int | None = None) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-            "platform": platform.platform(), "libraries": libs}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "libraries": libs,
+    }

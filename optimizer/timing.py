@@ -28,14 +28,26 @@ class Timing:
         return (self.quantile_ms(0.9) - self.quantile_ms(0.1)) / max(self.median_ms, 1e-9)
 
     def to_dict(self) -> dict:
-        return {"median_ms": self.median_ms, "p10_ms": self.quantile_ms(0.1),
-                "p50_ms": self.quantile_ms(0.5), "p90_ms": self.quantile_ms(0.9),
-                "p99_ms": self.quantile_ms(0.99), "n": len(self.samples_ms), "spread": self.spread}
+        return {
+            "median_ms": self.median_ms,
+            "p10_ms": self.quantile_ms(0.1),
+            "p50_ms": self.quantile_ms(0.5),
+            "p90_ms": self.quantile_ms(0.9),
+            "p99_ms": self.quantile_ms(0.99),
+            "n": len(self.samples_ms),
+            "spread": self.spread,
+        }
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 10,
-                     max_seconds: float = 30.0, min_repeats: int = 3,
-                     sync: Callable[[], None] | None = None) -> dict[str, Timing]:
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    warmup: int = 2,
+    repeats: int = 10,
+    max_seconds: float = 30.0,
+    min_repeats: int = 3,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, Timing]:
     """Time each callable `repeats` times, interleaved; stop early once `max_seconds` is spent
     (after `min_repeats` rounds)."""
     for fn in fns.values():

@@ -81,8 +81,7 @@ def to_polygraphy_profiles(profiles: list[ProfileShapes]) -> list[Any]:
 
 def profiles_to_json(profiles: list[ProfileShapes]) -> list[dict[str, dict[str, list[int]]]]:
     return [
-        {n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in p.items()}
-        for p in profiles
+        {n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in p.items()} for p in profiles
     ]
 
 
@@ -90,13 +89,10 @@ def profiles_to_json(profiles: list[ProfileShapes]) -> list[dict[str, dict[str, 
 def validate_config(config: TrtBuildConfig) -> None:
     problems = []
     if not 0 <= config.builder_optimization_level <= 5:
-        problems.append(
-            f"builder_optimization_level {config.builder_optimization_level} not in 0..5"
-        )
+        problems.append(f"builder_optimization_level {config.builder_optimization_level} not in 0..5")
     if config.hardware_compatibility_level not in HARDWARE_LEVELS:
         problems.append(
-            f"hardware_compatibility_level {config.hardware_compatibility_level!r} "
-            f"not in {HARDWARE_LEVELS}"
+            f"hardware_compatibility_level {config.hardware_compatibility_level!r} not in {HARDWARE_LEVELS}"
         )
     if config.workspace_bytes is not None and config.workspace_bytes <= 0:
         problems.append(f"workspace_bytes must be positive, got {config.workspace_bytes}")
@@ -127,9 +123,7 @@ def create_config_kwargs(
     }
     if config.hardware_compatibility_level != "none":
         name = config.hardware_compatibility_level.upper()  # AMPERE_PLUS, SAME_COMPUTE_CAPABILITY
-        kw["hardware_compatibility_level"] = (
-            getattr(trt.HardwareCompatibilityLevel, name) if trt else name
-        )
+        kw["hardware_compatibility_level"] = getattr(trt.HardwareCompatibilityLevel, name) if trt else name
     if config.workspace_bytes is not None:
         pool = trt.MemoryPoolType.WORKSPACE if trt else "WORKSPACE"
         kw["memory_pool_limits"] = {pool: int(config.workspace_bytes)}
@@ -160,9 +154,7 @@ class MemoryEstimate:
 
     @property
     def total_bytes(self) -> int:
-        return (
-            BUILD_WEIGHT_COPIES * self.weights_bytes + self.activation_bytes + self.workspace_bytes
-        )
+        return BUILD_WEIGHT_COPIES * self.weights_bytes + self.activation_bytes + self.workspace_bytes
 
     def describe(self) -> str:
         return (
@@ -264,9 +256,7 @@ def check_memory(estimate: MemoryEstimate, free_bytes: int, *, headroom: float =
     if estimate.workspace_bytes > GiB // 4:
         advice.append("set a smaller workspace limit (workspace_bytes, e.g. 256 MiB)")
     if BUILD_WEIGHT_COPIES * estimate.weights_bytes > budget:
-        advice.append(
-            "build a smaller precision (fp16 or int8 graph) or use a GPU with more memory"
-        )
+        advice.append("build a smaller precision (fp16 or int8 graph) or use a GPU with more memory")
     advice.append("lower builder_optimization_level, or free GPU memory held by other processes")
     raise InputError(
         f"TensorRT build needs about {estimate.describe()}, but only "
@@ -303,15 +293,11 @@ def check_timing_cache(path: str | Path, target: TrtTarget) -> None:
     try:
         rec = json.loads(side.read_text())
     except json.JSONDecodeError:
-        raise InputError(
-            f"{side}: not valid JSON; delete the timing cache and its record"
-        ) from None
+        raise InputError(f"{side}: not valid JSON; delete the timing cache and its record") from None
     problems = []
     if rec.get("gpu") != target.gpu or rec.get("compute_capability") != target.compute_capability:
         sm = "sm" + str(rec.get("compute_capability", "?")).replace(".", "")
-        problems.append(
-            f"recorded on {rec.get('gpu')} ({sm}), this GPU is {target.gpu} ({target.sm})"
-        )
+        problems.append(f"recorded on {rec.get('gpu')} ({sm}), this GPU is {target.gpu} ({target.sm})")
     if _ver(str(rec.get("tensorrt", "0")))[:2] != _ver(target.tensorrt)[:2]:
         problems.append(f"recorded with TensorRT {rec.get('tensorrt')}, running {target.tensorrt}")
     if problems:

@@ -22,16 +22,18 @@ log = logging.getLogger(__name__)
 class ParityBars:
     """Defaults from ARCHITECTURE.md; rel. L2 per call, PSNR (dB) per sample."""
 
-    call_rel_l2: dict[str, float] = field(
-        default_factory=lambda: {"fp32": 1e-5, "fp16": 1e-2, "int8": 5e-2})
+    call_rel_l2: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-5, "fp16": 1e-2, "int8": 5e-2})
     sample_psnr_db: dict[str, float] = field(
-        default_factory=lambda: {"fp32": 60.0, "fp16": 35.0, "int8": 25.0})
+        default_factory=lambda: {"fp32": 60.0, "fp16": 35.0, "int8": 25.0}
+    )
     # polygraphy SimpleCompareFunc on the median element error; its 1e-5 default fails every
     # correct FP16 graph, so the tolerances follow the precision.
     polygraphy_atol: dict[str, float] = field(
-        default_factory=lambda: {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2})
+        default_factory=lambda: {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2}
+    )
     polygraphy_rtol: dict[str, float] = field(
-        default_factory=lambda: {"fp32": 1e-3, "fp16": 5e-2, "int8": 2e-1})
+        default_factory=lambda: {"fp32": 1e-3, "fp16": 5e-2, "int8": 2e-1}
+    )
     fid_margin: float = 1.5  # student FID <= margin x teacher reference FID
     min_paired_psnr_db: float = 15.0  # student vs teacher from the same noise
 
@@ -61,8 +63,9 @@ class CallParity:
         return asdict(self)
 
 
-def _polygraphy_compare(refs: list[np.ndarray], outs: list[np.ndarray], atol: float, rtol: float
-                        ) -> dict[str, Any]:
+def _polygraphy_compare(
+    refs: list[np.ndarray], outs: list[np.ndarray], atol: float, rtol: float
+) -> dict[str, Any]:
     from polygraphy.comparator import Comparator, IterationResult, RunResults
     from polygraphy.comparator.compare import SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
@@ -70,21 +73,40 @@ def _polygraphy_compare(refs: list[np.ndarray], outs: list[np.ndarray], atol: fl
     G_LOGGER.module_severity = G_LOGGER.ERROR  # its per-output log is our report's job
     rr = RunResults()
     # polygraphy views arrays when aligning shapes: it needs them contiguous (a sliced output is not)
-    rr.append(("reference", [IterationResult({"y": np.ascontiguousarray(r)}, runner_name="reference")
-                             for r in refs]))
-    rr.append(("candidate", [IterationResult({"y": np.ascontiguousarray(o)}, runner_name="candidate")
-                             for o in outs]))
-    acc = Comparator.compare_accuracy(rr, compare_func=SimpleCompareFunc(
-        atol=atol, rtol=rtol, check_error_stat="median"))[0]
+    rr.append(
+        (
+            "reference",
+            [IterationResult({"y": np.ascontiguousarray(r)}, runner_name="reference") for r in refs],
+        )
+    )
+    rr.append(
+        (
+            "candidate",
+            [IterationResult({"y": np.ascontiguousarray(o)}, runner_name="candidate") for o in outs],
+        )
+    )
+    acc = Comparator.compare_accuracy(
+        rr, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="median")
+    )[0]
     iters = next(iter(acc.values()))
     res = [it["y"] for it in iters]
-    return {"passed": bool(acc), "atol": atol, "rtol": rtol, "check_error_stat": "median",
-            "median_absdiff": float(max(r.median_absdiff for r in res)),
-            "max_absdiff": float(max(r.max_absdiff for r in res))}
+    return {
+        "passed": bool(acc),
+        "atol": atol,
+        "rtol": rtol,
+        "check_error_stat": "median",
+        "median_absdiff": float(max(r.median_absdiff for r in res)),
+        "max_absdiff": float(max(r.max_absdiff for r in res)),
+    }
 
 
-def call_parity(reference: Runner, candidate: Runner, feeds: list[dict[str, np.ndarray]],
-                precision: str, bars: ParityBars = ParityBars()) -> CallParity:
+def call_parity(
+    reference: Runner,
+    candidate: Runner,
+    feeds: list[dict[str, np.ndarray]],
+    precision: str,
+    bars: ParityBars = ParityBars(),
+) -> CallParity:
     """Same inputs to both runners (inputs along the student's trajectory, all its timesteps)."""
     out_name = reference.spec.output_names[0]
     refs, outs = [], []
@@ -101,8 +123,9 @@ def call_parity(reference: Runner, candidate: Runner, feeds: list[dict[str, np.n
         cos = float(np.dot(out, ref) / max(np.linalg.norm(out) * np.linalg.norm(ref), 1e-12))
     pg = _polygraphy_compare(refs, outs, bars.polygraphy_atol[precision], bars.polygraphy_rtol[precision])
     bar = bars.call_rel_l2[precision]
-    return CallParity(err, mx, cos, nonfinite, len(feeds), pg, bar,
-                      passed=nonfinite == 0 and err <= bar and pg["passed"])
+    return CallParity(
+        err, mx, cos, nonfinite, len(feeds), pg, bar, passed=nonfinite == 0 and err <= bar and pg["passed"]
+    )
 
 
 @dataclass
@@ -117,10 +140,17 @@ class SampleParity:
         return asdict(self)
 
 
-def sample_parity(reference_samples: np.ndarray, schedule: SamplingSchedule, candidate: Runner,
-                  noise: np.ndarray, step_noise: np.ndarray | None, precision: str,
-                  cond: dict[str, np.ndarray] | None = None, max_batch: int | None = None,
-                  bars: ParityBars = ParityBars()) -> tuple[SampleParity, np.ndarray]:
+def sample_parity(
+    reference_samples: np.ndarray,
+    schedule: SamplingSchedule,
+    candidate: Runner,
+    noise: np.ndarray,
+    step_noise: np.ndarray | None,
+    precision: str,
+    cond: dict[str, np.ndarray] | None = None,
+    max_batch: int | None = None,
+    bars: ParityBars = ParityBars(),
+) -> tuple[SampleParity, np.ndarray]:
     """Candidate's sampler vs the torch student's samples, from the same noise."""
     sampler = Sampler(schedule, candidate, output_name=candidate.spec.output_names[0], max_batch=max_batch)
     samples = sampler(noise, step_noise, cond)
@@ -151,14 +181,24 @@ class Distribution:
         return asdict(self)
 
 
-def distribution(student: np.ndarray, teacher: np.ndarray, teacher_low: np.ndarray | None,
-                 extractor: Any, real: np.ndarray | None, feature_space: str,
-                 bars: ParityBars = ParityBars()) -> Distribution:
+def distribution(
+    student: np.ndarray,
+    teacher: np.ndarray,
+    teacher_low: np.ndarray | None,
+    extractor: Any,
+    real: np.ndarray | None,
+    feature_space: str,
+    bars: ParityBars = ParityBars(),
+) -> Distribution:
     from optimizer.quality import fid
 
-    d = Distribution(feature_space=feature_space, paired_psnr_db=psnr_db(student, teacher),
-                     n_samples=len(student), fid_margin=bars.fid_margin,
-                     min_paired_psnr_db=bars.min_paired_psnr_db)
+    d = Distribution(
+        feature_space=feature_space,
+        paired_psnr_db=psnr_db(student, teacher),
+        n_samples=len(student),
+        fid_margin=bars.fid_margin,
+        min_paired_psnr_db=bars.min_paired_psnr_db,
+    )
     if real is not None:
         d.fid_student = float(fid(student, real, extractor))
         d.fid_teacher = float(fid(teacher, real, extractor))
@@ -166,13 +206,13 @@ def distribution(student: np.ndarray, teacher: np.ndarray, teacher_low: np.ndarr
             d.fid_teacher_low_steps = float(fid(teacher_low, real, extractor))
         d.passed = d.fid_student <= bars.fid_margin * d.fid_teacher
         if not d.passed:
-            d.notes.append(f"student FID {d.fid_student:.2f} > {bars.fid_margin} x teacher "
-                           f"{d.fid_teacher:.2f}")
+            d.notes.append(
+                f"student FID {d.fid_student:.2f} > {bars.fid_margin} x teacher {d.fid_teacher:.2f}"
+            )
     else:
         d.fid_student_vs_teacher = float(fid(student, teacher, extractor))
         d.notes.append("no real data for this model: FID is measured against the teacher's samples")
     if d.paired_psnr_db < bars.min_paired_psnr_db:
         d.passed = False
-        d.notes.append(f"paired PSNR to the teacher {d.paired_psnr_db:.1f} dB < "
-                       f"{bars.min_paired_psnr_db} dB")
+        d.notes.append(f"paired PSNR to the teacher {d.paired_psnr_db:.1f} dB < {bars.min_paired_psnr_db} dB")
     return d

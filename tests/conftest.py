@@ -25,23 +25,41 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device (none visible to torch)"))
         if "tensorrt" in item.keywords:
             if not has_trt:
-                item.add_marker(pytest.mark.skip(
-                    reason="needs TensorRT: pip install --extra-index-url https://pypi.nvidia.com "
-                           "'dd-compile[tensorrt]' on a machine with an NVIDIA GPU"))
+                item.add_marker(
+                    pytest.mark.skip(
+                        reason="needs TensorRT: pip install --extra-index-url https://pypi.nvidia.com "
+                        "'dd-compile[tensorrt]' on a machine with an NVIDIA GPU"
+                    )
+                )
             elif not has_cuda:
-                item.add_marker(pytest.mark.skip(reason="TensorRT is installed but no CUDA device is visible"))
+                item.add_marker(
+                    pytest.mark.skip(reason="TensorRT is installed but no CUDA device is visible")
+                )
 
 
-TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-                 layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+)
 
 
 # A text-conditioned UNet2DConditionModel of the same size (cross-attention in the first block).
-TINY_COND_UNET = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=16,
-                      attention_head_dim=4, norm_num_groups=8,
-                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_COND_UNET = dict(
+    sample_size=8,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    cross_attention_dim=16,
+    attention_head_dim=4,
+    norm_num_groups=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)
 
 
 def make_tiny_teacher(path, seed=0, prediction_type="v_prediction", clip_sample=False):
@@ -51,8 +69,12 @@ def make_tiny_teacher(path, seed=0, prediction_type="v_prediction", clip_sample=
 
     torch.manual_seed(seed)
     UNet2DModel(**TINY_UNET).save_pretrained(path / "unet")
-    DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                  prediction_type=prediction_type, clip_sample=clip_sample).save_pretrained(path / "scheduler")
+    DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+    ).save_pretrained(path / "scheduler")
     return path
 
 

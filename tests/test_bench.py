@@ -120,10 +120,7 @@ def test_bench_measures_engine_and_teacher(benches):
     )
     best = b2["best"]["e2e"]["1"]
     assert (
-        best
-        == min(
-            (result(v, "e2e", 1)["p50_ms"], v["name"]) for v in b2["variants"] if not v["skipped"]
-        )[1]
+        best == min((result(v, "e2e", 1)["p50_ms"], v["name"]) for v in b2["variants"] if not v["skipped"])[1]
     )
     for f in ("bench.json", "bench.md", "latency.png", "speedup.png"):
         assert (d / "t2" / f).stat().st_size > 500
@@ -141,9 +138,7 @@ def test_flops_memory_and_fingerprint(benches):
         b2["flops"]["student"] * 2 / (r["p50_ms"] / 1e3) / 1e9, rel=1e-2
     )
     assert (
-        0
-        < r["fraction_of_peak"]
-        == pytest.approx(r["achieved_gflops"] / b2["peak"]["fp32_gflops"], rel=1e-2)
+        0 < r["fraction_of_peak"] == pytest.approx(r["achieved_gflops"] / b2["peak"]["fp32_gflops"], rel=1e-2)
     )
     for name in ("onnxruntime/fp32", "teacher/torch-eager/fp32"):
         mem = _variant(b2, name)["memory"]
@@ -242,12 +237,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, out_dir):
     with pytest.raises(InputError, match="not valid JSON"):
         load_bench(bad)
     r = CliRunner().invoke(main, [str(tmp_path / "nowhere")])
-    assert (
-        r.exit_code == 2 and "no manifest" in r.output and len(r.output.strip().splitlines()) == 1
-    )
-    r = CliRunner().invoke(
-        main, [str(out_dir), "--teacher", str(tmp_path / "missing"), "--no-progress"]
-    )
+    assert r.exit_code == 2 and "no manifest" in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(main, [str(out_dir), "--teacher", str(tmp_path / "missing"), "--no-progress"])
     assert r.exit_code == 2 and "teacher folder not found" in r.output
     with pytest.raises(InputError, match="batch sizes"):
         run_bench(out_dir, BenchConfig(batch_sizes=(0,)))

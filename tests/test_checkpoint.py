@@ -21,9 +21,15 @@ from optimizer.models import load_teacher
 @pytest.fixture(scope="module")
 def ckpt_path(tiny_teacher_dir, tmp_path_factory):
     t = load_teacher(tiny_teacher_dir)
-    ck = StudentCheckpoint("UNet2DModel", dict(t.model.config), "DDPMScheduler", dict(t.scheduler.config),
-                           t.schedule(4), TeacherRef(str(tiny_teacher_dir), t.weights_sha256),
-                           {"method": "none"})
+    ck = StudentCheckpoint(
+        "UNet2DModel",
+        dict(t.model.config),
+        "DDPMScheduler",
+        dict(t.scheduler.config),
+        t.schedule(4),
+        TeacherRef(str(tiny_teacher_dir), t.weights_sha256),
+        {"method": "none"},
+    )
     return save_checkpoint(ck, t.model, tmp_path_factory.mktemp("ck") / "student.ckpt"), t
 
 
@@ -42,7 +48,7 @@ def test_round_trip(ckpt_path):
 def _rewrite_meta(src, dst, **changes):
     raw = src.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     meta = json.loads(header["__metadata__"]["dd_compile"])
     for k, v in changes.items():
         if v is None:
@@ -54,22 +60,25 @@ def _rewrite_meta(src, dst, **changes):
     header["__metadata__"]["dd_compile"] = json.dumps(meta)
     h = json.dumps(header).encode()
     h += b" " * (-len(h) % 8)
-    dst.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n:])
+    dst.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n :])
     return dst
 
 
-@pytest.mark.parametrize("case,expect", [
-    ("missing", "no such file"),
-    ("directory", "is a directory"),
-    ("empty", "too short"),
-    ("pickle", "never unpickles"),
-    ("torch_save", "never unpickles"),
-    ("not_safetensors", "not a safetensors file"),
-    ("truncated", "truncated"),
-    ("version", "format version 99 is not supported"),
-    ("model_class", "model class 'VQModel' is not supported"),
-    ("no_meta", "lacks 'teacher'"),
-])
+@pytest.mark.parametrize(
+    "case,expect",
+    [
+        ("missing", "no such file"),
+        ("directory", "is a directory"),
+        ("empty", "too short"),
+        ("pickle", "never unpickles"),
+        ("torch_save", "never unpickles"),
+        ("not_safetensors", "not a safetensors file"),
+        ("truncated", "truncated"),
+        ("version", "format version 99 is not supported"),
+        ("model_class", "model class 'VQModel' is not supported"),
+        ("no_meta", "lacks 'teacher'"),
+    ],
+)
 def test_bad_files_get_one_line_errors(case, expect, ckpt_path, tmp_path):
     good, _ = ckpt_path
     p = tmp_path / "student.ckpt"

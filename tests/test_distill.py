@@ -56,9 +56,7 @@ def make_teacher(
         prediction_type=prediction_type,
         clip_sample=False,
     ).save_pretrained(path / "scheduler")
-    (path / "teacher.json").write_text(
-        json.dumps({"reference_sampler": "ddim", "reference_steps": 8})
-    )
+    (path / "teacher.json").write_text(json.dumps({"reference_sampler": "ddim", "reference_steps": 8}))
     return path
 
 
@@ -269,10 +267,7 @@ def test_consistency_end_to_end(tiny, data_npy, tmp_path):
         ref = Sampler(ck.schedule, runner).from_seeds([0, 1], (1, 8, 8))
     noise, step_noise = noise_for_seeds([0, 1], (1, 8, 8), 2)
     assert (
-        np.abs(
-            sample(Denoiser(res.model.eval()), ck.schedule, noise, step_noise).numpy() - ref
-        ).max()
-        < 1e-5
+        np.abs(sample(Denoiser(res.model.eval()), ck.schedule, noise, step_noise).numpy() - ref).max() < 1e-5
     )
 
 
@@ -352,10 +347,7 @@ def test_cli_bad_teacher_is_one_line_exit_2(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2
-    assert (
-        r.stderr.strip().splitlines()[-1].startswith("dd-distill: error:")
-        and "not found" in r.stderr
-    )
+    assert r.stderr.strip().splitlines()[-1].startswith("dd-distill: error:") and "not found" in r.stderr
 
 
 # -- DDP ----------------------------------------------------------------------------------------
@@ -396,9 +388,7 @@ def test_ddp_two_cpu_ranks_end_identical(tiny, data_npy, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "student.ckpt")
-    torch.multiprocessing.spawn(
-        _ddp_worker, args=(2, port, str(tiny), str(data_npy), out), nprocs=2
-    )
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tiny), str(data_npy), out), nprocs=2)
     w0, w1 = load_file(out + ".rank0"), load_file(out + ".rank1")
     start = load_teacher(tiny).model.state_dict()
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
@@ -422,6 +412,4 @@ def test_one_step_zero_terminal_snr(tmp_path, data_npy, pred):
     assert all(torch.isfinite(v).all() for v in ck.state_dict.values())
     if not zsnr:
         with pytest.raises(InputError, match="zero-snr"):
-            run_distillation(
-                cfg(t, tmp_path / "z", data_npy, steps=1, teacher_steps=2, zero_snr=True)
-            )
+            run_distillation(cfg(t, tmp_path / "z", data_npy, steps=1, teacher_steps=2, zero_snr=True))

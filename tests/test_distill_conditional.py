@@ -27,8 +27,9 @@ def cond_teacher(tmp_path_factory):
     path = tmp_path_factory.mktemp("cond_teacher")
     torch.manual_seed(0)
     UNet2DConditionModel(in_channels=1, out_channels=1, **TINY_COND_UNET).save_pretrained(path / "unet")
-    DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction",
-                  beta_schedule="squaredcos_cap_v2").save_pretrained(path / "scheduler")
+    DDPMScheduler(
+        num_train_timesteps=1000, prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2"
+    ).save_pretrained(path / "scheduler")
     return path
 
 
@@ -40,8 +41,22 @@ def cond_npz(tmp_path_factory):
     return p
 
 
-ARGS = ["--steps", "2", "--teacher-steps", "4", "--iters", "4", "--batch-size", "4",
-        "--data-free-samples", "6", "--eval-samples", "4", "--threads", "1"]
+ARGS = [
+    "--steps",
+    "2",
+    "--teacher-steps",
+    "4",
+    "--iters",
+    "4",
+    "--batch-size",
+    "4",
+    "--data-free-samples",
+    "6",
+    "--eval-samples",
+    "4",
+    "--threads",
+    "1",
+]
 
 
 def test_conditioning_reaches_the_teacher(cond_teacher, cond_npz):
@@ -62,7 +77,8 @@ def test_conditioning_reaches_the_teacher(cond_teacher, cond_npz):
 def test_distill_conditional_then_compile(cond_teacher, cond_npz, tmp_path):
     out = tmp_path / "student.ckpt"
     res = CliRunner().invoke(
-        distill_main, [str(cond_teacher), "-o", str(out), "--cond", str(cond_npz), *ARGS],
+        distill_main,
+        [str(cond_teacher), "-o", str(out), "--cond", str(cond_npz), *ARGS],
         catch_exceptions=False,
     )
     assert res.exit_code == 0, res.output
@@ -75,7 +91,8 @@ def test_distill_conditional_then_compile(cond_teacher, cond_npz, tmp_path):
     assert rec["config"]["cond"] == str(cond_npz)
     # The student compiles and passes parity like any other UNet2DConditionModel.
     res = CliRunner().invoke(
-        compile_main, [str(out), "-o", str(tmp_path / "out"), "--precision", "fp32", *FAST],
+        compile_main,
+        [str(out), "-o", str(tmp_path / "out"), "--precision", "fp32", *FAST],
         catch_exceptions=False,
     )
     assert res.exit_code == 0, res.output
@@ -115,9 +132,20 @@ def test_bad_cond_files_are_one_line(cond_teacher, tmp_path, case):
 def test_consistency_and_smaller_student_take_conditioning(cond_teacher, cond_npz, tmp_path, method, width):
     from optimizer.distill import DistillConfig, run_distillation
 
-    cfg = DistillConfig(teacher=str(cond_teacher), out=str(tmp_path / "s.ckpt"), method=method, steps=2,
-                        teacher_steps=4, iters=3, batch_size=4, data_free_samples=6, eval_samples=4,
-                        cond=str(cond_npz), width=width, threads=1)
+    cfg = DistillConfig(
+        teacher=str(cond_teacher),
+        out=str(tmp_path / "s.ckpt"),
+        method=method,
+        steps=2,
+        teacher_steps=4,
+        iters=3,
+        batch_size=4,
+        data_free_samples=6,
+        eval_samples=4,
+        cond=str(cond_npz),
+        width=width,
+        threads=1,
+    )
     res = run_distillation(cfg)
     assert res.record["rounds"] and all(np.isfinite(r["fid_student"]) for r in res.record["rounds"])
     if width < 1:

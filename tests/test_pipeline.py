@@ -13,8 +13,22 @@ from optimizer.models import load_teacher
 
 # Random-weight models: the student-vs-teacher quality bars mean nothing here (the distilled demo
 # is held to them in test_demo), parity and speed bars stay as they are.
-FAST = ["--batch-sizes", "1,2", "--samples", "8", "--fid-samples", "16", "--bench-seconds", "0.2", "--threads", "1",
-        "--bar", "paired_psnr=-100", "--bar", "fid_margin=1e9"]
+FAST = [
+    "--batch-sizes",
+    "1,2",
+    "--samples",
+    "8",
+    "--fid-samples",
+    "16",
+    "--bench-seconds",
+    "0.2",
+    "--threads",
+    "1",
+    "--bar",
+    "paired_psnr=-100",
+    "--bar",
+    "fid_margin=1e9",
+]
 
 
 def invoke(*args):
@@ -66,8 +80,18 @@ def test_second_run_reuses_the_export(compiled, tiny_teacher_dir):
 
 
 def test_failed_bar_exits_1_with_report(tiny_teacher_dir, tmp_path):
-    res = invoke(tiny_teacher_dir, "--steps", 2, "-o", tmp_path, "--precision", "fp32",
-                 "--bar", "call.fp32=1e-12", *FAST)
+    res = invoke(
+        tiny_teacher_dir,
+        "--steps",
+        2,
+        "-o",
+        tmp_path,
+        "--precision",
+        "fp32",
+        "--bar",
+        "call.fp32=1e-12",
+        *FAST,
+    )
     assert res.exit_code == 1
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["passed"] is False and "call-level rel. L2" in rep["failures"][0]
@@ -77,8 +101,14 @@ def test_failed_bar_exits_1_with_report(tiny_teacher_dir, tmp_path):
 def orphan_ckpt(tiny_teacher_dir, tmp_path_factory):
     """A student whose teacher folder no longer exists."""
     t = load_teacher(tiny_teacher_dir)
-    ck = StudentCheckpoint("UNet2DModel", dict(t.model.config), "DDPMScheduler", dict(t.scheduler.config),
-                           t.schedule(2), TeacherRef("/nonexistent/teacher", "0" * 64))
+    ck = StudentCheckpoint(
+        "UNet2DModel",
+        dict(t.model.config),
+        "DDPMScheduler",
+        dict(t.scheduler.config),
+        t.schedule(2),
+        TeacherRef("/nonexistent/teacher", "0" * 64),
+    )
     return save_checkpoint(ck, t.model, tmp_path_factory.mktemp("orphan") / "student.ckpt")
 
 
@@ -96,7 +126,9 @@ def test_require_teacher_exits_2(orphan_ckpt, tmp_path):
     assert "/nonexistent/teacher" in res.output and "not found" in res.output
 
 
-@pytest.mark.parametrize("case", ["missing", "pickle", "precision", "batch", "unwritable", "folder_no_steps", "bar"])
+@pytest.mark.parametrize(
+    "case", ["missing", "pickle", "precision", "batch", "unwritable", "folder_no_steps", "bar"]
+)
 def test_bad_input_exits_2_without_artifacts(case, tmp_path, tiny_teacher_dir):
     src, out, extra = tmp_path / "student.ckpt", tmp_path / "out", []
     if case == "pickle":
@@ -126,8 +158,9 @@ def test_tensorrt_backend_without_tensorrt_exits_2_and_keeps_the_onnx(tiny_teach
 
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here: this checks the machine without it")
-    res = invoke(tiny_teacher_dir, "--steps", 2, "-o", tmp_path, "--precision", "fp32",
-                 "--backend", "tensorrt", *FAST)
+    res = invoke(
+        tiny_teacher_dir, "--steps", 2, "-o", tmp_path, "--precision", "fp32", "--backend", "tensorrt", *FAST
+    )
     assert res.exit_code == 2
     (line,) = [ln for ln in res.output.splitlines() if "error" in ln]
     assert "TensorRT" in line and "dd-compile[tensorrt]" in line

@@ -19,14 +19,22 @@ def cond_teacher_dir(tmp_path_factory):
     torch.manual_seed(0)
     UNet2DConditionModel(in_channels=4, out_channels=4, **TINY_COND_UNET).save_pretrained(path / "unet")
     # Stable Diffusion's schedule (epsilon, scaled_linear): the text-to-image family this stands for.
-    DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon", beta_schedule="scaled_linear",
-                  beta_start=0.00085, beta_end=0.012).save_pretrained(path / "scheduler")
+    DDPMScheduler(
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+    ).save_pretrained(path / "scheduler")
     return path
 
 
 def test_unet2d_condition_fp32_fp16(cond_teacher_dir, tmp_path):
-    res = CliRunner().invoke(main, [str(cond_teacher_dir), "--steps", "2", "-o", str(tmp_path),
-                                    "--precision", "fp32,fp16", *FAST], catch_exceptions=False)
+    res = CliRunner().invoke(
+        main,
+        [str(cond_teacher_dir), "--steps", "2", "-o", str(tmp_path), "--precision", "fp32,fp16", *FAST],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "report.json").read_text())
     man = json.loads((tmp_path / "manifest.json").read_text())
@@ -39,8 +47,9 @@ def test_unet2d_condition_fp32_fp16(cond_teacher_dir, tmp_path):
 
 
 def test_all_precisions_on_the_tiny_unet(tiny_teacher_dir, tmp_path):
-    res = CliRunner().invoke(main, [str(tiny_teacher_dir), "--steps", "2", "-o", str(tmp_path), *FAST],
-                             catch_exceptions=False)
+    res = CliRunner().invoke(
+        main, [str(tiny_teacher_dir), "--steps", "2", "-o", str(tmp_path), *FAST], catch_exceptions=False
+    )
     rep = json.loads((tmp_path / "report.json").read_text())
     by = {v["precision"]: v for v in rep["variants"]}
     assert set(by) == {"fp32", "fp16", "int8"}
@@ -59,8 +68,20 @@ def test_all_precisions_on_the_tiny_unet(tiny_teacher_dir, tmp_path):
 
 
 def test_int8_calibration_and_selection_options_reach_the_graph(tiny_teacher_dir, tmp_path):
-    args = [str(tiny_teacher_dir), "--steps", "2", "-o", str(tmp_path), "--precision", "int8",
-            "--int8-calibration", "percentile", "--int8-selection", "graph-order", *FAST]
+    args = [
+        str(tiny_teacher_dir),
+        "--steps",
+        "2",
+        "-o",
+        str(tmp_path),
+        "--precision",
+        "int8",
+        "--int8-calibration",
+        "percentile",
+        "--int8-selection",
+        "graph-order",
+        *FAST,
+    ]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "report.json").read_text())
@@ -76,9 +97,17 @@ def test_int8_with_no_quantizable_node_fails_instead_of_passing_as_fp32(tiny_tea
     from optimizer.pipeline import CompileConfig, run
     from optimizer.speed import SpeedConfig
 
-    cfg = CompileConfig(out=tmp_path, precisions=("fp32", "int8"), batch_sizes=(1, 2), steps=2, threads=1,
-                        n_samples=8, n_fid_samples=16, speed=SpeedConfig(batch_sizes=(1, 2), max_seconds=0.2),
-                        int8_options={"target_call_rel_l2": 1e-12, "sensitivity": "none"})
+    cfg = CompileConfig(
+        out=tmp_path,
+        precisions=("fp32", "int8"),
+        batch_sizes=(1, 2),
+        steps=2,
+        threads=1,
+        n_samples=8,
+        n_fid_samples=16,
+        speed=SpeedConfig(batch_sizes=(1, 2), max_seconds=0.2),
+        int8_options={"target_call_rel_l2": 1e-12, "sensitivity": "none"},
+    )
     rep = run(tiny_teacher_dir, cfg)
     (v,) = [v for v in rep.variants if v.precision == "int8"]
     assert v.precision_info["counts"]["int8"] == 0
@@ -95,8 +124,22 @@ def test_cond_file_feeds_calibration_and_samples(cond_teacher_dir, tmp_path):
     emb = (rng.standard_normal((5, 3, 16)) * 0.5).astype(np.float32)
     np.savez(tmp_path / "cond.npz", encoder_hidden_states=emb)
     out = tmp_path / "out"
-    res = CliRunner().invoke(main, [str(cond_teacher_dir), "--steps", "2", "-o", str(out), "--precision", "fp32",
-                                    "--cond", str(tmp_path / "cond.npz"), *FAST], catch_exceptions=False)
+    res = CliRunner().invoke(
+        main,
+        [
+            str(cond_teacher_dir),
+            "--steps",
+            "2",
+            "-o",
+            str(out),
+            "--precision",
+            "fp32",
+            "--cond",
+            str(tmp_path / "cond.npz"),
+            *FAST,
+        ],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     man = json.loads((out / "manifest.json").read_text())
     ehs = next(t for t in man["io_spec"]["inputs"] if t["name"] == "encoder_hidden_states")
@@ -107,8 +150,19 @@ def test_cond_file_feeds_calibration_and_samples(cond_teacher_dir, tmp_path):
 
     # Wrong width, and --cond for a model without conditioning inputs: exit 2, the file named.
     np.savez(tmp_path / "bad.npz", encoder_hidden_states=emb[..., :8])
-    bad = CliRunner().invoke(main, [str(cond_teacher_dir), "--steps", "2", "-o", str(tmp_path / "b"),
-                                    "--cond", str(tmp_path / "bad.npz"), *FAST])
+    bad = CliRunner().invoke(
+        main,
+        [
+            str(cond_teacher_dir),
+            "--steps",
+            "2",
+            "-o",
+            str(tmp_path / "b"),
+            "--cond",
+            str(tmp_path / "bad.npz"),
+            *FAST,
+        ],
+    )
     assert bad.exit_code == 2 and "bad.npz" in bad.output and "cross_attention_dim" in bad.output
     assert not (tmp_path / "b" / "manifest.json").exists()
 
@@ -117,8 +171,19 @@ def test_cond_file_rejected_for_unconditional_models(tiny_teacher_dir, tmp_path)
     import numpy as np
 
     np.savez(tmp_path / "c.npz", class_labels=np.arange(4))
-    res = CliRunner().invoke(main, [str(tiny_teacher_dir), "--steps", "2", "-o", str(tmp_path / "o"),
-                                    "--cond", str(tmp_path / "c.npz"), *FAST])
+    res = CliRunner().invoke(
+        main,
+        [
+            str(tiny_teacher_dir),
+            "--steps",
+            "2",
+            "-o",
+            str(tmp_path / "o"),
+            "--cond",
+            str(tmp_path / "c.npz"),
+            *FAST,
+        ],
+    )
     assert res.exit_code == 2 and "c.npz" in res.output and "no conditioning input" in res.output
 
 
@@ -128,8 +193,9 @@ def test_cond_rows_in_order_for_samples_and_drawn_per_calibration_seed():
     from optimizer.iospec import io_spec_for
     from optimizer.pipeline import _cond_fn
 
-    spec = io_spec_for("UNet2DConditionModel", {"sample_size": 8, "in_channels": 4, "cross_attention_dim": 16},
-                       seq_len=3)
+    spec = io_spec_for(
+        "UNet2DConditionModel", {"sample_size": 8, "in_channels": 4, "cross_attention_dim": 16}, seq_len=3
+    )
     emb = np.arange(5 * 3 * 16, dtype=np.float32).reshape(5, 3, 16)
     fn = _cond_fn(spec, 0, {"encoder_hidden_states": emb})
     np.testing.assert_array_equal(fn(7)["encoder_hidden_states"], emb[[0, 1, 2, 3, 4, 0, 1]])
@@ -165,17 +231,43 @@ def test_cond_file_with_class_labels(tmp_path):
 
     torch.manual_seed(0)
     UNet2DModel(**TINY_UNET, num_class_embeds=3).save_pretrained(tmp_path / "t" / "unet")
-    DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction").save_pretrained(tmp_path / "t" / "scheduler")
+    DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction").save_pretrained(
+        tmp_path / "t" / "scheduler"
+    )
     np.savez(tmp_path / "labels.npz", class_labels=np.array([2, 0, 1]))
-    res = CliRunner().invoke(main, [str(tmp_path / "t"), "--steps", "2", "-o", str(tmp_path / "o"),
-                                    "--precision", "fp32", "--cond", str(tmp_path / "labels.npz"), *FAST],
-                             catch_exceptions=False)
+    res = CliRunner().invoke(
+        main,
+        [
+            str(tmp_path / "t"),
+            "--steps",
+            "2",
+            "-o",
+            str(tmp_path / "o"),
+            "--precision",
+            "fp32",
+            "--cond",
+            str(tmp_path / "labels.npz"),
+            *FAST,
+        ],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     man = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert [t["name"] for t in man["io_spec"]["inputs"]][-1] == "class_labels"
     np.savez(tmp_path / "bad.npz", class_labels=np.array([0, 3]))  # 3 classes: 0..2
-    bad = CliRunner().invoke(main, [str(tmp_path / "t"), "--steps", "2", "-o", str(tmp_path / "b"),
-                                    "--cond", str(tmp_path / "bad.npz"), *FAST])
+    bad = CliRunner().invoke(
+        main,
+        [
+            str(tmp_path / "t"),
+            "--steps",
+            "2",
+            "-o",
+            str(tmp_path / "b"),
+            "--cond",
+            str(tmp_path / "bad.npz"),
+            *FAST,
+        ],
+    )
     assert bad.exit_code == 2 and "bad.npz" in bad.output and "outside [0, 3)" in bad.output
 
 
@@ -186,12 +278,23 @@ def test_dit_through_dd_compile(tmp_path):
     from diffusers import DDPMScheduler, DiTTransformer2DModel
 
     torch.manual_seed(0)
-    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                          num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=3,
-                          norm_num_groups=8).save_pretrained(tmp_path / "t" / "transformer")
+    DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=3,
+        norm_num_groups=8,
+    ).save_pretrained(tmp_path / "t" / "transformer")
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(tmp_path / "t" / "scheduler")
-    res = CliRunner().invoke(main, [str(tmp_path / "t"), "--steps", "2", "-o", str(tmp_path / "o"),
-                                    "--precision", "fp32", *FAST], catch_exceptions=False)
+    res = CliRunner().invoke(
+        main,
+        [str(tmp_path / "t"), "--steps", "2", "-o", str(tmp_path / "o"), "--precision", "fp32", *FAST],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     (v,) = rep["variants"]

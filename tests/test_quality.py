@@ -126,7 +126,6 @@ def test_teacher_loads_and_samples(extractor):
     assert fid(x, real, extractor) < TEACHER_FID_64x64_BAR
 
 
-
 def test_train_teacher_conditional_sees_each_batch_labels():
     """train(..., unet=, cond=) (benchmarks/cond_digits.py): the conditioning callable gets the digit
     labels of exactly the images in the batch, and the UNet learns with it."""

@@ -38,10 +38,15 @@ OUT = "out_sample"
 def _schedule(steps: int = 2) -> SamplingSchedule:
     from diffusers import DDPMScheduler
 
-    sch = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                        prediction_type="v_prediction")
-    return SamplingSchedule.from_alphas(sch.alphas_cumprod.numpy(), trailing_timesteps(1000, steps),
-                                        kind="ddim", prediction_type="v_prediction")
+    sch = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+    )
+    return SamplingSchedule.from_alphas(
+        sch.alphas_cumprod.numpy(),
+        trailing_timesteps(1000, steps),
+        kind="ddim",
+        prediction_type="v_prediction",
+    )
 
 
 def _calib(path: Path, spec, shape, seeds=(0, 1, 2, 3), batch=2, steps=2):
@@ -54,10 +59,17 @@ def tiny_unet(tmp_path_factory):
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
-    m = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-                    layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                    up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-                    attention_head_dim=8).eval()
+    m = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ).eval()
     spec = io_spec_for("UNet2DModel", dict(m.config))
     path = tmp_path_factory.mktemp("unet") / "student.fp32.onnx"
     export_onnx(Denoiser(m), spec, path)
@@ -150,8 +162,11 @@ def test_int8_symmetric_qdq_within_bar(tiny_unet, tmp_path, monkeypatch):
         zp = numpy_helper.to_array(inits[n.input[2]])
         assert zp.dtype in (np.int8, np.int32) and not zp.any()
     # Weights per output channel: some DQ has a 1-D scale.
-    assert any(numpy_helper.to_array(inits[n.input[1]]).ndim == 1
-               for n in qdq if n.op_type == "DequantizeLinear" and n.input[1] in inits)
+    assert any(
+        numpy_helper.to_array(inits[n.input[1]]).ndim == 1
+        for n in qdq
+        if n.op_type == "DequantizeLinear" and n.input[1] in inits
+    )
     got = run_model(res.path, calib, OUT)
     ref = run_model(path, calib, OUT)
     assert rel_l2(np.concatenate(got), np.concatenate(ref)) <= 5e-2
@@ -170,8 +185,9 @@ def test_int8_parity_check_vetoes(tiny_unet, tmp_path):
         seen.append(p)
         return 0.0
 
-    res = quantize_int8(path, tmp_path / "s.int8.onnx", calib,
-                        Int8Config(sensitivity="none"), parity_check=never)
+    res = quantize_int8(
+        path, tmp_path / "s.int8.onnx", calib, Int8Config(sensitivity="none"), parity_check=never
+    )
     assert seen and not res.passed and res.counts["int8"] == 0
     assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(res.path)).graph.node)
 
@@ -180,11 +196,18 @@ def test_condition_unet_fp16_and_int8(tmp_path):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    m = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                             layers_per_block=1, cross_attention_dim=16, norm_num_groups=8,
-                             attention_head_dim=8,
-                             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    m = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        cross_attention_dim=16,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
     spec = io_spec_for("UNet2DConditionModel", dict(m.config), seq_len=4)
     path = export_onnx(Denoiser(m), spec, tmp_path / "c.fp32.onnx")
     calib = _calib(path, spec, (4, 8, 8), seeds=[0, 1], batch=2)
@@ -210,21 +233,28 @@ def test_fp16_keeps_large_phase_sin_cos_in_fp32(tmp_path):
 
     freq = np.linspace(0.05, 1.0, 16, dtype=np.float32)
     g = helper.make_graph(
-        [helper.make_node("Unsqueeze", ["timestep", "axes"], ["t1"], name="unsq"),
-         helper.make_node("Mul", ["t1", "freq"], ["arg"], name="mul"),
-         helper.make_node("Sin", ["arg"], ["s"], name="sin"),
-         helper.make_node("Cos", ["arg"], ["c"], name="cos"),
-         helper.make_node("Concat", ["s", "c"], ["out_sample"], name="cat", axis=1)],
-        "phase", [helper.make_tensor_value_info("timestep", TensorProto.FLOAT, ["batch"])],
+        [
+            helper.make_node("Unsqueeze", ["timestep", "axes"], ["t1"], name="unsq"),
+            helper.make_node("Mul", ["t1", "freq"], ["arg"], name="mul"),
+            helper.make_node("Sin", ["arg"], ["s"], name="sin"),
+            helper.make_node("Cos", ["arg"], ["c"], name="cos"),
+            helper.make_node("Concat", ["s", "c"], ["out_sample"], name="cat", axis=1),
+        ],
+        "phase",
+        [helper.make_tensor_value_info("timestep", TensorProto.FLOAT, ["batch"])],
         [helper.make_tensor_value_info("out_sample", TensorProto.FLOAT, ["batch", 32])],
-        [helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
-         helper.make_tensor("freq", TensorProto.FLOAT, [1, 16], freq)])
+        [
+            helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("freq", TensorProto.FLOAT, [1, 16], freq),
+        ],
+    )
     src = tmp_path / "phase.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]), src)
     calib = [{"timestep": np.array([999.0, 749.0, 499.0, 249.0], np.float32)}]
     ours = quantize_fp16(src, tmp_path / "ours.onnx", calib, Fp16Config())
-    naive = quantize_fp16(src, tmp_path / "naive.onnx", calib,
-                          Fp16Config(max_phase_error=float("inf"), max_rounds=0))
+    naive = quantize_fp16(
+        src, tmp_path / "naive.onnx", calib, Fp16Config(max_phase_error=float("inf"), max_rounds=0)
+    )
     assert {k.name for k in ours.kept_float if k.reason == "phase"} >= {"sin", "cos", "mul"}
     assert naive.call_rel_l2 > 1e-2 and ours.call_rel_l2 < 1e-3
 
@@ -234,8 +264,9 @@ def test_int8_placement_is_measured_and_reported(tiny_unet, tmp_path):
     nodes a shared placement leaves unfused are reported in float, never counted as int8."""
     path, spec = tiny_unet
     calib = _calib(path, spec, (1, 8, 8))
-    res = quantize_int8(path, tmp_path / "p.int8.onnx", calib,
-                        Int8Config(sensitivity_feeds=2, placement_repeats=5))
+    res = quantize_int8(
+        path, tmp_path / "p.int8.onnx", calib, Int8Config(sensitivity_feeds=2, placement_repeats=5)
+    )
     pl = res.placement
     assert set(pl["placements"]) == {"isolated", "shared"} and pl["chosen"] in pl["placements"]
     if pl["placements"]["shared"]["passed"]:
@@ -252,8 +283,14 @@ def _int8_nodes(path):
     """Names of the Conv/MatMul/Gemm nodes fed by a DequantizeLinear of a weight."""
     m = onnx.load(str(path))
     prod = {o: n for n in m.graph.node for o in n.output}
-    return [n.name for n in m.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")
-            and len(n.input) > 1 and n.input[1] in prod and prod[n.input[1]].op_type == "DequantizeLinear"]
+    return [
+        n.name
+        for n in m.graph.node
+        if n.op_type in ("Conv", "MatMul", "Gemm")
+        and len(n.input) > 1
+        and n.input[1] in prod
+        and prod[n.input[1]].op_type == "DequantizeLinear"
+    ]
 
 
 def test_int8_subset_cut_equals_quantize_static(tiny_unet, tmp_path):
@@ -267,8 +304,11 @@ def test_int8_subset_cut_equals_quantize_static(tiny_unet, tmp_path):
     universe = [n.name for n in qz.candidates()[0]]
     assert len(universe) > 6
     rng = np.random.default_rng(0)
-    subsets = [[universe[0]], [universe[-1]],
-               [universe[i] for i in sorted(rng.choice(len(universe), 5, replace=False))]]
+    subsets = [
+        [universe[0]],
+        [universe[-1]],
+        [universe[i] for i in sorted(rng.choice(len(universe), 5, replace=False))],
+    ]
     for nodes in subsets:
         cut, ref = qz.subset(nodes, universe), qz.quantize(nodes, isolate=True)
         a, b = run_model(cut, calib, OUT), run_model(ref, calib, OUT)
@@ -276,10 +316,12 @@ def test_int8_subset_cut_equals_quantize_static(tiny_unet, tmp_path):
         m = onnx.load(str(cut))
         onnx.checker.check_model(m)
         # Only the subset keeps int8 weights: every other node reads its float weight again.
-        dq_w = {n.output[0] for n in m.graph.node if n.op_type == "DequantizeLinear"
-                and n.input[0] in {i.name for i in m.graph.initializer}}
+        dq_w = {
+            n.output[0]
+            for n in m.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in {i.name for i in m.graph.initializer}
+        }
         with_int8_w = {n.name for n in m.graph.node if any(i in dq_w for i in n.input)}
         assert with_int8_w == set(nodes)
     # The float graph is reachable too (a cut with no node).
-    assert not any(n.op_type == "QuantizeLinear"
-                   for n in onnx.load(str(qz.subset([], universe))).graph.node)
+    assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(qz.subset([], universe))).graph.node)

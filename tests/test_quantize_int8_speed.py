@@ -97,9 +97,7 @@ def test_isolated_qdq_feeds_only_quantized_nodes_and_fuses(skip_model, tmp_path)
 @pytest.mark.skipif(not X86, reason="the S8->U8 rewrite that shared Q/DQ defeats is ORT's x86 path")
 def test_shared_qdq_leaves_convs_unfused_on_x86(skip_model, tmp_path):
     src, calib = skip_model
-    res = quantize_int8(
-        src, tmp_path / "shared.onnx", calib, Int8Config(isolate_qdq=False, **LOOSE)
-    )
+    res = quantize_int8(src, tmp_path / "shared.onnx", calib, Int8Config(isolate_qdq=False, **LOOSE))
     assert res.counts["int8"] < 2
     assert {k.reason for k in res.kept_float} == {"no-int8-kernel"}
 
@@ -139,12 +137,9 @@ def test_isolate_qdq_rewires_float_consumers_and_keeps_output_quantization(skip_
     relu_x = [np.maximum(f["x"], 0) for f in calib]
     before = [y[:, :8] for y in run_model(shared, calib, "y")]
     after = [y[:, :8] for y in run_model(m, calib, "y")]
-    assert all(
-        np.array_equal(a, r) for a, r in zip(after, relu_x, strict=True)
-    )  # float path untouched
-    assert not all(
-        np.array_equal(b, r) for b, r in zip(before, relu_x, strict=True)
-    )  # it was quantized before
+    assert all(np.array_equal(a, r) for a, r in zip(after, relu_x, strict=True))  # float path untouched
+    # it was quantized before
+    assert not all(np.array_equal(b, r) for b, r in zip(before, relu_x, strict=True))
 
 
 def test_node_macs_and_order_config(skip_model):

@@ -59,8 +59,10 @@ def test_per_sample_parity_with_torch_student(out, kind):
     ckpt = load_checkpoint(out / "student.ckpt")
     noise, step_noise = draw_noise([0, 1, 2, 3], tuple(m.meta["sample_shape"]), schedule.steps)
     results = []
-    for runner in (OnnxRuntimeRunner(out / "onnx" / "student.fp32.onnx", m.io_spec),
-                   TorchRunner(Denoiser(ckpt.build_model()), m.io_spec)):
+    for runner in (
+        OnnxRuntimeRunner(out / "onnx" / "student.fp32.onnx", m.io_spec),
+        TorchRunner(Denoiser(ckpt.build_model()), m.io_spec),
+    ):
         with runner:
             results.append(to_images(Sampler(schedule, runner)(noise, step_noise)))
     ort_images, torch_images = results
@@ -95,8 +97,14 @@ def test_refuses_a_changed_engine_before_importing_tensorrt(out):
     plan = out / "engines" / "student.fp32.plan"
     plan.parent.mkdir()
     plan.write_bytes(b"not really an engine")
-    m.add("engine/fp32", plan, "engine", precision="fp32", backend="tensorrt",
-          target={"tensorrt": "11.0.0", "compute_capability": "9.0", "gpu": "x", "cuda": "12.8"})
+    m.add(
+        "engine/fp32",
+        plan,
+        "engine",
+        precision="fp32",
+        backend="tensorrt",
+        target={"tensorrt": "11.0.0", "compute_capability": "9.0", "gpu": "x", "cuda": "12.8"},
+    )
     m.save()
     plan.write_bytes(b"changed after the build")
     with pytest.raises(IntegrityError, match="sha256"):
@@ -109,8 +117,14 @@ def test_refuses_an_engine_for_another_tensorrt_version(out):
     plan = out / "engines" / "student.fp32.plan"
     plan.parent.mkdir()
     plan.write_bytes(b"engine bytes")
-    m.add("engine/fp32", plan, "engine", precision="fp32", backend="tensorrt",
-          target={"tensorrt": "1.0.0", "compute_capability": "1.0", "gpu": "old", "cuda": "1.0"})
+    m.add(
+        "engine/fp32",
+        plan,
+        "engine",
+        precision="fp32",
+        backend="tensorrt",
+        target={"tensorrt": "1.0.0", "compute_capability": "1.0", "gpu": "old", "cuda": "1.0"},
+    )
     m.save()
     with pytest.raises(IntegrityError):
         engines.load(out, precision="fp32", backend="tensorrt")
@@ -138,9 +152,9 @@ def test_runs_with_torch_absent(out):
         f"with engines.load({str(out)!r}, precision='fp32') as pipe:\n"
         "    images = pipe(seeds=[int(s) for s in refs['seeds']])\n"
         "assert 'torch' not in {k for k, v in sys.modules.items() if v is not None}\n"
-        "print(float(np.abs(images - refs['images']).max()))\n")
+        "print(float(np.abs(images - refs['images']).max()))\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert float(r.stdout.strip().splitlines()[-1]) <= 1e-3

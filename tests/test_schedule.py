@@ -72,21 +72,37 @@ def test_draw_noise_is_per_seed():
 
 
 def test_iospec_collects_every_problem():
-    spec = IOSpec("unet2d", (TensorSpec("sample", "float32", ("batch", 1, 8, 8)),
-                             TensorSpec("timestep", "float32", ("batch",))),
-                  (TensorSpec("out_sample", "float32", ("batch", 1, 8, 8)),),
-                  {"batch": DimRange(1, 4, 4)})
+    spec = IOSpec(
+        "unet2d",
+        (TensorSpec("sample", "float32", ("batch", 1, 8, 8)), TensorSpec("timestep", "float32", ("batch",))),
+        (TensorSpec("out_sample", "float32", ("batch", 1, 8, 8)),),
+        {"batch": DimRange(1, 4, 4)},
+    )
     good = {"sample": np.zeros((2, 1, 8, 8), np.float32), "timestep": np.zeros((2,), np.float32)}
     spec.check_feeds(good)
-    bad = {"sample": np.zeros((5, 1, 8, 7), np.float64), "timestep": np.zeros((3,), np.float32), "x": good["sample"]}
+    bad = {
+        "sample": np.zeros((5, 1, 8, 7), np.float64),
+        "timestep": np.zeros((3,), np.float32),
+        "x": good["sample"],
+    }
     with pytest.raises(InputError) as e:
         spec.check_feeds(bad)
     msg = str(e.value)
-    for part in ("unexpected input(s) ['x']", "dtype float64", "axis 3 is 7", "outside [1, 4]", "other inputs say"):
+    for part in (
+        "unexpected input(s) ['x']",
+        "dtype float64",
+        "axis 3 is 7",
+        "outside [1, 4]",
+        "other inputs say",
+    ):
         assert part in msg
     assert IOSpec.from_dict(spec.to_dict()) == spec
     assert spec.profiles()["sample"] == ((1, 1, 8, 8), (4, 1, 8, 8), (4, 1, 8, 8))
-    assert spec.dynamic_axes() == {"sample": {0: "batch"}, "timestep": {0: "batch"}, "out_sample": {0: "batch"}}
+    assert spec.dynamic_axes() == {
+        "sample": {0: "batch"},
+        "timestep": {0: "batch"},
+        "out_sample": {0: "batch"},
+    }
 
 
 def test_clipping_teacher_keeps_clipping_and_matches_diffusers(tmp_path):

@@ -43,8 +43,13 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     py = serve_python()
-    if not py.exists() or subprocess.run([str(py), "-c", "import pytriton, onnxruntime, click"],
-                                         capture_output=True).returncode != 0:
+    if (
+        not py.exists()
+        or subprocess.run(
+            [str(py), "-c", "import pytriton, onnxruntime, click"], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip(f"serve environment not installed at {py} (run: bash .ci/setup-serve)")
     tmp = tmp_path_factory.mktemp("serve")
     out = tmp / "out"
@@ -52,27 +57,41 @@ def server(tmp_path_factory):
     ports = {"port": free_port(), "grpc": free_port(), "metrics": free_port()}
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(
-        [str(py), "-m", "engines.serve", str(out), "--port", str(ports["port"]),
-         "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"]),
-         "--threads", "1"],
-        cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            str(py),
+            "-m",
+            "engines.serve",
+            str(out),
+            "--port",
+            str(ports["port"]),
+            "--grpc-port",
+            str(ports["grpc"]),
+            "--metrics-port",
+            str(ports["metrics"]),
+            "--threads",
+            "1",
+        ],
+        cwd=tmp,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     url = f"127.0.0.1:{ports['port']}"
     client = http.InferenceServerClient(url)
     deadline = time.monotonic() + 180
     try:
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"dd-serve exited with {proc.returncode}:\n"
-                            + (tmp / "server.log").read_text()[-3000:])
+                pytest.fail(
+                    f"dd-serve exited with {proc.returncode}:\n" + (tmp / "server.log").read_text()[-3000:]
+                )
             try:
                 if client.is_model_ready(MODEL):
                     break
             except Exception:  # not listening yet
                 pass
             if time.monotonic() > deadline:
-                pytest.fail("dd-serve not ready after 180 s:\n"
-                            + (tmp / "server.log").read_text()[-3000:])
+                pytest.fail("dd-serve not ready after 180 s:\n" + (tmp / "server.log").read_text()[-3000:])
             time.sleep(1)
         yield {"http": url, "grpc": f"127.0.0.1:{ports['grpc']}", "out": out, "proc": proc}
     finally:
@@ -93,8 +112,9 @@ def infer(mod, url: str, seeds: list[int]) -> np.ndarray:
 
 
 def test_concurrent_requests_match_the_runtime(server):
-    jobs = [(http if i % 2 else grpc, server["http" if i % 2 else "grpc"], [2 * i, 2 * i + 1])
-            for i in range(8)]
+    jobs = [
+        (http if i % 2 else grpc, server["http" if i % 2 else "grpc"], [2 * i, 2 * i + 1]) for i in range(8)
+    ]
     t0 = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda j: infer(*j), jobs))

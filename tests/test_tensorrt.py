@@ -62,9 +62,7 @@ def tiny_onnx(path: Path, precision: str = "fp32", seed: int = 0) -> Path:
     b1 = np.zeros(MID, ft)
     w2 = (rng.standard_normal((C, MID, 3, 3)) * 0.2).astype(ft)
     b2 = np.zeros(C, ft)
-    inits = [
-        numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))
-    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
     nodes, x_in, w1_in, w2_in = [], "sample", "w1", "w2"
     if precision == "fp16":
         nodes.append(helper.make_node("Cast", ["sample"], ["x16"], to=TensorProto.FLOAT16))
@@ -187,18 +185,10 @@ def test_option_mapping_into_create_config(tmp_path):
     assert kw["memory_pool_limits"] == {"WORKSPACE": 256 << 20}
     assert not {"fp16", "int8", "bf16", "fp8", "calibrator", "precision_constraints"} & set(kw)
     # Everything that is not a TensorRT enum goes straight into polygraphy's real CreateConfig.
-    plain = {
-        k: v
-        for k, v in kw.items()
-        if k not in ("hardware_compatibility_level", "memory_pool_limits")
-    }
+    plain = {k: v for k, v in kw.items() if k not in ("hardware_compatibility_level", "memory_pool_limits")}
     cc = CreateConfig(**plain)
     assert len(cc.profiles) == 2 and cc.builder_optimization_level == 5
-    assert (
-        cc.version_compatible
-        and cc.refittable
-        and cc.timing_cache_path == str(tmp_path / "t.cache")
-    )
+    assert cc.version_compatible and cc.refittable and cc.timing_cache_path == str(tmp_path / "t.cache")
     assert not (cc.fp16 or cc.int8 or cc.tf32)  # TF32 off: fp32 layers stay fp32 for parity
 
 
@@ -304,9 +294,7 @@ def test_manifest_record_and_check_on_reload(tmp_path):
         "9.0",
         "12.8",
     )
-    assert ex["profiles"][0]["sample"]["max"] == [4, C, HW, HW] and ex["flags"] == [
-        "STRONGLY_TYPED"
-    ]
+    assert ex["profiles"][0]["sample"]["max"] == [4, C, HW, HW] and ex["flags"] == ["STRONGLY_TYPED"]
     assert ex["build_seconds"] == 12.5 and ex["engine_bytes"] > 0
     check_engine_compatible(art, running=built)  # same target: accepted
     with pytest.raises(IntegrityError, match=r"11\.4\.0\.106 but 11\.5\.0 is running"):
@@ -330,9 +318,7 @@ def test_portable_record_is_accepted_elsewhere(tmp_path):
 
 def test_non_engine_or_incomplete_records_are_refused():
     with pytest.raises(IntegrityError):
-        check_engine_compatible(
-            Artifact("onnx/fp16", "onnx/student.fp16.onnx", "0", "onnx"), running=H100
-        )
+        check_engine_compatible(Artifact("onnx/fp16", "onnx/student.fp16.onnx", "0", "onnx"), running=H100)
     art = Artifact("engine/x", "e.plan", "0", "engine", target={"tensorrt": "11.4.0"})
     with pytest.raises(IntegrityError, match="lacks"):
         check_engine_compatible(art, running=H100)
@@ -370,15 +356,11 @@ def test_weight_bytes_follow_the_graph_precision(tmp_path):
 
 def test_activation_estimate_uses_shape_inference_at_max_batch(tmp_path):
     path = tiny_onnx(tmp_path / "s.fp32.onnx")
-    est = estimate_build_memory(
-        path, profiles_from_spec(tiny_spec(), [1, 8]), workspace_bytes=1 << 20
-    )
+    est = estimate_build_memory(path, profiles_from_spec(tiny_spec(), [1, 8]), workspace_bytes=1 << 20)
     largest = 8 * MID * HW * HW * 4  # the [8,16,8,8] fp32 hidden tensor
     io = 8 * C * HW * HW * 4
     assert est.activation_bytes == 3 * largest + io and est.max_batch == 8
-    assert est.total_bytes == BUILD_WEIGHT_COPIES * est.weights_bytes + est.activation_bytes + (
-        1 << 20
-    )
+    assert est.total_bytes == BUILD_WEIGHT_COPIES * est.weights_bytes + est.activation_bytes + (1 << 20)
     est16 = estimate_build_memory(
         tiny_onnx(tmp_path / "s.fp16.onnx", "fp16"),
         profiles_from_spec(tiny_spec(), [1, 8]),
@@ -399,9 +381,7 @@ def test_memory_check_says_which_batch_fits():
     assert "only 12.00 GiB of GPU memory is free" in msg and "\n" not in msg
     fit = int(msg.split("--batch-sizes to ")[1].split(";")[0])
     assert 1 <= fit < 16
-    smaller = MemoryEstimate(
-        est.weights_bytes, est.activation_bytes * fit // 16, est.workspace_bytes, fit
-    )
+    smaller = MemoryEstimate(est.weights_bytes, est.activation_bytes * fit // 16, est.workspace_bytes, fit)
     check_memory(smaller, free_bytes=free)  # the advice is right: that batch fits
     bigger = MemoryEstimate(
         smaller.weights_bytes, est.activation_bytes * (fit + 1) // 16, est.workspace_bytes, fit + 1
@@ -491,9 +471,7 @@ def test_build_and_run_matches_onnxruntime(tmp_path, precision, bar):
     from optimizer.build import build_engine
 
     onnx_path = tiny_onnx(tmp_path / f"student.{precision}.onnx", precision)
-    res = build_engine(
-        onnx_path, tiny_spec(), tmp_path / "engines", TrtBuildConfig(batch_sizes=(1, 8))
-    )
+    res = build_engine(onnx_path, tiny_spec(), tmp_path / "engines", TrtBuildConfig(batch_sizes=(1, 8)))
     assert res.path.exists() and res.engine_bytes == res.path.stat().st_size
     assert res.path.name == f"student.{precision}.{res.target.key}.plan"
     assert res.timing_cache and res.timing_cache.exists()
@@ -510,9 +488,7 @@ def test_cuda_graph_recaptures_on_shape_change_and_views(tmp_path):
     from optimizer.build import build_engine
 
     onnx_path = tiny_onnx(tmp_path / "student.fp32.onnx")
-    res = build_engine(
-        onnx_path, tiny_spec(), tmp_path / "engines", TrtBuildConfig(batch_sizes=(1, 8))
-    )
+    res = build_engine(onnx_path, tiny_spec(), tmp_path / "engines", TrtBuildConfig(batch_sizes=(1, 8)))
     rng = np.random.default_rng(2)
     a, b = (rng.standard_normal((n, C, HW, HW)).astype(np.float32) for n in (2, 5))
     with (
@@ -535,17 +511,13 @@ def test_timing_cache_reused_and_engine_loads_from_manifest(tmp_path):
 
     (tmp_path / "onnx").mkdir()
     onnx_path = tiny_onnx(tmp_path / "onnx" / "student.fp16.onnx", "fp16")
-    cfg = TrtBuildConfig(
-        batch_sizes=(1, 4), profile_mode="per-batch", cache_dir=str(tmp_path / "cache")
-    )
+    cfg = TrtBuildConfig(batch_sizes=(1, 4), profile_mode="per-batch", cache_dir=str(tmp_path / "cache"))
     first = build_engine(onnx_path, tiny_spec(1, 4), tmp_path / "engines", cfg)
     size = first.timing_cache.stat().st_size
     second = build_engine(onnx_path, tiny_spec(1, 4), tmp_path / "engines2", cfg)
     assert second.timing_cache == first.timing_cache and second.timing_cache.stat().st_size >= size
     assert len(first.profiles) == 2
-    x1, x4 = (
-        np.random.default_rng(3).standard_normal((n, C, HW, HW)).astype(np.float32) for n in (1, 4)
-    )
+    x1, x4 = (np.random.default_rng(3).standard_normal((n, C, HW, HW)).astype(np.float32) for n in (1, 4))
     with TensorRTRunner(first.path, tiny_spec(1, 4), profile_index=None) as r:  # picks per shape
         for x in (x1, x4, x1):
             assert _rel_l2(r.infer({"sample": x})["out_sample"], _ort_reference(tmp_path, x)) < 1e-2

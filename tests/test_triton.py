@@ -13,9 +13,10 @@ from engines.fileio import sha256_file
 from engines.manifest import Manifest
 from engines.triton import SAMPLER_MODEL, UNET_MODEL, main, write_triton_repo
 
-mc = pytest.importorskip("tritonclient.grpc.model_config_pb2",
-                         reason="needs tritonclient (pip install 'tritonclient[grpc]') for "
-                                "Triton's model_config schema")
+mc = pytest.importorskip(
+    "tritonclient.grpc.model_config_pb2",
+    reason="needs tritonclient (pip install 'tritonclient[grpc]') for Triton's model_config schema",
+)
 text_format = pytest.importorskip("google.protobuf.text_format")
 
 FIXTURE = Path(__file__).parent / "data" / "runtime_fixture"
@@ -110,9 +111,18 @@ def test_consistency_sampler_takes_step_noise(out, tmp_path):
 def test_preferred_batch_sizes_from_bench_json(out, tmp_path):
     bench = tmp_path / "bench.json"
     # throughput: 100, 200, 210 images/s -> sizes within 10% of the best: 4 and 8; 16 > max
-    bench.write_text(json.dumps({"results": [
-        {"batch": 1, "median_ms": 10.0}, {"batch": 4, "median_ms": 20.0},
-        {"batch": 8, "median_ms": 38.0}, {"batch": 16, "median_ms": 10.0}]}))
+    bench.write_text(
+        json.dumps(
+            {
+                "results": [
+                    {"batch": 1, "median_ms": 10.0},
+                    {"batch": 4, "median_ms": 20.0},
+                    {"batch": 8, "median_ms": 38.0},
+                    {"batch": 16, "median_ms": 10.0},
+                ]
+            }
+        )
+    )
     repo = write_triton_repo(out, tmp_path / "repo", precision="fp32", bench_json=bench)
     cfg = parse(repo / UNET_MODEL / "config.pbtxt")
     assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8]
@@ -126,9 +136,14 @@ def test_tensorrt_plan_pins_version_and_compute_capability(out, tmp_path):
     plan = out / "engines" / "student.fp16.plan"
     plan.parent.mkdir()
     plan.write_bytes(np.random.default_rng(0).bytes(256))  # config generation never reads it
-    m.add("engine/fp16", plan, "engine", precision="fp16", backend="tensorrt",
-          target={"tensorrt": "10.8.0.43", "compute_capability": "8.9", "gpu": "NVIDIA L4",
-                  "cuda": "12.8"})
+    m.add(
+        "engine/fp16",
+        plan,
+        "engine",
+        precision="fp16",
+        backend="tensorrt",
+        target={"tensorrt": "10.8.0.43", "compute_capability": "8.9", "gpu": "NVIDIA L4", "cuda": "12.8"},
+    )
     m.save()
     repo = write_triton_repo(out, tmp_path / "repo", precision="fp16", backend="tensorrt")
     cfg = parse(repo / UNET_MODEL / "config.pbtxt")
@@ -162,8 +177,7 @@ def test_errors_and_atomic_replace(out, tmp_path, capsys):
 
 def test_cli_writes_repository(out, tmp_path):
     with pytest.raises(SystemExit) as e:
-        main([str(out), "--repo", str(tmp_path / "cli"), "--precision", "fp32",
-              "--instances", "2"])
+        main([str(out), "--repo", str(tmp_path / "cli"), "--precision", "fp32", "--instances", "2"])
     assert e.value.code == 0
     cfg = parse(tmp_path / "cli" / UNET_MODEL / "config.pbtxt")
     assert cfg.instance_group[0].count == 2

@@ -19,7 +19,7 @@ from tests.test_serve import serve_python
 ROOT = Path(__file__).parents[1]
 FIXTURE = ROOT / "tests" / "data" / "runtime_fixture"
 
-SCRIPT = r'''
+SCRIPT = r"""
 import sys, shutil, numpy as np
 from pathlib import Path
 from pytriton.decorators import batch
@@ -72,7 +72,7 @@ with Triton(config=cfg) as t:
     except InferenceServerException as e:
         print("BOTH_ERROR", str(e).splitlines()[0])
     print("READY_AFTER", c.is_model_ready("dd_sampler"))
-'''
+"""
 
 
 def free_port() -> int:
@@ -83,18 +83,26 @@ def free_port() -> int:
 
 def test_generated_sampler_model_serves_in_triton(tmp_path):
     py = serve_python()
-    if not py.exists() or subprocess.run([str(py), "-c", "import pytriton, onnxruntime"],
-                                         capture_output=True).returncode != 0:
+    if (
+        not py.exists()
+        or subprocess.run([str(py), "-c", "import pytriton, onnxruntime"], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip(f"serve environment not installed at {py} (run: bash .ci/setup-serve)")
     out = tmp_path / "out"
     shutil.copytree(FIXTURE, out)
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     refs = ROOT / "tests" / "data" / "runtime_refs.npz"
-    args = [str(py), str(script), str(out), str(tmp_path), str(refs),
-            *(str(free_port()) for _ in range(3))]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=240, cwd=tmp_path,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    args = [str(py), str(script), str(out), str(tmp_path), str(refs), *(str(free_port()) for _ in range(3))]
+    r = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     lines = dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert float(lines["SEED_DIFF"]) <= 1e-4

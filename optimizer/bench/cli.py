@@ -63,9 +63,7 @@ def _fail(e: Exception) -> None:
     help="Timing budget for all phases and batch sizes (setup and memory probes extra).",
 )
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: usable cores).")
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option(
     "--backends",
     default=None,
@@ -120,11 +118,7 @@ def run(
     known = {"onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt"}
     be = tuple(b.strip() for b in backends.split(",")) if backends else None
     if be and set(be) - known:
-        _fail(
-            ValueError(
-                f"--backends: unknown {sorted(set(be) - known)}; choose from {sorted(known)}"
-            )
-        )
+        _fail(ValueError(f"--backends: unknown {sorted(set(be) - known)}; choose from {sorted(known)}"))
     cfg = BenchConfig(
         batch_sizes=batch_sizes,
         seconds=seconds,
@@ -153,13 +147,9 @@ def run(
 
 @main.command("merge")
 @click.argument("benches", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "-o", "--output", type=click.Path(path_type=Path), required=True, help="Markdown file."
-)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Markdown file.")
 @click.option("--phase", type=click.Choice(["e2e", "call"]), default="e2e", show_default=True)
-@click.option(
-    "--batch-sizes", default=None, help="Only these batch sizes (default: all common ones)."
-)
+@click.option("--batch-sizes", default=None, help="Only these batch sizes (default: all common ones).")
 def merge_cmd(benches: tuple[Path, ...], output: Path, phase: str, batch_sizes: str | None) -> None:
     """Merge bench JSONs from several targets into one Markdown table (rows: variants)."""
     from optimizer.bench.merge import merge

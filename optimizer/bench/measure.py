@@ -113,9 +113,7 @@ def time_until_stable(
             for k, t in timings.items():
                 history[k].append(t.median_ms)
                 h = history[k]
-                stable[k] = len(h) >= 3 and all(
-                    abs(h[-1] - m) <= cfg.rel_tol * h[-1] for m in h[-3:-1]
-                )
+                stable[k] = len(h) >= 3 and all(abs(h[-1] - m) <= cfg.rel_tol * h[-1] for m in h[-3:-1])
             elapsed = time.perf_counter() - start
             bar.n = min(elapsed, budget_s)
             bar.set_postfix_str(f"round {rounds}, {sum(stable.values())}/{len(stable)} stable")
@@ -246,14 +244,10 @@ def run_bench(out_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
     if cfg.teacher:
         raw = cfg.teacher_path or (manifest.meta.get("teacher") or {}).get("path")
         if not raw:
-            raise InputError(
-                f"{manifest.path}: meta has no teacher path; pass --teacher DIR or --no-teacher"
-            )
+            raise InputError(f"{manifest.path}: meta has no teacher path; pass --teacher DIR or --no-teacher")
         teacher_path = _resolve(raw, root)
         if not teacher_path.is_dir():
-            raise InputError(
-                f"{teacher_path}: teacher folder not found (pass --teacher DIR or --no-teacher)"
-            )
+            raise InputError(f"{teacher_path}: teacher folder not found (pass --teacher DIR or --no-teacher)")
     batches = sorted(set(cfg.batch_sizes))
     ctx = BenchContext(
         manifest, teacher_path=teacher_path, threads=threads, device=device, batch_sizes=batches
@@ -298,9 +292,7 @@ def run_bench(out_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
         except (DDCompileError, RuntimeError, OSError, ImportError) as e:
             skipped.append((v, f"failed to load: {str(e).splitlines()[0][:300]}"))
             variants.remove(v)
-    log.info(
-        "setup (FLOPs, peak, memory probes, loading) took %.1f s", time.perf_counter() - t_setup
-    )
+    log.info("setup (FLOPs, peak, memory probes, loading) took %.1f s", time.perf_counter() - t_setup)
 
     rng = np.random.default_rng(cfg.seed)
     results: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
@@ -364,9 +356,7 @@ def run_bench(out_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
             }
             est["p50_ms"] = round(steps[name] * call_p50[(name, b)], 4)
             results[name].append(est)
-        log.info(
-            "%s b=%d: %d rounds in %.1f s (budget %.1f s)", phase, b, g.rounds, g.seconds, budget
-        )
+        log.info("%s b=%d: %d rounds in %.1f s (budget %.1f s)", phase, b, g.rounds, g.seconds, budget)
     for r in runners.values():
         r.deactivate()
     for dt in dtypes:

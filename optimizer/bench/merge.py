@@ -16,14 +16,10 @@ from optimizer.bench.schema import load_bench, result
 def _targets(benches: list[dict[str, Any]], paths: list[Path]) -> list[str]:
     """Column names: each target's name, made unique with its file name when two collide."""
     names = [b["target"]["name"] for b in benches]
-    return [
-        f"{n} ({p.stem})" if names.count(n) > 1 else n for n, p in zip(names, paths, strict=True)
-    ]
+    return [f"{n} ({p.stem})" if names.count(n) > 1 else n for n, p in zip(names, paths, strict=True)]
 
 
-def merge(
-    paths: list[str | Path], *, phase: str = "e2e", batch_sizes: list[int] | None = None
-) -> str:
+def merge(paths: list[str | Path], *, phase: str = "e2e", batch_sizes: list[int] | None = None) -> str:
     """Markdown: one table per batch size measured on every target (or those asked for)."""
     if len(paths) < 1:
         raise InputError("merge needs at least one bench JSON")
@@ -31,10 +27,7 @@ def merge(
     benches = [load_bench(p) for p in ps]
     cols = _targets(benches, ps)
     common = set.intersection(
-        *(
-            {x["batch"] for v in b["variants"] for x in v["results"] if x["phase"] == phase}
-            for b in benches
-        )
+        *({x["batch"] for v in b["variants"] for x in v["results"] if x["phase"] == phase} for b in benches)
     )
     if batch_sizes:
         missing = sorted(set(batch_sizes) - common)
@@ -46,8 +39,7 @@ def merge(
         common = set(batch_sizes)
     if not common:
         raise InputError(
-            f"no batch size was measured ({phase}) on every target: "
-            + ", ".join(f"{p}" for p in ps)
+            f"no batch size was measured ({phase}) on every target: " + ", ".join(f"{p}" for p in ps)
         )
     variants: list[str] = []
     for b in benches:
@@ -75,9 +67,7 @@ def merge(
             cands = [
                 (r["p50_ms"], v["name"])
                 for v in b["variants"]
-                if (r := result(v, phase, batch))
-                and r.get("p50_ms")
-                and r.get("method") == "measured"
+                if (r := result(v, phase, batch)) and r.get("p50_ms") and r.get("method") == "measured"
             ]
             best.append(min(cands)[1] if cands else None)
         out += [

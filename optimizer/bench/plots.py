@@ -8,9 +8,7 @@ from typing import Any
 from engines.fileio import atomic_path
 
 
-def _series(
-    bench: dict[str, Any], phase: str, key: str
-) -> dict[str, tuple[list[int], list[float]]]:
+def _series(bench: dict[str, Any], phase: str, key: str) -> dict[str, tuple[list[int], list[float]]]:
     out = {}
     for v in bench["variants"]:
         pts = sorted(
@@ -43,12 +41,8 @@ def plot_latency(bench: dict[str, Any], path: str | Path) -> Path:
             row = next(v for v in bench["variants"] if v["name"] == name)
             xs = [x for x in row["results"] if x["phase"] == phase and x.get("p50_ms") is not None]
             xs.sort(key=lambda x: x["batch"])
-            lo = [
-                x["p50_ms"] - (x["p10_ms"] if x["p10_ms"] is not None else x["p50_ms"]) for x in xs
-            ]
-            hi = [
-                (x["p90_ms"] if x["p90_ms"] is not None else x["p50_ms"]) - x["p50_ms"] for x in xs
-            ]
+            lo = [x["p50_ms"] - (x["p10_ms"] if x["p10_ms"] is not None else x["p50_ms"]) for x in xs]
+            hi = [(x["p90_ms"] if x["p90_ms"] is not None else x["p50_ms"]) - x["p50_ms"] for x in xs]
             style = "--" if row["role"] == "baseline" else "-"
             ax.errorbar(bs, p50, yerr=[lo, hi], fmt="o" + style, capsize=3, label=name, ms=4)
         ax.set_xscale("log", base=2)

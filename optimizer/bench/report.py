@@ -77,10 +77,7 @@ def terminal_table(bench: dict[str, Any]) -> str:
             "  ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True)),
             "  ".join("-" * w for w in widths),
         ]
-        lines += [
-            "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-            for cells in r
-        ]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() for cells in r]
     lines += ["", *_footnotes(bench)]
     return "\n".join(lines)
 
@@ -92,9 +89,7 @@ def _footnotes(bench: dict[str, Any]) -> list[str]:
         "(e2e: teacher at its reference steps).",
     ]
     if any(x.get("method") == "estimated" for v in bench["variants"] for x in v["results"]):
-        notes.append(
-            "(est.) = steps x per-call p50: one end-to-end run would not fit the time budget."
-        )
+        notes.append("(est.) = steps x per-call p50: one end-to-end run would not fit the time budget.")
     for v in bench["variants"]:
         if v.get("skipped"):
             notes.append(f"skipped {v['name']}: {v['skipped']}")
@@ -106,8 +101,7 @@ def to_markdown(bench: dict[str, Any]) -> str:
     isa = [k for k, on in fp["cpu"]["isa"].items() if on]
     gpus = (
         "; ".join(
-            f"{g['name']} (sm {g['compute_capability']}, driver {g.get('driver', '?')}, "
-            f"CUDA {g.get('cuda')})"
+            f"{g['name']} (sm {g['compute_capability']}, driver {g.get('driver', '?')}, CUDA {g.get('cuda')})"
             for g in fp["gpus"]
         )
         or "none"
@@ -118,8 +112,7 @@ def to_markdown(bench: dict[str, Any]) -> str:
     out = [
         f"# dd-bench: {bench['target']['name']}",
         "",
-        f"- created {bench['created']}; manifest `{src['manifest']}` "
-        f"(sha256 {src['manifest_sha256'][:12]})",
+        f"- created {bench['created']}; manifest `{src['manifest']}` (sha256 {src['manifest_sha256'][:12]})",
         f"- CPU: {fp['cpu']['model']}, {fp['cpu']['usable_cores']} usable cores, "
         f"{cfg['threads']} threads used; ISA: {', '.join(isa) or 'none of the listed'}",
         f"- GPU: {gpus}",
@@ -147,9 +140,7 @@ def to_markdown(bench: dict[str, Any]) -> str:
             "|" + "---|" * len(HEADER),
         ]
         out += ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in r]
-    mem_methods = {
-        (v.get("memory") or {}).get("method") for v in bench["variants"] if v.get("memory")
-    }
+    mem_methods = {(v.get("memory") or {}).get("method") for v in bench["variants"] if v.get("memory")}
     out += ["", "## Notes", ""] + [f"- {n}" for n in _footnotes(bench)]
     out += [f"- host MiB = peak RSS; memory method: {m}" for m in sorted(filter(None, mem_methods))]
     return "\n".join(out) + "\n"

@@ -67,8 +67,7 @@ def load_bench(path: str | Path) -> dict[str, Any]:
         if key not in d:
             raise InputError(f"{p}: bench file lacks {key!r}")
     if not isinstance(d["variants"], list) or not all(
-        isinstance(v, dict) and "name" in v and isinstance(v.get("results"), list)
-        for v in d["variants"]
+        isinstance(v, dict) and "name" in v and isinstance(v.get("results"), list) for v in d["variants"]
     ):
         raise InputError(f'{p}: "variants" must be a list of {{name, results: [...]}}')
     return d

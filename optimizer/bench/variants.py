@@ -68,9 +68,7 @@ class BenchContext:
         self.copy_teacher = True  # False in a one-variant process (memprobe): no second copy
         self.teacher_path = Path(teacher_path) if teacher_path else None
         if self.manifest.io_spec is None or self.manifest.schedule is None:
-            raise InputError(
-                f"{manifest.path}: manifest has no io_spec/schedule (not a dd-compile output)"
-            )
+            raise InputError(f"{manifest.path}: manifest has no io_spec/schedule (not a dd-compile output)")
         if "sample_shape" not in manifest.meta:
             raise InputError(f"{manifest.path}: manifest meta lacks 'sample_shape'")
 
@@ -216,15 +214,11 @@ def discover(
     if teacher:
         dev = ctx.device
         run.append(
-            VariantSpec(
-                "teacher/torch-eager/fp32", "teacher", "baseline", "torch", "fp32", device=dev
-            )
+            VariantSpec("teacher/torch-eager/fp32", "teacher", "baseline", "torch", "fp32", device=dev)
         )
         if cuda:
             run.append(
-                VariantSpec(
-                    "teacher/torch-eager/fp16", "teacher", "baseline", "torch", "fp16", device=dev
-                )
+                VariantSpec("teacher/torch-eager/fp16", "teacher", "baseline", "torch", "fp16", device=dev)
             )
         prec = "fp16" if cuda else "fp32"
         v = VariantSpec(

@@ -29,8 +29,7 @@ DEMO_TEACHER = Path(__file__).resolve().parent.parent / "demo" / "teacher"
 @click.option(
     "--demo",
     is_flag=True,
-    help="distill the bundled digits teacher, trained on the digits, "
-    "with FID against them (one thread)",
+    help="distill the bundled digits teacher, trained on the digits, with FID against them (one thread)",
 )
 @click.option("--method", type=click.Choice(["progressive", "consistency"]), default="progressive")
 @click.option("--steps", type=int, default=4, help="the student's sampling steps")
@@ -50,9 +49,7 @@ DEMO_TEACHER = Path(__file__).resolve().parent.parent / "demo" / "teacher"
 @click.option("--lr", type=float, default=1e-4, help="Adam lr, annealed linearly to 0 per round")
 @click.option("--seed", type=int, default=0)
 @click.option("--width", type=float, default=1.0, help="< 1: smaller student (channel multiplier)")
-@click.option(
-    "--layers-per-block", type=int, default=None, help="smaller student: layers per block"
-)
+@click.option("--layers-per-block", type=int, default=None, help="smaller student: layers per block")
 @click.option("--kd-iters", type=int, default=0, help="smaller student: KD iterations [0: --iters]")
 @click.option(
     "--data",
@@ -69,9 +66,7 @@ DEMO_TEACHER = Path(__file__).resolve().parent.parent / "demo" / "teacher"
 )
 @click.option("--data-free-samples", type=int, default=2048)
 @click.option("--eval-samples", type=int, default=1000, help="samples per FID (0: no evaluation)")
-@click.option(
-    "--checkpoint-every", type=int, default=100, help="iterations between training checkpoints"
-)
+@click.option("--checkpoint-every", type=int, default=100, help="iterations between training checkpoints")
 @click.option("--resume", is_flag=True, help="continue from <stem>.distill/state.safetensors")
 @click.option("--threads", type=int, default=None, help="torch threads [--demo: 1]")
 @click.option(
@@ -79,9 +74,7 @@ DEMO_TEACHER = Path(__file__).resolve().parent.parent / "demo" / "teacher"
     default=None,
     help="rescale to zero terminal SNR [default: where <= 2 steps and the schedule needs it]",
 )
-@click.option(
-    "--solver-steps", type=int, default=50, help="consistency: the teacher's DDIM solver grid"
-)
+@click.option("--solver-steps", type=int, default=50, help="consistency: the teacher's DDIM solver grid")
 @click.option("-v", "--verbose", is_flag=True)
 def main(
     teacher_dir: str | None,

@@ -58,9 +58,7 @@ def cd_loss(
     eps = torch.randn(x.shape, generator=gen, device=dev)
     z = a.sqrt() * x + (1 - a).sqrt() * eps
     cs, co = (v.reshape(-1, 1, 1, 1) for v in boundary_scalings(t, sigma_data, timestep_scaling))
-    cs_p, co_p = (
-        v.reshape(-1, 1, 1, 1) for v in boundary_scalings(t_prev, sigma_data, timestep_scaling)
-    )
+    cs_p, co_p = (v.reshape(-1, 1, 1, 1) for v in boundary_scalings(t_prev, sigma_data, timestep_scaling))
     # online consistency function f_theta(z_tn, t_n)
     x0_s, _ = predict_x0_eps(z, student(z, t), a, prediction_type)
     pred = cs * z + co * x0_s

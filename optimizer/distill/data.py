@@ -71,9 +71,7 @@ def load_images(path: str | Path, shape: tuple[int, int, int]) -> np.ndarray:
                 "expected [-1, 1] or [0, 1] (or integers 0..255)"
             )
         if x.shape[2:] != (h, w):
-            x = torch.nn.functional.interpolate(
-                torch.from_numpy(x), size=(h, w), mode="area"
-            ).numpy()
+            x = torch.nn.functional.interpolate(torch.from_numpy(x), size=(h, w), mode="area").numpy()
     else:
         raise InputError(f"{path}: --data must be a folder of images or an .npy file")
     if x.shape[1] != c:

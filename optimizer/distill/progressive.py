@@ -87,9 +87,7 @@ def round_plan(teacher_steps: int, steps: int) -> list[int]:
         n //= 2
         plan.append(n)
     if not plan or plan[-1] != steps:
-        raise ValueError(
-            f"--teacher-steps {teacher_steps} is not steps * 2^k with k >= 1 (steps={steps})"
-        )
+        raise ValueError(f"--teacher-steps {teacher_steps} is not steps * 2^k with k >= 1 (steps={steps})")
     return plan
 
 

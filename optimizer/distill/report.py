@@ -61,9 +61,7 @@ class Evaluator:
         noise, step_noise = noise_for_seeds(self.seeds, self.shape, schedule.steps)
         was = net.training
         net.eval()
-        x = sample(
-            net, schedule, noise.to(self.device), step_noise.to(self.device), cond=self.cond
-        )
+        x = sample(net, schedule, noise.to(self.device), step_noise.to(self.device), cond=self.cond)
         net.train(was)
         return x.clamp(-1, 1).cpu().numpy()
 

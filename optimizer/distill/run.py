@@ -36,11 +36,7 @@ def _check(cfg: DistillConfig) -> None:
         raise InputError(f"--method {cfg.method!r}: expected one of {', '.join(METHODS)}")
     if cfg.steps < 1:
         raise InputError(f"--steps {cfg.steps}: expected >= 1")
-    if (
-        min(cfg.iters, *(cfg.round_iters or [1])) < 1
-        or cfg.batch_size < 1
-        or cfg.checkpoint_every < 1
-    ):
+    if min(cfg.iters, *(cfg.round_iters or [1])) < 1 or cfg.batch_size < 1 or cfg.checkpoint_every < 1:
         raise InputError("--iters, --batch-size and --checkpoint-every must be >= 1")
     if not cfg.lr > 0:
         raise InputError(f"--lr {cfg.lr}: expected > 0")
@@ -55,11 +51,7 @@ def _alphas(teacher: Any, cfg: DistillConfig) -> tuple[np.ndarray, bool, dict[st
     """
     table = alphas_cumprod(teacher.scheduler)
     sched_cfg = dict(teacher.scheduler.config)
-    want = (
-        cfg.zero_snr
-        if cfg.zero_snr is not None
-        else (cfg.steps <= 2 and table[-1] > ZERO_SNR_TERMINAL)
-    )
+    want = cfg.zero_snr if cfg.zero_snr is not None else (cfg.steps <= 2 and table[-1] > ZERO_SNR_TERMINAL)
     if want and teacher.prediction_type == "epsilon":
         # an epsilon teacher cannot give x0 at SNR 0 (x0 = (z - eps) / 0)
         if cfg.zero_snr:
@@ -247,9 +239,7 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
         record["quality"] = evaluator.header()
     phase_index = 0
 
-    def evaluate_round(
-        name: str, net: torch.nn.Module, schedule: SamplingSchedule, extra: dict
-    ) -> dict:
+    def evaluate_round(name: str, net: torch.nn.Module, schedule: SamplingSchedule, extra: dict) -> dict:
         rec = {"round": name, **extra}
         losses = trainer.meta["losses"].get(str(extra["phase"]), [])
         rec.update(summarize_losses(losses))
@@ -316,7 +306,6 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
             {"kd": kd_net},
         )
 
-
         def remove_taps() -> None:  # before sampling: the taps would keep every step's features
             t_tap.remove()
             kd_net.tap.remove()
@@ -327,9 +316,7 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
             # the KD student is evaluated at the teacher's steps when it predicts what the teacher does
             _ddim_schedule(table, T, teacher.reference_steps, s_pred) if t_pred == s_pred else None,
             {"student_steps": teacher.reference_steps},
-            {"student": student}
-            if cfg.method == "progressive"
-            else {"student": student, "target": student},
+            {"student": student} if cfg.method == "progressive" else {"student": student, "target": student},
             before_eval=remove_taps,
         )
         t_tap.remove()  # (removing twice is harmless)
@@ -338,22 +325,14 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
 
     # -- step distillation -----------------------------------------------------------------------
     if cfg.method == "progressive":
-        t_steps = cfg.teacher_steps or progressive.default_teacher_steps(
-            teacher.reference_steps, cfg.steps
-        )
+        t_steps = cfg.teacher_steps or progressive.default_teacher_steps(teacher.reference_steps, cfg.steps)
         plan = progressive.round_plan(t_steps, cfg.steps)
         prev = t_steps
         for r, n in enumerate(plan):
             is_last = r == len(plan) - 1
             grid = progressive.RoundGrid(table, T, n)
-            round_teacher = (
-                teacher_net if r == 0 else copy.deepcopy(student).requires_grad_(False).eval()
-            )
-            mods = (
-                {"student": student}
-                if r == 0
-                else {"student": student, "round_teacher": round_teacher}
-            )
+            round_teacher = teacher_net if r == 0 else copy.deepcopy(student).requires_grad_(False).eval()
+            mods = {"student": student} if r == 0 else {"student": student, "round_teacher": round_teacher}
             tp = t_pred if r == 0 else s_pred
             name = f"round {r + 1}/{len(plan)} ({prev}->{n} steps)"
             phase = Phase(
@@ -387,9 +366,7 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
         target = copy.deepcopy(student).requires_grad_(False).eval()
         huber_c = cfg.huber_c or consistency.default_huber_c(int(np.prod(shape)))
         ts = consistency.lcm_timesteps(sched_cfg, cfg.steps, cfg.solver_steps)
-        schedule = SamplingSchedule.from_alphas(
-            table, ts, kind="consistency", prediction_type=s_pred
-        )
+        schedule = SamplingSchedule.from_alphas(table, ts, kind="consistency", prediction_type=s_pred)
         name = f"consistency ({cfg.solver_steps}-step solver, {cfg.steps}-step sampler)"
         phase = Phase(
             phase_index,
@@ -422,9 +399,7 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
     if dist.main:
         ckpt = StudentCheckpoint(
             model_class=teacher.model_class,
-            model_config={
-                k: v for k, v in dict(student_model.config).items() if not k.startswith("_")
-            },
+            model_config={k: v for k, v in dict(student_model.config).items() if not k.startswith("_")},
             scheduler_class=type(teacher.scheduler).__name__,
             scheduler_config=sched_cfg,
             schedule=schedule,
@@ -440,9 +415,7 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
         save_checkpoint(ckpt, student_model, out)
         write_json_atomic(work / "report.json", record)
         names = trainer.meta.get("names", {})
-        save_loss_plot(
-            work / "losses.png", {names.get(k, k): v for k, v in trainer.meta["losses"].items()}
-        )
+        save_loss_plot(work / "losses.png", {names.get(k, k): v for k, v in trainer.meta["losses"].items()})
         (work / "state.safetensors").unlink(missing_ok=True)  # finished: nothing to resume
         log.info(
             "wrote %s (%s, %d steps) in %.0f s; report in %s",

@@ -80,10 +80,7 @@ def sample(
                 )
                 x = c_skip * x + c_out * x0
                 if not last:
-                    x = (
-                        a_next.sqrt() * x
-                        + (1 - a_next).sqrt() * step_noise[i, lo : lo + batch_size]
-                    )
+                    x = a_next.sqrt() * x + (1 - a_next).sqrt() * step_noise[i, lo : lo + batch_size]
         out.append(x)
     return torch.cat(out)
 

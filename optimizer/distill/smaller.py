@@ -17,9 +17,7 @@ from engines.errors import InputError
 log = logging.getLogger(__name__)
 
 
-def smaller_config(
-    config: dict[str, Any], width: float, layers_per_block: int | None
-) -> dict[str, Any]:
+def smaller_config(config: dict[str, Any], width: float, layers_per_block: int | None) -> dict[str, Any]:
     """The teacher's diffusers config with block_out_channels * width (multiples of the GroupNorm
     groups) and, optionally, fewer layers per block."""
     if not 0.0 < width <= 1.0:
@@ -54,11 +52,7 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict[str, int]:
     counts = {"copied": 0, "sliced": 0, "fresh": 0}
     for name, p in student.state_dict().items():
         src = t_sd.get(name)
-        if (
-            src is None
-            or src.ndim != p.ndim
-            or any(s < d for s, d in zip(src.shape, p.shape, strict=True))
-        ):
+        if src is None or src.ndim != p.ndim or any(s < d for s, d in zip(src.shape, p.shape, strict=True)):
             counts["fresh"] += 1
             continue
         if src.shape == p.shape:
@@ -151,9 +145,7 @@ def kd_loss(
     else:
         task = x
     loss = nn.functional.mse_loss(out_s, task) + nn.functional.mse_loss(out_s, out_t)
-    feat = sum(
-        nn.functional.mse_loss(fs, ft) for fs, ft in zip(feats_s, feats_t, strict=True)
-    ) / len(feats_t)
+    feat = sum(nn.functional.mse_loss(fs, ft) for fs, ft in zip(feats_s, feats_t, strict=True)) / len(feats_t)
     return loss + feature_weight * feat
 
 

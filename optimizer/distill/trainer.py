@@ -79,9 +79,7 @@ def init_distributed() -> Dist:
     return Dist(rank=rank, world=world, device=device)
 
 
-def iteration_generator(
-    seed: int, phase: int, it: int, rank: int, device: torch.device
-) -> torch.Generator:
+def iteration_generator(seed: int, phase: int, it: int, rank: int, device: torch.device) -> torch.Generator:
     # distinct, reproducible streams per (seed, phase, iteration, rank)
     g = torch.Generator(device=device)
     g.manual_seed(((seed * 1_000_003 + phase) * 10_000_019 + it) * 257 + rank)
@@ -97,9 +95,7 @@ def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     # clone: the same module may be saved under two prefixes (safetensors refuses shared storage)
     flat = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(
-            flat, str(tmp), metadata={"dd_distill": json.dumps({"version": STATE_VERSION, **meta})}
-        )
+        save_file(flat, str(tmp), metadata={"dd_distill": json.dumps({"version": STATE_VERSION, **meta})})
 
 
 def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

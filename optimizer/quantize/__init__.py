@@ -6,5 +6,12 @@ from optimizer.quantize.fp16 import Fp16Config, quantize_fp16
 from optimizer.quantize.int8 import Int8Config, quantize_int8
 from optimizer.quantize.result import KeptNode, PrecisionResult
 
-__all__ = ["calibration_feeds", "Fp16Config", "quantize_fp16", "Int8Config", "quantize_int8",
-           "KeptNode", "PrecisionResult"]
+__all__ = [
+    "calibration_feeds",
+    "Fp16Config",
+    "quantize_fp16",
+    "Int8Config",
+    "quantize_int8",
+    "KeptNode",
+    "PrecisionResult",
+]

@@ -37,10 +37,15 @@ class RecordingRunner:
         return self.runner.infer(feeds)
 
 
-def calibration_feeds(runner: InferFn, spec: IOSpec, schedule: SamplingSchedule,
-                      sample_shape: tuple[int, ...], seeds: list[int], batch: int,
-                      cond_fn: Callable[[int, np.random.Generator], dict[str, np.ndarray]] | None = None,
-                      ) -> list[dict[str, np.ndarray]]:
+def calibration_feeds(
+    runner: InferFn,
+    spec: IOSpec,
+    schedule: SamplingSchedule,
+    sample_shape: tuple[int, ...],
+    seeds: list[int],
+    batch: int,
+    cond_fn: Callable[[int, np.random.Generator], dict[str, np.ndarray]] | None = None,
+) -> list[dict[str, np.ndarray]]:
     """Feeds seen by `runner` (the FP32 student) while sampling from `seeds`, `batch` seeds a call.
 
     One feed per (batch of seeds, timestep): len = ceil(len(seeds) / batch) * schedule.steps.
@@ -52,7 +57,7 @@ def calibration_feeds(runner: InferFn, spec: IOSpec, schedule: SamplingSchedule,
     rec = RecordingRunner(runner)
     sampler = Sampler(schedule, rec, output_name=spec.output_names[0])
     for i in range(0, len(seeds), batch):
-        chunk = seeds[i:i + batch]
+        chunk = seeds[i : i + batch]
         cond: dict[str, np.ndarray] = {}
         if len(spec.inputs) > 2:
             rng = np.random.default_rng(chunk[0])
@@ -65,8 +70,9 @@ def calibration_feeds(runner: InferFn, spec: IOSpec, schedule: SamplingSchedule,
         sampler.from_seeds(chunk, tuple(sample_shape), cond)
     for f in rec.feeds:
         spec.check_feeds(f)
-    log.info("calibration: %d feeds (%d seeds, timesteps %s)", len(rec.feeds), len(seeds),
-             list(schedule.timesteps))
+    log.info(
+        "calibration: %d feeds (%d seeds, timesteps %s)", len(rec.feeds), len(seeds), list(schedule.timesteps)
+    )
     return rec.feeds
 
 
@@ -116,10 +122,12 @@ class TensorStats:
         self.flush_fraction = (self.flush_fraction * n_seen + frac) / (n_seen + 1)
 
 
-def run_with_intermediates(model: Any, feeds: list[dict[str, np.ndarray]],
-                           tensors: list[str] | None = None,
-                           visit: Callable[[str, np.ndarray], None] | None = None
-                           ) -> list[dict[str, np.ndarray]]:
+def run_with_intermediates(
+    model: Any,
+    feeds: list[dict[str, np.ndarray]],
+    tensors: list[str] | None = None,
+    visit: Callable[[str, np.ndarray], None] | None = None,
+) -> list[dict[str, np.ndarray]]:
     """Run `model` (onnx.ModelProto) with intermediate float tensors exposed as outputs.
 
     With `visit`, intermediates are handed to it one by one and only graph outputs are returned
@@ -137,8 +145,11 @@ def run_with_intermediates(model: Any, feeds: list[dict[str, np.ndarray]],
     types = {v.name: v.type.tensor_type.elem_type for v in m.graph.value_info}
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
     existing = {o.name for o in m.graph.output}
-    want = tensors if tensors is not None else [
-        o for n in m.graph.node for o in n.output if o and types.get(o) in floats]
+    want = (
+        tensors
+        if tensors is not None
+        else [o for n in m.graph.node for o in n.output if o and types.get(o) in floats]
+    )
     for name in want:
         if name not in existing and name in types:
             m.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
@@ -152,7 +163,7 @@ def run_with_intermediates(model: Any, feeds: list[dict[str, np.ndarray]],
     graph_outs = [o.name for o in model.graph.output]
     results = []
     for f in feeds:
-        vals = dict(zip(names, sess.run(names, f)))
+        vals = dict(zip(names, sess.run(names, f), strict=True))
         if visit is not None:
             for k, v in vals.items():
                 if k not in graph_outs:

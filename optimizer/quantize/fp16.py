@@ -43,8 +43,23 @@ from optimizer.quantize.result import (
 log = logging.getLogger(__name__)
 
 # Ops whose float inputs are indices/shapes, or which only move data: never worth an island.
-_NO_MATH = {"Shape", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Concat", "Slice", "Gather",
-            "Expand", "Identity", "Flatten", "Split", "Cast", "Constant", "ConstantOfShape"}
+_NO_MATH = {
+    "Shape",
+    "Reshape",
+    "Transpose",
+    "Unsqueeze",
+    "Squeeze",
+    "Concat",
+    "Slice",
+    "Gather",
+    "Expand",
+    "Identity",
+    "Flatten",
+    "Split",
+    "Cast",
+    "Constant",
+    "ConstantOfShape",
+}
 
 
 @dataclass(frozen=True)
@@ -107,8 +122,9 @@ def _drop_roundtrip_casts(model: Any) -> int:
 def _convert(model: Any, block: set[str]) -> Any:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    m16 = convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(block),
-                                   disable_shape_infer=False)
+    m16 = convert_float_to_float16(
+        model, keep_io_types=True, node_block_list=sorted(block), disable_shape_infer=False
+    )
     copy_metadata(model, m16)
     _drop_roundtrip_casts(m16)
     toposort(m16)
@@ -126,16 +142,29 @@ def _range_islands(model: Any, stats: dict[str, TensorStats], cfg: Fp16Config) -
         worst = max(tensors, key=lambda t: stats[t].absmax)
         s = stats[worst]
         if s.nonfinite:
-            kept[n.name] = KeptNode(n.name, n.op_type, module_path(n), "nonfinite", None,
-                                    f"non-finite values in FP32 at {worst}")
+            kept[n.name] = KeptNode(
+                n.name, n.op_type, module_path(n), "nonfinite", None, f"non-finite values in FP32 at {worst}"
+            )
         elif s.absmax > cfg.max_abs:
-            kept[n.name] = KeptNode(n.name, n.op_type, module_path(n), "range", s.absmax,
-                                    f"|{worst}| reaches {s.absmax:.4g} > {cfg.max_abs:.4g}")
+            kept[n.name] = KeptNode(
+                n.name,
+                n.op_type,
+                module_path(n),
+                "range",
+                s.absmax,
+                f"|{worst}| reaches {s.absmax:.4g} > {cfg.max_abs:.4g}",
+            )
         else:
             flush = max(stats[t].flush_fraction for t in tensors)
             if flush > cfg.max_flush_fraction:
-                kept[n.name] = KeptNode(n.name, n.op_type, module_path(n), "underflow", flush,
-                                        f"{flush:.1%} of values below fp16's smallest subnormal")
+                kept[n.name] = KeptNode(
+                    n.name,
+                    n.op_type,
+                    module_path(n),
+                    "underflow",
+                    flush,
+                    f"{flush:.1%} of values below fp16's smallest subnormal",
+                )
     return kept
 
 
@@ -158,10 +187,15 @@ def _phase_islands(model: Any, stats: dict[str, TensorStats], cfg: Fp16Config) -
             m = todo.pop()
             if m.name in kept:
                 continue
-            kept[m.name] = KeptNode(m.name, m.op_type, module_path(m), "phase", fig,
-                                    f"fp16 spacing {fig:.3g} rad at the Sin/Cos argument")
-            todo += [producer[i] for i in m.input
-                     if i in producer and spacing(i) > cfg.max_phase_error]
+            kept[m.name] = KeptNode(
+                m.name,
+                m.op_type,
+                module_path(m),
+                "phase",
+                fig,
+                f"fp16 spacing {fig:.3g} rad at the Sin/Cos argument",
+            )
+            todo += [producer[i] for i in m.input if i in producer and spacing(i) > cfg.max_phase_error]
     return kept
 
 
@@ -172,7 +206,7 @@ def _amplification(model: Any, m16: Any, feeds: list[dict[str, np.ndarray]]) -> 
     ref = run_with_intermediates(model, feeds)
     got = run_with_intermediates(m16, feeds)
     err: dict[str, float] = {}
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         for k, v in r.items():
             if k in g and k in names and np.issubdtype(v.dtype, np.floating) and v.shape == g[k].shape:
                 err[k] = max(err.get(k, 0.0), rel_l2(g[k].astype(np.float32), v))
@@ -185,8 +219,9 @@ def _amplification(model: Any, m16: Any, feeds: list[dict[str, np.ndarray]]) -> 
     return amp
 
 
-def quantize_fp16(fp32_onnx: Path, out_path: Path, calib: list[dict[str, np.ndarray]],
-                  config: Fp16Config = Fp16Config()) -> PrecisionResult:
+def quantize_fp16(
+    fp32_onnx: Path, out_path: Path, calib: list[dict[str, np.ndarray]], config: Fp16Config = Fp16Config()
+) -> PrecisionResult:
     """FP32 ONNX -> mixed FP16/FP32 ONNX at `out_path` (FP32 inputs/outputs), verified on `calib`."""
     import onnx
 
@@ -202,12 +237,17 @@ def quantize_fp16(fp32_onnx: Path, out_path: Path, calib: list[dict[str, np.ndar
     kept = {**_phase_islands(model, stats, config), **_range_islands(model, stats, config)}
     math_nodes = [n for n in model.graph.node if n.op_type not in _NO_MATH]
     budget = max(1, int(config.max_fp32_fraction * len(math_nodes)))
-    result = PrecisionResult(path=out_path, precision="fp16", config=config.to_dict(),
-                             calibration={"feeds": len(calib),
-                                          "samples": int(sum(next(iter(f.values())).shape[0] for f in calib)),
-                                          "timesteps": sorted({float(t) for f in calib
-                                                               for t in np.unique(f.get("timestep", []))}),
-                                          "max_abs_fp32": max((s.absmax for s in stats.values()), default=0.0)})
+    result = PrecisionResult(
+        path=out_path,
+        precision="fp16",
+        config=config.to_dict(),
+        calibration={
+            "feeds": len(calib),
+            "samples": int(sum(next(iter(f.values())).shape[0] for f in calib)),
+            "timesteps": sorted({float(t) for f in calib for t in np.unique(f.get("timestep", []))}),
+            "max_abs_fp32": max((s.absmax for s in stats.values()), default=0.0),
+        },
+    )
     m16 = None
     for rnd in range(config.max_rounds + 1):
         m16 = _convert(model, set(kept))
@@ -223,8 +263,14 @@ def quantize_fp16(fp32_onnx: Path, out_path: Path, calib: list[dict[str, np.ndar
         ranked = [k for k in sorted(amp, key=amp.get, reverse=True) if k not in kept and amp[k] > 0]
         for k in ranked[: min(config.widen_per_round, budget - len(kept))]:
             n = by_name[k]
-            kept[k] = KeptNode(k, n.op_type, module_path(n), "sensitivity", float(amp[k]),
-                               f"round {rnd + 1}: adds {amp[k]:.3g} rel. L2 in fp16")
+            kept[k] = KeptNode(
+                k,
+                n.op_type,
+                module_path(n),
+                "sensitivity",
+                float(amp[k]),
+                f"round {rnd + 1}: adds {amp[k]:.3g} rel. L2 in fp16",
+            )
         if not ranked:
             break
     result.passed = bool(np.isfinite(result.call_rel_l2) and result.call_rel_l2 <= config.target_rel_l2)
@@ -234,6 +280,11 @@ def quantize_fp16(fp32_onnx: Path, out_path: Path, calib: list[dict[str, np.ndar
     with atomic_path(out_path, suffix=".onnx") as tmp:
         onnx.save(m16, str(tmp))
         onnx.checker.check_model(str(tmp))
-    log.info("fp16: %s (%d math nodes fp16, %d fp32, call rel. L2 %.3g)", out_path, n16, len(kept),
-             result.call_rel_l2)
+    log.info(
+        "fp16: %s (%d math nodes fp16, %d fp32, call rel. L2 %.3g)",
+        out_path,
+        n16,
+        len(kept),
+        result.call_rel_l2,
+    )
     return result

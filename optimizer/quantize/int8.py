@@ -60,10 +60,9 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 @dataclass(frozen=True)
 class Int8Config:
-    calibration: str = (
-        "minmax"  # minmax | percentile | entropy; measured (int8_speed.py --explore): on the demo,
-        # percentile (99.999) cost 0.7 dB sample PSNR and entropy chose the min/max range anyway
-    )
+    # minmax | percentile | entropy; measured (int8_speed.py --explore): on the demo,
+    # percentile (99.999) cost 0.7 dB sample PSNR and entropy chose the min/max range anyway
+    calibration: str = "minmax"
     percentile: float = 99.999  # for calibration="percentile"
     op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
     require_int8_kernel: bool = True  # quantize only nodes ORT CPU runs as integer kernels
@@ -71,15 +70,9 @@ class Int8Config:
     min_psnr_db: float = 25.0  # what parity_check (sample-level PSNR, dB) must reach
     sensitivity: str = "single"  # "single": measure each node alone | "none": graph order
     sensitivity_feeds: int = 4  # calibration feeds used per sensitivity measurement
-    order: str = (
-        "error-per-mac"  # "error-per-mac": error cost per unit of work moved to int8 | "error"
-    )
-    preprocess: bool = (
-        True  # quant_pre_process (folds constants; ORT fuses more QDQ groups after it)
-    )
-    isolate_qdq: bool = (
-        True  # Q/DQ only in front of quantized nodes, one pair each (see module doc)
-    )
+    order: str = "error-per-mac"  # "error-per-mac": error cost per unit of work moved to int8 | "error"
+    preprocess: bool = True  # quant_pre_process (folds constants; ORT fuses more QDQ groups after it)
+    isolate_qdq: bool = True  # Q/DQ only in front of quantized nodes, one pair each (see module doc)
     # "measure": also build the other Q/DQ placement (shared <-> isolated) for the selected nodes
     # and keep the one ONNX Runtime runs faster here, if it passes the same bars (on the demo UNet
     # the shared one ran 1.23-1.26x fp32 vs 1.14-1.21x isolated: the isolated pairs multiply Q/DQ
@@ -134,19 +127,13 @@ def isolate_qdq(model: Any, quantized: set[str]) -> int:
             consumers.setdefault(i, []).append(n)
     graph_outputs = {o.name for o in g.output}
     new_inits: list[Any] = []
-    extra: dict[
-        str, list[Any]
-    ] = {}  # Q name -> new nodes placed right after it (keeps topological order)
+    extra: dict[str, list[Any]] = {}  # Q name -> new nodes placed right after it (keeps topological order)
     changes = 0
     for q in list(g.node):
         if q.op_type != "QuantizeLinear" or q.input[0] in inits:
             continue
         dqs = consumers.get(q.output[0], [])
-        if (
-            not dqs
-            or any(d.op_type != "DequantizeLinear" for d in dqs)
-            or q.output[0] in graph_outputs
-        ):
+        if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs) or q.output[0] in graph_outputs:
             continue
         if any(d.output[0] in graph_outputs for d in dqs):
             continue
@@ -194,8 +181,7 @@ def isolate_qdq(model: Any, quantized: set[str]) -> int:
         kept = [
             n
             for n in nodes
-            if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-            or any(o in used for o in n.output)
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or any(o in used for o in n.output)
         ]
         if len(kept) == len(nodes):
             break
@@ -225,11 +211,7 @@ def node_macs(model: Any) -> dict[str, float]:
     inits = {i.name: list(i.dims) for i in m.graph.initializer}
     out: dict[str, float] = {}
     for n in m.graph.node:
-        if (
-            n.op_type not in ("Conv", "MatMul", "Gemm")
-            or len(n.input) < 2
-            or n.input[1] not in inits
-        ):
+        if n.op_type not in ("Conv", "MatMul", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
             continue
         w, y = inits[n.input[1]], shapes.get(n.output[0])
         if not y:
@@ -285,9 +267,7 @@ class _Quantizer:
         w, aa = [], []
         for n in self.model.graph.node:
             if n.op_type in self.cfg.op_types:
-                (
-                    w if len(n.input) > 1 and (n.input[1] in inits or n.input[1] in consts) else aa
-                ).append(n)
+                (w if len(n.input) > 1 and (n.input[1] in inits or n.input[1] in consts) else aa).append(n)
         return w, aa
 
     def quantize(self, nodes: list[str], isolate: bool | None = None) -> Path:
@@ -405,9 +385,7 @@ def unfused_nodes(qdq_path: Path, names: list[str]) -> list[str]:
     opt = qdq_path.with_suffix(".opt.onnx")
     so.optimized_model_filepath = str(opt)
     ort.InferenceSession(str(qdq_path), so, providers=["CPUExecutionProvider"])
-    left = {
-        n.name for n in onnx.load(str(opt)).graph.node if n.op_type in ("Conv", "MatMul", "Gemm")
-    }
+    left = {n.name for n in onnx.load(str(opt)).graph.node if n.op_type in ("Conv", "MatMul", "Gemm")}
     return [n for n in names if n in left]
 
 
@@ -417,11 +395,7 @@ def check_symmetric(model: Any) -> None:
 
     inits = {i.name: i for i in model.graph.initializer}
     for n in model.graph.node:
-        if (
-            n.op_type in ("QuantizeLinear", "DequantizeLinear")
-            and len(n.input) > 2
-            and n.input[2] in inits
-        ):
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
             if np.any(numpy_helper.to_array(inits[n.input[2]]) != 0):
                 raise ValueError(f"{n.name}: non-zero zero point (asymmetric quantization)")
 
@@ -455,9 +429,7 @@ def quantize_int8(
         }
         names = [n.name for n in weight_ops]
         by_name = {n.name: n for n in weight_ops}
-        for _ in range(
-            3 if config.require_int8_kernel else 0
-        ):  # dropping a node can change others' fusion
+        for _ in range(3 if config.require_int8_kernel else 0):  # dropping a node can change others' fusion
             slow = unfused_nodes(qz.quantize(names), names) if names else []
             for s in slow:
                 n = by_name[s]
@@ -500,9 +472,7 @@ def quantize_int8(
             psnr = parity_check(path) if (parity_check is not None and k > 0) else None
             tried[k] = (err, psnr, path)
             ok = err <= config.target_call_rel_l2 and (psnr is None or psnr >= config.min_psnr_db)
-            result.history.append(
-                {"quantized": k, "call_rel_l2": err, "psnr_db": psnr, "passed": ok}
-            )
+            result.history.append({"quantized": k, "call_rel_l2": err, "psnr_db": psnr, "passed": ok})
             log.info(
                 "int8: %d/%d nodes quantized: call rel. L2 %.3g%s -> %s",
                 k,
@@ -515,10 +485,8 @@ def quantize_int8(
                 path.unlink(missing_ok=True)
             return ok
 
-        lo, hi = (
-            0,
-            len(names),
-        )  # invariant: lo passes (0 = float graph), search the largest passing k
+        # invariant: lo passes (0 = float graph), search the largest passing k
+        lo, hi = 0, len(names)
         if hi and evaluate(hi):
             lo = hi
         else:
@@ -556,23 +524,17 @@ def quantize_int8(
             "method": config.calibration,
             "feeds": len(calib),
             "samples": int(sum(next(iter(f.values())).shape[0] for f in calib)),
-            "timesteps": sorted(
-                {float(t) for f in calib for t in np.unique(f.get("timestep", []))}
-            ),
+            "timesteps": sorted({float(t) for f in calib for t in np.unique(f.get("timestep", []))}),
             "sensitivity": {k: v for k, v in sorted(sens.items(), key=lambda kv: kv[1])},
             "sample_psnr_db": psnr,
         }
         result.passed = (
-            lo > 0
-            and out_err <= config.target_call_rel_l2
-            and (psnr is None or psnr >= config.min_psnr_db)
+            lo > 0 and out_err <= config.target_call_rel_l2 and (psnr is None or psnr >= config.min_psnr_db)
         )
         with atomic_path(out_path, suffix=".onnx") as tmp:
             onnx.save(final, str(tmp))
             onnx.checker.check_model(str(tmp))
-    log.info(
-        "int8: %s (%d nodes int8, %d float, call rel. L2 %.3g)", out_path, lo, len(kept), out_err
-    )
+    log.info("int8: %s (%d nodes int8, %d float, call rel. L2 %.3g)", out_path, lo, len(kept), out_err)
     return result
 
 
@@ -645,4 +607,3 @@ def _session_fn(path: Path, feed: dict[str, np.ndarray]) -> Callable[[], Any]:
 def _kept(node: Any, reason: str, figure: float | None, note: str) -> KeptNode:
     """A node left in float, named by its module path, with why and the figure behind it."""
     return KeptNode(node.name, node.op_type, module_path(node), reason, figure, note)
-

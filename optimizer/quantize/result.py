@@ -93,8 +93,9 @@ def call_error(outs: list[np.ndarray], refs: list[np.ndarray]) -> tuple[float, f
     return rel_l2(a, r), max_abs
 
 
-def run_model(model: Any, feeds: list[dict[str, np.ndarray]], output: str,
-              level: str = "all") -> list[np.ndarray]:
+def run_model(
+    model: Any, feeds: list[dict[str, np.ndarray]], output: str, level: str = "all"
+) -> list[np.ndarray]:
     """Run an onnx.ModelProto (or a path) with ORT's CPU provider on each feed; one output."""
     import onnx
     import onnxruntime as ort
@@ -102,8 +103,10 @@ def run_model(model: Any, feeds: list[dict[str, np.ndarray]], output: str,
     from engines.onnxruntime_runner import session_options
 
     so = session_options()
-    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[level]
     if isinstance(model, str | Path):
         sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     else:

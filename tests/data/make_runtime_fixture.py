@@ -25,13 +25,21 @@ REF_SEEDS = [0, 1, 2, 3, 4]
 STEPS = 4
 
 UNET_CONFIG = {
-    "sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
-    "block_out_channels": [8, 16], "norm_num_groups": 4, "attention_head_dim": 8,
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "layers_per_block": 1,
+    "block_out_channels": [8, 16],
+    "norm_num_groups": 4,
+    "attention_head_dim": 8,
     "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
     "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
 }
-SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
-                    "prediction_type": "v_prediction"}
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "v_prediction",
+}
 
 
 def build(out: Path) -> Path:
@@ -55,23 +63,48 @@ def build(out: Path) -> Path:
         for p in model.parameters():
             p.mul_(1.5)
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
-    schedule = SamplingSchedule.from_alphas(alphas_cumprod(sched), trailing_timesteps(1000, STEPS),
-                                            kind="ddim", prediction_type="v_prediction")
+    schedule = SamplingSchedule.from_alphas(
+        alphas_cumprod(sched), trailing_timesteps(1000, STEPS), kind="ddim", prediction_type="v_prediction"
+    )
     cfg = dict(model.config)
-    ckpt = StudentCheckpoint("UNet2DModel", cfg, "DDPMScheduler", dict(sched.config), schedule,
-                             TeacherRef(path=None, sha256=None),
-                             distillation={"method": "none (random-weight test fixture)"})
+    ckpt = StudentCheckpoint(
+        "UNet2DModel",
+        cfg,
+        "DDPMScheduler",
+        dict(sched.config),
+        schedule,
+        TeacherRef(path=None, sha256=None),
+        distillation={"method": "none (random-weight test fixture)"},
+    )
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(ckpt, model, out / "student.ckpt")
     spec = io_spec_for("UNet2DModel", cfg, batch_sizes=[1, 8])
     onnx_path = export_onnx(Denoiser(model), spec, out / "onnx" / "student.fp32.onnx")
-    m = Manifest(out, spec, schedule, {"sample_shape": list(sample_shape("UNet2DModel", cfg)),
-                                       "model_class": "UNet2DModel", "batch_sizes": [1, 8]})
+    m = Manifest(
+        out,
+        spec,
+        schedule,
+        {
+            "sample_shape": list(sample_shape("UNet2DModel", cfg)),
+            "model_class": "UNet2DModel",
+            "batch_sizes": [1, 8],
+        },
+    )
     m.add("student", out / "student.ckpt", "checkpoint")
-    m.add("onnx/fp32", onnx_path, "onnx", precision="fp32", backend="onnxruntime",
-          input_sha256=m.get("student").sha256,
-          libraries={"torch": torch.__version__, "onnx": onnx.__version__,
-                     "onnxruntime": onnxruntime.__version__, "numpy": np.__version__})
+    m.add(
+        "onnx/fp32",
+        onnx_path,
+        "onnx",
+        precision="fp32",
+        backend="onnxruntime",
+        input_sha256=m.get("student").sha256,
+        libraries={
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__,
+        },
+    )
     m.save()
     return out
 
@@ -83,8 +116,13 @@ def write_refs(out: Path, refs: Path) -> None:
 
     with engines.load(out, precision="fp32", backend="onnxruntime") as pipe:
         images = pipe(seeds=REF_SEEDS)
-    np.savez(refs, seeds=np.array(REF_SEEDS, np.int64), images=images.astype(np.float32),
-             precision=np.array("fp32"), backend=np.array("onnxruntime"))
+    np.savez(
+        refs,
+        seeds=np.array(REF_SEEDS, np.int64),
+        images=images.astype(np.float32),
+        precision=np.array("fp32"),
+        backend=np.array("onnxruntime"),
+    )
 
 
 def main() -> None:
