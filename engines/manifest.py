@@ -19,7 +19,7 @@ from engines.iospec import IOSpec
 from engines.schedule import SamplingSchedule
 
 MANIFEST_FORMAT = "dd-compile-manifest"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: a top-level "run" record and a "validation" record per artifact
 MANIFEST_NAME = "manifest.json"
 
 
@@ -38,6 +38,8 @@ class Artifact:
     libraries: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific facts (node lists, ...)
     created: float = field(default_factory=time.time)
+    # {"run_id", "student_sha256", "passed", "failures"}: the run whose report validated it
+    validation: dict[str, Any] | None = None
 
 
 class Manifest:
@@ -52,6 +54,8 @@ class Manifest:
         self.io_spec, self.schedule = io_spec, schedule
         self.meta: dict[str, Any] = meta or {}  # student info, sample shape, conditioning...
         self.artifacts: dict[str, Artifact] = {}
+        # the run that published this manifest: {"id", "student_sha256", "report", "passed", ...}
+        self.run: dict[str, Any] | None = None
 
     @property
     def path(self) -> Path:
@@ -124,6 +128,7 @@ class Manifest:
         return {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
+            "run": self.run,
             "meta": self.meta,
             "io_spec": self.io_spec.to_dict() if self.io_spec else None,
             "schedule": self.schedule.to_dict() if self.schedule else None,
@@ -147,7 +152,7 @@ class Manifest:
             raise InputError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
             raise InputError(f"{p}: not a dd-compile manifest")
-        if d.get("version") != MANIFEST_VERSION:
+        if d.get("version") not in (1, MANIFEST_VERSION):
             raise InputError(
                 f"{p}: manifest version {d.get('version')!r} is not supported "
                 f"(this dd-compile reads version {MANIFEST_VERSION})"
@@ -158,6 +163,7 @@ class Manifest:
             SamplingSchedule.from_dict(d["schedule"]) if d.get("schedule") else None,
             d.get("meta") or {},
         )
+        m.run = d.get("run")
         for a in d.get("artifacts", []):
             m.artifacts[a["name"]] = Artifact(**a)
         return m

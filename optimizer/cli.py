@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (shared machines)
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def parse_bars(items: tuple[str, ...]):
             v = float(value)
         except ValueError:
             raise click.BadParameter(f"--bar {item!r}: value is not a number") from None
+        if not math.isfinite(v):  # a NaN bar compares false both ways: every check would "pass" or fail
+            raise click.BadParameter(f"--bar {item!r}: value must be a finite number")
         level, _, prec = key.partition(".")
         if level == "call" and prec in call:
             call[prec] = v
@@ -144,8 +147,9 @@ def print_table(report) -> None:
     "--out",
     type=click.Path(path_type=Path),
     default=None,
-    help="Output folder: onnx/, engines/, report.{json,md}, samples.png, latency.png, manifest.json. "
-    "[default: out/]",
+    help="Output folder: manifest.json (the published run), runs/<id>/ (onnx/, engines/, report), "
+    "copies of report.{json,md}, samples.png, latency.png. A new folder, an empty one or an earlier "
+    "dd-compile output. [default: out/]",
 )
 @click.option(
     "--precision",
@@ -312,7 +316,9 @@ def main(
     written), 2 bad input or a missing backend.
     """
     setup_logging(verbose)
+    from optimizer.build import TrtBuildConfig
     from optimizer.pipeline import DEMO_DIR, CompileConfig, demo_source, run
+    from optimizer.quantize import Int8Config
     from optimizer.speed import SpeedConfig
 
     try:
@@ -335,20 +341,24 @@ def main(
             n_fid_samples=n_fid_samples,
             triton_repo=triton_repo,
             cond=cond,
-            speed=SpeedConfig(batch_sizes=batch_sizes, max_seconds=bench_seconds),
+            speed=SpeedConfig(max_seconds=bench_seconds),
             bars=parse_bars(bars),
-            int8_options={
-                "calibration": int8_calibration,
-                "sensitivity": "single" if int8_selection == "sensitivity" else "none",
-            },
-            trt_options={
-                "builder_optimization_level": trt_opt_level,
-                "hardware_compatibility_level": trt_hardware_compat,
-                "version_compatible": trt_version_compatible,
-            },
+            int8=Int8Config(
+                calibration=int8_calibration,
+                sensitivity="single" if int8_selection == "sensitivity" else "none",
+                # Q/DQ placement chosen by ORT CPU timings only where ORT CPU is the target
+                placement="measure" if backend == "onnxruntime" else "fixed",
+            ),
+            trt=TrtBuildConfig(
+                builder_optimization_level=trt_opt_level,
+                hardware_compatibility_level=trt_hardware_compat,
+                version_compatible=trt_version_compatible,
+            ),
         )
         if n_samples < 2:
             raise click.BadParameter("--samples must be >= 2")
+        if n_fid_samples < 2:  # a covariance needs two samples; an FID of fewer means nothing
+            raise click.BadParameter("--fid-samples must be >= 2")
         report = run(source, cfg)
     except DDCompileError as e:
         click.echo(f"dd-compile: error: {e}", err=True)

@@ -1,32 +1,44 @@
-"""dd-compile: student.ckpt -> export -> quantize -> (build) -> validate -> report.
+"""dd-compile: student.ckpt -> export -> quantize -> (build) -> validate -> report -> publish.
 
-The only module that chains stages. Each stage is skipped when the manifest shows the same input
-sha256 and config; otherwise it runs again.
+The only module that chains stages. `run` reads as the list of stages; each stage is a function of
+a `CompileContext` (what every stage reads) and the artifacts before it, usable alone from Python.
+A stage is skipped when the previous run's manifest shows the same input sha256 and config (its
+file is then hard-linked into this run). The run publishes at its end, in one atomic step
+(optimizer/publish.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from engines.errors import BackendUnavailable, InputError
+from engines.errors import InputError
 from engines.fileio import sha256_file, write_json_atomic, write_text_atomic
 from engines.iospec import IOSpec
 from engines.manifest import Manifest
-from engines.schedule import draw_noise
+from engines.outdir import check_target, claim, is_ours
+from engines.schedule import Sampler, draw_noise
 from engines.torch_runner import TorchRunner
+from optimizer.batching import BatchWindow, check_batch_memory
+from optimizer.build import TrtBuildConfig
 from optimizer.checkpoint import StudentCheckpoint, TeacherRef, load_checkpoint
 from optimizer.conditioning import load_conditioning, n_classes
 from optimizer.export import ExportConfig, export_onnx
 from optimizer.iospec import conditioning_feeds, io_spec_for, sample_shape
 from optimizer.models import Denoiser, Teacher, load_teacher, teacher_reference_samples
+from optimizer.process import process_state
+from optimizer.publish import RunDir
+from optimizer.quantize import Int8Config
 from optimizer.report import CompileReport, VariantResult, environment
+from optimizer.seeds import SeedPlan
 from optimizer.speed import SpeedConfig, measure, speedups
 from optimizer.validate import ParityBars, call_parity, distribution, sample_parity
 
@@ -35,6 +47,10 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
 DEMO_DIR = Path(__file__).parent / "demo"
+# Test hook: `DD_COMPILE_FAULT_AT=<stage>` kills the process with SIGKILL as it enters that stage
+# (export, quantize-fp16, quantize-int8, validate, timing, report, publish), so tests can check
+# that a run killed anywhere leaves the previous publication intact.
+FAULT_ENV = "DD_COMPILE_FAULT_AT"
 
 
 @dataclass
@@ -42,6 +58,7 @@ class CompileConfig:
     out: Path
     precisions: tuple[str, ...] = PRECISIONS
     backend: str = "onnxruntime"
+    # the one place batch sizes live: the exported batch range, validation, timing, TensorRT profiles
     batch_sizes: tuple[int, ...] = (1, 16)
     teacher: Path | None = None  # overrides the checkpoint's teacher path
     require_teacher: bool = False  # a missing teacher is an error (exit 2), not a skipped check
@@ -51,12 +68,122 @@ class CompileConfig:
     n_samples: int = 64  # sample-level parity (each variant's sampler vs the torch student's)
     n_fid_samples: int = 256  # distribution level (student vs teacher; FID needs more than 64)
     calib_seeds: int = 8  # trajectories captured for calibration
-    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)  # its batch_sizes: taken from batch_sizes
     bars: ParityBars = field(default_factory=ParityBars)
     triton_repo: Path | None = None
-    trt_options: dict[str, Any] = field(default_factory=dict)  # TrtBuildConfig fields (--backend tensorrt)
-    int8_options: dict[str, Any] = field(default_factory=dict)  # Int8Config fields (--int8-*)
+    trt: TrtBuildConfig = field(default_factory=TrtBuildConfig)  # --backend tensorrt (--trt-*)
+    # --int8-*; None: the defaults, with Q/DQ placement chosen by ORT CPU timings only where ORT
+    # CPU is the target
+    int8: Int8Config | None = None
     cond: Path | None = None  # --cond: conditioning rows (.npz) for calibration and validation
+
+    @property
+    def batch_range(self) -> tuple[int, int]:
+        return min(self.batch_sizes), max(self.batch_sizes)
+
+    @property
+    def seeds(self) -> SeedPlan:
+        return SeedPlan(base=self.seed, calibrate=self.calib_seeds, batch_range=self.batch_range)
+
+    def int8_config(self) -> Int8Config:
+        if self.int8 is not None:
+            return self.int8
+        return Int8Config(placement="measure" if self.backend == "onnxruntime" else "fixed")
+
+    def speed_config(self) -> SpeedConfig:
+        return replace(self.speed, batch_sizes=tuple(self.batch_sizes))
+
+    def trt_config(self) -> TrtBuildConfig:
+        return replace(self.trt, batch_sizes=tuple(self.batch_sizes))
+
+
+@dataclass
+class CompileContext:
+    """What every stage reads: the student, its IO, conditioning, seeds and this run's folders."""
+
+    cfg: CompileConfig
+    source: Path
+    ckpt: StudentCheckpoint
+    model: torch.nn.Module
+    ckpt_sha: str
+    spec: IOSpec
+    shape: tuple[int, ...]
+    seeds: SeedPlan
+    teacher: Teacher | None
+    cond_fn: Any  # (batch, rng=None) -> conditioning feeds, or None for unconditional models
+    cond_sha: str | None
+    run: RunDir
+    manifest: Manifest  # this run's manifest, rooted at its staging folder
+    report: CompileReport
+    torch_ref: TorchRunner  # the torch student, activated once: every stage's reference
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def out(self) -> Path:
+        return self.run.out
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+
+@dataclass
+class ValidationSet:
+    """The report's noise and the torch student's samples from it: the reference every variant
+    meets. Noise is drawn per seed, so the first n_samples of the distribution set are the sample set."""
+
+    noise: np.ndarray  # all samples (n_samples, or n_fid_samples with a teacher)
+    step_noise: np.ndarray
+    cond: dict[str, np.ndarray] | None
+    student: np.ndarray  # the torch student's samples from `noise`
+    n: int  # samples for sample-level parity
+    rows: dict[str, np.ndarray] = field(default_factory=dict)  # samples.png rows
+
+    def first(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None]:
+        n = self.n
+        cond = {k: v[:n] for k, v in self.cond.items()} if self.cond else None
+        return self.noise[:n], self.step_noise[:, :n], cond
+
+
+def _stage(name: str) -> None:
+    log.info("stage: %s", name)
+    if os.environ.get(FAULT_ENV) == name:  # test hook (see FAULT_ENV)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run(source: Path, cfg: CompileConfig) -> CompileReport:
+    """Compile, validate and publish; the report says pass/fail (the CLI makes it an exit code)."""
+    with process_state(cfg.threads, cfg.seed):
+        ctx = prepare(Path(source), cfg)  # every input checked before any work
+        try:
+            _stage("export")
+            graphs = {"fp32": export(ctx)}
+            calib = calibrate(ctx)
+            for p in (p for p in cfg.precisions if p != "fp32"):
+                _stage(f"quantize-{p}")
+                graphs[p] = quantize(ctx, p, calib)
+            runners = activate_runners(ctx, graphs)
+            try:
+                _stage("validate")
+                vs = reference_samples(ctx)
+                validate(ctx, graphs, runners, vs)
+                judge_distribution(ctx, vs)
+                _stage("timing")
+                timings = time_variants(ctx, runners)
+            finally:
+                for r in runners.values():
+                    r.deactivate()
+            _stage("report")
+            write_report(ctx, vs, timings)
+            publish(ctx)
+        except BaseException:
+            ctx.run.abandon()
+            raise
+    if cfg.triton_repo:
+        from engines.triton import write_triton_repo
+
+        write_triton_repo(ctx.out, Path(cfg.triton_repo), precision=_best_precision(ctx.report))
+    return ctx.report
 
 
 def _as_student(source: Path, steps: int | None) -> tuple[StudentCheckpoint, torch.nn.Module]:
@@ -163,51 +290,148 @@ def _load_cond(
     return cond, sha256_file(cfg.cond)
 
 
-def _trajectory(runner, ckpt, shape, seeds, batch, cond_fn) -> list[dict[str, np.ndarray]]:
-    """Feeds the student sees along its own sampling trajectory (calibration, call parity)."""
-    from optimizer.quantize import calibration_feeds
+def prepare(source: Path, cfg: CompileConfig) -> CompileContext:
+    """Load and check every input, refuse unsafe output folders, then claim `out` and open staging."""
+    for p in cfg.precisions:
+        if p not in PRECISIONS:
+            raise InputError(f"--precision: unknown precision {p!r} (choose from {', '.join(PRECISIONS)})")
+    if cfg.backend not in BACKENDS:
+        raise InputError(f"--backend: unknown backend {cfg.backend!r} (choose from {', '.join(BACKENDS)})")
+    ckpt, model = _as_student(source, cfg.steps)
+    model = model.eval().float()
+    shell = CompileReport(student={}, teacher={})
+    teacher = _load_teacher(ckpt, cfg, shell)  # before any work: a missing one may be an error
+    # -o may be a finished dd-compile output, never the student or teacher it reads
+    out = check_target(cfg.out, "compile", "-o", protect=[source, *([teacher.path] if teacher else [])])
+    if cfg.triton_repo:
+        check_target(cfg.triton_repo, "triton-repo", "--triton-repo", protect=[out])
+    _check_writable(out)
+    cond, cond_sha = _load_cond(cfg, ckpt, shell)
+    ehs = (cond or {}).get("encoder_hidden_states")
+    tokens = {"seq_len": ehs.shape[1]} if ehs is not None else {}
+    spec = io_spec_for(ckpt.model_class, ckpt.model_config, list(cfg.batch_sizes), **tokens)
+    check_batch_memory(spec, cfg.batch_sizes)
+    if cfg.backend == "tensorrt":
+        from optimizer.build import check_tensorrt_available
 
-    return calibration_feeds(runner, runner.spec, ckpt.schedule, shape, seeds, batch, cond_fn)
+        check_tensorrt_available()  # raises BackendUnavailable with the extra to install
+    shape = sample_shape(ckpt.model_class, ckpt.model_config)
+    ckpt_sha = sha256_file(source) if source.is_file() else f"diffusers:{ckpt.teacher.sha256}"
+
+    rundir = RunDir(cfg.out)
+    if not is_ours(cfg.out, "compile"):
+        claim(cfg.out, "compile", rundir.run_id)
+    rundir.begin()
+    report = CompileReport(
+        student={
+            "path": str(source),
+            "sha256": ckpt_sha,
+            "model_class": ckpt.model_class,
+            "params": sum(p.numel() for p in model.parameters()),
+            "steps": ckpt.schedule.steps,
+            "sampler": ckpt.schedule.kind,
+            "timesteps": list(ckpt.schedule.timesteps),
+            "distillation": ckpt.distillation,
+        },
+        teacher=shell.teacher,
+        skipped=shell.skipped,
+        notes=shell.notes,
+        environment=environment(cfg.threads),
+        run_id=rundir.run_id,
+    )
+    meta = {
+        "student_checkpoint": str(source.resolve()),
+        "student_sha256": ckpt_sha,
+        "model_class": ckpt.model_class,
+        "sample_shape": list(shape),
+        "batch_sizes": list(cfg.batch_sizes),
+        # the teacher actually used (resolved), so dd-bench and others find it from out/ alone
+        "teacher": {
+            "path": str(teacher.path.resolve()) if teacher else ckpt.teacher.path,
+            "sha256": ckpt.teacher.sha256,
+            "reference_sampler": ckpt.teacher.reference_sampler,
+            "reference_steps": ckpt.teacher.reference_steps,
+        },
+        "created_by": "dd-compile",
+    }
+    torch_ref = TorchRunner(Denoiser(model), spec, name="torch-student")
+    torch_ref.activate()
+    return CompileContext(
+        cfg=cfg,
+        source=source,
+        ckpt=ckpt,
+        model=model,
+        ckpt_sha=ckpt_sha,
+        spec=spec,
+        shape=shape,
+        seeds=cfg.seeds,
+        teacher=teacher,
+        cond_fn=_cond_fn(spec, cfg.seed, cond, n_classes(ckpt.model_config) or 1),
+        cond_sha=cond_sha,
+        run=rundir,
+        manifest=Manifest(rundir.staging, spec, ckpt.schedule, meta),
+        report=report,
+        torch_ref=torch_ref,
+    )
 
 
-def _export(manifest: Manifest, model: torch.nn.Module, spec: IOSpec, ckpt_sha: str) -> Path:
+def export(ctx: CompileContext) -> Path:
+    """Stage 1: the student -> onnx/student.fp32.onnx (reused when the checkpoint is unchanged)."""
     cfg = ExportConfig()
-    name, path = "onnx/fp32", manifest.root / "onnx" / "student.fp32.onnx"
-    if manifest.up_to_date(name, ckpt_sha, cfg.to_dict()):
-        log.info("export: up to date (%s)", path)
-        return path
+    name, rel = "onnx/fp32", "onnx/student.fp32.onnx"
+    if ctx.run.reuse(ctx.manifest, name, ctx.ckpt_sha, cfg.to_dict()):
+        log.info("export: up to date (%s)", rel)
+        return ctx.manifest.file(ctx.manifest.get(name))
+    path = ctx.manifest.root / rel
     log.info("export: %s", path)
-    export_onnx(Denoiser(model), spec, path, cfg)
-    manifest.add(
+    export_onnx(Denoiser(ctx.model), ctx.spec, path, cfg)
+    ctx.manifest.add(
         name,
         path,
         "onnx",
         precision="fp32",
         backend=None,
-        input_sha256=ckpt_sha,
+        input_sha256=ctx.ckpt_sha,
         config=cfg.to_dict(),
         libraries=environment()["libraries"],
     )
     return path
 
 
-def _sample_psnr_check(torch_ref: TorchRunner, schedule, shape, cond_fn, cfg: CompileConfig):
+def _trajectory(ctx: CompileContext, seeds: list[int]) -> list[dict[str, np.ndarray]]:
+    """Feeds the student sees along its own sampling trajectory, batched within the exported range."""
+    from optimizer.quantize import calibration_feeds
+
+    r = ctx.torch_ref
+    return calibration_feeds(
+        r, r.spec, ctx.ckpt.schedule, ctx.shape, seeds, ctx.cfg.batch_range[1], ctx.cond_fn
+    )
+
+
+def calibrate(ctx: CompileContext) -> list[dict[str, np.ndarray]]:
+    """Calibration feeds for the quantizers (none needed when only fp32 is asked for)."""
+    if all(p == "fp32" for p in ctx.cfg.precisions):
+        return []
+    return _trajectory(ctx, ctx.seeds.calibration())
+
+
+def _sample_psnr_check(ctx: CompileContext):
     """For INT8 layer selection: sample-level PSNR of a candidate graph vs the torch student."""
     from engines.onnxruntime_runner import OnnxRuntimeRunner
-    from engines.schedule import Sampler
     from optimizer.validate import psnr_db
 
-    seeds = list(range(30_000 + cfg.seed, 30_000 + cfg.seed + 16))  # not the report's seeds
-    noise, step_noise = draw_noise(seeds, shape, schedule.steps)
-    cond = cond_fn(len(seeds)) if cond_fn else None
-    b = max(cfg.batch_sizes)
-    ref = Sampler(schedule, torch_ref, output_name=torch_ref.spec.output_names[0], max_batch=b)(
+    seeds = ctx.seeds.int8_samples()  # not the report's seeds
+    noise, step_noise = draw_noise(seeds, ctx.shape, ctx.ckpt.schedule.steps)
+    cond = ctx.cond_fn(len(seeds)) if ctx.cond_fn else None
+    lo, hi = ctx.cfg.batch_range
+    out_name = ctx.spec.output_names[0]
+    ref = Sampler(ctx.ckpt.schedule, BatchWindow(ctx.torch_ref, lo, hi), output_name=out_name, max_batch=hi)(
         noise, step_noise, cond
     )
 
     def check(path: Path) -> float:
-        with OnnxRuntimeRunner(path, torch_ref.spec, threads=cfg.threads) as r:
-            out = Sampler(schedule, r, output_name=r.spec.output_names[0], max_batch=b)(
+        with OnnxRuntimeRunner(path, ctx.spec, threads=ctx.cfg.threads) as r:
+            out = Sampler(ctx.ckpt.schedule, BatchWindow(r, lo, hi), output_name=out_name, max_batch=hi)(
                 noise, step_noise, cond
             )
         return psnr_db(out, ref) if np.isfinite(out).all() else float("-inf")
@@ -215,49 +439,38 @@ def _sample_psnr_check(torch_ref: TorchRunner, schedule, shape, cond_fn, cfg: Co
     return check
 
 
-def _quantize(
-    manifest: Manifest,
-    precision: str,
-    fp32: Path,
-    calib: list[dict],
-    cfg: CompileConfig,
-    torch_ref: TorchRunner,
-    schedule,
-    shape,
-    cond_fn,
-    cond_sha: str | None,
-) -> Path:
+def quantize(ctx: CompileContext, precision: str, calib: list[dict[str, np.ndarray]]) -> Path:
+    """Stage 2: onnx/student.fp32.onnx -> onnx/student.<precision>.onnx (fp16 or int8)."""
     from optimizer import quantize as q
 
-    # Q/DQ placement is chosen by ORT CPU timings only where ORT CPU is the target
-    int8_opts = {"placement": "measure" if cfg.backend == "onnxruntime" else "fixed", **cfg.int8_options}
-    qcfg = q.Fp16Config() if precision == "fp16" else q.Int8Config(**int8_opts)
+    qcfg = q.Fp16Config() if precision == "fp16" else ctx.cfg.int8_config()
+    # the calibration inputs are part of the config: a new --cond file re-quantizes
     config = {
         "precision": precision,
-        **asdict(qcfg),
-        "calib_seeds": cfg.calib_seeds,
-        "seed": cfg.seed,
-        "cond_sha256": cond_sha,
-    }  # the calibration inputs: a new --cond file re-quantizes
-    name, path = f"onnx/{precision}", manifest.root / "onnx" / f"student.{precision}.onnx"
-    fp32_sha = manifest.get("onnx/fp32").sha256
-    if manifest.up_to_date(name, fp32_sha, config):
-        log.info("quantize %s: up to date (%s)", precision, path)
-        return path
+        **qcfg.to_dict(),
+        "calib_seeds": ctx.cfg.calib_seeds,
+        "seed": ctx.cfg.seed,
+        "cond_sha256": ctx.cond_sha,
+    }
+    name, rel = f"onnx/{precision}", f"onnx/student.{precision}.onnx"
+    fp32 = ctx.manifest.get("onnx/fp32")
+    if ctx.run.reuse(ctx.manifest, name, fp32.sha256, config):
+        log.info("quantize %s: up to date (%s)", precision, rel)
+        return ctx.manifest.file(ctx.manifest.get(name))
+    path = ctx.manifest.root / rel
     log.info("quantize %s: %s", precision, path)
+    src = ctx.manifest.file(fp32)
     if precision == "fp16":
-        res = q.quantize_fp16(fp32, path, calib, qcfg)
+        res = q.quantize_fp16(src, path, calib, qcfg)
     else:
-        res = q.quantize_int8(
-            fp32, path, calib, qcfg, parity_check=_sample_psnr_check(torch_ref, schedule, shape, cond_fn, cfg)
-        )
-    manifest.add(
+        res = q.quantize_int8(src, path, calib, qcfg, parity_check=_sample_psnr_check(ctx))
+    ctx.manifest.add(
         name,
         path,
         "onnx",
         precision=precision,
         backend=None,
-        input_sha256=fp32_sha,
+        input_sha256=fp32.sha256,
         config=config,
         libraries=environment()["libraries"],
         extra=res.to_dict(),
@@ -265,205 +478,196 @@ def _quantize(
     return path
 
 
-def run(source: Path, cfg: CompileConfig) -> CompileReport:
-    t_start = time.perf_counter()
-    source = Path(source)
-    out = Path(cfg.out)
-    for p in cfg.precisions:
-        if p not in PRECISIONS:
-            raise InputError(f"--precision: unknown precision {p!r} (choose from {', '.join(PRECISIONS)})")
-    if cfg.backend not in BACKENDS:
-        raise InputError(f"--backend: unknown backend {cfg.backend!r} (choose from {', '.join(BACKENDS)})")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+def activate_runners(ctx: CompileContext, graphs: dict[str, Path]) -> dict[tuple[str, str], Any]:
+    """Stage 3: one activated runner per variant (TensorRT: engines built first); the caller
+    deactivates them once validation and timing are done."""
+    if ctx.cfg.backend == "tensorrt":
+        return _tensorrt_runners(ctx, graphs)
+    from engines.errors import BackendUnavailable
+    from engines.onnxruntime_runner import OnnxRuntimeRunner
 
-    ckpt, model = _as_student(source, cfg.steps)
-    model = model.eval().float()
-    report_teacher = CompileReport(student={}, teacher={})
-    teacher = _load_teacher(ckpt, cfg, report_teacher)  # before any work: a missing one may be an error
-    _check_writable(out)
-    cond, cond_sha = _load_cond(cfg, ckpt, report_teacher)
-    ehs = (cond or {}).get("encoder_hidden_states")
-    tokens = {"seq_len": ehs.shape[1]} if ehs is not None else {}
-    spec = io_spec_for(ckpt.model_class, ckpt.model_config, list(cfg.batch_sizes), **tokens)
-    shape = sample_shape(ckpt.model_class, ckpt.model_config)
-    ckpt_sha = sha256_file(source) if source.is_file() else f"diffusers:{ckpt.teacher.sha256}"
-    n_params = sum(p.numel() for p in model.parameters())
-    report = CompileReport(
-        student={
-            "path": str(source),
-            "sha256": ckpt_sha,
-            "model_class": ckpt.model_class,
-            "params": n_params,
-            "steps": ckpt.schedule.steps,
-            "sampler": ckpt.schedule.kind,
-            "timesteps": list(ckpt.schedule.timesteps),
-            "distillation": ckpt.distillation,
-        },
-        teacher=report_teacher.teacher,
-        skipped=report_teacher.skipped,
-        notes=report_teacher.notes,
-        environment=environment(cfg.threads),
+    runners = {}
+    for p, path in graphs.items():
+        r = OnnxRuntimeRunner(path, ctx.spec, backend=ctx.cfg.backend, threads=ctx.cfg.threads)
+        try:
+            r.activate()
+        except BackendUnavailable:
+            raise
+        except Exception as e:  # ORT refusing a graph is bad input, not a crash
+            raise InputError(f"{path}: ONNX Runtime cannot load it ({e})") from None
+        runners[(p, ctx.cfg.backend)] = r
+    return runners
+
+
+def _tensorrt_runners(ctx: CompileContext, graphs: dict[str, Path]) -> dict[tuple[str, str], Any]:
+    from engines.tensorrt_runner import TensorRTRunner
+    from optimizer.build import build_engine
+
+    runners = {}
+    for p, onnx_path in graphs.items():
+        res = build_engine(
+            onnx_path, ctx.spec, ctx.manifest.root / "engines", ctx.cfg.trt_config(), precision=p
+        )
+        ctx.manifest.add(**res.to_manifest())
+        r = TensorRTRunner(res.path, ctx.spec)
+        r.activate()
+        runners[(p, "tensorrt")] = r
+    return runners
+
+
+def reference_samples(ctx: CompileContext) -> ValidationSet:
+    """The torch student's samples from the report's noise (sample parity and the distribution)."""
+    cfg = ctx.cfg
+    n_all = max(cfg.n_samples, cfg.n_fid_samples if ctx.teacher is not None else 0)
+    noise, step_noise = draw_noise(ctx.seeds.samples(n_all), ctx.shape, ctx.ckpt.schedule.steps)
+    cond = ctx.cond_fn(n_all) if ctx.cond_fn else None
+    lo, hi = cfg.batch_range
+    sampler = Sampler(
+        ctx.ckpt.schedule,
+        BatchWindow(ctx.torch_ref, lo, hi),
+        output_name=ctx.spec.output_names[0],
+        max_batch=hi,
     )
-    manifest = Manifest.open_or_create(
-        out,
-        spec,
-        ckpt.schedule,
-        {
-            "student_checkpoint": str(source.resolve()),
-            "student_sha256": ckpt_sha,
-            "model_class": ckpt.model_class,
-            "sample_shape": list(shape),
-            "batch_sizes": list(cfg.batch_sizes),
-            # the teacher actually used (resolved), so dd-bench and others find it from out/ alone
-            "teacher": {
-                "path": str(teacher.path.resolve()) if teacher else ckpt.teacher.path,
-                "sha256": ckpt.teacher.sha256,
-                "reference_sampler": ckpt.teacher.reference_sampler,
-                "reference_steps": ckpt.teacher.reference_steps,
-            },
-            "created_by": "dd-compile",
-        },
-    )
+    student = sampler(noise, step_noise, cond)
+    vs = ValidationSet(noise, step_noise, cond, student, cfg.n_samples)
+    vs.rows["torch student"] = student[: cfg.n_samples]
+    return vs
 
-    # 1. export, 2. quantize -- the graphs ONNX Runtime checks here are what TensorRT compiles.
-    fp32 = _export(manifest, model, spec, ckpt_sha)
-    manifest.save()
-    torch_ref = TorchRunner(Denoiser(model), spec, name="torch-student")
-    torch_ref.activate()
-    cond_fn = _cond_fn(spec, cfg.seed, cond, n_classes(ckpt.model_config) or 1)
-    calib_seeds = list(range(10_000 + cfg.seed, 10_000 + cfg.seed + cfg.calib_seeds))
-    calib = _trajectory(torch_ref, ckpt, shape, calib_seeds, max(cfg.batch_sizes), cond_fn)
-    graphs = {"fp32": fp32}
-    for p in cfg.precisions:
-        if p != "fp32":
-            graphs[p] = _quantize(
-                manifest, p, fp32, calib, cfg, torch_ref, ckpt.schedule, shape, cond_fn, cond_sha
-            )
-            manifest.save()
 
-    # 3. build (TensorRT) -- fails fast with exit 2 when TensorRT/CUDA is missing; graphs are kept.
-    runners = _runners(manifest, graphs, cfg)
+def _graph_failures(precision: str, info: dict[str, Any]) -> list[str]:
+    if precision != "fp32" and info.get("counts", {}).get(precision) == 0:
+        # parity would pass trivially: the graph is the fp32 one
+        return [f"no node runs in {precision} within the {precision} bars: this graph is the fp32 one"]
+    return []
 
-    # 4. validate
-    from engines.schedule import Sampler
 
-    # Noise is drawn per seed, so the first n_samples of the distribution set are the sample set.
-    n_all = max(cfg.n_samples, cfg.n_fid_samples if teacher is not None else 0)
-    all_noise, all_step_noise = draw_noise(
-        list(range(cfg.seed, cfg.seed + n_all)), shape, ckpt.schedule.steps
-    )
-    all_cond = cond_fn(n_all) if cond_fn else None
-    max_b = max(cfg.batch_sizes)
-    student_all = Sampler(ckpt.schedule, torch_ref, output_name=spec.output_names[0], max_batch=max_b)(
-        all_noise, all_step_noise, all_cond
-    )
-    n = cfg.n_samples
-    noise, step_noise = all_noise[:n], all_step_noise[:, :n]
-    cond = {k: v[:n] for k, v in all_cond.items()} if all_cond else None
-    ref_samples = student_all[:n]
-    val_seeds = list(range(20_000 + cfg.seed, 20_000 + cfg.seed + 4))
-    val_feeds = _trajectory(torch_ref, ckpt, shape, val_seeds, max_b, cond_fn)
-    rows = {"torch student": ref_samples}
+def validate(
+    ctx: CompileContext, graphs: dict[str, Path], runners: dict[tuple[str, str], Any], vs: ValidationSet
+) -> None:
+    """Stage 4: call- and sample-level parity of every variant vs the torch student; one
+    VariantResult each in ctx.report, and a validation record on each of its artifacts."""
+    cfg, lo, hi = ctx.cfg, *ctx.cfg.batch_range
+    val_feeds = _trajectory(ctx, ctx.seeds.validation())
+    noise, step_noise, cond = vs.first()
     for (p, backend), runner in runners.items():
-        v = VariantResult(backend=backend, precision=p, path=str(graphs[p].relative_to(out)))
-        art = manifest.get(f"onnx/{p}")
-        v.precision_info = art.extra if art else {}
-        with runner:
-            cp = call_parity(torch_ref, runner, val_feeds, p, cfg.bars)
-            sp, samples = sample_parity(
-                ref_samples, ckpt.schedule, runner, noise, step_noise, p, cond, max_b, cfg.bars
-            )
+        art = ctx.manifest.get(f"onnx/{p}")
+        v = VariantResult(backend=backend, precision=p, path=f"runs/{ctx.run_id}/{art.path}")
+        v.precision_info = art.extra or {}
+        cp = call_parity(ctx.torch_ref, runner, val_feeds, p, cfg.bars)
+        sp, samples = sample_parity(
+            vs.student[: vs.n],
+            ctx.ckpt.schedule,
+            BatchWindow(runner, lo, hi),
+            noise,
+            step_noise,
+            p,
+            cond,
+            hi,
+            cfg.bars,
+        )
         v.parity = {"call": cp.to_dict(), "sample": sp.to_dict()}
-        if not cp.passed:
-            v.failures.append(
-                f"call-level rel. L2 {cp.rel_l2:.2e} (bar {cp.bar_rel_l2:.0e}), "
-                f"polygraphy {'pass' if cp.polygraphy['passed'] else 'fail'}, "
-                f"{cp.nonfinite} non-finite"
-            )
-        if not sp.passed:
-            v.failures.append(f"sample PSNR {sp.psnr_db:.1f} dB < {sp.bar_psnr_db} dB")
-        if p != "fp32" and v.precision_info.get("counts", {}).get(p) == 0:
-            # parity would pass trivially: the graph is the fp32 one
-            v.failures.append(f"no node runs in {p} within the {p} bars: this graph is the fp32 one")
-        rows[f"{backend} {p}"] = samples
-        report.variants.append(v)
+        v.failures += cp.failures() + sp.failures() + _graph_failures(p, v.precision_info)
+        v.passed = not v.failures
+        vs.rows[f"{backend} {p}"] = samples
+        ctx.report.variants.append(v)
+        _record_validation(ctx, p, backend, v)
         log.info("%s %s: call rel. L2 %.2e, sample PSNR %.1f dB", backend, p, cp.rel_l2, sp.psnr_db)
 
-    if teacher is not None:
-        log.info(
-            "teacher: %d samples at %d and %d steps", n_all, teacher.reference_steps, ckpt.schedule.steps
-        )
-        t_noise = torch.from_numpy(all_noise)
-        tcond = {k: torch.from_numpy(v) for k, v in all_cond.items()} if all_cond else None
-        t_ref = teacher_reference_samples(teacher, t_noise, teacher.reference_steps, tcond).numpy()
-        t_low = teacher_reference_samples(teacher, t_noise, ckpt.schedule.steps, tcond).numpy()
-        rows = {
-            f"teacher {teacher.reference_steps} steps": t_ref[:n],
-            f"teacher {ckpt.schedule.steps} steps": t_low[:n],
-            **rows,
-        }
-        report.distribution = _distribution(student_all, t_ref, t_low, shape, cfg).to_dict()
 
-    # speed: the teacher and every variant, side by side in this process
-    timed = {f"{b} {p}": (r, ckpt.schedule) for (p, b), r in runners.items()}
-    teacher_runner = None
+def _record_validation(ctx: CompileContext, precision: str, backend: str, v: VariantResult) -> None:
+    record = {
+        "run_id": ctx.run_id,
+        "student_sha256": ctx.ckpt_sha,
+        "passed": v.passed,
+        "failures": v.failures,
+    }
+    for art in ctx.manifest.find(precision=precision):
+        if art.kind == "engine" and art.backend == backend:
+            art.validation = dict(record)
+        elif art.kind == "onnx":
+            # an engine's graph was not itself run here: the engine carries the verdict
+            ran = backend != "tensorrt"
+            art.validation = (
+                dict(record)
+                if ran
+                else {
+                    **record,
+                    "passed": False,
+                    "failures": [f"not run here: validated as the {backend} engine"],
+                }
+            )
+
+
+def judge_distribution(ctx: CompileContext, vs: ValidationSet) -> None:
+    """Stage 4b: the torch student's samples vs the teacher's (FID, paired PSNR), when it is here."""
+    teacher = ctx.teacher
+    if teacher is None:
+        return
+    steps = ctx.ckpt.schedule.steps
+    log.info("teacher: %d samples at %d and %d steps", len(vs.noise), teacher.reference_steps, steps)
+    t_noise = torch.from_numpy(vs.noise)
+    tcond = {k: torch.from_numpy(v) for k, v in vs.cond.items()} if vs.cond else None
+    t_ref = teacher_reference_samples(teacher, t_noise, teacher.reference_steps, tcond).numpy()
+    t_low = teacher_reference_samples(teacher, t_noise, steps, tcond).numpy()
+    vs.rows = {
+        f"teacher {teacher.reference_steps} steps": t_ref[: vs.n],
+        f"teacher {steps} steps": t_low[: vs.n],
+        **vs.rows,
+    }
+    ctx.report.distribution = _distribution(vs.student, t_ref, t_low, ctx.shape, ctx.cfg).to_dict()
+
+
+def _medians(levels: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict[int, float]]:
+    return {lvl: {b: t["median_ms"] for b, t in levels[lvl].items()} for lvl in ("per_call", "end_to_end")}
+
+
+def time_variants(ctx: CompileContext, runners: dict[tuple[str, str], Any]) -> dict[str, Any]:
+    """Stage 5: the teacher and every variant timed side by side in this process."""
+    teacher = ctx.teacher
+    timed = {f"{b} {p}": (r, ctx.ckpt.schedule) for (p, b), r in runners.items()}
+    baseline = None
     if teacher is not None:
-        teacher_runner = TorchRunner(Denoiser(teacher.model), spec, name="torch-teacher")
-        teacher_runner.activate()
-    for r, _ in timed.values():
-        r.activate()
-    timings = measure(
-        (teacher_runner, teacher.schedule(teacher.reference_steps)) if teacher else None,
-        timed,
-        shape,
-        cond_fn,
-        cfg.speed,
-    )
-    for r, _ in timed.values():
-        r.deactivate()
-    for v in report.variants:
+        t_runner = TorchRunner(Denoiser(teacher.model), ctx.spec, name="torch-teacher")
+        t_runner.activate()
+        baseline = (t_runner, teacher.schedule(teacher.reference_steps))
+    timings = measure(baseline, timed, ctx.shape, ctx.cond_fn, ctx.cfg.speed_config())
+    for v in ctx.report.variants:
         key = f"{v.backend} {v.precision}"
         v.timings = timings[key]
-        v.latency_ms = {
-            lvl: {b: t["median_ms"] for b, t in timings[key][lvl].items()}
-            for lvl in ("per_call", "end_to_end")
-        }
+        v.latency_ms = _medians(timings[key])
         if teacher is not None:
             v.speedup_vs_teacher = speedups(timings, key)
-        v.passed = not v.failures
     if teacher is not None:
-        report.teacher["latency_ms"] = {
-            lvl: {b: t["median_ms"] for b, t in timings["teacher"][lvl].items()}
-            for lvl in ("per_call", "end_to_end")
-        }
-    best = report.recommend()
+        ctx.report.teacher["latency_ms"] = _medians(timings["teacher"])
+    best = ctx.report.recommend()
     if best:
         log.info("recommended: %s %s", best.backend, best.precision)
+    return timings
 
-    # 5. report + artifacts
+
+def write_report(ctx: CompileContext, vs: ValidationSet, timings: dict[str, Any]) -> None:
+    """Stage 6: report.json, report.md, samples.png, latency.png into this run's folder."""
     from optimizer.plots import latency_png, samples_png
 
-    samples_png(rows, out / "samples.png")
-    lat = {
-        ("teacher" if k == "teacher" else k): {
-            lvl: {b: t["median_ms"] for b, t in v[lvl].items()} for lvl in v
-        }
-        for k, v in timings.items()
-    }
-    latency_png(lat, out / "latency.png")
-    report.seconds = time.perf_counter() - t_start
-    write_json_atomic(out / "report.json", report.to_dict())
-    write_text_atomic(out / "report.md", report.to_markdown())
+    root = ctx.manifest.root
+    samples_png(vs.rows, root / "samples.png")
+    latency_png({k: _medians(v) for k, v in timings.items()}, root / "latency.png")
+    ctx.report.seconds = time.perf_counter() - ctx.t_start
+    write_json_atomic(root / "report.json", ctx.report.to_dict())
+    write_text_atomic(root / "report.md", ctx.report.to_markdown())
     for f in ("report.json", "report.md", "samples.png", "latency.png"):
-        manifest.add(f"report/{f}", out / f, "report", input_sha256=ckpt_sha)
-    manifest.save()
-    if cfg.triton_repo:
-        from engines.triton import write_triton_repo
+        ctx.manifest.add(f"report/{f}", root / f, "report", input_sha256=ctx.ckpt_sha)
 
-        write_triton_repo(out, Path(cfg.triton_repo), precision=_best_precision(report))
-    return report
+
+def publish(ctx: CompileContext) -> Manifest:
+    """Stage 7: this run's folder and manifest become the published output, in one atomic step."""
+    run = {
+        "student_sha256": ctx.ckpt_sha,
+        "report": f"runs/{ctx.run_id}/report.json",
+        "passed": ctx.report.passed,
+        "allow_unvalidated": False,
+    }
+    return ctx.run.publish(ctx.manifest, run, fault=_stage)
 
 
 def _best_precision(report: CompileReport) -> str:
@@ -484,47 +688,6 @@ def _distribution(student, t_ref, t_low, shape, cfg: CompileConfig):
         real, _ = quality.load_digits_images()
         space = "digit classifier features (real data: sklearn digits)"
     return distribution(student, t_ref, t_low, extractor, real, space, cfg.bars)
-
-
-def _runners(manifest: Manifest, graphs: dict[str, Path], cfg: CompileConfig) -> dict:
-    spec = manifest.io_spec
-    if cfg.backend == "tensorrt":
-        from optimizer.build import check_tensorrt_available
-
-        check_tensorrt_available()  # raises BackendUnavailable with the extra to install
-        return _tensorrt_runners(manifest, graphs, cfg)
-    from engines.onnxruntime_runner import OnnxRuntimeRunner
-
-    runners = {}
-    for p, path in graphs.items():
-        r = OnnxRuntimeRunner(path, spec, backend=cfg.backend, threads=cfg.threads)
-        try:
-            r.activate()
-        except BackendUnavailable:
-            raise
-        except Exception as e:  # ORT refusing a graph is a failed variant, not a crash
-            raise InputError(f"{path}: ONNX Runtime cannot load it ({e})") from None
-        runners[(p, cfg.backend)] = r
-    return runners
-
-
-def _tensorrt_runners(manifest: Manifest, graphs: dict[str, Path], cfg: CompileConfig) -> dict:
-    from engines.tensorrt_runner import TensorRTRunner
-    from optimizer.build import TrtBuildConfig, build_engine
-
-    runners = {}
-    for p, onnx_path in graphs.items():
-        res = build_engine(
-            onnx_path,
-            manifest.io_spec,
-            manifest.root / "engines",
-            TrtBuildConfig(batch_sizes=tuple(cfg.batch_sizes), **cfg.trt_options),
-            precision=p,
-        )
-        manifest.add(**res.to_manifest())
-        manifest.save()
-        runners[(p, "tensorrt")] = TensorRTRunner(res.path, manifest.io_spec)
-    return runners
 
 
 def _check_writable(out: Path) -> None:

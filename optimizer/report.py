@@ -34,6 +34,7 @@ class CompileReport:
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # findings a user should read (e.g. INT8 pay-off)
     seconds: float = 0.0
+    run_id: str | None = None  # the dd-compile run that wrote it (the manifest's run.id)
 
     @property
     def failures(self) -> list[str]:

@@ -59,6 +59,16 @@ class CallParity:
     bar_rel_l2: float
     passed: bool
 
+    def failures(self) -> list[str]:
+        """Why it failed, one line per check ([] when it passed)."""
+        if self.passed:
+            return []
+        return [
+            f"call-level rel. L2 {self.rel_l2:.2e} (bar {self.bar_rel_l2:.0e}), "
+            f"polygraphy {'pass' if self.polygraphy['passed'] else 'fail'}, "
+            f"{self.nonfinite} non-finite"
+        ]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -135,6 +145,10 @@ class SampleParity:
     n_samples: int
     bar_psnr_db: float
     passed: bool
+
+    def failures(self) -> list[str]:
+        """Why it failed ([] when it passed)."""
+        return [] if self.passed else [f"sample PSNR {self.psnr_db:.1f} dB < {self.bar_psnr_db} dB"]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -65,18 +65,36 @@ def test_compile_fp32_passes_and_writes_everything(compiled):
     kinds = {a["name"]: a for a in man["artifacts"]}
     assert kinds["onnx/fp32"]["sha256"] and man["io_spec"]["dims"]["batch"] == [1, 2, 2]
     assert man["schedule"]["timesteps"] == [999, 499]
+    run_id = man["run"]["id"]
+    assert man["version"] == 2 and man["run"]["passed"] is True and rep["run_id"] == run_id
+    assert kinds["onnx/fp32"]["path"] == f"runs/{run_id}/onnx/student.fp32.onnx"
+    assert kinds["onnx/fp32"]["validation"] == {
+        "run_id": run_id,
+        "student_sha256": rep["student"]["sha256"],
+        "passed": True,
+        "failures": [],
+    }
     for f in ("report.md", "samples.png", "latency.png"):
         assert (out / f).stat().st_size > 0
+        assert (out / "runs" / run_id / f).read_bytes() == (out / f).read_bytes()
     assert "onnxruntime fp32" in res.output  # the terminal table
 
 
 def test_second_run_reuses_the_export(compiled, tiny_teacher_dir):
+    """A re-run publishes a new run folder; the unchanged export is hard-linked into it, not redone."""
+    from engines.manifest import Manifest
+
     _, out = compiled
-    onnx = out / "onnx" / "student.fp32.onnx"
-    before = onnx.stat().st_mtime_ns
+    before = Manifest.load(out)
+    old = before.verify(before.get("onnx/fp32"))
+    stat = old.stat()
     res = invoke(tiny_teacher_dir, "--steps", 2, "-o", out, "--precision", "fp32", *FAST)
     assert res.exit_code == 0
-    assert onnx.stat().st_mtime_ns == before
+    after = Manifest.load(out)
+    new = after.verify(after.get("onnx/fp32"))
+    assert after.run["id"] != before.run["id"] and new.parent.parent.name == after.run["id"]
+    assert new.stat().st_ino == stat.st_ino and new.stat().st_mtime_ns == stat.st_mtime_ns
+    assert not old.exists()  # the previous run's folder is gone once the new one is published
 
 
 def test_failed_bar_exits_1_with_report(tiny_teacher_dir, tmp_path):
@@ -152,7 +170,7 @@ def test_bad_input_exits_2_without_artifacts(case, tmp_path, tiny_teacher_dir):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_tensorrt_backend_without_tensorrt_exits_2_and_keeps_the_onnx(tiny_teacher_dir, tmp_path):
+def test_tensorrt_backend_without_tensorrt_exits_2_before_any_work(tiny_teacher_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     import importlib.util
 
@@ -164,6 +182,4 @@ def test_tensorrt_backend_without_tensorrt_exits_2_and_keeps_the_onnx(tiny_teach
     assert res.exit_code == 2
     (line,) = [ln for ln in res.output.splitlines() if "error" in ln]
     assert "TensorRT" in line and "dd-compile[tensorrt]" in line
-    man = json.loads((tmp_path / "manifest.json").read_text())
-    assert any(a["name"] == "onnx/fp32" for a in man["artifacts"])
-    assert (tmp_path / "onnx" / "student.fp32.onnx").exists()
+    assert not any(tmp_path.iterdir())  # refused before the export: nothing written

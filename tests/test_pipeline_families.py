@@ -95,6 +95,7 @@ def test_int8_calibration_and_selection_options_reach_the_graph(tiny_teacher_dir
 def test_int8_with_no_quantizable_node_fails_instead_of_passing_as_fp32(tiny_teacher_dir, tmp_path):
     """A selection that keeps every node float gives the fp32 graph: that is no INT8 variant."""
     from optimizer.pipeline import CompileConfig, run
+    from optimizer.quantize import Int8Config
     from optimizer.speed import SpeedConfig
 
     cfg = CompileConfig(
@@ -105,8 +106,8 @@ def test_int8_with_no_quantizable_node_fails_instead_of_passing_as_fp32(tiny_tea
         threads=1,
         n_samples=8,
         n_fid_samples=16,
-        speed=SpeedConfig(batch_sizes=(1, 2), max_seconds=0.2),
-        int8_options={"target_call_rel_l2": 1e-12, "sensitivity": "none"},
+        speed=SpeedConfig(max_seconds=0.2),
+        int8=Int8Config(target_call_rel_l2=1e-12, sensitivity="none"),
     )
     rep = run(tiny_teacher_dir, cfg)
     (v,) = [v for v in rep.variants if v.precision == "int8"]
