@@ -166,7 +166,7 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
             try:
                 _stage("validate")
                 vs = reference_samples(ctx)
-                validate(ctx, graphs, runners, vs)
+                validate(ctx, runners, vs)
                 judge_distribution(ctx, vs)
                 _stage("timing")
                 timings = time_variants(ctx, runners)
@@ -305,7 +305,6 @@ def prepare(source: Path, cfg: CompileConfig) -> CompileContext:
     out = check_target(cfg.out, "compile", "-o", protect=[source, *([teacher.path] if teacher else [])])
     if cfg.triton_repo:
         check_target(cfg.triton_repo, "triton-repo", "--triton-repo", protect=[out])
-    _check_writable(out)
     cond, cond_sha = _load_cond(cfg, ckpt, shell)
     ehs = (cond or {}).get("encoder_hidden_states")
     tokens = {"seq_len": ehs.shape[1]} if ehs is not None else {}
@@ -318,6 +317,7 @@ def prepare(source: Path, cfg: CompileConfig) -> CompileContext:
     shape = sample_shape(ckpt.model_class, ckpt.model_config)
     ckpt_sha = sha256_file(source) if source.is_file() else f"diffusers:{ckpt.teacher.sha256}"
 
+    _check_writable(out)  # the first write: every check above passed
     rundir = RunDir(cfg.out)
     if not is_ours(cfg.out, "compile"):
         claim(cfg.out, "compile", rundir.run_id)
@@ -541,9 +541,7 @@ def _graph_failures(precision: str, info: dict[str, Any]) -> list[str]:
     return []
 
 
-def validate(
-    ctx: CompileContext, graphs: dict[str, Path], runners: dict[tuple[str, str], Any], vs: ValidationSet
-) -> None:
+def validate(ctx: CompileContext, runners: dict[tuple[str, str], Any], vs: ValidationSet) -> None:
     """Stage 4: call- and sample-level parity of every variant vs the torch student; one
     VariantResult each in ctx.report, and a validation record on each of its artifacts."""
     cfg, lo, hi = ctx.cfg, *ctx.cfg.batch_range
