@@ -1,0 +1,142 @@
+"""Text-to-image distillation on a tiny random pipeline: the students it writes are diffusers
+pipelines that diffusers runs exactly as they were trained, and training moves the loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engines.schedule import SamplingSchedule, trailing_timesteps
+from optimizer.distill.consistency import lcm_timesteps
+from optimizer.distill.sampling import sample
+from optimizer.distill.t2i import T2IDistillConfig, T2IDistiller, TextToImageTeacher, WDenoiser, demo_batches
+from optimizer.validate import psnr_db
+
+
+@pytest.fixture(scope="module")
+def tiny_t2i_teacher(tmp_path_factory):
+    from diffusers import StableDiffusionPipeline
+
+    from optimizer.demo.t2i.data import VOCAB_WORDS
+    from optimizer.demo.t2i.tokenizer import build_tokenizer
+    from optimizer.demo.t2i.train import build_schedulers, build_text_encoder, build_unet, build_vae
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(VOCAB_WORDS)
+    pipe = StableDiffusionPipeline(
+        vae=build_vae(),
+        text_encoder=build_text_encoder(len(tok), 32, tok.bos_token_id, tok.eos_token_id),
+        tokenizer=tok,
+        unet=build_unet((32, 64), 32),
+        scheduler=build_schedulers()[1],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    folder = tmp_path_factory.mktemp("t2i") / "teacher"
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def _distill(folder, tmp_path, **kw):
+    teacher = TextToImageTeacher.load(folder)
+    cfg = T2IDistillConfig(batch=4, log_every=1000, **kw)
+    d = T2IDistiller(teacher, demo_batches(), cfg)
+    student = d.run()
+    return teacher, student, d.save(student, tmp_path / f"student-{cfg.method}")
+
+
+def _diffusers_images(folder, prompts, latents, steps, scale):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        prompts, latents=latents, num_inference_steps=steps, guidance_scale=scale, output_type="np"
+    ).images
+    return type(pipe).__name__, out.transpose(0, 3, 1, 2) * 2.0 - 1.0
+
+
+PROMPTS = ["a red seven", "two, blue", "the digit 4 in green"]
+
+
+def test_guided_progressive_student_runs_in_diffusers_as_trained(tiny_t2i_teacher, tmp_path):
+    teacher, student, folder = _distill(
+        tiny_t2i_teacher,
+        tmp_path,
+        method="guided-progressive",
+        steps=2,
+        start_steps=4,
+        stage1_iters=2,
+        round_iters=2,
+    )
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    kind, got = _diffusers_images(folder, PROMPTS, latents, 2, 4.5)
+    assert kind == "StableDiffusionPipeline"
+    # our own sampler: trailing DDIM at the student's grid, w = 4.5 - 1 through timestep_cond, no CFG
+    sched = SamplingSchedule.from_alphas(teacher.alphas, trailing_timesteps(1000, 2), "ddim", "epsilon")
+    cond = {"encoder_hidden_states": teacher.encode_text(PROMPTS), "w": torch.full((3,), 3.5)}
+    ref = teacher.decode(sample(WDenoiser(student), sched, latents, cond=cond))
+    assert psnr_db(got, ref) > 40
+
+
+def test_lcm_student_runs_in_diffusers_as_trained(tiny_t2i_teacher, tmp_path):
+    teacher, student, folder = _distill(tiny_t2i_teacher, tmp_path, method="lcm", steps=1, lcm_iters=2)
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    kind, got = _diffusers_images(folder, PROMPTS, latents, 1, 6.0)
+    assert kind == "LatentConsistencyModelPipeline"
+    ts = lcm_timesteps(dict(teacher.pipe.scheduler.config), 1, 50)
+    sched = SamplingSchedule.from_alphas(teacher.alphas, ts, "consistency", "epsilon")
+    cond = {"encoder_hidden_states": teacher.encode_text(PROMPTS), "w": torch.full((3,), 5.0)}
+    ref = teacher.decode(sample(WDenoiser(student), sched, latents, cond=cond))
+    assert psnr_db(got, ref) > 40
+
+
+@pytest.mark.slow
+def test_stage1_regression_lowers_its_loss_and_records_the_teacher(tiny_t2i_teacher, tmp_path):
+    import json
+
+    teacher = TextToImageTeacher.load(tiny_t2i_teacher)
+    cfg = T2IDistillConfig(
+        method="guided-progressive", steps=2, start_steps=4, stage1_iters=40, batch=8, lr=3e-5
+    )
+    d = T2IDistiller(teacher, demo_batches(), cfg)
+    # the stage-1 objective on one fixed batch: the zero-init student (the conditional branch) vs trained
+    from optimizer.distill.guided import guided_eps, make_w_student, student_eps
+
+    # a batch drawn as training draws them (data latents noised at random t), kept fixed
+    z0, tc, tu, w = d._batch()
+    g = torch.Generator().manual_seed(9)
+    t = torch.randint(0, 1000, (len(z0),), generator=g)
+    a = torch.from_numpy(teacher.alphas.astype("float32"))[t].reshape(-1, 1, 1, 1)
+    z = a.sqrt() * z0 + (1 - a).sqrt() * torch.randn(z0.shape, generator=g)
+    with torch.no_grad():
+        target = guided_eps(teacher.unet, z, t, tc, tu, w)
+        before = torch.nn.functional.mse_loss(student_eps(make_w_student(teacher.unet), z, t, tc, w), target)
+    student = d.stage1()
+    with torch.no_grad():
+        after = torch.nn.functional.mse_loss(student_eps(student, z, t, tc, w), target)
+    assert after < 0.8 * before, (float(before), float(after))  # measured: 0.065 -> 0.048
+    assert d.records[0].phase == "stage1-guided"
+    out = d.save(student, tmp_path / "s")
+    meta = json.loads((out / "distill.json").read_text())
+    assert meta["guidance_mode"] == "embedded" and meta["w"] == cfg.eval_guidance - 1
+    assert set(meta["teacher"]["components_sha256"]) >= {"vae/config.json", "text_encoder/config.json"}
+    # a second save replaces the student folder it wrote; a foreign folder is refused
+    d.save(student, out)
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("mine")
+    from engines.errors import InputError
+
+    with pytest.raises(InputError, match="not a dd-distill student folder"):
+        d.save(student, tmp_path / "user")
+    assert (tmp_path / "user" / "notes.txt").read_text() == "mine"
+
+
+def test_bad_configs_are_one_line():
+    from engines.errors import InputError
+
+    with pytest.raises(InputError, match="--method"):
+        T2IDistillConfig(method="magic")
+    with pytest.raises(InputError, match="start steps 12"):
+        T2IDistillConfig(steps=4, start_steps=12)
