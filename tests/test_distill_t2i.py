@@ -140,3 +140,37 @@ def test_bad_configs_are_one_line():
         T2IDistillConfig(method="magic")
     with pytest.raises(InputError, match="start steps 12"):
         T2IDistillConfig(steps=4, start_steps=12)
+
+
+@pytest.mark.slow
+def test_lcm_lora_loads_into_a_diffusers_pipeline_and_changes_it_as_predicted(tiny_t2i_teacher, tmp_path):
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    teacher, student, folder = _distill(
+        tiny_t2i_teacher, tmp_path, method="lcm", steps=1, lcm_iters=3, lora_rank=4
+    )
+    meta = json.loads((folder / "distill.json").read_text())
+    lora = meta["lora"]
+    assert meta["guidance_mode"] == "none" and lora["rank"] == 4
+    assert 0 < lora["params"] < 0.05 * lora["unet_params"]  # the adapter is a small fraction
+    # plug the adapter file into the teacher's own pipeline: its UNet now predicts what ours does
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_t2i_teacher), safety_checker=None)
+    g = torch.Generator().manual_seed(3)
+    z, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([259, 999])
+    text = teacher.encode_text(["a red seven", "two, blue"])
+    with torch.no_grad():
+        base = pipe.unet(z, t, encoder_hidden_states=text).sample
+        pipe.load_lora_weights(str(folder / "lora"))
+        plugged = pipe.unet(z, t, encoder_hidden_states=text).sample
+        ours = student(z, t, encoder_hidden_states=text).sample
+    assert torch.allclose(plugged, ours, atol=1e-5)
+    assert (plugged - base).abs().max() > 1e-4  # and the adapter did change the UNet
+    # the saved student pipeline holds the adapter fused: same prediction, plain UNet weights
+    from diffusers import UNet2DConditionModel
+
+    fused = UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval()
+    assert not any("lora" in k for k in fused.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fused(z, t, encoder_hidden_states=text).sample, ours, atol=1e-5)

@@ -58,6 +58,11 @@ class T2IDistillConfig:
     lr: float = 1e-4
     # LCM's EMA target decay (train_lcm_distill_sd_wds.py default 0.95)
     ema_decay: float = 0.95
+    # LCM-LoRA: > 0 trains only rank-r adapters on the frozen UNet (no w input: guidance fixed
+    # at eval_guidance, as the LCM-LoRA script trains without timestep_cond)
+    lora_rank: int = 0
+    # also adapt the convolutions (LCM-LoRA adapts attention and, optionally, conv layers)
+    lora_conv: bool = False
     seed: int = 0
     threads: int = 1
     log_every: int = 100
@@ -67,6 +72,8 @@ class T2IDistillConfig:
             raise InputError(f"--method {self.method!r}: choose from {', '.join(METHODS)}")
         if self.steps < 1:
             raise InputError(f"--steps {self.steps}: must be >= 1")
+        if self.lora_rank < 0 or (self.lora_rank and self.method != "lcm"):
+            raise InputError(f"--lora-rank {self.lora_rank}: must be > 0, with --method lcm (LCM-LoRA)")
         if self.method == "guided-progressive":
             n = self.start_steps
             while n > self.steps and n % 2 == 0:
@@ -276,6 +283,8 @@ class T2IDistiller:
 
     # -- LCM --------------------------------------------------------------------------------------
     def lcm(self) -> nn.Module:
+        if self.cfg.lora_rank:
+            return self.lcm_lora()
         student = make_w_student(self.teacher.unet)
         target = copy.deepcopy(student).eval().requires_grad_(False)
         grid = SolverGrid(self.teacher.alphas, self.teacher.num_train_timesteps, self.cfg.solver_steps)
@@ -299,6 +308,32 @@ class T2IDistiller:
             self._train("lcm", self.cfg.steps, student, self.cfg.lcm_iters, loss)
         finally:
             self.after_step = None
+        return student
+
+    def lcm_lora(self) -> nn.Module:
+        """LCM-LoRA (Luo et al. 2023b, arXiv 2311.05556): the LCM objective, UNet frozen, only
+        low-rank adapters trained; the online network (adapters under no_grad) is the target, as
+        in diffusers' train_lcm_distill_lora_sd_wds.py."""
+        student = add_lora(copy.deepcopy(self.teacher.unet), self.cfg.lora_rank, self.cfg.lora_conv)
+        grid = SolverGrid(self.teacher.alphas, self.teacher.num_train_timesteps, self.cfg.solver_steps)
+        cfg = self.teacher.unet.config
+        huber = default_huber_c(int(cfg.in_channels * cfg.sample_size**2))
+        w_fixed = w_from_scale(self.cfg.eval_guidance)
+
+        def loss(z0, text_c, text_u, w):
+            w = torch.full_like(w, w_fixed)
+            return cd_loss(
+                lambda z, t: student(z, t, encoder_hidden_states=text_c).sample,
+                lambda z, t: guided_eps(self.teacher.unet, z, t, text_c, text_u, w),
+                lambda z, t: student(z, t, encoder_hidden_states=text_c).sample,
+                grid,
+                z0,
+                self.gen,
+                "epsilon",
+                huber,
+            )
+
+        self._train("lcm-lora", self.cfg.steps, student, self.cfg.lcm_iters, loss)
         return student
 
     def run(self) -> nn.Module:
@@ -334,11 +369,14 @@ class T2IDistiller:
     def save(self, student: nn.Module, out: Path, quality: dict[str, Any] | None = None) -> Path:
         from engines.fileio import sha256_file
 
-        pipe = self.student_pipeline(student)
         out = Path(out)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        pipe.save_pretrained(str(tmp))
+        lora: dict[str, Any] = {}
+        if self.cfg.lora_rank:
+            lora = save_lora(student, tmp / "lora")
+            student = fuse_lora(student)  # the deployable student: adapters merged into the UNet
+        self.student_pipeline(student).save_pretrained(str(tmp))
         reused = {}
         for comp in ("text_encoder", "vae", "tokenizer"):
             for f in sorted((self.teacher.folder / comp).glob("*")):
@@ -347,7 +385,8 @@ class T2IDistiller:
             "format": "dd-compile.t2i-student/1",
             "method": self.cfg.method,
             "steps": self.cfg.steps,
-            "guidance_mode": "embedded",
+            "guidance_mode": "none" if self.cfg.lora_rank else "embedded",
+            "lora": lora,
             "guidance_scale": self.cfg.eval_guidance,
             "w": w_from_scale(self.cfg.eval_guidance),
             "teacher": {"path": str(self.teacher.folder.resolve()), "components_sha256": reused},
@@ -375,3 +414,53 @@ def sample_student(
         res = pipe(prompts[i : i + 100], latents=latents[i : i + 100], **kw).images
         out.append(res.transpose(0, 3, 1, 2) * 2.0 - 1.0)
     return np.concatenate(out).astype(np.float32)
+
+
+LORA_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def add_lora(unet: nn.Module, rank: int, conv: bool = False) -> nn.Module:
+    """peft LoRA adapters on the UNet's attention projections (and convs); base weights frozen."""
+    from peft import LoraConfig
+
+    targets = list(LORA_ATTENTION) + (
+        ["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out"] if conv else []
+    )
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
+    )
+    return unet
+
+
+def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet: nn.Module, folder: Path) -> dict[str, Any]:
+    """The adapter as diffusers writes it: `pipe.load_lora_weights(folder)` plugs it into any
+    pipeline with the same base UNet."""
+    from diffusers import StableDiffusionPipeline
+
+    state = lora_state_dict(unet)
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=state)
+    n = sum(v.numel() for v in state.values())
+    base = sum(p.numel() for name, p in unet.named_parameters() if "lora_" not in name)
+    f = folder / "pytorch_lora_weights.safetensors"
+    return {
+        "rank": unet.peft_config["default"].r,
+        "params": n,
+        "unet_params": base,
+        "bytes": f.stat().st_size,
+    }
+
+
+def fuse_lora(unet: nn.Module) -> nn.Module:
+    """A plain UNet2DConditionModel with the adapters merged into its weights (export-ready)."""
+    fused = copy.deepcopy(unet)
+    fused.fuse_lora()
+    fused.unload_lora()  # back to nn.Linear / nn.Conv2d holding the merged weights
+    return fused.eval()
