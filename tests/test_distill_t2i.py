@@ -174,3 +174,43 @@ def test_lcm_lora_loads_into_a_diffusers_pipeline_and_changes_it_as_predicted(ti
     assert not any("lora" in k for k in fused.state_dict())
     with torch.no_grad():
         assert torch.allclose(fused(z, t, encoder_hidden_states=text).sample, ours, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_data_sources_and_their_one_line_errors(tiny_t2i_teacher, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from engines.errors import InputError
+    from optimizer.distill.t2i_cli import T2IRun, run_t2i
+    from optimizer.distill.t2i_data import imagefolder_batches, read_prompts
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i, text in enumerate(["a red seven", "two, blue"]):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(data / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": text}))
+    (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    x, caps = imagefolder_batches(data, 32)(np.random.default_rng(0), 5)
+    assert x.shape == (5, 3, 32, 32) and set(caps) <= {"a red seven", "two, blue"}
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png"}) + "\n")
+    with pytest.raises(InputError, match=r"metadata.jsonl:1: need a JSON object with 'file_name' and 'text'"):
+        imagefolder_batches(data, 32)
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "../x.png", "text": "t"}) + "\n")
+    with pytest.raises(InputError, match="lies outside"):
+        imagefolder_batches(data, 32)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(InputError, match="no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+    # data-free end to end: the teacher samples its latents from the prompts file
+    (tmp_path / "p.txt").write_text("a red seven\nnine, cyan\n")
+    cfg = T2IDistillConfig(method="lcm", steps=2, lcm_iters=2, batch=4)
+    rec = run_t2i(
+        T2IRun(tiny_t2i_teacher, tmp_path / "student", cfg, prompts=tmp_path / "p.txt", data_free_samples=8)
+    )
+    assert rec["method"] == "lcm" and rec["rounds"][0]["iters"] == 2
+    with pytest.raises(InputError, match="--prompts FILE"):
+        run_t2i(T2IRun(tiny_t2i_teacher, tmp_path / "s2", cfg))

@@ -156,7 +156,8 @@ class TextToImageTeacher:
         return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1).numpy()
 
 
-BatchFn = Callable[[np.random.Generator, int], tuple[np.ndarray, list[str]]]
+# (rng, n) -> (images [n, 3, H, W] in [-1, 1] as numpy, or scaled latents as a torch.Tensor; prompts)
+BatchFn = Callable[[np.random.Generator, int], tuple[np.ndarray | torch.Tensor, list[str]]]
 
 
 def demo_batches() -> BatchFn:
@@ -198,7 +199,7 @@ class T2IDistiller:
     # -- one training batch: latents, text embeddings, w ---------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x, prompts = self.batches(self.rng, self.cfg.batch)
-        z0 = self.teacher.encode_images(x, self.gen)
+        z0 = x if isinstance(x, torch.Tensor) else self.teacher.encode_images(x, self.gen)
         text_c = self.teacher.encode_text(prompts)
         text_u = self.uncond.expand(len(prompts), -1, -1)
         return z0, text_c, text_u, draw_w(len(prompts), self.cfg.guidance, self.gen)
