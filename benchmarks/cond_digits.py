@@ -156,6 +156,7 @@ def main() -> None:
     from engines.iospec import IOSpec
     from engines.schedule import Sampler
     from engines.torch_runner import TorchRunner
+    from optimizer.metrics import psnr_db
     from optimizer.models import Denoiser, load_teacher
     from optimizer.quality import load_digits_feature_extractor
 
@@ -174,8 +175,7 @@ def main() -> None:
     for k, x in samples.items():
         x = np.clip(x, -1, 1)
         acc[k] = float((clf.predict(x) == labels).mean())
-        mse = float(np.mean((x - np.clip(ref, -1, 1)) ** 2))
-        psnr = 10 * np.log10(4.0 / mse) if k != "torch" and mse > 0 else None
+        psnr = None if k == "torch" else psnr_db(x, np.clip(ref, -1, 1))
         result.setdefault("conditioning", {})[k] = {"class_accuracy": acc[k], "psnr_vs_torch_db": psnr}
     print(
         f"\nUNet2DConditionModel {sum(p.numel() for p in t.model.parameters()) / 1e6:.2f}M params, "

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from engines.errors import DDCompileError  # noqa: E402
 from engines.fileio import write_json_atomic  # noqa: E402
+from optimizer.metrics import rel_l2  # noqa: E402
 from optimizer.timing import time_interleaved  # noqa: E402
 
 log = logging.getLogger("gpu_check")
@@ -65,8 +66,7 @@ def load_demo_teacher(path: Path | None) -> tuple[torch.nn.Module, Any, int, str
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+    return rel_l2(a.float().cpu().numpy(), b.float().cpu().numpy())
 
 
 def teacher_baselines(

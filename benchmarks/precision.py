@@ -26,6 +26,7 @@ from engines.schedule import Sampler, SamplingSchedule, trailing_timesteps
 from engines.torch_runner import TorchRunner
 from optimizer.export import export_onnx
 from optimizer.iospec import conditioning_feeds, io_spec_for, sample_shape
+from optimizer.metrics import psnr_db
 from optimizer.models import Denoiser
 from optimizer.quantize import (
     Fp16Config,
@@ -68,9 +69,8 @@ def build(name: str) -> tuple[torch.nn.Module, SamplingSchedule]:
 
 
 def psnr(a: np.ndarray, ref: np.ndarray) -> float:
-    a, ref = np.clip(a, -1, 1), np.clip(ref, -1, 1)  # images in [-1, 1]: peak-to-peak 2
-    mse = float(np.mean((a.astype(np.float64) - ref) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+    """Sample PSNR (optimizer.metrics) of images clipped to [-1, 1], as they are shown."""
+    return psnr_db(np.clip(a, -1, 1), np.clip(ref, -1, 1))
 
 
 def main() -> None:

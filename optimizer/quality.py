@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from optimizer.metrics import psnr_db
+
 if TYPE_CHECKING:
     import torch
 
@@ -276,16 +278,10 @@ def fid(images_a: np.ndarray, images_b: np.ndarray, extractor: FeatureExtractor 
 def paired_psnr(a: np.ndarray, b: np.ndarray, data_range: float = 2.0) -> float:
     """Mean over samples of the per-sample PSNR in dB (images in [-1, 1] -> data_range 2).
 
-    Samples that are identical have infinite PSNR, so the mean is then inf.
+    `optimizer.metrics.psnr_db`, named for its use here (two batches drawn from the same noise);
+    identical samples score +inf and non-finite values -inf (the policy in optimizer/metrics.py).
     """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim < 2:
-        raise ValueError(f"expected two batches [N, ...] of the same shape, got {a.shape}, {b.shape}")
-    mse = ((a - b) ** 2).reshape(len(a), -1).mean(1)  # [N]
-    with np.errstate(divide="ignore"):
-        psnr = 10.0 * np.log10(data_range**2 / mse)
-    return float(psnr.mean())
+    return psnr_db(a, b, data_range)
 
 
 def real_vs_real_floor(extractor: FeatureExtractor | None = None, seed: int = 0) -> float:

@@ -14,6 +14,7 @@ import numpy as np
 
 from engines.base import Runner
 from engines.schedule import Sampler, SamplingSchedule
+from optimizer.metrics import cosine, max_abs, psnr_db, rel_l2
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +37,6 @@ class ParityBars:
     )
     fid_margin: float = 1.5  # student FID <= margin x teacher reference FID
     min_paired_psnr_db: float = 15.0  # student vs teacher from the same noise
-
-
-def rel_l2(a: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm((a - ref).ravel()) / max(np.linalg.norm(ref.ravel()), 1e-12))
-
-
-def psnr_db(a: np.ndarray, ref: np.ndarray, data_range: float = 2.0) -> float:
-    """Mean over samples of per-sample PSNR; data range 2 for samples in [-1, 1]."""
-    mse = ((a - ref) ** 2).reshape(a.shape[0], -1).mean(axis=1)
-    return float(np.mean(10 * np.log10(data_range**2 / np.maximum(mse, 1e-20))))
 
 
 @dataclass
@@ -125,12 +116,7 @@ def call_parity(
         outs.append(candidate.infer(f)[out_name].astype(np.float32))
     ref, out = np.concatenate([r.ravel() for r in refs]), np.concatenate([o.ravel() for o in outs])
     nonfinite = int((~np.isfinite(out)).sum())
-    if nonfinite:
-        err, mx, cos = float("inf"), float("inf"), float("nan")
-    else:
-        err = rel_l2(out, ref)
-        mx = float(np.abs(out - ref).max())
-        cos = float(np.dot(out, ref) / max(np.linalg.norm(out) * np.linalg.norm(ref), 1e-12))
+    err, mx, cos = rel_l2(out, ref), max_abs(out, ref), cosine(out, ref)  # inf, inf, nan if nonfinite
     pg = _polygraphy_compare(refs, outs, bars.polygraphy_atol[precision], bars.polygraphy_rtol[precision])
     bar = bars.call_rel_l2[precision]
     return CallParity(
@@ -169,8 +155,7 @@ def sample_parity(
     sampler = Sampler(schedule, candidate, output_name=candidate.spec.output_names[0], max_batch=max_batch)
     samples = sampler(noise, step_noise, cond)
     finite = bool(np.isfinite(samples).all())
-    p = psnr_db(samples, reference_samples) if finite else float("-inf")
-    e = rel_l2(samples, reference_samples) if finite else float("inf")
+    p, e = psnr_db(samples, reference_samples), rel_l2(samples, reference_samples)  # -inf, inf if not finite
     bar = bars.sample_psnr_db[precision]
     return SampleParity(p, e, len(samples), bar, passed=finite and p >= bar), samples
 

@@ -22,11 +22,6 @@ REFS = DATA / "runtime_refs.npz"
 ROOT = Path(__file__).parents[1]
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)  # images in [0, 1]
-
-
 @pytest.fixture
 def out(tmp_path: Path) -> Path:
     dest = tmp_path / "out"
@@ -51,6 +46,7 @@ def test_per_sample_parity_with_torch_student(out, kind):
     from engines.onnxruntime_runner import OnnxRuntimeRunner
     from engines.torch_runner import TorchRunner
     from optimizer.checkpoint import load_checkpoint
+    from optimizer.metrics import psnr_db
     from optimizer.models import Denoiser
 
     torch.set_num_threads(1)
@@ -68,7 +64,8 @@ def test_per_sample_parity_with_torch_student(out, kind):
     ort_images, torch_images = results
     assert torch_images.std() > 0.1  # the fixture's samples are not flat
     for i in range(len(noise)):
-        assert psnr(ort_images[i], torch_images[i]) >= 60.0, f"sample {i}"
+        # images in [0, 1]: data range 1
+        assert psnr_db(ort_images[i : i + 1], torch_images[i : i + 1], 1.0) >= 60.0, f"sample {i}"
 
 
 def test_samples_do_not_depend_on_batch_or_chunking(out):
