@@ -40,7 +40,7 @@ from optimizer.export import export_onnx
 from optimizer.iospec import conditioning_feeds, io_spec_for, sample_shape
 from optimizer.models import Denoiser, load_teacher
 from optimizer.quantize import Int8Config, calibration_feeds, quantize_int8
-from optimizer.quantize.result import call_error, run_model
+from optimizer.quantize.onnx_graph import call_error, run_model
 
 log = logging.getLogger("int8_speed")
 HERE = Path(__file__).resolve().parent

@@ -443,7 +443,8 @@ def quantize(ctx: CompileContext, precision: str, calib: list[dict[str, np.ndarr
     """Stage 2: onnx/student.fp32.onnx -> onnx/student.<precision>.onnx (fp16 or int8)."""
     from optimizer import quantize as q
 
-    qcfg = q.Fp16Config() if precision == "fp16" else ctx.cfg.int8_config()
+    bars = ctx.cfg.bars  # the search aims inside the bars this variant is judged by
+    qcfg = q.Fp16Config.from_bars(bars) if precision == "fp16" else ctx.cfg.int8_config().resolve(bars)
     # the calibration inputs are part of the config: a new --cond file re-quantizes
     config = {
         "precision": precision,

@@ -20,6 +20,7 @@ from engines.onnxruntime_runner import OnnxRuntimeRunner
 from engines.schedule import SamplingSchedule, trailing_timesteps
 from optimizer.export import export_onnx
 from optimizer.iospec import io_spec_for
+from optimizer.metrics import rel_l2
 from optimizer.models import Denoiser
 from optimizer.quantize import (
     Fp16Config,
@@ -29,7 +30,7 @@ from optimizer.quantize import (
     quantize_int8,
 )
 from optimizer.quantize.int8 import unfused_nodes
-from optimizer.quantize.result import rel_l2, run_model, toposort
+from optimizer.quantize.onnx_graph import run_model, toposort
 
 torch.set_num_threads(1)
 OUT = "out_sample"
@@ -296,11 +297,11 @@ def _int8_nodes(path):
 def test_int8_subset_cut_equals_quantize_static(tiny_unet, tmp_path):
     """The sensitivity pass cuts single-node graphs out of one quantized graph: same graph
     function as running quantize_static on that subset (isolated placement), for any subset."""
-    from optimizer.quantize.int8 import _Quantizer
+    from optimizer.quantize.int8 import QdqQuantizer
 
     path, spec = tiny_unet
     calib = _calib(path, spec, (1, 8, 8), seeds=[0, 1], batch=2)
-    qz = _Quantizer(path, tmp_path, calib, Int8Config())
+    qz = QdqQuantizer(path, tmp_path, calib, Int8Config())
     universe = [n.name for n in qz.candidates()[0]]
     assert len(universe) > 6
     rng = np.random.default_rng(0)

@@ -15,9 +15,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from optimizer.metrics import rel_l2
 from optimizer.quantize import Int8Config, quantize_int8
 from optimizer.quantize.int8 import isolate_qdq, unfused_nodes
-from optimizer.quantize.result import rel_l2, run_model
+from optimizer.quantize.onnx_graph import run_model
 
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
 

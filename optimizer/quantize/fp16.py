@@ -17,30 +17,30 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engines.errors import InputError
 from engines.fileio import atomic_path
+from optimizer.metrics import rel_l2
 from optimizer.quantize.calibration import (
     FP16_MAX,
     TensorStats,
     run_with_intermediates,
     tensor_stats,
 )
-from optimizer.quantize.result import (
-    KeptNode,
-    PrecisionResult,
-    call_error,
-    copy_metadata,
-    module_path,
-    rel_l2,
-    run_model,
-    toposort,
-)
+from optimizer.quantize.onnx_graph import call_error, copy_metadata, module_path, run_model, toposort
+from optimizer.quantize.precision_result import KeptNode, PrecisionResult
+
+if TYPE_CHECKING:
+    from optimizer.validate import ParityBars
 
 log = logging.getLogger(__name__)
+
+# How far inside the fp16 call bar the island search aims (`Fp16Config.from_bars`): islands are
+# chosen on the calibration feeds, the bar is judged on validation trajectories; bar / 2 (1e-2 -> 5e-3).
+FP16_CALL_HEADROOM = 2.0
 
 # Ops whose float inputs are indices/shapes, or which only move data: never worth an island.
 _NO_MATH = {
@@ -66,12 +66,21 @@ _NO_MATH = {
 class Fp16Config:
     max_abs: float = FP16_MAX / 4  # keep FP32 where |x| exceeds this (headroom: sums and squares)
     max_flush_fraction: float = 0.01  # keep FP32 where more of a tensor would flush to zero
-    target_rel_l2: float = 5e-3  # call-level goal vs FP32 (the fp16 bar is 1e-2: keep a margin)
+    # call-level goal vs FP32; the default is from_bars(ParityBars()) (fp16 bar 1e-2)
+    target_rel_l2: float = 5e-3
     max_rounds: int = 4  # verify/widen rounds
     widen_per_round: int = 4  # nodes moved to FP32 per round, by measured error amplification
     max_fp32_fraction: float = 0.25  # give up widening past this share of math nodes in FP32
     analysis_feeds: int = 2  # calibration feeds used to compare intermediates when widening
     max_phase_error: float = 1e-3  # radians: fp16's spacing at a Sin/Cos argument's |max| above this -> FP32
+
+    @classmethod
+    def from_bars(
+        cls, bars: ParityBars, *, call_headroom: float = FP16_CALL_HEADROOM, **fields: Any
+    ) -> Fp16Config:
+        """The search target derived from the fp16 call bar (`--bar call.fp16=...`): bar /
+        `call_headroom`. A target given in `fields` wins."""
+        return cls(**{"target_rel_l2": bars.call_rel_l2["fp16"] / call_headroom, **fields})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

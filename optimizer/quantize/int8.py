@@ -3,7 +3,7 @@
 Placement follows what TensorRT's explicit quantization fuses (Q/DQ on the activation and weight
 inputs of Conv/MatMul/Gemm; weights per output channel; zero point 0) and is made with
 onnxruntime.quantization.quantize_static (QDQ format, QInt8 activations and weights), after
-quant_pre_process, then `isolate_qdq` (below). Which nodes get Q/DQ is decided here:
+quant_pre_process, then `isolate_qdq` (int8_graph.py). Which nodes get Q/DQ is decided here:
 
 1. candidates: Conv/MatMul/Gemm whose second input is a weight (activation x activation MatMuls in
    attention stay float: per-tensor int8 on softmax outputs is what breaks diffusion samples);
@@ -13,29 +13,15 @@ quant_pre_process, then `isolate_qdq` (below). Which nodes get Q/DQ is decided h
 4. the largest least-sensitive prefix whose call-level error (and `parity_check`, e.g. the
    sample-level PSNR) stays within budget, found by bisection.
 
-Why `isolate_qdq` (measured, benchmarks/int8_speed.py): on x86 without AVX-VNNI-INT8, MLAS has no
-fast S8S8 GEMM (MlasGemmQuantGetDispatch falls back to the generic C++ kernel: 7x slower convs when
-forced with session.qdqisint8allowed=1), so ORT's QDQS8ToU8Transformer rewrites each signed Q->DQ
-pair to uint8 (zero point 128) before its QDQ fusions and runs U8S8 kernels. It only rewrites a Q
-with exactly one DQ consumer (onnxruntime/core/optimizer/qdq_transformer/qdq_s8_to_u8.cc), and
-EnsureUniqueDQForNodeUnit gives every consumer of a shared DQ its own copy first, so a Q whose DQ
-also feeds Shape/Concat/GroupNorm stays int8 and its Conv is never fused (9 of 35 convs of the
-demo UNet: 1x1 shortcuts on concatenated skips, the stride-2 downsample's consumer, ...).
-quantize_static puts one shared Q/DQ on a tensor for all its consumers, so we rewrite the graph:
-float consumers read the float tensor (also more accurate: skips and norms see unquantized values)
-and each quantized consumer gets its own Q->DQ pair, with its own scale copy so that ORT's common
-subexpression elimination does not merge the pairs again (that kept all 24 attention MatMuls in
-float). The graph stays what TensorRT wants (Q/DQ on Conv/MatMul/Gemm inputs, same scales).
+Graph rewrites (`isolate_qdq`, why it exists) are in int8_graph.py, ORT's quantizer in
+int8_quantizer.py, what ORT CPU fuses and how fast it runs in int8_probe.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,361 +29,26 @@ import numpy as np
 
 from engines.errors import InputError
 from engines.fileio import atomic_path
-from optimizer.quantize.calibration import ort_reader
-from optimizer.quantize.result import (
-    KeptNode,
-    PrecisionResult,
-    call_error,
-    copy_metadata,
-    module_path,
-    run_model,
-)
+from optimizer.quantize.int8_config import CALIBRATION_METHODS, Int8Config
+from optimizer.quantize.int8_graph import check_symmetric, isolate_qdq, node_macs
+from optimizer.quantize.int8_probe import session_fn, unfused_nodes
+from optimizer.quantize.int8_quantizer import QdqQuantizer
+from optimizer.quantize.onnx_graph import call_error, copy_metadata, module_path, run_model
+from optimizer.quantize.precision_result import KeptNode, PrecisionResult
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-
-
-@dataclass(frozen=True)
-class Int8Config:
-    # minmax | percentile | entropy; measured (int8_speed.py --explore): on the demo,
-    # percentile (99.999) cost 0.7 dB sample PSNR and entropy chose the min/max range anyway
-    calibration: str = "minmax"
-    percentile: float = 99.999  # for calibration="percentile"
-    op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
-    require_int8_kernel: bool = True  # quantize only nodes ORT CPU runs as integer kernels
-    target_call_rel_l2: float = 4e-2  # the int8 bar is 5e-2: keep a margin for unseen inputs
-    min_psnr_db: float = 25.0  # what parity_check (sample-level PSNR, dB) must reach
-    sensitivity: str = "single"  # "single": measure each node alone | "none": graph order
-    sensitivity_feeds: int = 4  # calibration feeds used per sensitivity measurement
-    order: str = "error-per-mac"  # "error-per-mac": error cost per unit of work moved to int8 | "error"
-    preprocess: bool = True  # quant_pre_process (folds constants; ORT fuses more QDQ groups after it)
-    isolate_qdq: bool = True  # Q/DQ only in front of quantized nodes, one pair each (see module doc)
-    # "measure": also build the other Q/DQ placement (shared <-> isolated) for the selected nodes
-    # and keep the one ONNX Runtime runs faster here, if it passes the same bars (on the demo UNet
-    # the shared one ran 1.23-1.26x fp32 vs 1.14-1.21x isolated: the isolated pairs multiply Q/DQ
-    # and layout transposes). "fixed": keep `isolate_qdq` (TensorRT targets: ORT CPU timings say
-    # nothing about an engine).
-    placement: str = "measure"
-    placement_repeats: int = 15  # interleaved timed runs per placement (medians)
-
-    def __post_init__(self) -> None:
-        if self.calibration not in CALIBRATION_METHODS:
-            raise InputError(f"int8 calibration {self.calibration!r} not in {CALIBRATION_METHODS}")
-        if self.sensitivity not in ("single", "none"):
-            raise InputError(f"int8 sensitivity {self.sensitivity!r} not in ('single', 'none')")
-        if self.order not in ("error-per-mac", "error"):
-            raise InputError(f"int8 order {self.order!r} not in ('error-per-mac', 'error')")
-        if self.placement not in ("measure", "fixed"):
-            raise InputError(f"int8 placement {self.placement!r} not in ('measure', 'fixed')")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["op_types"] = list(self.op_types)
-        return d
-
-
-@contextlib.contextmanager
-def _in_dir(d: Path) -> Iterator[None]:
-    """ORT's quantization tools write temp files into the cwd: run them somewhere disposable."""
-    old = os.getcwd()
-    os.chdir(d)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-def isolate_qdq(model: Any, quantized: set[str]) -> int:
-    """Rewrite `model` (in place) so activation Q/DQ feed only the quantized nodes, one pair each.
-
-    - a Q/DQ on an activation: consumers not in `quantized` read the float tensor again; every
-      quantized consumer but the first gets its own copy of the Q->DQ pair;
-    - the output Q/DQ of a quantized node is kept when its DQ feeds one consumer (ORT fuses
-      DQ->Conv->Q into QLinearConv); with several consumers it is treated like any activation
-      (that node then has no integer kernel on x86 and `require_int8_kernel` drops it).
-    Returns the number of rewired inputs plus new pairs. Q/DQ left without consumers are removed.
-    """
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    graph_outputs = {o.name for o in g.output}
-    new_inits: list[Any] = []
-    extra: dict[str, list[Any]] = {}  # Q name -> new nodes placed right after it (keeps topological order)
-    changes = 0
-    for q in list(g.node):
-        if q.op_type != "QuantizeLinear" or q.input[0] in inits:
-            continue
-        dqs = consumers.get(q.output[0], [])
-        if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs) or q.output[0] in graph_outputs:
-            continue
-        if any(d.output[0] in graph_outputs for d in dqs):
-            continue
-        users = [(dq, c) for dq in dqs for c in consumers.get(dq.output[0], [])]
-        src = producer.get(q.input[0])
-        if src is not None and src.name in quantized and len(users) == 1:
-            continue  # output quantization of a fusable node
-        quantized_users = []
-        for dq, c in users:
-            if c.name in quantized:
-                quantized_users.append((dq, c))
-                continue
-            for j, x in enumerate(c.input):
-                if x == dq.output[0]:
-                    c.input[j] = q.input[0]
-                    changes += 1
-        for dq, c in quantized_users[1:]:
-            q2, dq2 = type(q)(), type(dq)()
-            q2.CopyFrom(q)
-            dq2.CopyFrom(dq)
-            q2.name, q2.output[0] = f"{q.name}_for_{c.name}", f"{q.output[0]}_for_{c.name}"
-            dq2.name, dq2.output[0] = f"{dq.name}_for_{c.name}", f"{dq.output[0]}_for_{c.name}"
-            dq2.input[0] = q2.output[0]
-            # Own scale/zero-point copies: ORT's common-subexpression elimination would otherwise
-            # merge the identical Q nodes back into one shared Q.
-            for j in (1, 2):
-                if j < len(q.input) and q.input[j] in inits:
-                    t = type(inits[q.input[j]])()
-                    t.CopyFrom(inits[q.input[j]])
-                    t.name = f"{q.input[j]}_for_{c.name}"
-                    new_inits.append(t)
-                    q2.input[j] = dq2.input[j] = t.name
-            for j, x in enumerate(c.input):
-                if x == dq.output[0]:
-                    c.input[j] = dq2.output[0]
-            extra.setdefault(q.name, []).extend([q2, dq2])
-            changes += 1
-    nodes = []
-    for n in g.node:
-        nodes.append(n)
-        nodes.extend(extra.get(n.name, []))
-    orphans: set[str] = set()  # scales/zero points of removed Q/DQ nodes
-    while True:  # drop Q/DQ whose outputs nobody reads any more
-        used = {i for n in nodes for i in n.input} | graph_outputs
-        kept = [
-            n
-            for n in nodes
-            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or any(o in used for o in n.output)
-        ]
-        if len(kept) == len(nodes):
-            break
-        kept_ids = {id(n) for n in kept}
-        orphans |= {i for n in nodes if id(n) not in kept_ids for i in n.input[1:]}
-        nodes = kept
-    del g.node[:]
-    g.node.extend(nodes)
-    g.initializer.extend(new_inits)
-    used = {i for n in nodes for i in n.input}
-    for name in orphans - used:
-        if name in inits:
-            g.initializer.remove(inits[name])
-    return changes
-
-
-def node_macs(model: Any) -> dict[str, float]:
-    """Multiply-accumulates per sample of each Conv/MatMul/Gemm with a weight, from inferred shapes
-    (unknown dims count as 1): what moving that node to int8 can save."""
-    import onnx
-
-    m = onnx.shape_inference.infer_shapes(model)
-    shapes = {
-        v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]
-        for v in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input)
-    }
-    inits = {i.name: list(i.dims) for i in m.graph.initializer}
-    out: dict[str, float] = {}
-    for n in m.graph.node:
-        if n.op_type not in ("Conv", "MatMul", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
-            continue
-        w, y = inits[n.input[1]], shapes.get(n.output[0])
-        if not y:
-            out[n.name] = float(np.prod(w))
-            continue
-        if (
-            n.op_type == "Conv"
-        ):  # each output element: C_in/groups * kH * kW MACs (W is [C_out, C_in/g, kH, kW])
-            out[n.name] = float(np.prod(y[1:]) * np.prod(w[1:]))
-        else:  # [..., M, N] outputs, K = the weight's contracted dim
-            trans_b = any(a.name == "transB" and a.i for a in n.attribute)
-            k = w[-1] if trans_b else w[0]
-            out[n.name] = float(np.prod(y[1:]) * k)
-    return out
-
-
-class _Quantizer:
-    """quantize_static with one calibration (cached) and changing node sets."""
-
-    def __init__(self, src: Path, work: Path, calib: list[dict[str, np.ndarray]], cfg: Int8Config):
-        import onnx
-        from onnxruntime.quantization import CalibrationMethod
-
-        src = Path(src).resolve()  # pre-processing runs inside `work` (_in_dir): no relative paths
-        self.work, self.calib, self.cfg = work, calib, cfg
-        self.orig = onnx.load(str(src))
-        self.model_path = src
-        if cfg.preprocess:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
-            pre = work / "pre.onnx"
-            with _in_dir(work):  # symbolic shape inference fails on dynamo graphs: skip it
-                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-            m = onnx.load(str(pre))
-            copy_metadata(self.orig, m)  # pre-processing drops the module-path metadata
-            onnx.save(m, str(pre))
-            self.model_path = pre
-        self.model = onnx.load(str(self.model_path))
-        self.method = {
-            "minmax": CalibrationMethod.MinMax,
-            "percentile": CalibrationMethod.Percentile,
-            "entropy": CalibrationMethod.Entropy,
-        }[cfg.calibration]
-        self.cache = work / f"calib.{cfg.calibration}.json"
-        self._n = 0
-        self._full: Any = None  # quantize_static graph of every candidate (see subset)
-        self._full_key: tuple[str, ...] | None = None
-
-    def candidates(self) -> tuple[list[Any], list[Any]]:
-        """(weight ops, activation x activation ops) among op_types."""
-        inits = {i.name for i in self.model.graph.initializer}
-        consts = {o for n in self.model.graph.node if n.op_type == "Constant" for o in n.output}
-        w, aa = [], []
-        for n in self.model.graph.node:
-            if n.op_type in self.cfg.op_types:
-                (w if len(n.input) > 1 and (n.input[1] in inits or n.input[1] in consts) else aa).append(n)
-        return w, aa
-
-    def quantize(self, nodes: list[str], isolate: bool | None = None) -> Path:
-        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-        self._n += 1
-        out = self.work / f"q{self._n}.onnx"
-        if not nodes:  # ORT reads an empty list as "every node": write the float graph instead
-            import shutil
-
-            shutil.copy(self.model_path, out)
-            return out
-        extra = {
-            "ActivationSymmetric": True,
-            "WeightSymmetric": True,  # zero point 0 (TensorRT)
-            "CalibTensorRangeSymmetric": True,
-        }
-        if self.cfg.calibration == "percentile":
-            extra["CalibPercentile"] = self.cfg.percentile
-        with _in_dir(self.work):
-            quantize_static(
-                str(self.model_path),
-                str(out),
-                ort_reader(self.calib),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(self.cfg.op_types),
-                per_channel=True,
-                reduce_range=False,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_quantize=list(nodes),
-                calibrate_method=self.method,
-                extra_options=extra,
-                calibration_cache_path=str(self.cache),
-            )
-        if self.cfg.isolate_qdq if isolate is None else isolate:
-            import onnx
-
-            m = onnx.load(str(out))
-            isolate_qdq(m, set(nodes))
-            onnx.save(m, str(out))
-        return out
-
-    def subset(self, nodes: list[str], universe: list[str]) -> Path:
-        """The isolated-placement graph of `nodes` (a subset of `universe`), cut out of one
-        quantize_static graph of the whole universe instead of a quantize_static run of its own.
-
-        Same result as quantize(nodes) with isolate_qdq (tested): every tensor has one calibrated
-        range, so a scale does not depend on which other nodes are quantized. quantize_static runs
-        calibration-free passes over the whole graph each time (~20 s on a 36M-parameter UNet); a
-        cut is a graph rewrite, which makes the per-node sensitivity pass affordable on big graphs.
-        """
-        import onnx
-
-        key = tuple(universe)
-        if self._full_key != key:
-            self._full = onnx.load(str(self.quantize(list(universe), isolate=False)))
-            self._full_key = key
-        if not nodes:
-            return self.quantize([])
-        m = type(self._full)()
-        m.CopyFrom(self._full)
-        keep, cut = set(nodes), set(universe) - set(nodes)
-        float_nodes = {n.name: n for n in self.model.graph.node}
-        float_inits = {i.name: i for i in self.model.graph.initializer}
-        have = {i.name for i in m.graph.initializer}
-        # quantize_static's bias DQ outputs the float bias's own name: restore it under another one
-        produced = {o for n in m.graph.node for o in n.output}
-        restored: set[str] = set()
-        for n in m.graph.node:
-            if n.name not in cut or n.name not in float_nodes:
-                continue
-            orig = float_nodes[n.name]  # back to its float inputs (weights, bias, activation)
-            del n.input[:]
-            for i in orig.input:
-                if i in float_inits:
-                    name = f"{i}_float" if i in produced else i
-                    if name not in have:
-                        t = type(float_inits[i])()
-                        t.CopyFrom(float_inits[i])
-                        t.name = name
-                        m.graph.initializer.append(t)
-                        have.add(name)
-                    i = name
-                n.input.append(i)
-            if list(n.output) != list(orig.output):  # quantize_static renamed a graph output
-                restored |= set(orig.output)  # to put Q/DQ after it: drop that Q/DQ again
-                del n.output[:]
-                n.output.extend(orig.output)
-        if restored:
-            drop = [n for n in m.graph.node if n.name not in float_nodes and restored & set(n.output)]
-            for n in drop:
-                m.graph.node.remove(n)
-        isolate_qdq(m, keep)
-        used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
-        dead = [i for i in m.graph.initializer if i.name not in used]  # int8 weights, int32 biases
-        for i in dead:
-            m.graph.initializer.remove(i)
-        self._n += 1
-        out = self.work / f"q{self._n}.onnx"
-        onnx.save(m, str(out))
-        return out
-
-
-def unfused_nodes(qdq_path: Path, names: list[str]) -> list[str]:
-    """Nodes of `names` that ORT's CPU provider still runs in float after its QDQ fusions."""
-    import onnx
-    import onnxruntime as ort
-
-    from engines.onnxruntime_runner import session_options
-
-    so = session_options()
-    # EXTENDED: QDQ fusions happen, hardware-specific layout rewrites (NCHWc) do not.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opt = qdq_path.with_suffix(".opt.onnx")
-    so.optimized_model_filepath = str(opt)
-    ort.InferenceSession(str(qdq_path), so, providers=["CPUExecutionProvider"])
-    left = {n.name for n in onnx.load(str(opt)).graph.node if n.op_type in ("Conv", "MatMul", "Gemm")}
-    return [n for n in names if n in left]
-
-
-def check_symmetric(model: Any) -> None:
-    """TensorRT rejects non-zero zero points: fail loudly if the quantizer produced one."""
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
-            if np.any(numpy_helper.to_array(inits[n.input[2]]) != 0):
-                raise ValueError(f"{n.name}: non-zero zero point (asymmetric quantization)")
+# The INT8 pass's public names, importable from here wherever they live.
+__all__ = [
+    "CALIBRATION_METHODS",
+    "Int8Config",
+    "QdqQuantizer",
+    "check_symmetric",
+    "isolate_qdq",
+    "node_macs",
+    "quantize_int8",
+    "unfused_nodes",
+]
 
 
 def quantize_int8(
@@ -416,10 +67,11 @@ def quantize_int8(
         raise InputError(f"{fp32_onnx}: ONNX model not found")
     if not calib:
         raise InputError(f"{fp32_onnx}: INT8 calibration needs feeds (got none)")
+    config = config.resolve()  # targets left None: from the default bars
     result = PrecisionResult(path=out_path, precision="int8", config=config.to_dict())
     with tempfile.TemporaryDirectory(prefix="ddq.int8.") as d:
         work = Path(d)
-        qz = _Quantizer(fp32_onnx, work, calib, config)
+        qz = QdqQuantizer(fp32_onnx, work, calib, config)
         out_name = qz.model.graph.output[0].name
         refs = run_model(qz.model_path, calib, out_name)
         weight_ops, act_ops = qz.candidates()
@@ -539,7 +191,7 @@ def quantize_int8(
 
 
 def _choose_placement(
-    qz: _Quantizer,
+    qz: QdqQuantizer,
     nodes: list[str],
     path: Path,
     err: float,
@@ -572,7 +224,7 @@ def _choose_placement(
     chosen = cur
     if ok:
         feed = max(calib, key=lambda f: next(iter(f.values())).shape[0])  # the largest batch
-        runs = {cur: _session_fn(path, feed), other: _session_fn(alt, feed)}
+        runs = {cur: session_fn(path, feed), other: session_fn(alt, feed)}
         stats = time_interleaved(runs, repeats=config.placement_repeats, warmup=2)
         ms = {k: stats[k].median_ms for k in runs}
         info["median_ms"] = {k: round(v, 3) for k, v in ms.items()}
@@ -591,17 +243,6 @@ def _choose_placement(
     )
     result.placement = info
     return path, err, psnr
-
-
-def _session_fn(path: Path, feed: dict[str, np.ndarray]) -> Callable[[], Any]:
-    import onnxruntime as ort
-
-    from engines.onnxruntime_runner import session_options
-
-    sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
-    names = {i.name for i in sess.get_inputs()}
-    f = {k: v for k, v in feed.items() if k in names}
-    return lambda: sess.run(None, f)
 
 
 def _kept(node: Any, reason: str, figure: float | None, note: str) -> KeptNode:

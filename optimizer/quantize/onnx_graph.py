@@ -1,56 +1,19 @@
-"""What a precision pass decided and measured: `PrecisionResult`, plus the shared helpers that
-name nodes by module path and measure call-level error on the calibration set."""
+"""ONNX graph helpers the FP16 and INT8 passes share: which torch module a node came from, node
+metadata across rewrites, topological order, and running a graph on ORT CPU to measure its
+call-level error against the FP32 outputs."""
 
 from __future__ import annotations
 
 import ast
-import collections
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from optimizer.metrics import max_abs, rel_l2
+
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
-
-
-@dataclass
-class KeptNode:
-    """A node left in higher precision, and the measurement that decided it."""
-
-    name: str
-    op_type: str
-    module: str  # torch module path from the exporter's metadata ("model.mid_block.attentions.0")
-    reason: str  # "range", "nonfinite", "underflow", "sensitivity", "no-int8-kernel", ...
-    figure: float | None = None  # the number behind the reason (|max|, rel. L2 error, ...)
-    note: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class PrecisionResult:
-    path: Path
-    precision: str  # "fp16" | "int8"
-    kept_float: list[KeptNode] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)  # e.g. {"fp16": 410, "fp32": 12}
-    calibration: dict[str, Any] = field(default_factory=dict)
-    call_rel_l2: float = float("nan")  # on the calibration set, vs the FP32 graph
-    call_max_abs: float = float("nan")
-    passed: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)  # each verify/widen round
-    placement: dict[str, Any] = field(default_factory=dict)  # int8: the Q/DQ placements measured
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["path"] = str(self.path)
-        return d
 
 
 def module_path(node: Any) -> str:
@@ -74,23 +37,11 @@ def copy_metadata(src: Any, dst: Any) -> None:
             n.metadata_props.extend(meta[n.name])
 
 
-def op_counts(model: Any) -> dict[str, int]:
-    return dict(collections.Counter(n.op_type for n in model.graph.node))
-
-
-def rel_l2(a: np.ndarray, ref: np.ndarray) -> float:
-    a, ref = a.astype(np.float64), ref.astype(np.float64)
-    if not np.isfinite(a).all():
-        return float("inf")
-    return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-12))
-
-
 def call_error(outs: list[np.ndarray], refs: list[np.ndarray]) -> tuple[float, float]:
     """Call-level (rel. L2 over the whole set, max abs) of `outs` against `refs`."""
     a = np.concatenate([o.ravel() for o in outs])
     r = np.concatenate([o.ravel() for o in refs])
-    max_abs = float(np.max(np.abs(a.astype(np.float64) - r))) if np.isfinite(a).all() else float("inf")
-    return rel_l2(a, r), max_abs
+    return rel_l2(a, r), max_abs(a, r)
 
 
 def run_model(
