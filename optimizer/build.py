@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,10 @@ from engines.cuda_utils import (
 from engines.errors import BackendUnavailable, InputError
 from engines.fileio import atomic_path, sha256_file
 from engines.iospec import IOSpec
-from engines.tensorrt_runner import TrtTarget, running_target
+from engines.trt_target import TrtTarget, running_target
 from optimizer.trt_profiles import (
     ProfileShapes,
+    TrtBuildConfig,
     build_flags,
     check_memory,
     check_timing_cache,
@@ -43,28 +44,6 @@ from optimizer.trt_profiles import (
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-@dataclass(frozen=True)
-class TrtBuildConfig:
-    builder_optimization_level: int = 3  # 0..5; TensorRT's default 3. Higher: longer build, maybe faster
-    workspace_bytes: int | None = None  # WORKSPACE memory pool limit; None: TensorRT's default
-    batch_sizes: tuple[int, ...] | None = None  # None: the IO spec's batch range
-    profile_mode: str = "range"  # "range": one profile min..max; "per-batch": one exact profile per size
-    hardware_compatibility_level: str = "none"  # "none" | "ampere_plus" | "same_compute_capability"
-    version_compatible: bool = False  # runs on newer TensorRT (same major, or 10 -> 11)
-    refittable: bool = False  # weights can be refit without a rebuild
-    timing_cache: str | None = None  # explicit cache file; None: one per target in cache_dir
-    cache_dir: str | None = None  # None: beside the engine
-    memory_check: bool = True  # refuse builds that would not fit in free GPU memory
-
-    def to_dict(self) -> dict[str, Any]:
-        """What determines the engine (the manifest's cache key): not where caches live."""
-        d = asdict(self)
-        for k in ("timing_cache", "cache_dir", "memory_check"):
-            d.pop(k)
-        d["batch_sizes"] = list(self.batch_sizes) if self.batch_sizes else None
-        return d
 
 
 @dataclass

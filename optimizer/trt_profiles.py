@@ -1,6 +1,7 @@
-"""Pure-python parts of the TensorRT build: optimization profiles from the IO spec, the mapping of
-our build options onto Polygraphy's `CreateConfig`, the free-memory preflight, and per-target
-timing caches. Nothing here imports tensorrt, so all of it is tested on CPU-only machines.
+"""Pure-python parts of the TensorRT build: its options (`TrtBuildConfig`), optimization profiles
+from the IO spec, the mapping of those options onto Polygraphy's `CreateConfig`, the free-memory
+preflight, and per-target timing caches. Nothing here imports tensorrt, so all of it is tested on
+CPU-only machines.
 """
 
 from __future__ import annotations
@@ -8,19 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from engines.errors import InputError
 from engines.fileio import write_json_atomic
 from engines.iospec import IOSpec
-from engines.tensorrt_runner import HARDWARE_LEVELS, TrtTarget, _ver
-
-if TYPE_CHECKING:
-    from optimizer.build import TrtBuildConfig
+from engines.trt_target import HARDWARE_LEVELS, TrtTarget, _ver
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +28,28 @@ PROFILE_MODES = ("range", "per-batch")
 GiB = 1 << 30
 DEFAULT_WORKSPACE_ESTIMATE = 1 * GiB  # what the estimate assumes when no pool limit is set
 BUILD_WEIGHT_COPIES = 2  # the builder holds the network's weights and the engine's while timing
+
+
+@dataclass(frozen=True)
+class TrtBuildConfig:
+    builder_optimization_level: int = 3  # 0..5; TensorRT's default 3. Higher: longer build, maybe faster
+    workspace_bytes: int | None = None  # WORKSPACE memory pool limit; None: TensorRT's default
+    batch_sizes: tuple[int, ...] | None = None  # None: the IO spec's batch range
+    profile_mode: str = "range"  # "range": one profile min..max; "per-batch": one exact profile per size
+    hardware_compatibility_level: str = "none"  # "none" | "ampere_plus" | "same_compute_capability"
+    version_compatible: bool = False  # runs on newer TensorRT (same major, or 10 -> 11)
+    refittable: bool = False  # weights can be refit without a rebuild
+    timing_cache: str | None = None  # explicit cache file; None: one per target in cache_dir
+    cache_dir: str | None = None  # None: beside the engine
+    memory_check: bool = True  # refuse builds that would not fit in free GPU memory
+
+    def to_dict(self) -> dict[str, Any]:
+        """What determines the engine (the manifest's cache key): not where caches live."""
+        d = asdict(self)
+        for k in ("timing_cache", "cache_dir", "memory_check"):
+            d.pop(k)
+        d["batch_sizes"] = list(self.batch_sizes) if self.batch_sizes else None
+        return d
 
 
 # -- optimization profiles -------------------------------------------------------------------------

@@ -20,12 +20,8 @@ from engines.errors import BackendUnavailable, InputError, IntegrityError
 from engines.iospec import DimRange, IOSpec, TensorSpec
 from engines.manifest import Artifact, Manifest
 from engines.onnxruntime_runner import OnnxRuntimeRunner, default_provider_options
-from engines.tensorrt_runner import (
-    TensorRTRunner,
-    TrtTarget,
-    check_engine_compatible,
-    compatibility_problem,
-)
+from engines.tensorrt_runner import TensorRTRunner
+from engines.trt_target import TrtTarget, check_engine_compatible, compatibility_problem
 from optimizer.build import (
     EngineResult,
     TrtBuildConfig,
@@ -34,6 +30,7 @@ from optimizer.build import (
     precision_of,
 )
 from optimizer.iospec import io_spec_for
+from optimizer.metrics import rel_l2
 from optimizer.trt_profiles import (
     BUILD_WEIGHT_COPIES,
     MemoryEstimate,
@@ -460,10 +457,6 @@ def _ort_reference(tmp_path: Path, x: np.ndarray) -> np.ndarray:
         return r.infer({"sample": x})["out_sample"]
 
 
-def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
-
-
 @pytest.mark.gpu
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision,bar", [("fp32", 1e-5), ("fp16", 1e-2), ("int8", 5e-2)])
@@ -479,7 +472,7 @@ def test_build_and_run_matches_onnxruntime(tmp_path, precision, bar):
     with TensorRTRunner(res.path, tiny_spec()) as r:
         y = r.infer({"sample": x})["out_sample"]
         assert r.last_gpu_ms is not None and r.last_gpu_ms > 0
-    assert _rel_l2(y, _ort_reference(tmp_path, x)) < bar
+    assert rel_l2(y, _ort_reference(tmp_path, x)) < bar
 
 
 @pytest.mark.gpu
@@ -520,7 +513,7 @@ def test_timing_cache_reused_and_engine_loads_from_manifest(tmp_path):
     x1, x4 = (np.random.default_rng(3).standard_normal((n, C, HW, HW)).astype(np.float32) for n in (1, 4))
     with TensorRTRunner(first.path, tiny_spec(1, 4), profile_index=None) as r:  # picks per shape
         for x in (x1, x4, x1):
-            assert _rel_l2(r.infer({"sample": x})["out_sample"], _ort_reference(tmp_path, x)) < 1e-2
+            assert rel_l2(r.infer({"sample": x})["out_sample"], _ort_reference(tmp_path, x)) < 1e-2
         assert r.profile_index == 0
     with (
         TensorRTRunner(first.path, tiny_spec(1, 4), profile_index=0) as r,
