@@ -7,7 +7,6 @@ Runners are context managers: `activate` loads sessions/engines, `deactivate` fr
 from __future__ import annotations
 
 import abc
-import time
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,6 @@ class Runner(abc.ABC):
         self.spec = spec
         self.name = name or self.backend
         self.is_active = False
-        self.last_inference_ms: float | None = None
 
     def __enter__(self) -> Runner:
         self.activate()
@@ -49,10 +47,7 @@ class Runner(abc.ABC):
             raise RuntimeError(f"{self.name}: activate the runner (use it as a context manager)")
         if check:
             self.spec.check_feeds(feeds)
-        t0 = time.perf_counter()
-        out = self.infer_impl(feeds)
-        self.last_inference_ms = (time.perf_counter() - t0) * 1e3
-        return out
+        return self.infer_impl(feeds)
 
     @abc.abstractmethod
     def activate_impl(self) -> None: ...

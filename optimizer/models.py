@@ -34,10 +34,6 @@ def model_from_config(class_name: str, config: dict[str, Any]) -> nn.Module:
     return cls.from_config(cfg)
 
 
-def scheduler_from_config(class_name: str, config: dict[str, Any]) -> Any:
-    return _diffusers_class(class_name).from_config(config)
-
-
 def alphas_cumprod(scheduler: Any) -> np.ndarray:
     return scheduler.alphas_cumprod.detach().cpu().numpy().astype(np.float64)
 
