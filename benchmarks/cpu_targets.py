@@ -32,10 +32,10 @@ from engines.torch_runner import TorchRunner
 from optimizer.bench.fingerprint import ISA_FLAGS
 from optimizer.export import export_onnx
 from optimizer.iospec import conditioning_feeds, io_spec_for, sample_shape
+from optimizer.metrics import rel_l2
 from optimizer.models import Denoiser
 from optimizer.quantize import Fp16Config, Int8Config, calibration_feeds, quantize_fp16, quantize_int8
 from optimizer.timing import time_interleaved
-from optimizer.validate import rel_l2
 
 log = logging.getLogger("cpu_targets")
 
