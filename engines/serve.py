@@ -16,14 +16,13 @@ without --enable-shared does not). .ci/setup-serve builds such a venv.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engines.errors import BackendUnavailable, DDCompileError
+from engines.errors import BackendUnavailable
 from engines.runtime import DiffusionPipeline, load
 
 log = logging.getLogger(__name__)
@@ -141,7 +140,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import click
 
-    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    from engines.cli_errors import GuardedCommand
+
+    @click.command(
+        cls=GuardedCommand, prog="dd-serve", context_settings={"help_option_names": ["-h", "--help"]}
+    )
     @click.argument("out_dir", type=click.Path(path_type=Path))
     @click.option("--host", default="127.0.0.1", show_default=True)
     @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
@@ -162,11 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         # SIGTERM -> KeyboardInterrupt, so Triton.serve() stops the server and cleans up.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-        try:
-            serve(out_dir, ServeConfig(**kw))
-        except DDCompileError as e:  # one line, exit code 2 (engines/errors.py)
-            click.echo(f"dd-serve: error: {e}", err=True)
-            sys.exit(2)
+        serve(out_dir, ServeConfig(**kw))  # errors: one line and an exit code (engines/cli_errors.py)
 
     cli.main(args=argv, prog_name="dd-serve", standalone_mode=True)
 

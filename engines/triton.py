@@ -25,13 +25,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engines.errors import DDCompileError, InputError
+from engines.errors import InputError
 from engines.fileio import sha256_file
 from engines.iospec import IOSpec, TensorSpec
 from engines.manifest import Artifact, Manifest
@@ -401,7 +400,11 @@ def main(argv: list[str] | None = None) -> None:
     """Console script `dd-triton`."""
     import click
 
-    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    from engines.cli_errors import GuardedCommand
+
+    @click.command(
+        cls=GuardedCommand, prog="dd-triton", context_settings={"help_option_names": ["-h", "--help"]}
+    )
     @click.argument("out_dir", type=click.Path(path_type=Path))
     @click.option(
         "--repo",
@@ -434,19 +437,16 @@ def main(argv: list[str] | None = None) -> None:
         max_queue_delay_us: int,
     ) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        try:
-            repo = write_triton_repo(
-                out_dir,
-                repo_dir,
-                precision,
-                backend,
-                bench_json,
-                unet_instances=instances,
-                max_queue_delay_us=max_queue_delay_us,
-            )
-        except DDCompileError as e:  # one line, exit code 2 (engines/errors.py)
-            click.echo(f"dd-triton: error: {e}", err=True)
-            sys.exit(2)
+        # errors: one line and an exit code (engines/cli_errors.py)
+        repo = write_triton_repo(
+            out_dir,
+            repo_dir,
+            precision,
+            backend,
+            bench_json,
+            unet_instances=instances,
+            max_queue_delay_us=max_queue_delay_us,
+        )
         click.echo(f"wrote {repo}\nserve it: tritonserver --model-repository={repo.resolve()}")
 
     cli.main(args=argv, prog_name="dd-triton", standalone_mode=True)

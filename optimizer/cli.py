@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from engines.errors import DDCompileError
+from engines.cli_errors import GuardedCommand
 
 log = logging.getLogger("dd-compile")
 
@@ -137,7 +137,9 @@ def print_table(report) -> None:
     click.echo("* recommended (fastest variant that passes)")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(
+    cls=GuardedCommand, prog="dd-compile", context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.argument("source", required=False, type=click.Path(path_type=Path))
 @click.option(
     "--demo", is_flag=True, help="Compile the bundled digits student (distilled from the bundled teacher)."
@@ -187,11 +189,14 @@ def print_table(report) -> None:
     help="Fail (exit 2) instead of skipping teacher checks when the teacher is missing.",
 )
 @click.option(
-    "--steps", type=int, default=None, help="For a diffusers folder SOURCE: the student's DDIM step count."
+    "--steps",
+    type=click.IntRange(1),
+    default=None,
+    help="For a diffusers folder SOURCE: the student's DDIM step count.",
 )
 @click.option(
     "--seed",
-    type=int,
+    type=click.IntRange(0, 2**32 - 1),
     default=0,
     show_default=True,
     help="Seed for validation noise and calibration trajectories.",
@@ -214,7 +219,7 @@ def print_table(report) -> None:
 )
 @click.option(
     "--threads",
-    type=int,
+    type=click.IntRange(1),
     default=None,
     help="Intra-op threads for ONNX Runtime and torch (default: all cores).",
 )
@@ -228,7 +233,7 @@ def print_table(report) -> None:
 )
 @click.option(
     "--bench-seconds",
-    type=float,
+    type=click.FloatRange(0, min_open=True),
     default=8.0,
     show_default=True,
     help="Time budget per batch size and level for the speed measurement (at least 3 repeats).",
@@ -313,7 +318,7 @@ def main(
     SOURCE is a student.ckpt (from dd-distill) or a diffusers folder (unet/ + scheduler/) with
     --steps N. Writes ONNX graphs (fp32, fp16, int8), engines, a manifest and a report to --out.
     Exit code: 0 every check passed, 1 a parity/quality check failed (artifacts and report still
-    written), 2 bad input or a missing backend.
+    written), 2 bad input, an unwritable output or a missing/failing backend, 4 an internal error.
     """
     setup_logging(verbose)
     from optimizer.build import TrtBuildConfig
@@ -321,48 +326,44 @@ def main(
     from optimizer.quantize import Int8Config
     from optimizer.speed import SpeedConfig
 
-    try:
-        if demo == (source is not None):
-            raise click.UsageError("give exactly one of SOURCE or --demo")
-        if demo:
-            source, steps = demo_source()
-            teacher = teacher or DEMO_DIR / "teacher"  # wherever the package is installed
-        cfg = CompileConfig(
-            out=out or Path("out"),
-            precisions=precisions,
-            backend=backend,
-            batch_sizes=batch_sizes,
-            teacher=teacher,
-            require_teacher=require_teacher,
-            seed=seed,
-            steps=steps,
-            threads=threads,
-            n_samples=n_samples,
-            n_fid_samples=n_fid_samples,
-            triton_repo=triton_repo,
-            cond=cond,
-            speed=SpeedConfig(max_seconds=bench_seconds),
-            bars=parse_bars(bars),
-            int8=Int8Config(
-                calibration=int8_calibration,
-                sensitivity="single" if int8_selection == "sensitivity" else "none",
-                # Q/DQ placement chosen by ORT CPU timings only where ORT CPU is the target
-                placement="measure" if backend == "onnxruntime" else "fixed",
-            ),
-            trt=TrtBuildConfig(
-                builder_optimization_level=trt_opt_level,
-                hardware_compatibility_level=trt_hardware_compat,
-                version_compatible=trt_version_compatible,
-            ),
-        )
-        if n_samples < 2:
-            raise click.BadParameter("--samples must be >= 2")
-        if n_fid_samples < 2:  # a covariance needs two samples; an FID of fewer means nothing
-            raise click.BadParameter("--fid-samples must be >= 2")
-        report = run(source, cfg)
-    except DDCompileError as e:
-        click.echo(f"dd-compile: error: {e}", err=True)
-        sys.exit(2)
+    if demo == (source is not None):
+        raise click.UsageError("give exactly one of SOURCE or --demo")
+    if demo:
+        source, steps = demo_source()
+        teacher = teacher or DEMO_DIR / "teacher"  # wherever the package is installed
+    cfg = CompileConfig(
+        out=out or Path("out"),
+        precisions=precisions,
+        backend=backend,
+        batch_sizes=batch_sizes,
+        teacher=teacher,
+        require_teacher=require_teacher,
+        seed=seed,
+        steps=steps,
+        threads=threads,
+        n_samples=n_samples,
+        n_fid_samples=n_fid_samples,
+        triton_repo=triton_repo,
+        cond=cond,
+        speed=SpeedConfig(max_seconds=bench_seconds),
+        bars=parse_bars(bars),
+        int8=Int8Config(
+            calibration=int8_calibration,
+            sensitivity="single" if int8_selection == "sensitivity" else "none",
+            # Q/DQ placement chosen by ORT CPU timings only where ORT CPU is the target
+            placement="measure" if backend == "onnxruntime" else "fixed",
+        ),
+        trt=TrtBuildConfig(
+            builder_optimization_level=trt_opt_level,
+            hardware_compatibility_level=trt_hardware_compat,
+            version_compatible=trt_version_compatible,
+        ),
+    )
+    if n_samples < 2:
+        raise click.BadParameter("--samples must be >= 2")
+    if n_fid_samples < 2:  # a covariance needs two samples; an FID of fewer means nothing
+        raise click.BadParameter("--fid-samples must be >= 2")
+    report = run(source, cfg)
     if as_json:
         click.echo(report.to_json())
     else:

@@ -55,7 +55,15 @@ def load_conditioning(path: str | Path, keys: list[str], config: dict[str, Any])
                     f"{p}: encoder_hidden_states has shape {list(a.shape)}, "
                     f"expected [N, tokens, {dim}] (the teacher's cross_attention_dim)"
                 )
-            out[k] = a.astype(np.float32)
+            if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+                raise InputError(f"{p}: encoder_hidden_states must be real numbers, got {a.dtype}")
+            a = a.astype(np.float32)
+            bad = np.flatnonzero(~np.isfinite(a).reshape(len(a), -1).all(axis=1))
+            if bad.size:
+                raise InputError(
+                    f"{p}: encoder_hidden_states has NaN/Inf in {bad.size} row(s), first row {int(bad[0])}"
+                )
+            out[k] = a
         else:
             n = n_classes(config)
             if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):

@@ -146,7 +146,7 @@ def test_round_plan():
     assert progressive.round_plan(64, 4) == [32, 16, 8, 4]
     assert progressive.default_teacher_steps(64, 4) == 64
     assert progressive.default_teacher_steps(50, 1) == 64
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="not steps"):
         progressive.round_plan(48, 4)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from engines.cli_errors import GuardedCommand, GuardedGroup
 from engines.errors import DDCompileError
 from engines.fileio import write_json_atomic, write_text_atomic
 
@@ -24,7 +25,7 @@ def _ints(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, 
     return out
 
 
-class BenchGroup(click.Group):
+class BenchGroup(GuardedGroup):
     """`dd-bench OUT_DIR ...` runs the bench; `dd-bench merge ...` is the one subcommand."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -33,7 +34,7 @@ class BenchGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=BenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=BenchGroup, prog="dd-bench", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """Benchmark a dd-compile output (every engine + the PyTorch teacher) on this machine.
@@ -53,16 +54,19 @@ def _fail(e: Exception) -> None:
     sys.exit(2)
 
 
-@main.command("run")
+@main.command("run", cls=GuardedCommand, prog="dd-bench")
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--batch-sizes", default="1,8", callback=_ints, show_default=True)
 @click.option(
     "--seconds",
     default=60.0,
+    type=click.FloatRange(0, min_open=True),
     show_default=True,
     help="Timing budget for all phases and batch sizes (setup and memory probes extra).",
 )
-@click.option("--threads", type=int, default=None, help="Intra-op threads (default: usable cores).")
+@click.option(
+    "--threads", type=click.IntRange(1), default=None, help="Intra-op threads (default: usable cores)."
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option(
     "--backends",
@@ -145,7 +149,7 @@ def run(
     click.echo(f"\nwrote {dest}/bench.json, bench.md, latency.png, speedup.png")
 
 
-@main.command("merge")
+@main.command("merge", cls=GuardedCommand, prog="dd-bench")
 @click.argument("benches", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Markdown file.")
 @click.option("--phase", type=click.Choice(["e2e", "call"]), default="e2e", show_default=True)

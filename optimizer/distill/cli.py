@@ -10,15 +10,20 @@ torchrun --nproc_per_node 8 -m optimizer.distill TEACHER_DIR -o student.ckpt
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import click
 
+from engines.cli_errors import GuardedCommand
+
 DEMO_TEACHER = Path(__file__).resolve().parent.parent / "demo" / "teacher"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(
+    cls=GuardedCommand,
+    prog="dd-distill",
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.argument("teacher_dir", required=False, type=click.Path(path_type=str))
 @click.option(
     "-o",
@@ -32,10 +37,10 @@ DEMO_TEACHER = Path(__file__).resolve().parent.parent / "demo" / "teacher"
     help="distill the bundled digits teacher, trained on the digits, with FID against them (one thread)",
 )
 @click.option("--method", type=click.Choice(["progressive", "consistency"]), default="progressive")
-@click.option("--steps", type=int, default=4, help="the student's sampling steps")
+@click.option("--steps", type=click.IntRange(1), default=4, help="the student's sampling steps")
 @click.option(
     "--teacher-steps",
-    type=int,
+    type=click.IntRange(2),
     default=None,
     help="progressive: start from the teacher's DDIM at steps*2^k [default: near its reference]",
 )
@@ -46,11 +51,25 @@ DEMO_TEACHER = Path(__file__).resolve().parent.parent / "demo" / "teacher"
     "[500; --demo: 800, what the 1.25x FID bar needed, benchmarks/results/h200_2026-11-26]",
 )
 @click.option("--batch-size", type=int, default=128, help="global batch, split across DDP ranks")
-@click.option("--lr", type=float, default=1e-4, help="Adam lr, annealed linearly to 0 per round")
-@click.option("--seed", type=int, default=0)
-@click.option("--width", type=float, default=1.0, help="< 1: smaller student (channel multiplier)")
-@click.option("--layers-per-block", type=int, default=None, help="smaller student: layers per block")
-@click.option("--kd-iters", type=int, default=0, help="smaller student: KD iterations [0: --iters]")
+@click.option(
+    "--lr",
+    type=click.FloatRange(0, 1e3, min_open=True),
+    default=1e-4,
+    help="Adam lr, annealed linearly to 0 per round",
+)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0)
+@click.option(
+    "--width",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=1.0,
+    help="< 1: smaller student (channel multiplier)",
+)
+@click.option(
+    "--layers-per-block", type=click.IntRange(1), default=None, help="smaller student: layers per block"
+)
+@click.option(
+    "--kd-iters", type=click.IntRange(0), default=0, help="smaller student: KD iterations [0: --iters]"
+)
 @click.option(
     "--data",
     type=click.Path(path_type=str),
@@ -64,17 +83,23 @@ DEMO_TEACHER = Path(__file__).resolve().parent.parent / "demo" / "teacher"
     help="conditional teachers: .npz with encoder_hidden_states [N, tokens, dim] and/or "
     "class_labels [N], one row per --data image (data-free: used in turn)",
 )
-@click.option("--data-free-samples", type=int, default=2048)
-@click.option("--eval-samples", type=int, default=1000, help="samples per FID (0: no evaluation)")
-@click.option("--checkpoint-every", type=int, default=100, help="iterations between training checkpoints")
+@click.option("--data-free-samples", type=click.IntRange(2), default=2048)
+@click.option(
+    "--eval-samples", type=click.IntRange(0), default=1000, help="samples per FID (0: no evaluation)"
+)
+@click.option(
+    "--checkpoint-every", type=click.IntRange(1), default=100, help="iterations between training checkpoints"
+)
 @click.option("--resume", is_flag=True, help="continue from <stem>.distill/state.safetensors")
-@click.option("--threads", type=int, default=None, help="torch threads [--demo: 1]")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch threads [--demo: 1]")
 @click.option(
     "--zero-snr/--no-zero-snr",
     default=None,
     help="rescale to zero terminal SNR [default: where <= 2 steps and the schedule needs it]",
 )
-@click.option("--solver-steps", type=int, default=50, help="consistency: the teacher's DDIM solver grid")
+@click.option(
+    "--solver-steps", type=click.IntRange(1), default=50, help="consistency: the teacher's DDIM solver grid"
+)
 @click.option("-v", "--verbose", is_flag=True)
 def main(
     teacher_dir: str | None,
@@ -101,10 +126,12 @@ def main(
     solver_steps: int,
     verbose: bool,
 ) -> None:
-    """Distill TEACHER_DIR (a diffusers save_pretrained folder) into a few-step student.ckpt."""
-    from engines.errors import DDCompileError, InputError
+    """Distill TEACHER_DIR (a diffusers save_pretrained folder) into a few-step student.ckpt.
+
+    Exit code: 0 done, 1 training diverged, 2 bad input or a missing backend, 3 stopped early
+    (continue with --resume), 4 an internal error (a bug).
+    """
     from optimizer.distill.config import DistillConfig
-    from optimizer.distill.trainer import StopRequested
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -123,6 +150,19 @@ def main(
         raise click.BadParameter(
             f"{iters!r}: expected an integer or a comma list", param_hint="--iters"
         ) from None
+    if min(per_round) < 1:
+        raise click.BadParameter(f"{iters!r}: iterations must be >= 1", param_hint="--iters")
+    for opt, value in (("--data", data), ("--cond", cond)):
+        if value and Path(value).is_file() and Path(value).stat().st_size == 0:
+            raise click.BadParameter(f"{value}: empty file", param_hint=opt)
+    if teacher_steps is not None and method == "progressive":
+        k = teacher_steps // steps
+        if teacher_steps % steps or k < 2 or k & (k - 1):
+            raise click.BadParameter(
+                f"{teacher_steps} is not steps * 2^k with k >= 1 (--steps {steps}: "
+                f"{', '.join(str(steps * 2**i) for i in range(1, 5))}, ...)",
+                param_hint="--teacher-steps",
+            )
     cfg = DistillConfig(
         teacher=teacher_dir,
         out=out,
@@ -148,19 +188,10 @@ def main(
         solver_steps=solver_steps,
         demo=demo,
     )
-    try:
-        from optimizer.distill.run import distill
+    from optimizer.distill.run import distill
 
-        distill(cfg)
-    except StopRequested as e:
-        click.echo(f"dd-distill: {e}", err=True)
-        sys.exit(3)
-    except InputError as e:
-        click.echo(f"dd-distill: error: {e}", err=True)
-        sys.exit(2)
-    except DDCompileError as e:
-        click.echo(f"dd-distill: error: {e}", err=True)
-        sys.exit(1)
+    # errors -> one line and an exit code (engines/cli_errors.py; StopRequested -> 3)
+    distill(cfg)
 
 
 if __name__ == "__main__":

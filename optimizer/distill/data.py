@@ -50,8 +50,12 @@ def load_images(path: str | Path, shape: tuple[int, int, int]) -> np.ndarray:
     elif path.suffix == ".npy":
         try:
             x = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise InputError(f"{path}: not a numpy .npy array ({e})") from None
+        except (ValueError, OSError, EOFError) as e:  # EOFError: an empty or cut-off file
+            raise InputError(f"{path}: not a numpy .npy array ({e or type(e).__name__})") from None
+        if x.size == 0:
+            raise InputError(f"{path}: empty array {list(x.shape)}")
+        if x.dtype == bool or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+            raise InputError(f"{path}: expected integer or float pixels, got dtype {x.dtype}")
         if x.ndim == 3:
             x = x[:, None]
         if x.ndim != 4:

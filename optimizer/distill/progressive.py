@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engines.errors import InputError
 from engines.schedule import trailing_timesteps
 from optimizer.distill.sampling import predict_x0_eps
 
@@ -83,11 +84,11 @@ def round_plan(teacher_steps: int, steps: int) -> list[int]:
     plan, n = [], teacher_steps
     while n > steps:
         if n % 2:
-            raise ValueError(f"--teacher-steps {teacher_steps} is not steps * 2^k (steps={steps})")
+            raise InputError(f"--teacher-steps {teacher_steps} is not steps * 2^k (steps={steps})")
         n //= 2
         plan.append(n)
     if not plan or plan[-1] != steps:
-        raise ValueError(f"--teacher-steps {teacher_steps} is not steps * 2^k with k >= 1 (steps={steps})")
+        raise InputError(f"--teacher-steps {teacher_steps} is not steps * 2^k with k >= 1 (steps={steps})")
     return plan
 
 

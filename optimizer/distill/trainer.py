@@ -35,9 +35,13 @@ STATE_VERSION = 1
 class TrainingDiverged(DDCompileError):
     """The loss became NaN/Inf; the last good checkpoint is kept."""
 
+    exit_code = 1  # a failed run, like a failed quality check
+
 
 class StopRequested(DDCompileError):
     """`stop_after` iterations reached (tests and time-boxed runs); resume with --resume."""
+
+    exit_code = 3
 
 
 @dataclass
@@ -82,7 +86,9 @@ def init_distributed() -> Dist:
 def iteration_generator(seed: int, phase: int, it: int, rank: int, device: torch.device) -> torch.Generator:
     # distinct, reproducible streams per (seed, phase, iteration, rank)
     g = torch.Generator(device=device)
-    g.manual_seed(((seed * 1_000_003 + phase) * 10_000_019 + it) * 257 + rank)
+    # masked to 63 bits: torch takes a signed 64-bit seed (unmasked, --seed >= 3589 overflowed);
+    # smaller values are unchanged, so existing runs resume bit for bit
+    g.manual_seed((((seed * 1_000_003 + phase) * 10_000_019 + it) * 257 + rank) & ((1 << 63) - 1))
     return g
 
 
