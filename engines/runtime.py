@@ -15,7 +15,7 @@ import numpy as np
 from engines.base import Runner
 from engines.errors import InputError
 from engines.manifest import Artifact, Manifest
-from engines.schedule import Sampler, draw_noise, to_images
+from engines.schedule import Sampler, check_sampler_inputs, draw_noise, to_images
 
 ORT_BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt")
 
@@ -76,6 +76,7 @@ class DiffusionPipeline:
     ) -> np.ndarray:
         if (seeds is None) == (noise is None):
             raise InputError("pass exactly one of seeds= or noise=")
+        check_sampler_inputs(seeds, noise, step_noise, cond, self.sample_shape, self.schedule)
         if noise is None:
             noise, step_noise = draw_noise(list(seeds), self.sample_shape, self.schedule.steps)
         elif self.schedule.kind == "consistency" and step_noise is None and self.schedule.steps > 1:

@@ -97,6 +97,62 @@ def draw_noise(seeds: list[int], shape: tuple[int, ...], steps: int) -> tuple[np
     return np.stack(init), np.stack(per_step, axis=1)
 
 
+MAX_SEED = 2**63 - 1
+
+
+def check_sampler_inputs(
+    seeds: Any,
+    noise: Any,
+    step_noise: Any,
+    cond: Any,
+    sample_shape: tuple[int, ...],
+    schedule: SamplingSchedule,
+) -> None:
+    """Refuse, naming the argument, what would silently give NaN images or a deep numpy error:
+    empty or negative seeds, an empty batch, a wrong shape or dtype, NaN/Inf noise."""
+    from engines.errors import InputError
+
+    if (seeds is None) == (noise is None):
+        raise InputError("pass exactly one of seeds= or noise=")
+    if seeds is not None:
+        if isinstance(seeds, str | bytes | dict) or not hasattr(seeds, "__len__"):
+            raise InputError(f"seeds: expected a list of integers, got {type(seeds).__name__}")
+        if len(seeds) == 0:
+            raise InputError("seeds: empty list (need at least one seed)")
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, int | np.integer) or not 0 <= int(s) <= MAX_SEED:
+                raise InputError(f"seeds: {s!r} is not an integer in [0, 2^63 - 1]")
+        batch = len(seeds)
+    else:
+        batch = _check_array("noise", noise, (None, *sample_shape))
+    if step_noise is not None:
+        if seeds is not None:
+            raise InputError("step_noise: only with noise= (seeds= draws its own)")
+        _check_array("step_noise", step_noise, (max(schedule.steps - 1, 0), batch, *sample_shape))
+    for k, v in (cond or {}).items():
+        if not isinstance(v, np.ndarray) or v.ndim == 0 or len(v) != batch:
+            raise InputError(f"cond[{k!r}]: expected an array with {batch} rows (one per sample)")
+        if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
+            raise InputError(f"cond[{k!r}]: contains NaN or Inf")
+
+
+def _check_array(name: str, a: Any, shape: tuple[int | None, ...]) -> int:
+    from engines.errors import InputError
+
+    if not isinstance(a, np.ndarray):
+        raise InputError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise InputError(f"{name}: expected floating-point values, got dtype {a.dtype}")
+    want = ["B" if d is None else d for d in shape]
+    if a.ndim != len(shape) or any(d is not None and a.shape[i] != d for i, d in enumerate(shape)):
+        raise InputError(f"{name}: shape {list(a.shape)}, expected {want}")
+    if shape[0] is None and a.shape[0] == 0:
+        raise InputError(f"{name}: empty batch (shape {list(a.shape)})")
+    if not np.isfinite(a).all():
+        raise InputError(f"{name}: contains NaN or Inf")
+    return int(a.shape[0])
+
+
 class Sampler:
     """Noise -> samples in the model's data space, with any runner exposing `infer(feeds)`."""
 

@@ -9,8 +9,9 @@ refused with a one-line error.
 from __future__ import annotations
 
 import json
+import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +61,19 @@ class StudentCheckpoint:
             "distillation": self.distillation,
         }
 
-    def build_model(self) -> Any:
-        """The diffusers model with the checkpoint's weights, in eval mode."""
+    def build_model(self, *, probe: bool = True) -> Any:
+        """The diffusers model with the checkpoint's weights, in eval mode; `probe`: checked to run."""
         from optimizer.models import model_from_config
 
-        model = model_from_config(self.model_class, self.model_config)
         where = self.path or "checkpoint"
+        try:
+            model = model_from_config(self.model_class, self.model_config)
+        except InputError:
+            raise
+        except Exception as e:  # diffusers' own checks (unknown block type, bad sizes): the config's fault
+            raise InputError(
+                f"{where}: model.config is not a valid {self.model_class} config ({type(e).__name__}: {e})"
+            ) from None
         expected = model.state_dict()
         missing = sorted(set(expected) - set(self.state_dict or {}))
         if missing:
@@ -82,7 +90,36 @@ class StudentCheckpoint:
         if unexpected:
             raise InputError(f"{where}: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]!r}")
         model.load_state_dict(self.state_dict, strict=True)
-        return model.eval()
+        model.eval()
+        if probe:
+            probe_forward(model, self.model_class, self.model_config, where)
+        return model
+
+
+def probe_forward(model: Any, model_class: str, config: dict[str, Any], where: Any) -> None:
+    """One batch-1 call on the IO spec's inputs: a config that builds but cannot run (a size the
+    blocks cannot divide, a retyped field) is refused here, naming the file, not mid-export."""
+    import numpy as np
+    import torch
+
+    from optimizer.iospec import conditioning_feeds, io_spec_for
+    from optimizer.models import Denoiser
+
+    try:
+        spec = io_spec_for(model_class, config, [1], seq_len=4)
+        shape = spec.outputs[0].concrete({"batch": 1})
+        feeds = {"sample": np.zeros(spec.inputs[0].concrete({"batch": 1}), np.float32)}
+        feeds["timestep"] = np.full((1,), 10.0, np.float32)
+        feeds.update(conditioning_feeds(spec, 1, np.random.default_rng(0)))
+        with torch.no_grad():
+            out = Denoiser(model)(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    except Exception as e:
+        raise InputError(
+            f"{where}: model.config describes a {model_class} that does not run "
+            f"({type(e).__name__}: {str(e)[:200]})"
+        ) from None
+    if tuple(out.shape) != tuple(shape):
+        raise InputError(f"{where}: model output shape {tuple(out.shape)}, its config implies {tuple(shape)}")
 
 
 def save_checkpoint(ckpt: StudentCheckpoint, model: Any, path: str | Path) -> Path:
@@ -125,10 +162,139 @@ def _read_header(path: Path) -> dict[str, Any]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise InputError(f"{path}: not a safetensors file (header is not JSON)") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    if ends and 8 + n + max(ends) > size:
-        raise InputError(f"{path}: truncated ({size} bytes, tensors need {8 + n + max(ends)})")
+    _check_header(path, header, size - 8 - n)
     return header
+
+
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_header(path: Path, header: Any, data_bytes: int) -> None:
+    """The safetensors header's structure and types, each tensor's byte range inside the file."""
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InputError(f"{path}: safetensors __metadata__ must map names to strings")
+    end_max = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name[:80]!r}"
+        if not isinstance(t, dict) or set(t) != {"dtype", "shape", "data_offsets"}:
+            raise InputError(f"{where}: header entry must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = t["dtype"], t["shape"], t["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+            raise InputError(f"{where}: unknown dtype {str(dtype)[:20]!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise InputError(f"{where}: shape must be a list of non-negative integers")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise InputError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end")
+        if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            raise InputError(
+                f"{where}: data_offsets span {offsets[1] - offsets[0]} bytes, shape needs more/less"
+            )
+        end_max = max(end_max, offsets[1])
+    if end_max > data_bytes:
+        raise InputError(
+            f"{path}: truncated ({8 + data_bytes} bytes after the header length, tensors need {end_max})"
+        )
+
+
+def _check_type(path: Path, field: str, value: Any, types: type | tuple[type, ...], what: str) -> None:
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in _as_tuple(types))
+    if not ok:
+        raise InputError(f"{path}: metadata field {field!r} must be {what}, got {type(value).__name__}")
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _check_finite_number(path: Path, field: str, value: Any) -> None:
+    _check_type(path, field, value, (int, float), "a number")
+    if not math.isfinite(value):
+        raise InputError(f"{path}: metadata field {field!r} is not finite ({value})")
+
+
+_META_KEYS = {"format_version", "model", "scheduler", "schedule", "teacher", "distillation"}
+_SCHEDULE_KEYS = {f.name for f in fields(SamplingSchedule)}
+_TEACHER_KEYS = {f.name for f in fields(TeacherRef)}
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Structure and types of the dd_compile record, each problem naming its field."""
+    unknown = sorted(set(meta) - _META_KEYS)
+    if unknown:
+        raise InputError(
+            f"{path}: unknown metadata key {unknown[0][:80]!r} (known: {', '.join(sorted(_META_KEYS))})"
+        )
+    for key in ("model", "scheduler", "schedule", "teacher"):
+        if key not in meta:
+            raise InputError(f"{path}: metadata lacks {key!r}")
+        _check_type(path, key, meta[key], dict, "an object")
+    for key in ("model", "scheduler"):
+        sub = meta[key]
+        extra = sorted(set(sub) - {"class", "config"})
+        if extra or "class" not in sub or "config" not in sub:
+            raise InputError(f"{path}: metadata field {key!r} must hold exactly 'class' and 'config'")
+        _check_type(path, f"{key}.class", sub["class"], str, "a string")
+        _check_type(path, f"{key}.config", sub["config"], dict, "an object")
+    sch = meta["schedule"]
+    unknown = sorted(set(sch) - _SCHEDULE_KEYS)
+    if unknown:
+        raise InputError(f"{path}: unknown schedule field {unknown[0][:80]!r}")
+    for key in ("kind", "timesteps", "alphas_cumprod", "prediction_type"):
+        if key not in sch:
+            raise InputError(f"{path}: metadata lacks 'schedule.{key}'")
+    for key in ("kind", "prediction_type"):
+        _check_type(path, f"schedule.{key}", sch[key], str, "a string")
+    for key in ("timesteps", "alphas_cumprod"):
+        _check_type(path, f"schedule.{key}", sch[key], list, "a list")
+        if not sch[key]:
+            raise InputError(f"{path}: metadata field 'schedule.{key}' is empty")
+    if not all(_is_int(t) and t >= 0 for t in sch["timesteps"]):
+        raise InputError(f"{path}: metadata field 'schedule.timesteps' must be non-negative integers")
+    for i, a in enumerate(sch["alphas_cumprod"]):
+        _check_finite_number(path, f"schedule.alphas_cumprod[{i}]", a)
+        if not 0 < a <= 1:
+            raise InputError(f"{path}: metadata field 'schedule.alphas_cumprod[{i}]' = {a} is not in (0, 1]")
+    for key in ("final_alpha_cumprod", "sigma_data", "timestep_scaling"):
+        if key in sch:
+            _check_finite_number(path, f"schedule.{key}", sch[key])
+    if sch.get("clip_sample") is not None:
+        _check_finite_number(path, "schedule.clip_sample", sch["clip_sample"])
+        if sch["clip_sample"] <= 0:
+            raise InputError(f"{path}: metadata field 'schedule.clip_sample' must be > 0")
+    t = meta["teacher"]
+    unknown = sorted(set(t) - _TEACHER_KEYS)
+    if unknown:
+        raise InputError(f"{path}: unknown teacher field {unknown[0][:80]!r}")
+    for key in ("path", "sha256"):
+        if key not in t:
+            raise InputError(f"{path}: metadata lacks 'teacher.{key}'")
+        if t[key] is not None:
+            _check_type(path, f"teacher.{key}", t[key], str, "a string or null")
+    if "reference_sampler" in t:
+        _check_type(path, "teacher.reference_sampler", t["reference_sampler"], str, "a string")
+    if "reference_steps" in t:
+        _check_type(path, "teacher.reference_steps", t["reference_steps"], int, "an integer")
+        if t["reference_steps"] < 1:
+            raise InputError(f"{path}: metadata field 'teacher.reference_steps' must be >= 1")
+    if meta.get("distillation") is not None:
+        _check_type(path, "distillation", meta["distillation"], dict, "an object")
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -141,16 +307,16 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         meta = json.loads(raw)
     except json.JSONDecodeError:
         raise InputError(f"{path}: dd-compile metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: dd-compile metadata is a JSON {type(meta).__name__}, not an object")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise InputError(
             f"{path}: checkpoint format version {version!r} is not supported "
             f"(this dd-compile reads version {FORMAT_VERSION})"
         )
-    for key in ("model", "scheduler", "schedule", "teacher"):
-        if key not in meta:
-            raise InputError(f"{path}: metadata lacks {key!r}")
-    cls = meta["model"].get("class")
+    _check_meta(path, meta)
+    cls = meta["model"]["class"]
     if cls not in SUPPORTED_MODELS:
         raise InputError(
             f"{path}: model class {cls!r} is not supported (supported: {', '.join(SUPPORTED_MODELS)})"
@@ -185,3 +351,32 @@ def load_checkpoint(path: str | Path, *, weights: bool = True) -> StudentCheckpo
         state_dict=state,
         path=path,
     )
+
+
+def check_teacher(ckpt: StudentCheckpoint, teacher: Any) -> None:
+    """Refuse a teacher that cannot be compared with this student: other inputs or outputs (another
+    architecture, sample size, channels, conditioning) or too few training timesteps."""
+    from optimizer.iospec import io_spec_for
+
+    def io(model_class: str, config: dict[str, Any]) -> str:
+        spec = io_spec_for(model_class, config)
+        return ", ".join(f"{t.name} {list(t.shape[1:])}" for t in (*spec.inputs, *spec.outputs))
+
+    try:
+        theirs = io(teacher.model_class, dict(teacher.model.config))
+    except Exception as e:
+        raise InputError(
+            f"{teacher.path}: teacher config has no usable IO ({type(e).__name__}: {e})"
+        ) from None
+    ours = io(ckpt.model_class, ckpt.model_config)
+    if theirs != ours:
+        raise InputError(
+            f"{teacher.path}: not this student's teacher: a {teacher.model_class} with {theirs}; "
+            f"the student {ckpt.path} is a {ckpt.model_class} with {ours} (pass --teacher DIR)"
+        )
+    n_train = int(teacher.scheduler.config.num_train_timesteps)
+    if max(ckpt.schedule.timesteps) >= n_train:
+        raise InputError(
+            f"{teacher.path}: teacher has {n_train} training timesteps, the student samples at "
+            f"t={max(ckpt.schedule.timesteps)}"
+        )

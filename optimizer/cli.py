@@ -233,7 +233,7 @@ def print_table(report) -> None:
 )
 @click.option(
     "--bench-seconds",
-    type=click.FloatRange(0, min_open=True),
+    type=click.FloatRange(0),
     default=8.0,
     show_default=True,
     help="Time budget per batch size and level for the speed measurement (at least 3 repeats).",

@@ -29,7 +29,7 @@ from engines.schedule import Sampler, draw_noise
 from engines.torch_runner import TorchRunner
 from optimizer.batching import BatchWindow, check_batch_memory
 from optimizer.build import TrtBuildConfig
-from optimizer.checkpoint import StudentCheckpoint, TeacherRef, load_checkpoint
+from optimizer.checkpoint import StudentCheckpoint, TeacherRef, check_teacher, load_checkpoint
 from optimizer.conditioning import load_conditioning, n_classes
 from optimizer.export import ExportConfig, export_onnx
 from optimizer.iospec import conditioning_feeds, io_spec_for, sample_shape
@@ -231,6 +231,7 @@ def _load_teacher(ckpt: StudentCheckpoint, cfg: CompileConfig, report: CompileRe
         report.teacher = {"available": False, "reason": reason}
         return None
     teacher = load_teacher(path, reference_steps=ckpt.teacher.reference_steps)
+    check_teacher(ckpt, teacher)
     if ckpt.teacher.sha256 and teacher.weights_sha256 != ckpt.teacher.sha256:
         log.warning("teacher weights at %s differ from the ones the student was distilled from", path)
         report.skipped.append("teacher sha256 differs from the checkpoint's record (compared anyway)")

@@ -180,6 +180,10 @@ class Distribution:
         return asdict(self)
 
 
+def _nonfinite_samples(x: np.ndarray) -> int:
+    return int((~np.isfinite(x.reshape(len(x), -1))).any(axis=1).sum())
+
+
 def distribution(
     student: np.ndarray,
     teacher: np.ndarray,
@@ -191,25 +195,38 @@ def distribution(
 ) -> Distribution:
     from optimizer.quality import fid
 
+    # Non-finite samples (NaN weights, an overflowing graph) have no FID: that score is a failed,
+    # named result, never an exception from the feature extractor.
+    sets = {"student": student, "teacher": teacher, "teacher at the student's steps": teacher_low}
+    bad = {k: _nonfinite_samples(v) for k, v in sets.items() if v is not None}
+    finite_pair = not bad["student"] and not bad["teacher"]
     d = Distribution(
         feature_space=feature_space,
-        paired_psnr_db=psnr_db(student, teacher),
+        paired_psnr_db=psnr_db(student, teacher) if finite_pair else float("-inf"),
         n_samples=len(student),
         fid_margin=bars.fid_margin,
         min_paired_psnr_db=bars.min_paired_psnr_db,
     )
+    for k, n in bad.items():
+        if n:
+            d.passed = False
+            d.notes.append(f"{k}: {n} of {len(sets[k])} samples have NaN/Inf values: no FID for them")
+
+    def score(x: np.ndarray | None, ref: np.ndarray, name: str) -> float | None:
+        return None if x is None or bad.get(name) else float(fid(x, ref, extractor))
+
     if real is not None:
-        d.fid_student = float(fid(student, real, extractor))
-        d.fid_teacher = float(fid(teacher, real, extractor))
-        if teacher_low is not None:
-            d.fid_teacher_low_steps = float(fid(teacher_low, real, extractor))
-        d.passed = d.fid_student <= bars.fid_margin * d.fid_teacher
-        if not d.passed:
-            d.notes.append(
-                f"student FID {d.fid_student:.2f} > {bars.fid_margin} x teacher {d.fid_teacher:.2f}"
-            )
+        d.fid_student = score(student, real, "student")
+        d.fid_teacher = score(teacher, real, "teacher")
+        d.fid_teacher_low_steps = score(teacher_low, real, "teacher at the student's steps")
+        if d.fid_student is not None and d.fid_teacher is not None:
+            if d.fid_student > bars.fid_margin * d.fid_teacher:
+                d.passed = False
+                d.notes.append(
+                    f"student FID {d.fid_student:.2f} > {bars.fid_margin} x teacher {d.fid_teacher:.2f}"
+                )
     else:
-        d.fid_student_vs_teacher = float(fid(student, teacher, extractor))
+        d.fid_student_vs_teacher = float(fid(student, teacher, extractor)) if finite_pair else None
         d.notes.append("no real data for this model: FID is measured against the teacher's samples")
     if d.paired_psnr_db < bars.min_paired_psnr_db:
         d.passed = False

@@ -60,7 +60,7 @@ def _fail(e: Exception) -> None:
 @click.option(
     "--seconds",
     default=60.0,
-    type=click.FloatRange(0, min_open=True),
+    type=click.FloatRange(0),
     show_default=True,
     help="Timing budget for all phases and batch sizes (setup and memory probes extra).",
 )

@@ -70,7 +70,54 @@ def load_bench(path: str | Path) -> dict[str, Any]:
         isinstance(v, dict) and "name" in v and isinstance(v.get("results"), list) for v in d["variants"]
     ):
         raise InputError(f'{p}: "variants" must be a list of {{name, results: [...]}}')
+    _check_fields(p, d)
     return d
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _check_fields(p: Path, d: dict[str, Any]) -> None:
+    """The types of every field a reader of the bench (merge, dd-triton) uses, each named."""
+
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise InputError(f"{p}: bench field {field} must be {what}")
+
+    t = d["target"]
+    need(isinstance(t, dict) and isinstance(t.get("name"), str), '"target.name"', "a string")
+    fp = t.get("fingerprint")
+    need(isinstance(fp, dict), '"target.fingerprint"', "an object")
+    cpu = fp.get("cpu")
+    need(
+        isinstance(cpu, dict) and isinstance(cpu.get("model"), str),
+        '"target.fingerprint.cpu.model"',
+        "a string",
+    )
+    gpus = fp.get("gpus", [])
+    need(
+        isinstance(gpus, list) and all(isinstance(g, dict) and isinstance(g.get("name"), str) for g in gpus),
+        '"target.fingerprint.gpus"',
+        "a list of {name}",
+    )
+    need(isinstance(d.get("config", {}), dict), '"config"', "an object")
+    need(isinstance(d.get("created", ""), str), '"created"', "a string")
+    for i, v in enumerate(d["variants"]):
+        need(isinstance(v["name"], str), f'"variants[{i}].name"', "a string")
+        for j, r in enumerate(v["results"]):
+            where = f'"variants[{i}].results[{j}]'
+            need(isinstance(r, dict), where + '"', "an object")
+            need(r.get("phase") in PHASES, where + '.phase"', f"one of {', '.join(PHASES)}")
+            b = r.get("batch")
+            need(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 1,
+                where + '.batch"',
+                "an integer >= 1",
+            )
+            for k in ("p50_ms", "images_per_s", "speedup_vs_teacher"):
+                need(r.get(k) is None or _num(r[k]), f'{where}.{k}"', "a number or null")
+            need(isinstance(r.get("method", "measured"), str), where + '.method"', "a string")
 
 
 def result(variant: dict[str, Any], phase: str, batch: int) -> dict[str, Any] | None:

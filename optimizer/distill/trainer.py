@@ -116,10 +116,54 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise InputError(f"{path}: cannot read the training state ({e})") from None
     if raw is None:
         raise InputError(f"{path}: not a dd-distill training state")
-    meta = json.loads(raw)
-    if meta.get("version") != STATE_VERSION:
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise InputError(f"{path}: training state metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: training state metadata is a JSON {type(meta).__name__}, not an object")
+    if meta.get("version") != STATE_VERSION or isinstance(meta.get("version"), bool):
         raise InputError(f"{path}: training state version {meta.get('version')!r} not supported")
+    _check_state_meta(path, meta)
     return tensors, meta
+
+
+def _check_state_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Structure and types of the resume record, each problem naming its field (never trusted)."""
+
+    def bad(field: str, what: str) -> InputError:
+        return InputError(f"{path}: training state field {field!r} must be {what}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    known = {"version", "phase", "iteration", "key", "losses", "records", "seconds", "names"}
+    unknown = sorted(set(meta) - known)
+    if unknown:
+        raise InputError(f"{path}: unknown training state field {unknown[0][:80]!r}")
+    for k in ("phase", "iteration", "key", "losses", "records", "seconds"):
+        if k not in meta:
+            raise InputError(f"{path}: training state lacks {k!r}")
+    for k in ("phase", "iteration"):
+        if not is_int(meta[k]) or meta[k] < 0:
+            raise bad(k, "a non-negative integer")
+    if not isinstance(meta["key"], dict):
+        raise bad("key", "an object")
+    losses = meta["losses"]
+    if not isinstance(losses, dict) or not all(
+        isinstance(v, list) and all(is_num(x) for x in v) for v in losses.values()
+    ):
+        raise bad("losses", "an object of lists of numbers")
+    if not isinstance(meta["records"], list) or not all(isinstance(r, dict) for r in meta["records"]):
+        raise bad("records", "a list of objects")
+    if not isinstance(meta["seconds"], dict) or not all(is_num(v) for v in meta["seconds"].values()):
+        raise bad("seconds", "an object of numbers")
+    names = meta.get("names", {})
+    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+        raise bad("names", "an object of strings")
 
 
 def module_tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
