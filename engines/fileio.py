@@ -29,7 +29,12 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as e:  # a write error (ENOSPC, EIO) names no file: name the artifact
+            if e.filename is None and e.errno is not None:
+                raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(dest)) from e
+            raise
         if tmp_path.exists():  # mkstemp makes 0600 files; give artifacts the usual umask mode
             umask = os.umask(0)
             os.umask(umask)
