@@ -145,7 +145,7 @@ def _check_array(name: str, a: Any, shape: tuple[int | None, ...]) -> int:
         raise InputError(f"{name}: expected floating-point values, got dtype {a.dtype}")
     want = ["B" if d is None else d for d in shape]
     if a.ndim != len(shape) or any(d is not None and a.shape[i] != d for i, d in enumerate(shape)):
-        raise InputError(f"{name}: shape {list(a.shape)}, expected {want}")
+        raise InputError(f"{name}: shape {list(a.shape)} does not match the sample shape: expected {want}")
     if shape[0] is None and a.shape[0] == 0:
         raise InputError(f"{name}: empty batch (shape {list(a.shape)})")
     if not np.isfinite(a).all():
