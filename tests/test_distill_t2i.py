@@ -10,7 +10,7 @@ from engines.schedule import SamplingSchedule, trailing_timesteps
 from optimizer.distill.consistency import lcm_timesteps
 from optimizer.distill.sampling import sample
 from optimizer.distill.t2i import T2IDistillConfig, T2IDistiller, TextToImageTeacher, WDenoiser, demo_batches
-from optimizer.validate import psnr_db
+from optimizer.metrics import psnr_db
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 from engines.errors import BackendUnavailable, InputError
 from engines.onnxruntime_runner import OnnxRuntimeRunner
-from optimizer.validate import rel_l2
+from optimizer.metrics import rel_l2
 from tests.test_tensorrt import tiny_onnx, tiny_spec
 
 ov = pytest.importorskip("openvino", reason="openvino not installed: pip install 'dd-compile[openvino]'")

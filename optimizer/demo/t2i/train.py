@@ -33,6 +33,7 @@ import torch
 
 from optimizer.demo.t2i.data import VOCAB_WORDS, ColouredDigits
 from optimizer.demo.t2i.tokenizer import MODEL_MAX_LENGTH, build_tokenizer
+from optimizer.metrics import psnr_db
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def train_vae(data: ColouredDigits, cfg: T2IConfig, rng: np.random.Generator):
         x, _ = data.batch(np.random.default_rng(cfg.seed + 1), 512)
         lat = vae.encode(torch.from_numpy(x)).latent_dist.mean
         rec = vae.decode(lat).sample
-        psnr = 10 * math.log10(4.0 / torch.nn.functional.mse_loss(rec, torch.from_numpy(x)).item())
+        psnr = psnr_db(rec.numpy(), x)
     scaling = float(1.0 / lat.std())
     vae.register_to_config(scaling_factor=scaling)
     log.info("vae: reconstruction PSNR %.1f dB, scaling_factor %.4f", psnr, scaling)
