@@ -6,12 +6,12 @@ Heavy backends (onnxruntime, tensorrt, torch) are imported only by the runner th
 from engines.errors import BackendUnavailable, DDCompileError, InputError, IntegrityError
 from engines.iospec import IOSpec, TensorSpec
 from engines.manifest import Manifest
-from engines.runtime import DiffusionPipeline, load
+from engines.runtime import SamplerPipeline, load
 from engines.schedule import Sampler, SamplingSchedule
 
 __all__ = [
     "load",
-    "DiffusionPipeline",
+    "SamplerPipeline",
     "Manifest",
     "IOSpec",
     "TensorSpec",

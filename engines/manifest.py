@@ -8,19 +8,25 @@ all the runtime needs to load a student.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engines import manifest_check as check
 from engines.errors import InputError, IntegrityError
 from engines.fileio import config_hash, sha256_file, write_json_atomic
 from engines.iospec import IOSpec
 from engines.schedule import SamplingSchedule
 
+log = logging.getLogger(__name__)
+
 MANIFEST_FORMAT = "dd-compile-manifest"
 MANIFEST_VERSION = 2  # 2: a top-level "run" record and a "validation" record per artifact
 MANIFEST_NAME = "manifest.json"
+SERVABLE_KINDS = ("onnx", "engine")
+REFUSAL_HINT = "recompile with this dd-compile or pass --allow-unvalidated"
 
 
 @dataclass
@@ -56,6 +62,7 @@ class Manifest:
         self.artifacts: dict[str, Artifact] = {}
         # the run that published this manifest: {"id", "student_sha256", "report", "passed", ...}
         self.run: dict[str, Any] | None = None
+        self.version = MANIFEST_VERSION  # as read from the file (1: nothing in it was validated)
 
     @property
     def path(self) -> Path:
@@ -97,10 +104,21 @@ class Manifest:
         return out
 
     def file(self, art: Artifact) -> Path:
-        return self.root / art.path
+        """The artifact's path; refused (InputError) unless it resolves inside the folder."""
+        return check.resolve_inside(self.root, art.path, f"{self.path}: artifact {art.name!r} field 'path'")
+
+    def inside(self, path: str | Path, what: str) -> Path:
+        """`path` (root / ..., e.g. external ONNX data beside an artifact), refused unless it
+        resolves inside the folder."""
+        try:
+            rel = Path(path).relative_to(self.root)
+        except ValueError:
+            raise InputError(f"{self.path}: {what}: {path} lies outside {self.root}") from None
+        return check.resolve_inside(self.root, rel.as_posix(), f"{self.path}: {what}")
 
     def verify(self, art: Artifact) -> Path:
-        """The artifact's path, after checking that the file exists and its sha256 matches."""
+        """The artifact's path, after checking that it lies inside the folder, that the file exists
+        and that its sha256 matches."""
         p = self.file(art)
         if not p.exists():
             raise IntegrityError(f"{self.path}: artifact {art.name!r} names {p}, which is missing")
@@ -123,6 +141,53 @@ class Manifest:
             return None
         return art
 
+    # -- what may be served ---------------------------------------------------------------
+    def servable(self, art: Artifact) -> str | None:
+        """None when `art` may be served, else why not: it must be validated, and passed, by the
+        run that published this manifest, whose report exists and names that run."""
+        if self.version < 2:
+            return f"manifest version {self.version} records no validation"
+        run = self.run
+        if run is None:
+            return "the manifest has no run record (no complete dd-compile run published it)"
+        v = art.validation
+        if v is None:
+            return f"not validated by run {run['id']}"
+        if v["run_id"] != run["id"]:
+            return f"validated by run {v['run_id']}, not by the published run {run['id']}"
+        if run.get("student_sha256") is not None and v.get("student_sha256") != run["student_sha256"]:
+            return "validated for another student checkpoint (student_sha256 differs from the run's)"
+        if not v["passed"]:
+            failures = "; ".join(v.get("failures") or []) or "no reason recorded"
+            return f"failed validation in run {run['id']} ({failures})"
+        report = check.resolve_inside(self.root, run["report"], f"{self.path}: run.report")
+        try:
+            report_run = json.loads(report.read_text()).get("run_id")
+        except FileNotFoundError:
+            return f"the run's report {run['report']} is missing"
+        except (OSError, ValueError, AttributeError):
+            return f"the run's report {run['report']} is unreadable"
+        if report_run != run["id"]:
+            return (
+                f"the report {run['report']} is of run {report_run!r}, not of the published run {run['id']}"
+            )
+        return None
+
+    def require_servable(self, art: Artifact, allow_unvalidated: bool = False) -> str | None:
+        """Refuse an artifact that is not servable with one line; with `allow_unvalidated`, log a
+        warning instead and return the reason (callers record `allow_unvalidated: true`)."""
+        if art.kind not in SERVABLE_KINDS:
+            raise ValueError(f"{art.name}: a {art.kind} artifact is not something to serve")
+        why = self.servable(art)
+        if why is None:
+            return None
+        if not allow_unvalidated:
+            raise InputError(f"{self.path}: artifact {art.name!r} is not servable: {why}; {REFUSAL_HINT}")
+        log.warning(
+            "serving %s from %s although it is not servable (%s): allow_unvalidated", art.name, self.path, why
+        )
+        return why
+
     # -- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -141,6 +206,7 @@ class Manifest:
 
     @classmethod
     def load(cls, root_or_file: str | Path) -> Manifest:
+        """Read and check a manifest: structure, types and paths (each inside its folder)."""
         p = Path(root_or_file)
         if p.is_dir():
             p = p / MANIFEST_NAME
@@ -150,21 +216,32 @@ class Manifest:
             d = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise InputError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{p}: unreadable ({e})") from None
         if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
             raise InputError(f"{p}: not a dd-compile manifest")
-        if d.get("version") not in (1, MANIFEST_VERSION):
+        version = d.get("version")
+        if type(version) is not int or version not in (1, MANIFEST_VERSION):
             raise InputError(
-                f"{p}: manifest version {d.get('version')!r} is not supported "
-                f"(this dd-compile reads version {MANIFEST_VERSION})"
+                f"{p}: manifest version {version!r} is not supported "
+                f"(this dd-compile reads versions 1 to {MANIFEST_VERSION})"
             )
-        m = cls(
-            p.parent,
-            IOSpec.from_dict(d["io_spec"]) if d.get("io_spec") else None,
-            SamplingSchedule.from_dict(d["schedule"]) if d.get("schedule") else None,
-            d.get("meta") or {},
-        )
-        m.run = d.get("run")
-        for a in d.get("artifacts", []):
+        check.check_top_level(p, d, version)
+        if d.get("io_spec") is not None:
+            check.check_io_spec(p, d["io_spec"])
+        arts = check.check_artifacts(p, d["artifacts"])
+        run = check.check_run(p, d["run"]) if d.get("run") is not None else None
+        try:
+            spec = IOSpec.from_dict(d["io_spec"]) if d.get("io_spec") else None
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{p}: io_spec: {type(e).__name__}: {e}") from None
+        try:
+            schedule = SamplingSchedule.from_dict(d["schedule"]) if d.get("schedule") else None
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{p}: schedule: {type(e).__name__}: {e}") from None
+        m = cls(p.parent, spec, schedule, d.get("meta") or {})
+        m.version, m.run = version, run
+        for a in arts:
             m.artifacts[a["name"]] = Artifact(**a)
         return m
 

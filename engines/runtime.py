@@ -3,6 +3,8 @@
 import engines
 pipe = engines.load("out/", precision="int8", backend="onnxruntime")
 images = pipe(seeds=[0, 1, 2, 3])      # numpy [B, C, H, W] in [0, 1]
+
+`load` serves only what the published run validated (engines.manifest.Manifest.servable).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def make_runner(manifest: Manifest, art: Artifact, backend: str, **kw: Any) -> R
     raise InputError(f"unknown backend {backend!r}; choose from {[*ORT_BACKENDS, 'tensorrt']}")
 
 
-class DiffusionPipeline:
+class SamplerPipeline:
     """A runner and the student's sampler; call with seeds or noise."""
 
     def __init__(self, manifest: Manifest, runner: Runner):
@@ -89,7 +91,7 @@ class DiffusionPipeline:
     def close(self) -> None:
         self.runner.deactivate()
 
-    def __enter__(self) -> DiffusionPipeline:
+    def __enter__(self) -> SamplerPipeline:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -97,8 +99,19 @@ class DiffusionPipeline:
 
 
 def load(
-    out_dir: str | Path, precision: str = "fp32", backend: str = "onnxruntime", **runner_kw: Any
-) -> DiffusionPipeline:
+    out_dir: str | Path,
+    precision: str = "fp32",
+    backend: str = "onnxruntime",
+    *,
+    allow_unvalidated: bool = False,
+    **runner_kw: Any,
+) -> SamplerPipeline:
+    """The student of `out_dir` at `precision` on `backend`, ready to sample.
+
+    Only an artifact that the published run validated (and passed) is loaded; anything else is
+    refused with one line unless `allow_unvalidated=True` (then a warning is logged).
+    """
     manifest = Manifest.load(out_dir)
     art = pick_artifact(manifest, precision, backend)
-    return DiffusionPipeline(manifest, make_runner(manifest, art, backend, **runner_kw))
+    manifest.require_servable(art, allow_unvalidated)
+    return SamplerPipeline(manifest, make_runner(manifest, art, backend, **runner_kw))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from engines.errors import BackendUnavailable
-from engines.runtime import DiffusionPipeline, load
+from engines.runtime import SamplerPipeline, load
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,11 @@ class ServeConfig:
     backend: str = "onnxruntime"
     max_queue_delay_us: int = 2000  # how long Triton may hold a request to fill a batch
     threads: int | None = None  # onnxruntime intra-op threads (None: onnxruntime's default)
+    # serve an artifact the published run did not validate (or failed): a warning, not a refusal
+    allow_unvalidated: bool = False
 
 
-def infer_function(pipe: DiffusionPipeline) -> Any:
+def infer_function(pipe: SamplerPipeline) -> Any:
     """The callable PyTriton binds: a batch of seeds (and conditioning) -> images."""
     from pytriton.decorators import batch
 
@@ -69,7 +71,7 @@ def infer_function(pipe: DiffusionPipeline) -> Any:
     return infer
 
 
-def tensors(pipe: DiffusionPipeline) -> tuple[list[Any], list[Any]]:
+def tensors(pipe: SamplerPipeline) -> tuple[list[Any], list[Any]]:
     """PyTriton input/output specs from the manifest's IO spec (shapes without the batch axis)."""
     from pytriton.model_config import Tensor
 
@@ -94,7 +96,13 @@ def serve(out_dir: str | Path, config: ServeConfig = ServeConfig()) -> None:
             "venv with a shared libpython and nvidia-pytriton)"
         ) from None
     kw = {"threads": config.threads} if config.threads else {}
-    pipe = load(out_dir, precision=config.precision, backend=config.backend, **kw)
+    pipe = load(
+        out_dir,
+        precision=config.precision,
+        backend=config.backend,
+        allow_unvalidated=config.allow_unvalidated,
+        **kw,
+    )
     max_batch = pipe.max_batch or 1
     inputs, outputs = tensors(pipe)
     triton_cfg = TritonConfig(
@@ -161,6 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     @click.option("--max-queue-delay-us", default=2000, show_default=True, type=click.IntRange(0))
     @click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads.")
+    @click.option(
+        "--allow-unvalidated",
+        is_flag=True,
+        help="Serve an artifact the published run did not validate or that failed (logs a warning).",
+    )
     def cli(out_dir: Path, **kw: Any) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         # SIGTERM -> KeyboardInterrupt, so Triton.serve() stops the server and cleans up.

@@ -145,7 +145,12 @@ def test_tensorrt_plan_pins_version_and_compute_capability(out, tmp_path):
         target={"tensorrt": "10.8.0.43", "compute_capability": "8.9", "gpu": "NVIDIA L4", "cuda": "12.8"},
     )
     m.save()
-    repo = write_triton_repo(out, tmp_path / "repo", precision="fp16", backend="tensorrt")
+    with pytest.raises(InputError, match="'engine/fp16' is not servable: not validated by run"):
+        write_triton_repo(out, tmp_path / "repo", precision="fp16", backend="tensorrt")
+    # the planted engine was never validated: exported only on request, and the repo says so
+    repo = write_triton_repo(
+        out, tmp_path / "repo", precision="fp16", backend="tensorrt", allow_unvalidated=True
+    )
     cfg = parse(repo / UNET_MODEL / "config.pbtxt")
     assert cfg.platform == "tensorrt_plan" and (repo / UNET_MODEL / "1" / "model.plan").exists()
     assert dict(cfg.cc_model_filenames) == {"8.9": "model.plan"}
@@ -154,6 +159,7 @@ def test_tensorrt_plan_pins_version_and_compute_capability(out, tmp_path):
     assert mc.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind) == "KIND_GPU"
     readme = (repo / "README.md").read_text()
     assert "TensorRT **10.8.0.43**" in readme and "compute capability **8.9**" in readme
+    assert params["dd_allow_unvalidated"] == "true" and "**allow_unvalidated: true**" in readme
 
 
 def test_errors_and_atomic_replace(out, tmp_path, capsys):
