@@ -68,6 +68,7 @@ def benches(out_dir, tmp_path_factory):
             "--threads",
             "2",
             "--no-progress",
+            "--allow-unvalidated",  # the minimal output is timed, never validated
             "-o",
             str(d / "t2"),
         ],
@@ -85,12 +86,42 @@ def benches(out_dir, tmp_path_factory):
             "1",
             "--no-memory",
             "--no-progress",
+            "--allow-unvalidated",
             "-o",
             str(d / "t1"),
         ],
     )
     assert r1.exit_code == 0, r1.output
     return load_bench(d / "t2" / "bench.json"), load_bench(d / "t1" / "bench.json"), d
+
+
+def test_bench_refuses_unvalidated_and_records_the_override(benches, out_dir, tmp_path):
+    """The minimal output was never validated: refused by default, benched with the flag, recorded."""
+    r = CliRunner().invoke(main, [str(out_dir), "--seconds", "0", "--no-progress", "-o", str(tmp_path / "b")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+    assert "'onnx/fp32' is not servable: manifest version" not in r.output  # minimal out is v2
+    assert "'onnx/fp32' is not servable" in r.output and "--allow-unvalidated" in r.output
+    assert not (tmp_path / "b").exists()  # refused before any work
+    b2, b1, _ = benches
+    assert b2["allow_unvalidated"] is True and "onnx/fp32" in b2["unvalidated"]
+
+
+@pytest.mark.parametrize("where", ["out", "onnx", "user_dir", "file"])
+def test_bench_output_folder_rule(out_dir, tmp_path, where):
+    """-o may not be the compiled output, hold or lie inside its artifacts, or be a user's folder."""
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
+    (tmp_path / "f.txt").write_text("keep")
+    target = {"out": out_dir, "onnx": out_dir / "onnx", "user_dir": user, "file": tmp_path / "f.txt"}[where]
+    before = sorted((p, p.stat().st_mtime_ns) for p in [*out_dir.rglob("*"), *tmp_path.rglob("*")])
+    r = CliRunner().invoke(
+        main, [str(out_dir), "--seconds", "0", "--no-progress", "--allow-unvalidated", "-o", str(target)]
+    )
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "-o" in r.output
+    after = sorted((p, p.stat().st_mtime_ns) for p in [*out_dir.rglob("*"), *tmp_path.rglob("*")])
+    assert after == before
 
 
 def _variant(bench, name):
@@ -238,7 +269,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path, out_dir):
         load_bench(bad)
     r = CliRunner().invoke(main, [str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "no manifest" in r.output and len(r.output.strip().splitlines()) == 1
-    r = CliRunner().invoke(main, [str(out_dir), "--teacher", str(tmp_path / "missing"), "--no-progress"])
+    r = CliRunner().invoke(
+        main,
+        [str(out_dir), "--teacher", str(tmp_path / "missing"), "--no-progress", "--allow-unvalidated"],
+    )
     assert r.exit_code == 2 and "teacher folder not found" in r.output
     with pytest.raises(InputError, match="batch sizes"):
         run_bench(out_dir, BenchConfig(batch_sizes=(0,)))

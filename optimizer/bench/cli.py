@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import uuid
 from pathlib import Path
 
 import click
@@ -11,6 +12,8 @@ import click
 from engines.cli_errors import GuardedCommand, GuardedGroup
 from engines.errors import DDCompileError
 from engines.fileio import write_json_atomic, write_text_atomic
+from engines.manifest import Manifest
+from engines.outdir import check_target, claim
 
 log = logging.getLogger("optimizer.bench")
 
@@ -99,6 +102,12 @@ def _fail(e: Exception) -> None:
     help="Folder for bench.json, bench.md, latency.png, speedup.png (default: OUT_DIR/bench).",
 )
 @click.option("--no-progress", is_flag=True)
+@click.option(
+    "--allow-unvalidated",
+    is_flag=True,
+    help="Bench artifacts the published run did not validate or that failed (logs a warning; "
+    "bench.json records it).",
+)
 def run(
     out_dir: Path,
     batch_sizes: tuple[int, ...],
@@ -113,6 +122,7 @@ def run(
     target: str | None,
     output: Path | None,
     no_progress: bool,
+    allow_unvalidated: bool,
 ) -> None:
     """Bench OUT_DIR (a dd-compile output folder)."""
     from optimizer.bench.measure import BenchConfig, run_bench
@@ -137,16 +147,39 @@ def run(
         target=target,
     )
     try:
+        dest, unvalidated = _check_before_work(out_dir, output, be, allow_unvalidated)
         bench = run_bench(out_dir, cfg)
     except DDCompileError as e:
         _fail(e)
-    dest = output or out_dir / "bench"
+    if unvalidated:
+        bench["allow_unvalidated"] = True
+        bench["unvalidated"] = unvalidated  # artifact name -> why it is not servable
+    claim(dest, "bench", uuid.uuid4().hex)
     write_json_atomic(dest / "bench.json", bench)
     write_text_atomic(dest / "bench.md", to_markdown(bench))
     plot_latency(bench, dest / "latency.png")
     plot_speedup(bench, dest / "speedup.png")
     click.echo(terminal_table(bench))
     click.echo(f"\nwrote {dest}/bench.json, bench.md, latency.png, speedup.png")
+
+
+def _check_before_work(
+    out_dir: Path, output: Path | None, backends: tuple[str, ...] | None, allow_unvalidated: bool
+) -> tuple[Path, dict[str, str]]:
+    """-o (default OUT_DIR/bench) is new, empty or an earlier dd-bench folder and holds none of the
+    compiled output; every artifact to bench was validated by the published run (or is allowed)."""
+    manifest = Manifest.load(out_dir)
+    protect = [manifest.path, *(manifest.file(a) for a in manifest.artifacts.values())]
+    dest = check_target(output or out_dir / "bench", "bench", "-o", protect=protect)
+    ort = backends is None or any(b.startswith("onnxruntime") for b in backends)
+    trt = backends is None or "tensorrt" in backends
+    arts = [*(manifest.find("onnx") if ort else []), *(manifest.find("engine") if trt else [])]
+    unvalidated = {}
+    for art in arts:
+        why = manifest.require_servable(art, allow_unvalidated)
+        if why is not None:
+            unvalidated[art.name] = why
+    return dest, unvalidated
 
 
 @main.command("merge", cls=GuardedCommand, prog="dd-bench")

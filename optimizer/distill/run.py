@@ -16,6 +16,7 @@ import torch
 
 from engines.errors import InputError
 from engines.fileio import write_json_atomic
+from engines.outdir import check_target, claim
 from engines.schedule import SamplingSchedule, trailing_timesteps
 from optimizer.checkpoint import StudentCheckpoint, TeacherRef, save_checkpoint
 from optimizer.distill import conditioning, consistency, progressive, smaller
@@ -155,8 +156,12 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
     t_pred = teacher.prediction_type
     s_pred = _student_prediction(t_pred, zero_snr, cfg.steps)
 
+    # <stem>.distill/ is written only if new, empty or marked ours (engines/outdir.py); the main
+    # rank checks and claims it (the only rank that writes there)
     work = cfg.work_dir
-    work.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        check_target(work, "distill", "-o (its <stem>.distill/ folder)", protect=[cfg.teacher])
+        claim(work, "distill", Path(cfg.out).name)
     data = torch.from_numpy(_load_data(cfg, teacher, shape, dist, cond_np)).to(dist.device)
     cond_train = None
     if cond_np is not None:
