@@ -244,3 +244,22 @@ def test_triton_never_modifies_anything_but_its_own_repo(tmp_path, seed, capsys)
         }
         outcomes["written"] += 1
     assert outcomes["refused"] and outcomes["written"], outcomes  # both branches exercised
+
+
+@pytest.mark.slow
+def test_distill_refuses_a_users_stem_distill_folder(tmp_path):
+    """dd-distill's <stem>.distill/ follows the same rule: a user's folder there is never written."""
+    from optimizer.distill import DistillConfig, run_distillation
+    from tests.test_distill import make_teacher
+
+    teacher = make_teacher(tmp_path / "teacher")
+    work = tmp_path / "student.distill"
+    work.mkdir()
+    (work / "notes.txt").write_text("the user's")
+    before = snapshot(tmp_path)
+    cfg = DistillConfig(
+        teacher=str(teacher), out=str(tmp_path / "student.ckpt"), steps=2, teacher_steps=8, iters=2, threads=1
+    )
+    with pytest.raises(InputError, match=r"^-o \(its <stem>\.distill/ folder\) .*not written by dd-compile"):
+        run_distillation(cfg)
+    assert snapshot(tmp_path) == before
