@@ -182,7 +182,9 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
     if cfg.triton_repo:
         from engines.triton import write_triton_repo
 
-        write_triton_repo(ctx.out, Path(cfg.triton_repo), precision=_best_precision(ctx.report))
+        write_triton_repo(
+            ctx.out, Path(cfg.triton_repo), precision=_best_precision(ctx.report), option="--triton-repo"
+        )
     return ctx.report
 
 

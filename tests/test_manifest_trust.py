@@ -286,3 +286,28 @@ def test_bench_gate_refuses_unvalidated(out, tmp_path):
     assert "'onnx/fp32' is not servable: failed validation" in r.output
     assert not (tmp_path / "b").exists()
     assert os.listdir(tmp_path) == ["out"]
+
+
+@pytest.mark.slow
+def test_a_real_compile_is_served_and_a_failed_one_refused(tmp_path, capsys):
+    """The writer (the pipeline's publish) and the readers agree: a passed fp32 run loads and
+    exports with no flag; a run whose parity check failed is refused with the failure named."""
+    from click.testing import CliRunner
+
+    from optimizer.cli import main as compile_main
+    from tests.conftest import make_tiny_teacher
+    from tests.test_pipeline import FAST
+
+    teacher = make_tiny_teacher(tmp_path / "teacher", seed=0)
+    ok, bad = tmp_path / "ok", tmp_path / "bad"
+    args = [str(teacher), "--steps", "2", "--precision", "fp32", *map(str, FAST)]
+    assert CliRunner().invoke(compile_main, [*args, "-o", str(ok)]).exit_code == 0
+    with engines.load(ok, precision="fp32") as pipe:
+        assert pipe(seeds=[0, 1]).shape[0] == 2
+    assert write_triton_repo(ok, tmp_path / "repo", precision="fp32").is_dir()
+    res = CliRunner().invoke(compile_main, [*args, "-o", str(bad), "--bar", "call.fp32=1e-12"])
+    assert res.exit_code == 1, res.output
+    with pytest.raises(InputError, match="'onnx/fp32' is not servable: failed validation in run .*rel. L2"):
+        engines.load(bad, precision="fp32")
+    with engines.load(bad, precision="fp32", allow_unvalidated=True) as pipe:
+        assert pipe(seeds=[0]).shape[0] == 1
