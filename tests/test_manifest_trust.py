@@ -311,3 +311,13 @@ def test_a_real_compile_is_served_and_a_failed_one_refused(tmp_path, capsys):
         engines.load(bad, precision="fp32")
     with engines.load(bad, precision="fp32", allow_unvalidated=True) as pipe:
         assert pipe(seeds=[0]).shape[0] == 1
+
+
+def test_checked_fields_are_the_artifact_fields():
+    """A field added to Artifact must be added to the reader's type table (or every load fails)."""
+    from dataclasses import fields
+
+    from engines.manifest import Artifact
+    from engines.manifest_check import ARTIFACT_FIELDS
+
+    assert {f.name for f in fields(Artifact)} == set(ARTIFACT_FIELDS)
