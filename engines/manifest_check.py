@@ -173,5 +173,10 @@ def check_top_level(path: Path, d: dict[str, Any], version: int) -> None:
     for key in ("io_spec", "schedule"):
         if d.get(key) is not None and not isinstance(d[key], dict):
             raise InputError(f"{path}: field {key!r} is {type(d[key]).__name__}, expected an object or null")
+    shape = (d.get("meta") or {}).get("sample_shape")
+    if shape is not None and not (
+        isinstance(shape, list) and shape and all(type(x) is int and x >= 1 for x in shape)
+    ):
+        raise InputError(f"{path}: meta.sample_shape: {shape!r} is not a list of sizes >= 1 ([C, H, W])")
     if version < 2 and d.get("run") is not None:
         raise InputError(f"{path}: a version-{version} manifest has no 'run' field")

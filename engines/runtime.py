@@ -112,6 +112,10 @@ def load(
     refused with one line unless `allow_unvalidated=True` (then a warning is logged).
     """
     manifest = Manifest.load(out_dir)
+    missing = [k for k, v in (("io_spec", manifest.io_spec), ("schedule", manifest.schedule)) if v is None]
+    missing += [] if "sample_shape" in manifest.meta else ["meta.sample_shape"]
+    if missing:
+        raise InputError(f"{manifest.path}: lacks {', '.join(missing)} (not a compiled student to sample)")
     art = pick_artifact(manifest, precision, backend)
     manifest.require_servable(art, allow_unvalidated)
     return SamplerPipeline(manifest, make_runner(manifest, art, backend, **runner_kw))

@@ -208,9 +208,6 @@ def compiled(student, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False, reason="manifest reader hardening lands with branch trust-fs (engines/manifest.py)"
-)
 def test_fuzz_manifest(compiled, tmp_path):
     import shutil
 

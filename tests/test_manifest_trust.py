@@ -193,6 +193,8 @@ STRUCTURE = {
     "validation_failures_ints": (_set(["ONNX", "validation", "failures"], [1]), ["validation", "failures"]),
     "validation_unknown": (_set(["ONNX", "validation", "score"], 1), ["validation", "'score'"]),
     "v1_with_run": (_set(["version"], 1), ["version-1", "'run'"]),
+    "sample_shape_string": (_set(["meta", "sample_shape"], "1x8x8"), ["meta.sample_shape"]),
+    "sample_shape_zero": (_set(["meta", "sample_shape"], [1, 0, 8]), ["meta.sample_shape"]),
 }
 
 
@@ -311,6 +313,15 @@ def test_a_real_compile_is_served_and_a_failed_one_refused(tmp_path, capsys):
         engines.load(bad, precision="fp32")
     with engines.load(bad, precision="fp32", allow_unvalidated=True) as pipe:
         assert pipe(seeds=[0]).shape[0] == 1
+
+
+def test_runtime_needs_what_it_samples_with(out):
+    edit(out, _delete(["meta", "sample_shape"]))
+    with pytest.raises(InputError, match=r"manifest\.json: lacks meta\.sample_shape"):
+        engines.load(out, precision="fp32")
+    edit(out, _set(["schedule"], None))
+    with pytest.raises(InputError, match=r"lacks schedule, meta\.sample_shape"):
+        engines.load(out, precision="fp32")
 
 
 def test_checked_fields_are_the_artifact_fields():
