@@ -1,0 +1,255 @@
+"""Text-to-image pipeline on exported graphs, without torch: prompt in, uint8 [B, H, W, 3] out.
+
+Follows diffusers' StableDiffusionPipeline / LatentConsistencyModelPipeline step by step
+(encode_prompt, prepare_latents, the denoising loop with CFG or the guidance-scale embedding,
+vae.decode(latents / scaling_factor), postprocess), so given the same `latents` it gives the
+diffusers image. Reads a folder written by optimizer/t2i_export.py (t2i.json + onnx/ + tokenizer/
++ scheduler/).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.errors import InputError
+from engines.iospec import IOSpec
+from engines.schedulers import make_scheduler
+from engines.tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+T2I_FORMAT = "dd-compile-t2i"
+COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder")
+
+
+def guidance_scale_embedding(w: np.ndarray, dim: int) -> np.ndarray:
+    """diffusers' get_guidance_scale_embedding (VDM's sinusoidal embedding of 1000 w), float32."""
+    w = w.astype(np.float32) * np.float32(1000.0)
+    half = dim // 2
+    freq = np.exp(np.arange(half, dtype=np.float32) * -np.float32(np.log(10000.0) / (half - 1)))
+    emb = w[:, None] * freq[None, :]
+    emb = np.concatenate([np.sin(emb), np.cos(emb)], axis=1)
+    if dim % 2 == 1:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb.astype(np.float32)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """VAE output NCHW in [-1, 1] -> uint8 NHWC, as diffusers' VaeImageProcessor.postprocess + numpy_to_pil."""
+    x = np.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return (x * 255).round().astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class T2IConfig:
+    root: Path
+    pipeline_class: str
+    guidance: str
+    components: dict[str, dict[str, Any]]  # name -> {"path", "precision", "io"}
+    tokenizer: dict[str, Any]
+    scheduler_kind: str
+    scheduler_config: dict[str, Any]
+    vae_scaling_factor: float
+    vae_scale_factor: int
+    latent_channels: int
+    time_cond_proj_dim: int | None
+    defaults: dict[str, Any]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> T2IConfig:
+        root = Path(folder)
+        path = root / "t2i.json"
+        if not path.exists():
+            raise InputError(f"{root}: no t2i.json (export the pipeline with optimizer.t2i_export first)")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: not valid JSON ({e})") from None
+        if d.get("format") != T2I_FORMAT:
+            raise InputError(f"{path}: format {d.get('format')!r}, expected {T2I_FORMAT!r}")
+        missing = [c for c in COMPONENT_NAMES if c not in d.get("components", {})]
+        if missing:
+            raise InputError(f"{path}: component(s) {missing} missing")
+        sched_path = root / d["scheduler"]["config"]
+        if not sched_path.exists():
+            raise InputError(f"{sched_path}: scheduler config not found")
+        return cls(
+            root=root,
+            pipeline_class=d["pipeline_class"],
+            guidance=d["guidance"],
+            components=d["components"],
+            tokenizer=d["tokenizer"],
+            scheduler_kind=d["scheduler"]["kind"],
+            scheduler_config=json.loads(sched_path.read_text()),
+            vae_scaling_factor=float(d["vae"]["scaling_factor"]),
+            vae_scale_factor=int(d["vae"]["scale_factor"]),
+            latent_channels=int(d["latent_channels"]),
+            time_cond_proj_dim=d.get("time_cond_proj_dim"),
+            defaults=d["defaults"],
+        )
+
+
+class TextToImagePipeline:
+    """`pipe(prompt, ...)` -> uint8 [B, H, W, 3]; runners are ONNX Runtime sessions (CPU by default)."""
+
+    def __init__(self, folder: str | Path, *, backend: str = "onnxruntime", threads: int | None = None):
+        from engines.onnxruntime_runner import OnnxRuntimeRunner
+
+        self.config = cfg = T2IConfig.load(folder)
+        self.specs = {n: IOSpec.from_dict(cfg.components[n]["io"]) for n in COMPONENT_NAMES}
+        self.runners = {}
+        for n in COMPONENT_NAMES:
+            p = cfg.root / cfg.components[n]["path"]
+            if not p.exists():
+                raise InputError(f"{p}: {n} graph not found")
+            self.runners[n] = OnnxRuntimeRunner(p, self.specs[n], backend=backend, threads=threads, name=n)
+        tok = cfg.tokenizer
+        self.tokenizer = ClipTokenizer(cfg.root / tok["path"], int(tok["model_max_length"]), tok["pad_token"])
+        self.scheduler = make_scheduler(cfg.scheduler_kind, cfg.scheduler_config, where=str(cfg.root / "scheduler"))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> TextToImagePipeline:
+        for r in self.runners.values():
+            r.activate()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for r in self.runners.values():
+            r.deactivate()
+
+    # -- input checks ------------------------------------------------------------------------
+    @property
+    def max_batch(self) -> int:
+        """Images per call: the UNet's batch range, halved when it was sized for CFG."""
+        m = self.specs["unet"].dims["batch"].max
+        return m // 2 if self.config.guidance == "cfg" else m
+
+    def _prompts(self, prompt: str | list[str], negative_prompt: str | list[str] | None) -> tuple[list[str], list[str]]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InputError("prompt: expected a string or a non-empty list of strings")
+        if negative_prompt is None:
+            neg = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            neg = [negative_prompt] * len(prompts)
+        else:
+            neg = list(negative_prompt)
+            if len(neg) != len(prompts):
+                raise InputError(f"negative_prompt: {len(neg)} prompts for {len(prompts)} prompts")
+        if len(prompts) > self.max_batch:
+            raise InputError(f"prompt: batch of {len(prompts)} is over the pipeline's max batch {self.max_batch}")
+        return prompts, neg
+
+    def _size(self, height: int | None, width: int | None, latents: np.ndarray | None) -> tuple[int, int]:
+        k = self.config.vae_scale_factor
+        if latents is not None and latents.ndim == 4 and height is None and width is None:
+            return latents.shape[2] * k, latents.shape[3] * k
+        h = int(height or self.config.defaults["height"])
+        w = int(width or self.config.defaults["width"])
+        dims = self.specs["unet"].dims
+        for name, v, axis in (("height", h, "latent_height"), ("width", w, "latent_width")):
+            r = dims[axis]
+            if v % k or not (r.min <= v // k <= r.max):
+                raise InputError(
+                    f"{name}={v}: must be a multiple of {k} in [{r.min * k}, {r.max * k}] (the engines' profile)"
+                )
+        return h, w
+
+    def _guidance(self, guidance_scale: float | None) -> tuple[float, bool]:
+        """(scale, run the CFG batch?) checked against the mode the engines were built for."""
+        mode = self.config.guidance
+        g = float(self.config.defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+        if mode == "none" and g > 1:
+            raise InputError(
+                f"guidance_scale={g}: the pipeline was built without guidance (mode 'none'); use guidance_scale <= 1"
+            )
+        return g, (mode == "cfg" and g > 1)
+
+    # -- stages ------------------------------------------------------------------------------
+    def encode(self, prompts: list[str]) -> np.ndarray:
+        ids = self.tokenizer(prompts)
+        return self.runners["text_encoder"].infer({"input_ids": ids})["last_hidden_state"].astype(np.float32)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        z = (latents / np.float32(self.config.vae_scaling_factor)).astype(np.float32)
+        return self.runners["vae_decoder"].infer({"latent_sample": z})["sample"]
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        seeds: list[int] | None = None,
+        latents: np.ndarray | None = None,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> np.ndarray:
+        cfg = self.config
+        prompts, neg = self._prompts(prompt, negative_prompt)
+        b = len(prompts)
+        if seeds is None:
+            seeds = list(range(b))
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        if len(seeds) != b:
+            raise InputError(f"seeds: {len(seeds)} seeds for {b} prompts")
+        g, do_cfg = self._guidance(guidance_scale)
+        h, w = self._size(height, width, latents)
+        shape = (b, cfg.latent_channels, h // cfg.vae_scale_factor, w // cfg.vae_scale_factor)
+        steps = int(num_inference_steps or cfg.defaults["num_inference_steps"])
+        rngs = [np.random.default_rng(s) for s in seeds]
+        if latents is None:  # per-seed draws, so an image does not depend on its batch
+            latents = np.stack([r.standard_normal(shape[1:], dtype=np.float32) for r in rngs])
+        elif not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != shape:
+            got = f"{latents.dtype} {latents.shape}" if isinstance(latents, np.ndarray) else type(latents).__name__
+            raise InputError(f"latents: got {got}, expected float32 {shape}")
+        return self._run(prompts, neg, rngs, latents, g, do_cfg, steps)
+
+    def _run(
+        self,
+        prompts: list[str],
+        neg: list[str],
+        rngs: list[np.random.Generator],
+        latents: np.ndarray,
+        g: float,
+        do_cfg: bool,
+        steps: int,
+    ) -> np.ndarray:
+        cfg, sched = self.config, self.scheduler
+        b = len(prompts)
+        # diffusers: cat([negative, positive]), one text-encoder call each (its profile is sized for B)
+        emb = self.encode(prompts)
+        if do_cfg:
+            emb = np.concatenate([self.encode(neg), emb])
+        timesteps = sched.set_timesteps(steps)
+        x = (latents * np.float32(sched.init_noise_sigma)).astype(np.float32)
+        feeds_extra: dict[str, np.ndarray] = {}
+        if cfg.guidance == "embedded":  # Imagen's w; the LCM pipelines embed w - 1
+            w = np.full((b,), g - 1, dtype=np.float32)
+            feeds_extra["timestep_cond"] = guidance_scale_embedding(w, int(cfg.time_cond_proj_dim))
+        denoised = x
+        for i, t in enumerate(timesteps):
+            xin = np.concatenate([x, x]) if do_cfg else x
+            feeds = {
+                "sample": xin,
+                "timestep": np.full((xin.shape[0],), t, np.float32),
+                "encoder_hidden_states": emb,
+                **feeds_extra,
+            }
+            out = self.runners["unet"].infer(feeds)["out_sample"].astype(np.float32)
+            if do_cfg:
+                u, c = out[:b], out[b:]
+                out = u + np.float32(g) * (c - u)
+            if sched.stochastic:
+                last = i == len(timesteps) - 1
+                noise = None if last else np.stack([r.standard_normal(x.shape[1:], dtype=np.float32) for r in rngs])
+                x, denoised = sched.step(out, i, x, noise)
+            else:
+                x = sched.step(out, int(t), x)
+                denoised = x
+        return to_uint8(self.decode(denoised))

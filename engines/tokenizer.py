@@ -1,0 +1,50 @@
+"""CLIP tokenization with the `tokenizers` package from a tokenizer.json (no transformers, no torch).
+
+Matches diffusers' encode_prompt: `tokenizer(prompt, padding="max_length", max_length=
+model_max_length, truncation=True)`: [BOS, tokens..., EOS] cut to model_max_length (EOS kept),
+then padded with the pad token. A truncated prompt is logged, as diffusers warns.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from engines.errors import BackendUnavailable, InputError
+
+log = logging.getLogger(__name__)
+
+
+class ClipTokenizer:
+    def __init__(self, path: str | Path, model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise BackendUnavailable("the tokenizers package is not installed: pip install tokenizers") from None
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"{path}: tokenizer.json not found")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise InputError(f"{path}: not a valid tokenizer.json ({e})") from None
+        pad_id = self._tok.token_to_id(pad_token)
+        if pad_id is None:
+            raise InputError(f"{path}: pad token {pad_token!r} is not in the vocabulary")
+        self.model_max_length, self.pad_token, self.pad_id = model_max_length, pad_token, pad_id
+        self._tok.no_padding()
+        self._tok.no_truncation()
+
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        """int64 [len(prompts), model_max_length] input ids."""
+        n = self.model_max_length
+        ids = np.full((len(prompts), n), self.pad_id, dtype=np.int64)
+        for i, enc in enumerate(self._tok.encode_batch(prompts)):
+            toks = enc.ids
+            if len(toks) > n:  # keep BOS + the first n-2 tokens + EOS, as truncation=True does
+                log.warning("prompt %d truncated to %d tokens (CLIP's limit): %r", i, n, prompts[i][:80])
+                toks = [*toks[: n - 1], toks[-1]]
+            ids[i, : len(toks)] = toks
+        return ids

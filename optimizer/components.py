@@ -1,0 +1,323 @@
+"""The component table of a latent text-to-image pipeline: one declarative entry per component kind.
+
+Each entry holds what every stage needs to know about a component: the diffusers/transformers
+classes it accepts, its IO spec (names, dtypes, dynamic axes: batch, tokens, latent height/width;
+after optimum-onnx's CLIPTextOnnxConfig / UNetOnnxConfig / VaeDecoderOnnxConfig and
+demo/Diffusion's per-model input names and profiles), the export wrapper giving the graph its
+signature, dummy inputs, and the default precision policy. Adding a component is one entry here.
+
+torch is imported only inside the wrappers, so the table itself can be read without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engines.iospec import DimRange, IOSpec, TensorSpec
+
+GUIDANCE_MODES = ("cfg", "embedded", "none")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The shape range the engines are built for (per image; the UNet's CFG batch is derived)."""
+
+    batch: DimRange = DimRange(1, 1, 4)
+    latent_height: DimRange = DimRange(8, 8, 8)
+    latent_width: DimRange = DimRange(8, 8, 8)
+    tokens: int = 77  # the tokenizer's model_max_length: prompts are padded to it
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    default: str  # what a build picks unless measurements say otherwise
+    candidates: tuple[str, ...]  # precisions worth measuring for this component
+    why: str
+
+
+def _first(v: Any) -> int:
+    return int(v[0] if isinstance(v, list | tuple) else v)
+
+
+def _scaled(r: DimRange, k: int) -> DimRange:
+    return DimRange(r.min * k, r.opt * k, r.max * k)
+
+
+# -- IO specs -------------------------------------------------------------------------------
+def text_encoder_spec(config: dict[str, Any], profile: Profile, batch: DimRange) -> IOSpec:
+    hidden = int(config["hidden_size"])
+    return IOSpec(
+        "clip_text",
+        (TensorSpec("input_ids", "int64", ("batch", "tokens")),),
+        (TensorSpec("last_hidden_state", "float32", ("batch", "tokens", hidden)),),
+        {"batch": batch, "tokens": DimRange(profile.tokens, profile.tokens, profile.tokens)},
+    )
+
+
+def unet_spec(config: dict[str, Any], profile: Profile, batch: DimRange) -> IOSpec:
+    c_in, c_out = int(config.get("in_channels", 4)), int(config.get("out_channels", 4))
+    lat = ("batch", c_in, "latent_height", "latent_width")
+    inputs = [
+        TensorSpec("sample", "float32", lat),
+        TensorSpec("timestep", "float32", ("batch",)),
+        TensorSpec(
+            "encoder_hidden_states", "float32", ("batch", "tokens", _first(config["cross_attention_dim"]))
+        ),
+    ]
+    if config.get("time_cond_proj_dim"):  # embedded guidance (LCM): w-embedding at batch B
+        inputs.append(TensorSpec("timestep_cond", "float32", ("batch", int(config["time_cond_proj_dim"]))))
+    out = TensorSpec("out_sample", "float32", ("batch", c_out, "latent_height", "latent_width"))
+    dims = {
+        "batch": batch,
+        "tokens": DimRange(profile.tokens, profile.tokens, profile.tokens),
+        "latent_height": profile.latent_height,
+        "latent_width": profile.latent_width,
+    }
+    return IOSpec("unet2d_condition", tuple(inputs), (out,), dims)
+
+
+def vae_scale_factor(vae_config: dict[str, Any]) -> int:
+    """diffusers' pipelines: 2 ** (len(block_out_channels) - 1)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def vae_decoder_spec(config: dict[str, Any], profile: Profile, batch: DimRange) -> IOSpec:
+    k = vae_scale_factor(config)
+    dims = {
+        "batch": batch,
+        "latent_height": profile.latent_height,
+        "latent_width": profile.latent_width,
+        "height": _scaled(profile.latent_height, k),
+        "width": _scaled(profile.latent_width, k),
+    }
+    return IOSpec(
+        "vae_decoder",
+        (TensorSpec("latent_sample", "float32", ("batch", int(config["latent_channels"]), "latent_height", "latent_width")),),
+        (TensorSpec("sample", "float32", ("batch", int(config.get("out_channels", 3)), "height", "width")),),
+        dims,
+    )
+
+
+def vae_encoder_spec(config: dict[str, Any], profile: Profile, batch: DimRange) -> IOSpec:
+    k = vae_scale_factor(config)
+    dims = {
+        "batch": batch,
+        "height": _scaled(profile.latent_height, k),
+        "width": _scaled(profile.latent_width, k),
+        "latent_height": profile.latent_height,
+        "latent_width": profile.latent_width,
+    }
+    c = 2 * int(config["latent_channels"])  # mean and log-variance, as optimum's latent_parameters
+    return IOSpec(
+        "vae_encoder",
+        (TensorSpec("sample", "float32", ("batch", int(config.get("in_channels", 3)), "height", "width")),),
+        (TensorSpec("latent_parameters", "float32", ("batch", c, "latent_height", "latent_width")),),
+        dims,
+    )
+
+
+# -- export wrappers (plain tensors in, one tensor out; parameter names = IO spec input names) --
+def text_encoder_wrapper(model: Any) -> Any:
+    import torch
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            # diffusers' encode_prompt: text_encoder(ids)[0], no attention mask for CLIP
+            return self.model(input_ids, return_dict=False)[0]
+
+    return TextEncoder()
+
+
+def unet_wrapper(model: Any) -> Any:
+    import torch
+
+    class UNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(
+            self,
+            sample: torch.Tensor,
+            timestep: torch.Tensor,
+            encoder_hidden_states: torch.Tensor,
+            timestep_cond: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            return self.model(
+                sample,
+                timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                timestep_cond=timestep_cond,
+                return_dict=False,
+            )[0]
+
+    return UNet()
+
+
+def vae_decoder_wrapper(model: Any) -> Any:
+    import torch
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+            # the 1/scaling_factor stays outside the graph, as in diffusers and optimum
+            return self.model.decode(latent_sample, return_dict=False)[0]
+
+    return VaeDecoder()
+
+
+def vae_encoder_wrapper(model: Any) -> Any:
+    import torch
+
+    class VaeEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, sample: torch.Tensor) -> torch.Tensor:
+            return self.model.encode(sample, return_dict=False)[0].parameters
+
+    return VaeEncoder()
+
+
+# -- dummy inputs ------------------------------------------------------------------------------
+def dummy_inputs(
+    spec: IOSpec, rng: np.random.Generator, which: str = "opt", vocab_size: int = 2
+) -> dict[str, np.ndarray]:
+    """Inputs at one end of the profile: token ids < vocab_size, timesteps in [0, 999], N(0, 1) else."""
+    sizes = {k: getattr(r, which) for k, r in spec.dims.items()}
+    feeds: dict[str, np.ndarray] = {}
+    for t in spec.inputs:
+        shape = t.concrete(sizes)
+        if t.name == "input_ids":
+            feeds[t.name] = rng.integers(0, vocab_size, size=shape).astype(t.dtype)
+        elif t.name == "timestep":
+            feeds[t.name] = rng.integers(0, 1000, size=shape).astype(t.dtype)
+        else:
+            feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
+    return feeds
+
+
+# -- the table -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ComponentKind:
+    name: str  # the component's name in out/ (onnx/<name>.<precision>.onnx) and t2i.json
+    subfolder: str  # its folder in a diffusers pipeline (save_pretrained layout)
+    library: str  # "transformers" or "diffusers"
+    classes: tuple[str, ...]  # accepted model classes
+    io_spec: Callable[[dict[str, Any], Profile, DimRange], IOSpec]
+    wrapper: Callable[[Any], Any]
+    precision: PrecisionPolicy
+    exported_by_default: bool = True
+
+
+COMPONENTS: dict[str, ComponentKind] = {
+    c.name: c
+    for c in (
+        ComponentKind(
+            "text_encoder",
+            "text_encoder",
+            "transformers",
+            ("CLIPTextModel",),
+            text_encoder_spec,
+            text_encoder_wrapper,
+            PrecisionPolicy("fp16", ("fp32", "fp16", "int8"), "runs once per prompt; fp16 is safe for CLIP"),
+        ),
+        ComponentKind(
+            "unet",
+            "unet",
+            "diffusers",
+            ("UNet2DConditionModel",),
+            unet_spec,
+            unet_wrapper,
+            PrecisionPolicy("fp16", ("fp32", "fp16", "int8"), "runs once per step: most of the time"),
+        ),
+        ComponentKind(
+            "vae_decoder",
+            "vae",
+            "diffusers",
+            ("AutoencoderKL",),
+            vae_decoder_spec,
+            vae_decoder_wrapper,
+            PrecisionPolicy(
+                "fp32", ("fp32", "fp16"), "fp16 overflow gives black/NaN images: fp16 only after a range check"
+            ),
+        ),
+        ComponentKind(
+            "vae_encoder",
+            "vae",
+            "diffusers",
+            ("AutoencoderKL",),
+            vae_encoder_spec,
+            vae_encoder_wrapper,
+            PrecisionPolicy("fp32", ("fp32", "fp16"), "image-to-image only; same overflow risk as the decoder"),
+            exported_by_default=False,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    path: str  # tokenizer.json, relative to the folder that holds it
+    model_max_length: int
+    pad_token: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "model_max_length": self.model_max_length, "pad_token": self.pad_token}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    kind: str  # a key of COMPONENTS
+    config: dict[str, Any]  # the model's config.json
+    io: IOSpec
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A pipeline: its components, tokenizer, scheduler config and guidance mode."""
+
+    pipeline_class: str
+    components: tuple[ComponentSpec, ...]
+    tokenizer: TokenizerSpec
+    scheduler_config: dict[str, Any]
+    guidance: str  # "cfg": UNet at batch 2B; "embedded": timestep_cond at B; "none": guidance <= 1
+    vae_scaling_factor: float
+    vae_scale_factor: int
+    default_size: tuple[int, int]  # (height, width) in pixels: the UNet's sample_size x vae factor
+    profile: Profile = field(default_factory=Profile)
+
+    def __post_init__(self) -> None:
+        if self.guidance not in GUIDANCE_MODES:
+            raise ValueError(f"guidance mode {self.guidance!r} not in {GUIDANCE_MODES}")
+
+    def component(self, kind: str) -> ComponentSpec:
+        for c in self.components:
+            if c.kind == kind:
+                return c
+        raise KeyError(kind)
+
+
+def build_specs(
+    configs: dict[str, dict[str, Any]], profile: Profile, guidance: str
+) -> dict[str, IOSpec]:
+    """IO spec per component; the UNet's batch range doubles under CFG (both halves in one call)."""
+    out = {}
+    for name, cfg in configs.items():
+        batch = profile.batch
+        if name == "unet" and guidance == "cfg":  # min stays B: guidance <= 1 runs the UNet at B
+            batch = DimRange(profile.batch.min, 2 * profile.batch.opt, 2 * profile.batch.max)
+        out[name] = COMPONENTS[name].io_spec(cfg, profile, batch)
+    return out

@@ -1,0 +1,206 @@
+"""Export a text-to-image pipeline: onnx/<component>.fp32.onnx per component, plus tokenizer.json,
+the scheduler config and t2i.json, so the torch-free runtime (engines/t2i.py) needs nothing else.
+
+Same conventions as optimizer/export.py: torch.onnx's dynamo exporter, opset 20, onnx.checker's
+full check, atomic writes. Batch is dynamic everywhere; latent height/width are dynamic for the
+UNet and the VAE (multiples of the UNet's down-sampling factor, as its skip connections need).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engines.errors import InputError
+from engines.fileio import atomic_path, write_json_atomic
+from engines.iospec import IOSpec
+from optimizer.components import COMPONENTS, PipelineSpec, dummy_inputs
+from optimizer.export import TWO_GB, ExportConfig
+from optimizer.t2i_load import LoadedPipeline
+
+log = logging.getLogger(__name__)
+T2I_FORMAT = "dd-compile-t2i"
+T2I_VERSION = 1
+SCHEDULER_KINDS = {"DDIMScheduler": "ddim", "LCMScheduler": "lcm"}
+MAX_BATCH, MAX_LATENT = 4096, 512  # export-time bounds; the profile says what is validated
+
+
+def _spatial_multiple(kind: str, config: dict[str, Any]) -> int:
+    """What latent (or, for the VAE encoder, pixel) sizes must be a multiple of."""
+    if kind not in ("unet", "vae_encoder"):
+        return 1
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def _torch_dims(kind: str, spec: IOSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """One torch.export.Dim per named axis with a range (min < max, or batch/latent: always)."""
+    Dim = torch.export.Dim
+    mult = _spatial_multiple(kind, config)
+    dims: dict[str, Any] = {}
+    for name, r in spec.dims.items():
+        if name == "batch":
+            dims[name] = Dim("batch", min=1, max=max(MAX_BATCH, r.max))
+        elif name in ("latent_height", "latent_width", "height", "width") and any(
+            name in t.shape for t in spec.inputs
+        ):
+            hi = max(MAX_LATENT, r.max) if name.startswith("latent") else max(8 * MAX_LATENT, r.max)
+            if mult > 1:
+                dims[name] = mult * Dim(f"{name}_div{mult}", min=1, max=hi // mult)
+            else:
+                dims[name] = Dim(name, min=1, max=hi)
+        elif r.min < r.max:
+            dims[name] = Dim(name, min=r.min, max=r.max)
+    return dims
+
+
+def _example(kind: str, spec: IOSpec, config: dict[str, Any], vocab_size: int) -> dict[str, torch.Tensor]:
+    """Inputs at the profile's opt shapes, with batch 2 (a dynamic axis must not be traced at 1)."""
+    rng = np.random.default_rng(0)
+    feeds = dummy_inputs(IOSpec(spec.family, spec.inputs, spec.outputs, _example_dims(spec)), rng, "opt", vocab_size)
+    return {k: torch.from_numpy(v) for k, v in feeds.items()}
+
+
+def _example_dims(spec: IOSpec) -> dict[str, Any]:
+    from engines.iospec import DimRange
+
+    dims = dict(spec.dims)
+    dims["batch"] = DimRange(2, 2, 2)
+    for name in ("latent_height", "latent_width", "height", "width"):
+        if name in dims and dims[name].opt < 2:
+            dims[name] = DimRange(2, 2, 2)
+    return dims
+
+
+def export_component(
+    kind: str,
+    module: torch.nn.Module,
+    spec: IOSpec,
+    config: dict[str, Any],
+    out_path: str | Path,
+    *,
+    vocab_size: int = 2,
+    export_config: ExportConfig = ExportConfig(),
+) -> Path:
+    """Export one component (wrapped per the table) to `out_path`, written atomically."""
+    import onnx
+
+    out_path = Path(out_path)
+    model = COMPONENTS[kind].wrapper(module.eval().float()).eval()
+    kwargs = _example(kind, spec, config, vocab_size)
+    tdims = _torch_dims(kind, spec, config)
+    dynamic_shapes = {
+        t.name: {i: tdims[d] for i, d in enumerate(t.shape) if isinstance(d, str) and d in tdims} or None
+        for t in spec.inputs
+    }
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = n_bytes > TWO_GB - (64 << 20)
+    with torch.no_grad(), atomic_path(out_path, suffix=".onnx") as tmp:
+        prog = torch.onnx.export(
+            model,
+            (),
+            kwargs=kwargs,
+            dynamo=export_config.dynamo,
+            opset_version=export_config.opset,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=dynamic_shapes,
+            external_data=external,
+            verbose=False,
+            report=False,
+            optimize=True,
+        )
+        prog.save(str(tmp), external_data=external)
+        if export_config.check:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        if external:
+            data = tmp.with_name(tmp.name + ".data")
+            if data.exists():
+                data.rename(out_path.with_name(out_path.name + ".data"))
+    log.info("exported %s (%s params)", out_path, f"{sum(p.numel() for p in model.parameters()):,}")
+    return out_path
+
+
+def write_tokenizer_json(tok_dir: Path, dest: Path) -> None:
+    """Copy tokenizer.json; a folder with only vocab.json/merges.txt gets one written by transformers."""
+    src = tok_dir / "tokenizer.json"
+    if src.exists():
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
+        return
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        made = Path(d) / "tokenizer.json"
+        if not made.exists():
+            raise InputError(f"{tok_dir}: transformers wrote no tokenizer.json from vocab.json/merges.txt")
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(made, tmp)
+
+
+def scheduler_kind(config: dict[str, Any]) -> str:
+    cls = config.get("_class_name", "DDIMScheduler")
+    kind = SCHEDULER_KINDS.get(cls)
+    if kind is None:
+        log.warning("scheduler %s: the runtime samples with DDIM from the same config", cls)
+        kind = "ddim"
+    return kind
+
+
+def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict[str, Any]:
+    unet_cfg = spec.component("unet").config
+    lcm = scheduler_kind(spec.scheduler_config) == "lcm"
+    return {
+        "format": T2I_FORMAT,
+        "version": T2I_VERSION,
+        "pipeline_class": spec.pipeline_class,
+        "guidance": spec.guidance,
+        "components": {
+            c.kind: {"path": paths[c.kind], "precision": "fp32", "io": c.io.to_dict()} for c in spec.components
+        },
+        "tokenizer": {**spec.tokenizer.to_dict(), "vocab_size": vocab_size},
+        "scheduler": {"kind": scheduler_kind(spec.scheduler_config), "config": "scheduler/scheduler_config.json"},
+        "vae": {"scaling_factor": spec.vae_scaling_factor, "scale_factor": spec.vae_scale_factor},
+        "latent_channels": int(unet_cfg.get("in_channels", 4)),
+        "time_cond_proj_dim": unet_cfg.get("time_cond_proj_dim"),
+        # diffusers' defaults: SD 50 steps at 7.5; LCM 4 steps at 8.5
+        "defaults": {
+            "height": spec.default_size[0],
+            "width": spec.default_size[1],
+            "num_inference_steps": 4 if lcm else 50,
+            "guidance_scale": 8.5 if spec.guidance == "embedded" else (7.5 if spec.guidance == "cfg" else 0.0),
+        },
+    }
+
+
+def export_pipeline(
+    loaded: LoadedPipeline, out_dir: str | Path, *, export_config: ExportConfig = ExportConfig()
+) -> Path:
+    """Write out_dir/{onnx/*.fp32.onnx, tokenizer/tokenizer.json, scheduler/, t2i.json}."""
+    out = Path(out_dir)
+    spec = loaded.spec
+    vocab_size = int(spec.component("text_encoder").config["vocab_size"])
+    paths = {}
+    for comp in spec.components:
+        rel = f"onnx/{comp.kind}.fp32.onnx"
+        export_component(
+            comp.kind,
+            loaded.module(comp.kind),
+            comp.io,
+            comp.config,
+            out / rel,
+            vocab_size=vocab_size,
+            export_config=export_config,
+        )
+        paths[comp.kind] = rel
+    write_tokenizer_json(loaded.tokenizer_dir, out / spec.tokenizer.path)
+    write_json_atomic(out / "scheduler" / "scheduler_config.json", spec.scheduler_config)
+    write_json_atomic(out / "t2i.json", t2i_json(spec, paths, vocab_size))
+    return out

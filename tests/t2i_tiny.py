@@ -1,0 +1,108 @@
+"""A tiny random-weight StableDiffusionPipeline (and LCM variant) with an offline CLIP BPE tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MERGES = ["r e", "re d</w>", "s e", "v e", "ve n</w>", "se ven</w>", "g r", "e e", "gr ee"]
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-unicode table (CLIP's BPE alphabet)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def write_clip_vocab(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    syms = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in [*syms, *(s + "</w>" for s in syms), *(m.replace(" ", "") for m in MERGES)]:
+        vocab.setdefault(s, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
+    return d
+
+
+def clip_tokenizer(d: Path):
+    from transformers import CLIPTokenizer
+
+    write_clip_vocab(d)
+    return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77)
+
+
+def make_tiny_pipeline(path: Path, *, lcm: bool = False, seed: int = 0) -> Path:
+    """save_pretrained layout: text_encoder, tokenizer, unet, vae, scheduler, model_index.json."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = clip_tokenizer(path.parent / f"{path.name}_vocab")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        time_cond_proj_dim=16 if lcm else None,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
+    sched_kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
+    if lcm:
+        sched = LCMScheduler(**sched_kw, set_alpha_to_one=True, timestep_spacing="leading", original_inference_steps=50)
+        pipe = LatentConsistencyModelPipeline(
+            vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    else:
+        sched = DDIMScheduler(**sched_kw, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
