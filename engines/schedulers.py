@@ -39,7 +39,9 @@ class SchedulerConfig:
     timestep_scaling: float = 10.0  # LCM
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, where: str = "scheduler config", **defaults: Any) -> SchedulerConfig:
+    def from_dict(
+        cls, d: dict[str, Any], *, where: str = "scheduler config", **defaults: Any
+    ) -> SchedulerConfig:
         names = {f.name for f in fields(cls)}
         kw = {**defaults, **{k: v for k, v in d.items() if k in names}}
         if kw.get("trained_betas") is not None:
@@ -51,7 +53,11 @@ class SchedulerConfig:
             raise InputError(f"{where}: timestep_spacing {cfg.timestep_spacing!r} not in {SPACINGS}")
         if cfg.thresholding:
             raise InputError(f"{where}: dynamic thresholding is not supported by the numpy schedulers")
-        if cfg.trained_betas is None and cfg.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+        if cfg.trained_betas is None and cfg.beta_schedule not in (
+            "linear",
+            "scaled_linear",
+            "squaredcos_cap_v2",
+        ):
             raise InputError(f"{where}: beta_schedule {cfg.beta_schedule!r} is not supported")
         return cfg
 
@@ -71,13 +77,13 @@ def _betas(cfg: SchedulerConfig) -> np.ndarray:
 
 
 def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    """Lin et al. 2023, Algorithm 1 (diffusers' rescale_zero_terminal_snr)."""
-    s = np.sqrt(np.cumprod(1.0 - betas.astype(np.float64)))
+    """Lin et al. 2023, Algorithm 1 (diffusers' rescale_zero_terminal_snr), in float32 as there."""
+    s = np.sqrt(np.cumprod((np.float32(1) - betas).astype(np.float64)).astype(np.float32))
     s0, st = s[0], s[-1]
-    s = (s - st) * s0 / (s0 - st)
-    ab = s**2
+    s = (s - st) * (s0 / (s0 - st))
+    ab = s * s
     alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
-    return (1 - alphas).astype(np.float32)
+    return (np.float32(1) - alphas).astype(np.float32)
 
 
 def alphas_cumprod(cfg: SchedulerConfig) -> np.ndarray:
@@ -152,7 +158,9 @@ class LCMScheduler:
         self.num_inference_steps: int | None = None
         self.timesteps = np.arange(cfg.num_train_timesteps)[::-1].copy()
 
-    def set_timesteps(self, num_inference_steps: int, original_inference_steps: int | None = None) -> np.ndarray:
+    def set_timesteps(
+        self, num_inference_steps: int, original_inference_steps: int | None = None
+    ) -> np.ndarray:
         cfg, n = self.cfg, num_inference_steps
         orig = original_inference_steps or cfg.original_inference_steps
         if not 1 <= n <= orig:
@@ -195,5 +203,14 @@ def make_scheduler(kind: str, config: dict[str, Any], *, where: str = "scheduler
     if kind == "ddim":
         return DDIMScheduler(SchedulerConfig.from_dict(config, where=where))
     if kind == "lcm":  # LCMScheduler's own defaults differ from DDIM's for these two
-        return LCMScheduler(SchedulerConfig.from_dict(config, where=where, clip_sample=False, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
+        return LCMScheduler(
+            SchedulerConfig.from_dict(
+                config,
+                where=where,
+                clip_sample=False,
+                beta_start=0.00085,
+                beta_end=0.012,
+                beta_schedule="scaled_linear",
+            )
+        )
     raise InputError(f"{where}: scheduler kind {kind!r} is not supported (ddim, lcm)")

@@ -31,7 +31,8 @@ def guidance_scale_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     """diffusers' get_guidance_scale_embedding (VDM's sinusoidal embedding of 1000 w), float32."""
     w = w.astype(np.float32) * np.float32(1000.0)
     half = dim // 2
-    freq = np.exp(np.arange(half, dtype=np.float32) * -np.float32(np.log(10000.0) / (half - 1)))
+    step = np.log(np.float32(10000.0)) / np.float32(half - 1)  # float32 throughout, as torch computes it
+    freq = np.exp((np.arange(half, dtype=np.float32) * -step).astype(np.float64)).astype(np.float32)
     emb = w[:, None] * freq[None, :]
     emb = np.concatenate([np.sin(emb), np.cos(emb)], axis=1)
     if dim % 2 == 1:
@@ -40,7 +41,7 @@ def guidance_scale_embedding(w: np.ndarray, dim: int) -> np.ndarray:
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """VAE output NCHW in [-1, 1] -> uint8 NHWC, as diffusers' VaeImageProcessor.postprocess + numpy_to_pil."""
+    """VAE output NCHW in [-1, 1] -> uint8 NHWC, as diffusers' postprocess + numpy_to_pil."""
     x = np.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
     return (x * 255).round().astype(np.uint8)
 
@@ -110,7 +111,9 @@ class TextToImagePipeline:
             self.runners[n] = OnnxRuntimeRunner(p, self.specs[n], backend=backend, threads=threads, name=n)
         tok = cfg.tokenizer
         self.tokenizer = ClipTokenizer(cfg.root / tok["path"], int(tok["model_max_length"]), tok["pad_token"])
-        self.scheduler = make_scheduler(cfg.scheduler_kind, cfg.scheduler_config, where=str(cfg.root / "scheduler"))
+        self.scheduler = make_scheduler(
+            cfg.scheduler_kind, cfg.scheduler_config, where=str(cfg.root / "scheduler")
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> TextToImagePipeline:
@@ -129,7 +132,9 @@ class TextToImagePipeline:
         m = self.specs["unet"].dims["batch"].max
         return m // 2 if self.config.guidance == "cfg" else m
 
-    def _prompts(self, prompt: str | list[str], negative_prompt: str | list[str] | None) -> tuple[list[str], list[str]]:
+    def _prompts(
+        self, prompt: str | list[str], negative_prompt: str | list[str] | None
+    ) -> tuple[list[str], list[str]]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InputError("prompt: expected a string or a non-empty list of strings")
@@ -142,21 +147,24 @@ class TextToImagePipeline:
             if len(neg) != len(prompts):
                 raise InputError(f"negative_prompt: {len(neg)} prompts for {len(prompts)} prompts")
         if len(prompts) > self.max_batch:
-            raise InputError(f"prompt: batch of {len(prompts)} is over the pipeline's max batch {self.max_batch}")
+            raise InputError(
+                f"prompt: batch of {len(prompts)} is over the pipeline's max batch {self.max_batch}"
+            )
         return prompts, neg
 
     def _size(self, height: int | None, width: int | None, latents: np.ndarray | None) -> tuple[int, int]:
         k = self.config.vae_scale_factor
-        if latents is not None and latents.ndim == 4 and height is None and width is None:
-            return latents.shape[2] * k, latents.shape[3] * k
-        h = int(height or self.config.defaults["height"])
-        w = int(width or self.config.defaults["width"])
+        if isinstance(latents, np.ndarray) and latents.ndim == 4 and height is None and width is None:
+            h, w = latents.shape[2] * k, latents.shape[3] * k  # diffusers would need height/width too
+        else:
+            h = int(height or self.config.defaults["height"])
+            w = int(width or self.config.defaults["width"])
         dims = self.specs["unet"].dims
         for name, v, axis in (("height", h, "latent_height"), ("width", w, "latent_width")):
             r = dims[axis]
             if v % k or not (r.min <= v // k <= r.max):
                 raise InputError(
-                    f"{name}={v}: must be a multiple of {k} in [{r.min * k}, {r.max * k}] (the engines' profile)"
+                    f"{name}={v}: must be a multiple of {k} in [{r.min * k}, {r.max * k}] (the profile)"
                 )
         return h, w
 
@@ -166,7 +174,7 @@ class TextToImagePipeline:
         g = float(self.config.defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
         if mode == "none" and g > 1:
             raise InputError(
-                f"guidance_scale={g}: the pipeline was built without guidance (mode 'none'); use guidance_scale <= 1"
+                f"guidance_scale={g}: the pipeline was built without guidance (mode 'none'): use <= 1"
             )
         return g, (mode == "cfg" and g > 1)
 
@@ -206,7 +214,11 @@ class TextToImagePipeline:
         if latents is None:  # per-seed draws, so an image does not depend on its batch
             latents = np.stack([r.standard_normal(shape[1:], dtype=np.float32) for r in rngs])
         elif not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != shape:
-            got = f"{latents.dtype} {latents.shape}" if isinstance(latents, np.ndarray) else type(latents).__name__
+            got = (
+                f"{latents.dtype} {latents.shape}"
+                if isinstance(latents, np.ndarray)
+                else type(latents).__name__
+            )
             raise InputError(f"latents: got {got}, expected float32 {shape}")
         return self._run(prompts, neg, rngs, latents, g, do_cfg, steps)
 
@@ -247,7 +259,11 @@ class TextToImagePipeline:
                 out = u + np.float32(g) * (c - u)
             if sched.stochastic:
                 last = i == len(timesteps) - 1
-                noise = None if last else np.stack([r.standard_normal(x.shape[1:], dtype=np.float32) for r in rngs])
+                noise = (
+                    None
+                    if last
+                    else np.stack([r.standard_normal(x.shape[1:], dtype=np.float32) for r in rngs])
+                )
                 x, denoised = sched.step(out, i, x, noise)
             else:
                 x = sched.step(out, int(t), x)

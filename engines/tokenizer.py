@@ -22,7 +22,9 @@ class ClipTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise BackendUnavailable("the tokenizers package is not installed: pip install tokenizers") from None
+            raise BackendUnavailable(
+                "the tokenizers package is not installed: pip install tokenizers"
+            ) from None
         path = Path(path)
         if not path.exists():
             raise InputError(f"{path}: tokenizer.json not found")

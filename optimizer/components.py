@@ -96,7 +96,13 @@ def vae_decoder_spec(config: dict[str, Any], profile: Profile, batch: DimRange) 
     }
     return IOSpec(
         "vae_decoder",
-        (TensorSpec("latent_sample", "float32", ("batch", int(config["latent_channels"]), "latent_height", "latent_width")),),
+        (
+            TensorSpec(
+                "latent_sample",
+                "float32",
+                ("batch", int(config["latent_channels"]), "latent_height", "latent_width"),
+            ),
+        ),
         (TensorSpec("sample", "float32", ("batch", int(config.get("out_channels", 3)), "height", "width")),),
         dims,
     )
@@ -251,7 +257,9 @@ COMPONENTS: dict[str, ComponentKind] = {
             vae_decoder_spec,
             vae_decoder_wrapper,
             PrecisionPolicy(
-                "fp32", ("fp32", "fp16"), "fp16 overflow gives black/NaN images: fp16 only after a range check"
+                "fp32",
+                ("fp32", "fp16"),
+                "fp16 overflow gives black/NaN images: fp16 only after a range check",
             ),
         ),
         ComponentKind(
@@ -261,7 +269,9 @@ COMPONENTS: dict[str, ComponentKind] = {
             ("AutoencoderKL",),
             vae_encoder_spec,
             vae_encoder_wrapper,
-            PrecisionPolicy("fp32", ("fp32", "fp16"), "image-to-image only; same overflow risk as the decoder"),
+            PrecisionPolicy(
+                "fp32", ("fp32", "fp16"), "image-to-image only; same overflow risk as the decoder"
+            ),
             exported_by_default=False,
         ),
     )
@@ -310,9 +320,7 @@ class PipelineSpec:
         raise KeyError(kind)
 
 
-def build_specs(
-    configs: dict[str, dict[str, Any]], profile: Profile, guidance: str
-) -> dict[str, IOSpec]:
+def build_specs(configs: dict[str, dict[str, Any]], profile: Profile, guidance: str) -> dict[str, IOSpec]:
     """IO spec per component; the UNet's batch range doubles under CFG (both halves in one call)."""
     out = {}
     for name, cfg in configs.items():

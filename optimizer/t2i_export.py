@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 T2I_FORMAT = "dd-compile-t2i"
 T2I_VERSION = 1
 SCHEDULER_KINDS = {"DDIMScheduler": "ddim", "LCMScheduler": "lcm"}
+DEFAULT_EXPORT = ExportConfig()
 MAX_BATCH, MAX_LATENT = 4096, 512  # export-time bounds; the profile says what is validated
 
 
@@ -62,7 +63,9 @@ def _torch_dims(kind: str, spec: IOSpec, config: dict[str, Any]) -> dict[str, An
 def _example(kind: str, spec: IOSpec, config: dict[str, Any], vocab_size: int) -> dict[str, torch.Tensor]:
     """Inputs at the profile's opt shapes, with batch 2 (a dynamic axis must not be traced at 1)."""
     rng = np.random.default_rng(0)
-    feeds = dummy_inputs(IOSpec(spec.family, spec.inputs, spec.outputs, _example_dims(spec)), rng, "opt", vocab_size)
+    feeds = dummy_inputs(
+        IOSpec(spec.family, spec.inputs, spec.outputs, _example_dims(spec)), rng, "opt", vocab_size
+    )
     return {k: torch.from_numpy(v) for k, v in feeds.items()}
 
 
@@ -85,7 +88,7 @@ def export_component(
     out_path: str | Path,
     *,
     vocab_size: int = 2,
-    export_config: ExportConfig = ExportConfig(),
+    export_config: ExportConfig = DEFAULT_EXPORT,
 ) -> Path:
     """Export one component (wrapped per the table) to `out_path`, written atomically."""
     import onnx
@@ -163,10 +166,14 @@ def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict
         "pipeline_class": spec.pipeline_class,
         "guidance": spec.guidance,
         "components": {
-            c.kind: {"path": paths[c.kind], "precision": "fp32", "io": c.io.to_dict()} for c in spec.components
+            c.kind: {"path": paths[c.kind], "precision": "fp32", "io": c.io.to_dict()}
+            for c in spec.components
         },
         "tokenizer": {**spec.tokenizer.to_dict(), "vocab_size": vocab_size},
-        "scheduler": {"kind": scheduler_kind(spec.scheduler_config), "config": "scheduler/scheduler_config.json"},
+        "scheduler": {
+            "kind": scheduler_kind(spec.scheduler_config),
+            "config": "scheduler/scheduler_config.json",
+        },
         "vae": {"scaling_factor": spec.vae_scaling_factor, "scale_factor": spec.vae_scale_factor},
         "latent_channels": int(unet_cfg.get("in_channels", 4)),
         "time_cond_proj_dim": unet_cfg.get("time_cond_proj_dim"),
@@ -175,13 +182,15 @@ def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict
             "height": spec.default_size[0],
             "width": spec.default_size[1],
             "num_inference_steps": 4 if lcm else 50,
-            "guidance_scale": 8.5 if spec.guidance == "embedded" else (7.5 if spec.guidance == "cfg" else 0.0),
+            "guidance_scale": 8.5
+            if spec.guidance == "embedded"
+            else (7.5 if spec.guidance == "cfg" else 0.0),
         },
     }
 
 
 def export_pipeline(
-    loaded: LoadedPipeline, out_dir: str | Path, *, export_config: ExportConfig = ExportConfig()
+    loaded: LoadedPipeline, out_dir: str | Path, *, export_config: ExportConfig = DEFAULT_EXPORT
 ) -> Path:
     """Write out_dir/{onnx/*.fp32.onnx, tokenizer/tokenizer.json, scheduler/, t2i.json}."""
     out = Path(out_dir)
@@ -204,3 +213,17 @@ def export_pipeline(
     write_json_atomic(out / "scheduler" / "scheduler_config.json", spec.scheduler_config)
     write_json_atomic(out / "t2i.json", t2i_json(spec, paths, vocab_size))
     return out
+
+
+def use_component_graph(out_dir: str | Path, kind: str, rel_path: str, precision: str) -> None:
+    """Point t2i.json's `kind` at another graph of the same IO (e.g. onnx/unet.fp16.onnx)."""
+    import json
+
+    path = Path(out_dir) / "t2i.json"
+    d = json.loads(path.read_text())
+    if kind not in d["components"]:
+        raise InputError(f"{path}: no component {kind!r}")
+    if not (Path(out_dir) / rel_path).exists():
+        raise InputError(f"{Path(out_dir) / rel_path}: graph not found")
+    d["components"][kind].update(path=rel_path, precision=precision)
+    write_json_atomic(path, d)

@@ -59,28 +59,34 @@ def check_layout(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: pipeline folder not found")
     index_path = path / "model_index.json"
     if not index_path.exists():
-        raise InputError(f"{path}: no model_index.json (a diffusers save_pretrained pipeline folder is expected)")
+        raise InputError(
+            f"{path}: no model_index.json (a diffusers save_pretrained pipeline folder is expected)"
+        )
     index = _read_json(index_path)
     cls = index.get("_class_name")
     if cls not in PIPELINE_CLASSES:
-        raise InputError(f"{index_path}: pipeline class {cls!r} is not supported (supported: {', '.join(PIPELINE_CLASSES)})")
+        raise InputError(
+            f"{index_path}: pipeline class {cls!r} is not supported ({', '.join(PIPELINE_CLASSES)})"
+        )
     for name, (_, classes) in REQUIRED.items():
         entry = index.get(name)
         if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
             raise InputError(f"{index_path}: component {name!r} is missing")
         if classes is not None and entry[1] not in classes:
-            raise InputError(
-                f"{index_path}: component {name!r} has class {entry[1]!r}, not supported (supported: {', '.join(classes)})"
-            )
+            raise InputError(f"{index_path}: {name} class {entry[1]!r}: not supported ({', '.join(classes)})")
         if not (path / name).is_dir():
             raise InputError(f"{path}: component {name!r} is missing (no {name}/ folder)")
     for name in ("text_encoder", "unet", "vae"):
         if not (path / name / "config.json").exists():
             raise InputError(f"{path / name}: no config.json")
         if not any((path / name).glob("*.safetensors")):
-            raise InputError(f"{path / name}: no .safetensors weights (dd-compile does not unpickle .bin files)")
+            raise InputError(
+                f"{path / name}: no .safetensors weights (dd-compile does not unpickle .bin files)"
+            )
     tok = path / "tokenizer"
-    if not (tok / "tokenizer.json").exists() and not ((tok / "vocab.json").exists() and (tok / "merges.txt").exists()):
+    if not (tok / "tokenizer.json").exists() and not (
+        (tok / "vocab.json").exists() and (tok / "merges.txt").exists()
+    ):
         raise InputError(f"{tok}: no tokenizer.json and no vocab.json + merges.txt")
     if not (path / "scheduler" / "scheduler_config.json").exists():
         raise InputError(f"{path / 'scheduler'}: no scheduler_config.json")
@@ -123,7 +129,7 @@ def load_pipeline(
         raise InputError(f"{path / 'unet'}: guidance 'embedded' needs a UNet with time_cond_proj_dim")
     if mode != "embedded" and unet_cfg.get("time_cond_proj_dim"):
         raise InputError(
-            f"{path / 'unet'}: the UNet has time_cond_proj_dim (embedded guidance); guidance {mode!r} does not apply"
+            f"{path / 'unet'}: the UNet has time_cond_proj_dim (embedded guidance), not {mode!r}"
         )
     tok = tokenizer_spec(path / "tokenizer")
     k = vae_scale_factor(vae_cfg)

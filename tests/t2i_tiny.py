@@ -10,7 +10,11 @@ MERGES = ["r e", "re d</w>", "s e", "v e", "ve n</w>", "se ven</w>", "g r", "e e
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-unicode table (CLIP's BPE alphabet)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    bs = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\xa1"), ord("\xac") + 1),
+        *range(ord("\xae"), ord("\xff") + 1),
+    ]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -93,16 +97,30 @@ def make_tiny_pipeline(path: Path, *, lcm: bool = False, seed: int = 0) -> Path:
     )
     sched_kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
     if lcm:
-        sched = LCMScheduler(**sched_kw, set_alpha_to_one=True, timestep_spacing="leading", original_inference_steps=50)
+        sched = LCMScheduler(
+            **sched_kw, set_alpha_to_one=True, timestep_spacing="leading", original_inference_steps=50
+        )
         pipe = LatentConsistencyModelPipeline(
-            vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=vae,
+            text_encoder=text,
+            tokenizer=tok,
+            unet=unet,
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     else:
         sched = DDIMScheduler(**sched_kw, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
         pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=vae,
+            text_encoder=text,
+            tokenizer=tok,
+            unet=unet,
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
