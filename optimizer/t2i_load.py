@@ -13,7 +13,6 @@ from typing import Any
 
 from engines.errors import InputError
 from optimizer.components import (
-    COMPONENTS,
     ComponentSpec,
     PipelineSpec,
     Profile,
@@ -153,7 +152,6 @@ def load_pipeline(
         default_size=(lh * k, lw * k),
         profile=profile,
     )
-    assert set(configs) <= set(COMPONENTS)
     return LoadedPipeline(
         path=path,
         spec=spec,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -367,3 +368,32 @@ def test_fp16_unet_call_and_pipeline_parity(sd_export, tmp_path):
         p = psnr(p16(PROMPTS[:2], **kw), p32(PROMPTS[:2], **kw))
     print(f"fp16-UNet pipeline PSNR vs fp32 pipeline (dB): {p:.1f}")
     assert p >= 30.0
+
+
+TORCH_FREE = """
+import sys
+for m in ("torch", "transformers", "diffusers", "optimizer"):
+    sys.modules[m] = None  # any import of them fails
+import numpy as np
+from engines.t2i import TextToImagePipeline
+with TextToImagePipeline(sys.argv[1]) as pipe:
+    img = pipe(["a red seven"], seeds=[0], num_inference_steps=2)
+np.save(sys.argv[2], img)
+"""
+
+
+@pytest.mark.slow
+def test_runtime_imports_no_torch(sd_export, tmp_path):
+    import subprocess
+    import sys
+
+    from engines.t2i import TextToImagePipeline
+
+    _, out = sd_export
+    repo = Path(__file__).resolve().parents[1]  # `-c` puts the cwd on sys.path: the worktree's engines
+    subprocess.run(
+        [sys.executable, "-c", TORCH_FREE, str(out), str(tmp_path / "img.npy")], check=True, cwd=repo
+    )
+    with TextToImagePipeline(out) as pipe:
+        want = pipe(["a red seven"], seeds=[0], num_inference_steps=2)
+    np.testing.assert_array_equal(np.load(tmp_path / "img.npy"), want)
