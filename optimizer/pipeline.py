@@ -180,12 +180,20 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
             ctx.run.abandon()
             raise
     if cfg.triton_repo:
-        from engines.triton import write_triton_repo
-
-        write_triton_repo(
-            ctx.out, Path(cfg.triton_repo), precision=_best_precision(ctx.report), option="--triton-repo"
-        )
+        _write_triton_repo(ctx)
     return ctx.report
+
+
+def _write_triton_repo(ctx: CompileContext) -> None:
+    """The Triton repository of the recommended variant; none when no variant passed (the run
+    still exits 1 with its report: a failed parity check is not bad input)."""
+    from engines.triton import write_triton_repo
+
+    best = next((v for v in ctx.report.variants if v.recommended), None)
+    if best is None:
+        log.warning("--triton-repo %s: not written: no variant passed validation", ctx.cfg.triton_repo)
+        return
+    write_triton_repo(ctx.out, Path(ctx.cfg.triton_repo), precision=best.precision, option="--triton-repo")
 
 
 def _as_student(source: Path, steps: int | None) -> tuple[StudentCheckpoint, torch.nn.Module]:
@@ -670,11 +678,6 @@ def publish(ctx: CompileContext) -> Manifest:
         "allow_unvalidated": False,
     }
     return ctx.run.publish(ctx.manifest, run, fault=_stage)
-
-
-def _best_precision(report: CompileReport) -> str:
-    best = next((v for v in report.variants if v.recommended), None)
-    return best.precision if best else "fp32"
 
 
 def _distribution(student, t_ref, t_low, shape, cfg: CompileConfig):

@@ -115,6 +115,18 @@ def test_failed_bar_exits_1_with_report(tiny_teacher_dir, tmp_path):
     assert rep["passed"] is False and "call-level rel. L2" in rep["failures"][0]
 
 
+def test_failed_bar_with_triton_repo_exits_1_and_writes_no_repo(tiny_teacher_dir, tmp_path):
+    repo = tmp_path / "repo"
+    out = tmp_path / "out"
+    res = invoke(
+        tiny_teacher_dir, "--steps", 2, "-o", out, "--precision", "fp32", "--bar", "call.fp32=1e-12",
+        "--triton-repo", repo, *FAST,
+    )  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert json.loads((out / "report.json").read_text())["passed"] is False
+    assert not repo.exists()
+
+
 @pytest.fixture(scope="module")
 def orphan_ckpt(tiny_teacher_dir, tmp_path_factory):
     """A student whose teacher folder no longer exists."""
