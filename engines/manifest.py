@@ -48,6 +48,12 @@ class Artifact:
     validation: dict[str, Any] | None = None
 
 
+def backend_family(backend: str) -> str:
+    """onnxruntime-cuda and -trt run the graph ONNX Runtime checked; openvino and tensorrt are
+    runtimes of their own, whose verdicts do not carry over."""
+    return "onnxruntime" if backend.startswith("onnxruntime") else backend
+
+
 class Manifest:
     def __init__(
         self,
@@ -142,9 +148,10 @@ class Manifest:
         return art
 
     # -- what may be served ---------------------------------------------------------------
-    def servable(self, art: Artifact) -> str | None:
+    def servable(self, art: Artifact, backend: str | None = None) -> str | None:
         """None when `art` may be served, else why not: it must be validated, and passed, by the
-        run that published this manifest, whose report exists and names that run."""
+        run that published this manifest, whose report exists and names that run; with `backend`,
+        on a runtime of the same family (ONNX Runtime, OpenVINO, TensorRT)."""
         if self.version < 2:
             return f"manifest version {self.version} records no validation"
         run = self.run
@@ -160,6 +167,9 @@ class Manifest:
         if not v["passed"]:
             failures = "; ".join(v.get("failures") or []) or "no reason recorded"
             return f"failed validation in run {run['id']} ({failures})"
+        ran_on = v.get("backend")
+        if backend is not None and ran_on is not None and backend_family(ran_on) != backend_family(backend):
+            return f"validated on {ran_on}, not on {backend} (compile with --backend {backend})"
         report = check.resolve_inside(self.root, run["report"], f"{self.path}: run.report")
         try:
             report_run = json.loads(report.read_text()).get("run_id")
@@ -173,12 +183,14 @@ class Manifest:
             )
         return None
 
-    def require_servable(self, art: Artifact, allow_unvalidated: bool = False) -> str | None:
+    def require_servable(
+        self, art: Artifact, allow_unvalidated: bool = False, backend: str | None = None
+    ) -> str | None:
         """Refuse an artifact that is not servable with one line; with `allow_unvalidated`, log a
         warning instead and return the reason (callers record `allow_unvalidated: true`)."""
         if art.kind not in SERVABLE_KINDS:
             raise ValueError(f"{art.name}: a {art.kind} artifact is not something to serve")
-        why = self.servable(art)
+        why = self.servable(art, backend)
         if why is None:
             return None
         if not allow_unvalidated:

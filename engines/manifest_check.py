@@ -47,6 +47,8 @@ VALIDATION_FIELDS: dict[str, tuple[type, ...]] = {
     "student_sha256": (str, _NONE),
     "passed": (bool,),
     "failures": (list,),
+    # the backend the verdict was reached on (absent in runs before it was recorded)
+    "backend": (str,),
 }
 VALIDATION_REQUIRED = ("run_id", "passed")
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -52,7 +52,13 @@ def make_runner(manifest: Manifest, art: Artifact, backend: str, **kw: Any) -> R
 
         check_engine_compatible(art)
         return TensorRTRunner(path, spec, **kw)
-    raise InputError(f"unknown backend {backend!r}; choose from {[*ORT_BACKENDS, 'tensorrt']}")
+    if backend == "openvino":
+        from engines.openvino_runner import OpenVINORunner
+
+        hint = "bf16" if art.config.get("inference_precision_hint") == "bf16" else "f32"
+        batches = manifest.meta.get("batch_sizes") or []
+        return OpenVINORunner(path, spec, batch_sizes=batches, precision_hint=hint, **kw)
+    raise InputError(f"unknown backend {backend!r}; choose from {[*ORT_BACKENDS, 'tensorrt', 'openvino']}")
 
 
 class SamplerPipeline:
@@ -117,5 +123,5 @@ def load(
     if missing:
         raise InputError(f"{manifest.path}: lacks {', '.join(missing)} (not a compiled student to sample)")
     art = pick_artifact(manifest, precision, backend)
-    manifest.require_servable(art, allow_unvalidated)
+    manifest.require_servable(art, allow_unvalidated, backend)
     return SamplerPipeline(manifest, make_runner(manifest, art, backend, **runner_kw))

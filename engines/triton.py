@@ -383,7 +383,7 @@ def write_triton_repo(
     if manifest.io_spec is None or manifest.schedule is None or "sample_shape" not in manifest.meta:
         raise InputError(f"{manifest.path}: lacks io_spec, schedule or meta.sample_shape")
     art = pick_artifact(manifest, precision, backend)
-    unvalidated = manifest.require_servable(art, allow_unvalidated) is not None
+    unvalidated = manifest.require_servable(art, allow_unvalidated, backend) is not None
     cfg = TritonConfig(
         precision,
         backend,

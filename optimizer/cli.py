@@ -156,18 +156,19 @@ def print_table(report) -> None:
 @click.option(
     "--precision",
     "precisions",
-    callback=_csv("precisions", str, ("fp32", "fp16", "int8")),
+    callback=_csv("precisions", str, ("fp32", "fp16", "int8", "bf16")),
     default="fp32,fp16,int8",
     show_default=True,
-    help="Comma-separated variants to build and validate; fp16/int8 precision lives in the ONNX graph.",
+    help="Comma-separated variants to build and validate; fp16/int8 precision lives in the ONNX graph; "
+    "bf16 (--backend openvino, AVX512-BF16/AMX CPUs) runs the fp32 graph with OpenVINO's bf16 hint.",
 )
 @click.option(
     "--backend",
     default="onnxruntime",
     show_default=True,
-    type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt"]),
-    help="Runtime that runs the graphs: ONNX Runtime (CPU, or its CUDA/TensorRT providers) "
-    "or TensorRT engines.",
+    type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "openvino"]),
+    help="Runtime that runs the graphs: ONNX Runtime (CPU, or its CUDA/TensorRT providers), "
+    "TensorRT engines, or OpenVINO (CPU; static shapes per batch size).",
 )
 @click.option(
     "--batch-sizes",

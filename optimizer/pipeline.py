@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.errors import InputError
+from engines.errors import BackendUnavailable, InputError
 from engines.fileio import sha256_file, write_json_atomic, write_text_atomic
 from engines.iospec import IOSpec
 from engines.manifest import Manifest
@@ -44,8 +44,10 @@ from optimizer.validate import ParityBars, call_parity, distribution, sample_par
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
-BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")
+# bf16 is a way of running the fp32 graph (OpenVINO's INFERENCE_PRECISION_HINT), not a graph
+RUNTIME_PRECISIONS = ("bf16",)
+BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "openvino")
 DEMO_DIR = Path(__file__).parent / "demo"
 # Test hook: `DD_COMPILE_FAULT_AT=<stage>` kills the process with SIGKILL as it enters that stage
 # (export, quantize-fp16, quantize-int8, validate, timing, report, publish), so tests can check
@@ -56,7 +58,7 @@ FAULT_ENV = "DD_COMPILE_FAULT_AT"
 @dataclass
 class CompileConfig:
     out: Path
-    precisions: tuple[str, ...] = PRECISIONS
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
     backend: str = "onnxruntime"
     # the one place batch sizes live: the exported batch range, validation, timing, TensorRT profiles
     batch_sizes: tuple[int, ...] = (1, 16)
@@ -159,9 +161,11 @@ def run(source: Path, cfg: CompileConfig) -> CompileReport:
             _stage("export")
             graphs = {"fp32": export(ctx)}
             calib = calibrate(ctx)
-            for p in (p for p in cfg.precisions if p != "fp32"):
+            for p in (p for p in cfg.precisions if p != "fp32" and p not in RUNTIME_PRECISIONS):
                 _stage(f"quantize-{p}")
                 graphs[p] = quantize(ctx, p, calib)
+            for p in (p for p in cfg.precisions if p in RUNTIME_PRECISIONS):
+                graphs[p] = runtime_precision(ctx, p)
             runners = activate_runners(ctx, graphs)
             try:
                 _stage("validate")
@@ -308,6 +312,14 @@ def prepare(source: Path, cfg: CompileConfig) -> CompileContext:
             raise InputError(f"--precision: unknown precision {p!r} (choose from {', '.join(PRECISIONS)})")
     if cfg.backend not in BACKENDS:
         raise InputError(f"--backend: unknown backend {cfg.backend!r} (choose from {', '.join(BACKENDS)})")
+    if "bf16" in cfg.precisions:
+        if cfg.backend != "openvino":
+            raise InputError(
+                f"--precision bf16: needs --backend openvino (OpenVINO's bf16 hint), not {cfg.backend}"
+            )
+        from engines.openvino_runner import check_precision_hint
+
+        check_precision_hint("bf16")  # BackendUnavailable on CPUs without AVX512-BF16/AMX
     ckpt, model = _as_student(source, cfg.steps)
     model = model.eval().float()
     shell = CompileReport(student={}, teacher={})
@@ -490,12 +502,54 @@ def quantize(ctx: CompileContext, precision: str, calib: list[dict[str, np.ndarr
     return path
 
 
+def runtime_precision(ctx: CompileContext, precision: str) -> Path:
+    """A precision the runtime applies to the fp32 graph (bf16: OpenVINO's inference hint): an
+    artifact of its own, so it is validated, served and refused on its own record."""
+    fp32 = ctx.manifest.get("onnx/fp32")
+    path = ctx.manifest.file(fp32)
+    ctx.manifest.add(
+        f"onnx/{precision}",
+        path,
+        "onnx",
+        precision=precision,
+        backend=ctx.cfg.backend,
+        input_sha256=fp32.sha256,
+        config={"precision": precision, "inference_precision_hint": precision, "graph": "onnx/fp32"},
+        libraries=environment()["libraries"],
+    )
+    return path
+
+
+def _openvino_runners(ctx: CompileContext, graphs: dict[str, Path]) -> dict[tuple[str, str], Any]:
+    from engines.openvino_runner import OpenVINORunner
+
+    runners = {}
+    for p, path in graphs.items():
+        r = OpenVINORunner(
+            path,
+            ctx.spec,
+            # static shapes per batch size: dynamic ones ran at half the speed (openvino_runner.py)
+            batch_sizes=ctx.cfg.batch_sizes,
+            precision_hint="bf16" if p == "bf16" else "f32",
+            threads=ctx.cfg.threads,
+        )
+        try:
+            r.activate()
+        except (InputError, BackendUnavailable):
+            raise
+        except Exception as e:  # OpenVINO refusing a graph is bad input, not a crash
+            raise InputError(f"{path}: OpenVINO cannot compile it ({e})") from None
+        runners[(p, "openvino")] = r
+    return runners
+
+
 def activate_runners(ctx: CompileContext, graphs: dict[str, Path]) -> dict[tuple[str, str], Any]:
     """Stage 3: one activated runner per variant (TensorRT: engines built first); the caller
     deactivates them once validation and timing are done."""
     if ctx.cfg.backend == "tensorrt":
         return _tensorrt_runners(ctx, graphs)
-    from engines.errors import BackendUnavailable
+    if ctx.cfg.backend == "openvino":
+        return _openvino_runners(ctx, graphs)
     from engines.onnxruntime_runner import OnnxRuntimeRunner
 
     runners = {}
@@ -590,6 +644,7 @@ def _record_validation(ctx: CompileContext, precision: str, backend: str, v: Var
         "student_sha256": ctx.ckpt_sha,
         "passed": v.passed,
         "failures": v.failures,
+        "backend": backend,
     }
     for art in ctx.manifest.find(precision=precision):
         if art.kind == "engine" and art.backend == backend:

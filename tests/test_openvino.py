@@ -69,3 +69,52 @@ def test_bf16_runs_where_the_cpu_has_it_and_is_refused_elsewhere(tmp_path):
         err = rel_l2(r.infer(f)["out_sample"], ref.infer(f)["out_sample"])
     # bf16 keeps 8 mantissa bits: ~4e-3 relative rounding per op, but not fp32's 1e-7
     assert 1e-5 < err < 3e-2
+
+
+@pytest.mark.slow
+def test_dd_compile_backend_openvino_validates_fp32_and_bf16_and_the_runtime_serves_them(
+    tiny_teacher_dir, tmp_path
+):
+    import json
+
+    from click.testing import CliRunner
+
+    import engines
+    from engines.errors import InputError
+    from optimizer.cli import main
+
+    precisions = "fp32,bf16" if "BF16" in cpu_capabilities() else "fp32"
+    out = tmp_path / "out"
+    args = [str(tiny_teacher_dir), "--steps", "2", "-o", str(out), "--backend", "openvino"]
+    args += ["--precision", precisions, "--batch-sizes", "1,2", "--samples", "8", "--fid-samples", "16"]
+    # the tiny random UNet's bf16 call error (4.4e-2 measured) is over the default 3e-2 bar; the
+    # demo's is 1.1e-2: this test is about the mechanism, so the bar is widened here
+    args += ["--bench-seconds", "0.5", "--threads", "1", "--bar", "call.bf16=0.1"]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    rep = json.loads((out / "report.json").read_text())
+    assert res.exit_code == 0, (res.output, rep.get("failures"))
+    by = {v["precision"]: v for v in rep["variants"]}
+    assert all(v["backend"] == "openvino" for v in by.values())
+    assert by["fp32"]["parity"]["call"]["rel_l2"] < 1e-5
+    if "bf16" in by:
+        # bf16 really ran in bf16 (not fp32 in disguise) and stayed inside its bars
+        assert 1e-5 < by["bf16"]["parity"]["call"]["rel_l2"] < 0.1
+        assert by["bf16"]["parity"]["sample"]["psnr_db"] >= 30
+    with engines.load(out, precision=precisions.split(",")[-1], backend="openvino") as pipe:
+        img = pipe(seeds=[0, 1])
+    assert img.shape[0] == 2 and np.isfinite(img).all()
+    # validated on OpenVINO: ONNX Runtime may not serve it on that record
+    with pytest.raises(InputError, match="validated on openvino, not on onnxruntime"):
+        engines.load(out, precision="fp32", backend="onnxruntime")
+
+
+def test_bf16_needs_the_openvino_backend(tiny_teacher_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from optimizer.cli import main
+
+    res = CliRunner().invoke(
+        main, [str(tiny_teacher_dir), "--steps", "2", "-o", str(tmp_path / "o"), "--precision", "bf16"]
+    )
+    assert res.exit_code == 2 and "--precision bf16: needs --backend openvino" in res.output
+    assert not (tmp_path / "o").exists()
