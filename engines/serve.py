@@ -1,12 +1,24 @@
 """`dd-serve OUT_DIR --port 8000`: the student's sampler behind a real Triton server (PyTriton).
 
-PyTriton (package nvidia-pytriton) ships a tritonserver binary and binds a Python callable to it;
-Triton does the HTTP/gRPC endpoints, request validation (names, dtypes, shapes, max batch size)
-and dynamic batching; the callable runs `engines.load(OUT_DIR)` (the torch-free runtime).
+PyTriton (package nvidia-pytriton) ships a tritonserver binary and binds a Python callable to it.
+dd-serve runs two models in it:
 
-    model "dd_sampler":  input  seed    INT64 [B, 1]  (+ the UNet's conditioning inputs, if any)
-                         output images  FP32  [B, C, H, W] in [0, 1]
+    "dd_sampler"  the Python-backend model dd-triton generates (engines/triton_sampler_model.py,
+                  numpy only), loaded from a repository written to a temporary folder: it checks
+                  every request alone with the runtime's checks (engines.schedule.
+                  check_sampler_inputs), samples the valid requests of a dynamic batch together
+                  and calls the UNet per step (BLS).
+    "dd_unet"     the denoiser, bound through PyTriton to `engines.load(OUT_DIR)`'s runner.
+
+    dd_sampler:  input  seed INT64 [B, 1] or noise FP32 [B, C, H, W] (+ the conditioning inputs)
+                 output images FP32 [B, C, H, W] in [0, 1]
     same seeds -> same images as engines.load(OUT_DIR)(seeds=...)
+
+Why not the sampler as the PyTriton callable: PyTriton 0.7 has no per-request error. Whatever the
+callable raises fails every request of the batch with HTTP 500 and the traceback as message, so
+one bad request merged by the dynamic batcher failed its neighbours. The Python-backend model
+answers each request with its own response, a bad one with INVALID_ARG (HTTP 400) and the
+one-line reason. Triton itself refuses wrong names, dtypes, shapes and batch sizes (400).
 
 PyTriton's Python-backend stub embeds libpython: it needs a Python with a shared libpython of
 the same minor version as the stub (Debian's python3.11 + libpython3.11 works; a pyenv 3.11
@@ -15,14 +27,19 @@ without --enable-shared does not). .ci/setup-serve builds such a venv.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engines.errors import BackendUnavailable
+from engines.errors import BackendError, BackendUnavailable
+from engines.iospec import IOSpec
+from engines.manifest import Manifest
 from engines.runtime import SamplerPipeline, load
 
 log = logging.getLogger(__name__)
@@ -44,45 +61,58 @@ class ServeConfig:
     allow_unvalidated: bool = False
 
 
-def infer_function(pipe: SamplerPipeline) -> Any:
-    """The callable PyTriton binds: a batch of seeds (and conditioning) -> images."""
+def write_sampler_repo(manifest: Manifest, repo: Path, max_queue_delay_us: int) -> Path:
+    """The dd_sampler model folder exactly as dd-triton writes it (config, model.py, dd_schedule.py,
+    sampler.json), without the UNet: dd-serve binds that through PyTriton."""
+    from engines import triton
+
+    samp = repo / triton.SAMPLER_MODEL
+    (samp / "1").mkdir(parents=True)
+    cfg = triton.TritonConfig(max_queue_delay_us=max_queue_delay_us)
+    (samp / "config.pbtxt").write_text(triton.sampler_config(manifest, cfg))
+    shutil.copyfile(triton.SAMPLER_TEMPLATE, samp / "1" / "model.py")
+    shutil.copyfile(Path(triton.__file__).with_name("schedule.py"), samp / "1" / "dd_schedule.py")
+    (samp / "1" / "sampler.json").write_text(json.dumps(triton.sampler_settings(manifest), indent=2))
+    return repo
+
+
+def unet_function(pipe: SamplerPipeline) -> Any:
+    """The callable PyTriton binds as dd_unet: one batch of UNet feeds -> its output."""
     from pytriton.decorators import batch
 
-    spec = pipe.manifest.io_spec
-    cond_names = [t.name for t in spec.inputs if t.name not in ("sample", "timestep")]
+    spec: IOSpec = pipe.manifest.io_spec
+    flat = {t.name for t in spec.inputs if len(t.shape) == 1}  # [batch] tensors arrive as [B, 1]
 
     @batch
-    def infer(seed: np.ndarray, **cond: np.ndarray) -> dict[str, np.ndarray]:
-        seeds = [int(s) for s in seed.reshape(-1)]
-        if min(seeds) < 0:  # numpy's generators reject negative seeds
-            raise ValueError(f"seeds must be >= 0, got {min(seeds)}")
-        extra = {
-            k: (
-                v.reshape(-1)
-                if v.ndim == 2 and v.shape[1] == 1 and len(pipe.manifest.io_spec.input(k).shape) == 1
-                else v
-            )
-            for k, v in cond.items()
-            if k in cond_names
-        }
-        images = pipe(seeds=seeds, cond=extra or None)
-        return {"images": images.astype(np.float32)}
+    def infer(**feeds: np.ndarray) -> dict[str, np.ndarray]:
+        return pipe.runner.infer({k: v.reshape(-1) if k in flat else v for k, v in feeds.items()})
 
     return infer
 
 
-def tensors(pipe: SamplerPipeline) -> tuple[list[Any], list[Any]]:
-    """PyTriton input/output specs from the manifest's IO spec (shapes without the batch axis)."""
+def unet_tensors(spec: IOSpec) -> tuple[list[Any], list[Any]]:
+    """PyTriton input/output specs of the UNet (shapes without the batch axis)."""
     from pytriton.model_config import Tensor
 
-    inputs = [Tensor(name="seed", dtype=np.int64, shape=(1,))]
-    for t in pipe.manifest.io_spec.inputs:
-        if t.name in ("sample", "timestep"):
-            continue
-        shape = tuple(int(d) for d in t.shape[1:]) or (1,)
-        inputs.append(Tensor(name=t.name, dtype=np.dtype(t.dtype), shape=shape))
-    outputs = [Tensor(name="images", dtype=np.float32, shape=tuple(pipe.sample_shape))]
-    return inputs, outputs
+    def tensor(t: Any) -> Any:
+        return Tensor(name=t.name, dtype=np.dtype(t.dtype), shape=tuple(int(d) for d in t.shape[1:]) or (1,))
+
+    return [tensor(t) for t in spec.inputs], [tensor(t) for t in spec.outputs]
+
+
+def load_sampler(config: ServeConfig, access_token: str | None) -> None:
+    """Ask the running server (explicit model control) to load dd_sampler from the repository;
+    PyTriton restricts the model-control API to the token it generated."""
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
+    try:
+        http.InferenceServerClient(f"{host}:{config.port}").load_model(
+            MODEL_NAME, headers={"triton-access-token": access_token} if access_token else None
+        )
+    except InferenceServerException as e:
+        raise BackendError(f"Triton did not load {MODEL_NAME}: {str(e).strip().splitlines()[0]}") from None
 
 
 def serve(out_dir: str | Path, config: ServeConfig = ServeConfig()) -> None:
@@ -95,6 +125,8 @@ def serve(out_dir: str | Path, config: ServeConfig = ServeConfig()) -> None:
             "PyTriton is not installed: run .ci/setup-serve (a Python 3.11 "
             "venv with a shared libpython and nvidia-pytriton)"
         ) from None
+    from engines.triton import UNET_MODEL
+
     kw = {"threads": config.threads} if config.threads else {}
     pipe = load(
         out_dir,
@@ -104,42 +136,51 @@ def serve(out_dir: str | Path, config: ServeConfig = ServeConfig()) -> None:
         **kw,
     )
     max_batch = pipe.max_batch or 1
-    inputs, outputs = tensors(pipe)
-    triton_cfg = TritonConfig(
-        http_address=config.host,
-        http_port=config.port,
-        grpc_address=config.host,
-        grpc_port=config.grpc_port,
-        metrics_address=config.host,
-        metrics_port=config.metrics_port,
-        exit_on_error=True,
-    )
-    model_cfg = ModelConfig(
-        max_batch_size=max_batch,
-        batcher=DynamicBatcher(max_queue_delay_microseconds=config.max_queue_delay_us),
-    )
-    with Triton(config=triton_cfg) as triton:
-        triton.bind(
-            model_name=MODEL_NAME,
-            infer_func=infer_function(pipe),
-            inputs=inputs,
-            outputs=outputs,
-            config=model_cfg,
-            strict=True,
+    tmp = Path(tempfile.mkdtemp(prefix="dd-serve-"))
+    try:
+        repo = tmp / "repo"
+        repo.mkdir()  # empty at start: dd_sampler is loaded once dd_unet is up, so ready means ready
+        triton_cfg = TritonConfig(
+            http_address=config.host,
+            http_port=config.port,
+            grpc_address=config.host,
+            grpc_port=config.grpc_port,
+            metrics_address=config.host,
+            metrics_port=config.metrics_port,
+            model_repository=repo,
+            exit_on_error=True,
         )
-        log.info(
-            "serving %s (%s/%s, max batch %d) on http://%s:%d and grpc %s:%d",
-            out_dir,
-            config.backend,
-            config.precision,
-            max_batch,
-            config.host,
-            config.port,
-            config.host,
-            config.grpc_port,
-        )
-        triton.serve()
-    pipe.close()
+        inputs, outputs = unet_tensors(pipe.manifest.io_spec)
+        with Triton(config=triton_cfg) as triton:
+            triton.bind(
+                model_name=UNET_MODEL,
+                infer_func=unet_function(pipe),
+                inputs=inputs,
+                outputs=outputs,
+                config=ModelConfig(
+                    max_batch_size=max_batch,
+                    batcher=DynamicBatcher(max_queue_delay_microseconds=config.max_queue_delay_us),
+                ),
+                strict=True,
+            )
+            triton.run()  # starts the server and waits for dd_unet
+            write_sampler_repo(pipe.manifest, repo, config.max_queue_delay_us)
+            load_sampler(config, triton.get_access_token())
+            log.info(
+                "serving %s (%s/%s, max batch %d) on http://%s:%d and grpc %s:%d",
+                out_dir,
+                config.backend,
+                config.precision,
+                max_batch,
+                config.host,
+                config.port,
+                config.host,
+                config.grpc_port,
+            )
+            triton.serve()
+    finally:
+        pipe.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -135,9 +135,9 @@ def malformed_requests():
     return {
         "wrong shape": (seed([3], "INT64", np.arange(3, dtype=np.int64)), "shape"),
         "wrong dtype": (seed([2, 1], "FP32", np.zeros((2, 1), np.float32)), "data-type"),
-        "missing input": ([], "missing required input"),
+        "missing input": ([], "0 inputs"),
         "batch over max": (seed([9, 1], "INT64", np.zeros((9, 1), np.int64)), "batch-size"),
-        "negative seed": (seed([1, 1], "INT64", np.array([[-1]], np.int64)), "seeds must be >= 0"),
+        "negative seed": (seed([1, 1], "INT64", np.array([[-1]], np.int64)), "seeds: -1 is not an integer"),
     }
 
 
