@@ -214,3 +214,26 @@ def test_data_sources_and_their_one_line_errors(tiny_t2i_teacher, tmp_path):
     assert rec["method"] == "lcm" and rec["rounds"][0]["iters"] == 2
     with pytest.raises(InputError, match="--prompts FILE"):
         run_t2i(T2IRun(tiny_t2i_teacher, tmp_path / "s2", cfg))
+
+
+@pytest.mark.slow
+def test_dd_distill_takes_a_pipeline_folder_and_refuses_pixel_methods(tiny_t2i_teacher, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from optimizer.distill.cli import main
+
+    (tmp_path / "p.txt").write_text("a red seven\nnine, cyan\n")
+    base = [str(tiny_t2i_teacher), "-o", str(tmp_path / "student"), "--prompts", str(tmp_path / "p.txt")]
+    fast = ["--steps", "1", "--iters", "2", "--data-free-samples", "4", "--batch-size", "4"]
+    res = CliRunner().invoke(main, [*base, *fast, "--method", "lcm"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "student" / "distill.json").read_text())["method"] == "lcm"
+    for bad, says in (
+        (["--method", "progressive"], "is for pixel-space teachers"),
+        (["--guidance", "8:2"], "--guidance '8:2': need 1 <= LO <= HI"),
+        (["--method", "guided-progressive", "--teacher-steps", "12", "--steps", "4"], "not steps * 2^k"),
+    ):
+        res = CliRunner().invoke(main, [*base, *fast, *bad])
+        assert res.exit_code == 2 and says in res.output, (bad, res.output)

@@ -4,6 +4,9 @@ dd-distill TEACHER_DIR -o student.ckpt --steps 4                  # progressive 
 dd-distill TEACHER_DIR -o student.ckpt --steps 4 --method consistency
 dd-distill TEACHER_DIR -o student.ckpt --steps 4 --width 0.5      # smaller student too
 dd-distill --demo -o student.ckpt                                  # the bundled digits teacher
+dd-distill TEACHER_PIPE -o student/ --steps 4 --method guided-progressive --guidance 2:8
+dd-distill TEACHER_PIPE -o student/ --steps 4 --method lcm --lora-rank 16 --prompts prompts.txt
+dd-distill --demo t2i -o student/                                  # the bundled text-to-image teacher
 torchrun --nproc_per_node 8 -m optimizer.distill TEACHER_DIR -o student.ckpt
 """
 
@@ -16,6 +19,7 @@ import click
 
 from engines.cli_errors import GuardedCommand
 
+log = logging.getLogger("dd-distill")
 DEMO_TEACHER = Path(__file__).resolve().parent.parent / "demo" / "teacher"
 
 
@@ -33,10 +37,38 @@ DEMO_TEACHER = Path(__file__).resolve().parent.parent / "demo" / "teacher"
 )
 @click.option(
     "--demo",
-    is_flag=True,
-    help="distill the bundled digits teacher, trained on the digits, with FID against them (one thread)",
+    is_flag=False,
+    flag_value="pixel",
+    default=None,
+    type=click.Choice(["pixel", "t2i"]),
+    help="distill a bundled teacher: the digits (--demo or --demo pixel; one thread, FID against "
+    "the digits) or the text-to-image demo (--demo t2i; adherence and FID by its judge)",
 )
-@click.option("--method", type=click.Choice(["progressive", "consistency"]), default="progressive")
+@click.option(
+    "--method",
+    type=click.Choice(["progressive", "consistency", "guided-progressive", "lcm"]),
+    default=None,
+    help="pixel teachers: progressive | consistency [progressive]; text-to-image teachers: "
+    "guided-progressive | lcm [guided-progressive]",
+)
+@click.option(
+    "--guidance",
+    default="2:8",
+    help="text-to-image: the guidance scales (diffusers' s; w = s - 1) the student learns, "
+    "LO:HI or one value",
+)
+@click.option(
+    "--lora-rank",
+    type=click.IntRange(1),
+    default=None,
+    help="text-to-image, --method lcm: LCM-LoRA adapters of this rank",
+)
+@click.option(
+    "--prompts",
+    type=click.Path(path_type=str),
+    default=None,
+    help="text-to-image, data-free: one prompt per line; the teacher samples the training latents",
+)
 @click.option("--steps", type=click.IntRange(1), default=4, help="the student's sampling steps")
 @click.option(
     "--teacher-steps",
@@ -104,8 +136,11 @@ DEMO_TEACHER = Path(__file__).resolve().parent.parent / "demo" / "teacher"
 def main(
     teacher_dir: str | None,
     out: str,
-    demo: bool,
-    method: str,
+    demo: str | None,
+    method: str | None,
+    guidance: str,
+    lora_rank: int | None,
+    prompts: str | None,
     steps: int,
     teacher_steps: int | None,
     iters: str | None,
@@ -137,6 +172,15 @@ def main(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from optimizer.distill.t2i_cli import DEMO_T2I_TEACHER, is_pipeline_folder
+
+    if demo == "t2i" or (teacher_dir and is_pipeline_folder(teacher_dir)):
+        params = dict(click.get_current_context().params, teacher_dir=teacher_dir or str(DEMO_T2I_TEACHER))
+        _text_to_image(params)
+        return
+    method = method or "progressive"
+    if method not in ("progressive", "consistency"):
+        raise click.BadParameter(f"{method} is for text-to-image pipeline folders", param_hint="--method")
     if demo:
         teacher_dir = teacher_dir or str(DEMO_TEACHER)
         threads = threads or 1
@@ -186,12 +230,67 @@ def main(
         threads=threads,
         zero_snr=zero_snr,
         solver_steps=solver_steps,
-        demo=demo,
+        demo=bool(demo),
     )
     from optimizer.distill.run import distill
 
     # errors -> one line and an exit code (engines/cli_errors.py; StopRequested -> 3)
     distill(cfg)
+
+
+def _text_to_image(p: dict) -> None:
+    """A diffusers pipeline folder (model_index.json) -> a guidance-distilled student pipeline.
+    `p`: dd-distill's parsed options."""
+    from optimizer.distill.guided import parse_guidance_range
+    from optimizer.distill.t2i import T2IDistillConfig
+    from optimizer.distill.t2i_cli import T2IRun, run_t2i
+
+    method = p["method"] or "guided-progressive"
+    if method not in ("guided-progressive", "lcm"):
+        raise click.BadParameter(
+            f"{method} is for pixel-space teachers (unet/ + scheduler/)", param_hint="--method"
+        )
+    try:
+        per_round = [int(v) for v in (p["iters"] or "400").split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"{p['iters']!r}: expected an integer or a comma list", param_hint="--iters"
+        ) from None
+    demo = p["demo"] == "t2i"
+    from optimizer.distill.progressive import default_teacher_steps
+
+    cfg = T2IDistillConfig(
+        method=method,
+        steps=p["steps"],
+        guidance=parse_guidance_range(p["guidance"]),
+        # guided-progressive: the stage-1 student's steps, halved per round (steps * 2^k near 32)
+        start_steps=p["teacher_steps"] or default_teacher_steps(32, p["steps"]),
+        # --iters STAGE1,ROUND or one value: rounds of that many, stage 1 twice as long
+        stage1_iters=per_round[0] if len(per_round) > 1 else 2 * per_round[-1],
+        round_iters=per_round[-1],
+        lcm_iters=per_round[-1] if p["iters"] else 2000,
+        solver_steps=p["solver_steps"],
+        # the pixel default (128) is for 8x8 digits; latent batches of 64 trained the demo teacher
+        batch=min(p["batch_size"], 64),
+        lr=p["lr"],
+        lora_rank=p["lora_rank"] or 0,
+        seed=p["seed"],
+        threads=p["threads"] or 1,
+    )
+    run = T2IRun(
+        Path(p["teacher_dir"]),
+        Path(p["out"]),
+        cfg,
+        prompts=Path(p["prompts"]) if p["prompts"] else None,
+        data=Path(p["data"]) if p["data"] else None,
+        data_free_samples=p["data_free_samples"],
+        evaluate=min(p["eval_samples"], 300) if demo else 0,
+        demo=demo,
+    )
+    quality = run_t2i(run).get("quality") or {}
+    for k in ("student", "teacher_reference", "teacher_at_student_steps"):
+        if k in quality:
+            log.info("%s: adherence %s, FID %.2f", k, quality[k]["adherence"], quality[k]["fid"])
 
 
 if __name__ == "__main__":
