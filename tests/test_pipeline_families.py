@@ -57,11 +57,10 @@ def test_all_precisions_on_the_tiny_unet(tiny_teacher_dir, tmp_path):
     i8 = by["int8"]
     assert i8["parity"]["call"]["rel_l2"] <= 5e-2
     assert i8["parity"]["sample"]["psnr_db"] >= 25
-    if i8["precision_info"]["counts"]["int8"]:
-        assert i8["passed"], res.output
-    else:  # random weights: no node may fit the int8 bars; the fp32 graph must not pass as int8
-        assert not i8["passed"] and any("is the fp32 one" in f for f in i8["failures"])
-    assert res.exit_code == (0 if i8["passed"] else 1), res.output
+    # seeded: the sensitivity pass finds 26 int8 nodes within the bars here (measured 3.8e-2 call
+    # rel. L2, 44.6 dB); a variant with none would fail as "the fp32 one" (the next test file pins that)
+    assert i8["precision_info"]["counts"]["int8"] >= 10 and i8["passed"], res.output
+    assert res.exit_code == 0, res.output
     assert sum(v["recommended"] for v in rep["variants"]) == 1
     md = (tmp_path / "report.md").read_text()
     assert "nodes by precision" in md

@@ -95,6 +95,18 @@ def iteration_generator(seed: int, phase: int, it: int, rank: int, device: torch
 # -- training state (atomic, safetensors) -------------------------------------------------------
 
 
+# Test hook: SIGKILL this process right after the checkpoint at that global iteration is written,
+# so kill -9 + --resume is tested at a known point instead of racing the run.
+FAULT_ENV = "DD_DISTILL_KILL_AFTER_CHECKPOINT"
+
+
+def _fault_after_checkpoint(iteration: int) -> None:
+    if os.environ.get(FAULT_ENV) == str(iteration):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
@@ -361,6 +373,7 @@ class Trainer:
             if (it + 1) % self.checkpoint_every == 0 and it + 1 < phase.iters:
                 self.meta["seconds"][str(phase.index)] = seconds0 + time.perf_counter() - t0
                 self.checkpoint(key, phase, it + 1, opt)
+                _fault_after_checkpoint(self.iterations_run)
         if bar:
             bar.close()
         self.meta["seconds"][str(phase.index)] = seconds0 + time.perf_counter() - t0
