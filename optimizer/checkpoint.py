@@ -269,8 +269,9 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
         raise InputError(f"{path}: metadata field 'schedule.timesteps' must be non-negative integers")
     for i, a in enumerate(sch["alphas_cumprod"]):
         _check_finite_number(path, f"schedule.alphas_cumprod[{i}]", a)
-        if not 0 < a <= 1:
-            raise InputError(f"{path}: metadata field 'schedule.alphas_cumprod[{i}]' = {a} is not in (0, 1]")
+        # 0 is legal: a zero-terminal-SNR schedule's first step starts from pure noise
+        if not 0 <= a <= 1:
+            raise InputError(f"{path}: metadata field 'schedule.alphas_cumprod[{i}]' = {a} is not in [0, 1]")
     for key in ("final_alpha_cumprod", "sigma_data", "timestep_scaling"):
         if key in sch:
             _check_finite_number(path, f"schedule.{key}", sch[key])
