@@ -95,6 +95,7 @@ def benches(out_dir, tmp_path_factory):
     return load_bench(d / "t2" / "bench.json"), load_bench(d / "t1" / "bench.json"), d
 
 
+@pytest.mark.slow
 def test_bench_refuses_unvalidated_and_records_the_override(benches, out_dir, tmp_path):
     """The minimal output was never validated: refused by default, benched with the flag, recorded."""
     r = CliRunner().invoke(main, [str(out_dir), "--seconds", "0", "--no-progress", "-o", str(tmp_path / "b")])
@@ -128,6 +129,7 @@ def _variant(bench, name):
     return next(v for v in bench["variants"] if v["name"] == name)
 
 
+@pytest.mark.slow
 def test_bench_measures_engine_and_teacher(benches):
     b2, _, d = benches
     assert b2["version"] == BENCH_VERSION and b2["config"]["threads"] == 2
@@ -160,6 +162,7 @@ def test_bench_measures_engine_and_teacher(benches):
     assert "| onnxruntime/fp32" in md and "torch.compile on CPU is off" in md
 
 
+@pytest.mark.slow
 def test_flops_memory_and_fingerprint(benches):
     b2, b1, _ = benches
     # student.ckpt holds the teacher's weights here: one architecture, one FLOP count
@@ -188,6 +191,7 @@ def test_flops_memory_and_fingerprint(benches):
     assert b1["target"]["name"] != b2["target"]["name"]  # "x1t" vs "x2t"
 
 
+@pytest.mark.slow
 def test_no_budget_estimates_e2e(benches):
     _, b1, _ = benches
     for v in b1["variants"]:
@@ -199,6 +203,7 @@ def test_no_budget_estimates_e2e(benches):
     assert "e2e" not in b1["best"]  # estimates never win
 
 
+@pytest.mark.slow
 def test_merge_two_targets(benches, tmp_path):
     b2, b1, d = benches
     out = tmp_path / "targets.md"

@@ -189,6 +189,7 @@ def test_resume_after_stop_is_bit_identical(tiny, data_npy, tmp_path):
         assert torch.equal(v, w), k
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9(tiny, data_npy, tmp_path):
     """A real SIGKILL mid-run, then --resume: the same weights as an uninterrupted run."""
     args = [
@@ -371,6 +372,7 @@ def _ddp_worker(rank: int, world: int, port: int, tiny: str, data: str, out: str
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_ranks_end_identical(tiny, data_npy, tmp_path):
     from safetensors.torch import load_file
 

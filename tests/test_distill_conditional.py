@@ -74,6 +74,7 @@ def test_conditioning_reaches_the_teacher(cond_teacher, cond_npz):
     assert torch.equal(bind(net, c)(z, t), net(z, t, **c))
 
 
+@pytest.mark.slow
 def test_distill_conditional_then_compile(cond_teacher, cond_npz, tmp_path):
     out = tmp_path / "student.ckpt"
     res = CliRunner().invoke(
@@ -128,6 +129,7 @@ def test_bad_cond_files_are_one_line(cond_teacher, tmp_path, case):
     assert str(p) in _err(res)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,width", [("consistency", 1.0), ("progressive", 0.5)])
 def test_consistency_and_smaller_student_take_conditioning(cond_teacher, cond_npz, tmp_path, method, width):
     from optimizer.distill import DistillConfig, run_distillation

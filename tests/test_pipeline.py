@@ -49,6 +49,7 @@ def compiled(tiny_teacher_dir, tmp_path_factory):
     return res, parent / "rel" / "out"
 
 
+@pytest.mark.slow
 def test_compile_fp32_passes_and_writes_everything(compiled):
     res, out = compiled
     assert res.exit_code == 0, res.output
@@ -85,6 +86,7 @@ def test_compile_fp32_passes_and_writes_everything(compiled):
     assert "onnxruntime fp32" in res.output  # the terminal table
 
 
+@pytest.mark.slow
 def test_second_run_reuses_the_export(compiled, tiny_teacher_dir):
     """A re-run publishes a new run folder; the unchanged export is hard-linked into it, not redone."""
     from engines.manifest import Manifest
@@ -102,6 +104,7 @@ def test_second_run_reuses_the_export(compiled, tiny_teacher_dir):
     assert not old.exists()  # the previous run's folder is gone once the new one is published
 
 
+@pytest.mark.slow
 def test_failed_bar_exits_1_with_report(tiny_teacher_dir, tmp_path):
     res = invoke(
         tiny_teacher_dir,
@@ -120,6 +123,7 @@ def test_failed_bar_exits_1_with_report(tiny_teacher_dir, tmp_path):
     assert rep["passed"] is False and "call-level rel. L2" in rep["failures"][0]
 
 
+@pytest.mark.slow
 def test_failed_bar_with_triton_repo_exits_1_and_writes_no_repo(tiny_teacher_dir, tmp_path):
     repo = tmp_path / "repo"
     out = tmp_path / "out"
@@ -147,6 +151,7 @@ def orphan_ckpt(tiny_teacher_dir, tmp_path_factory):
     return save_checkpoint(ck, t.model, tmp_path_factory.mktemp("orphan") / "student.ckpt")
 
 
+@pytest.mark.slow
 def test_missing_teacher_is_skipped_with_reason(orphan_ckpt, tmp_path):
     res = invoke(orphan_ckpt, "-o", tmp_path, "--precision", "fp32", *FAST)
     assert res.exit_code == 0, res.output

@@ -29,6 +29,7 @@ def cond_teacher_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_unet2d_condition_fp32_fp16(cond_teacher_dir, tmp_path):
     res = CliRunner().invoke(
         main,
@@ -46,6 +47,7 @@ def test_unet2d_condition_fp32_fp16(cond_teacher_dir, tmp_path):
     assert by["fp16"]["parity"]["sample"]["psnr_db"] > 35
 
 
+@pytest.mark.slow
 def test_all_precisions_on_the_tiny_unet(tiny_teacher_dir, tmp_path):
     res = CliRunner().invoke(
         main, [str(tiny_teacher_dir), "--steps", "2", "-o", str(tmp_path), *FAST], catch_exceptions=False
@@ -66,6 +68,7 @@ def test_all_precisions_on_the_tiny_unet(tiny_teacher_dir, tmp_path):
     assert "nodes by precision" in md
 
 
+@pytest.mark.slow
 def test_int8_calibration_and_selection_options_reach_the_graph(tiny_teacher_dir, tmp_path):
     args = [
         str(tiny_teacher_dir),
@@ -91,6 +94,7 @@ def test_int8_calibration_and_selection_options_reach_the_graph(tiny_teacher_dir
     assert v["parity"]["call"]["rel_l2"] <= 5e-2
 
 
+@pytest.mark.slow
 def test_int8_with_no_quantizable_node_fails_instead_of_passing_as_fp32(tiny_teacher_dir, tmp_path):
     """A selection that keeps every node float gives the fp32 graph: that is no INT8 variant."""
     from optimizer.pipeline import CompileConfig, run
@@ -115,6 +119,7 @@ def test_int8_with_no_quantizable_node_fails_instead_of_passing_as_fp32(tiny_tea
     assert v.parity["call"]["rel_l2"] < 1e-5  # identical to fp32: why parity alone must not pass it
 
 
+@pytest.mark.slow
 def test_cond_file_feeds_calibration_and_samples(cond_teacher_dir, tmp_path):
     """--cond: the file's embeddings (here 3 tokens, not the default 77) shape the exported graph and
     are what calibration and the samples see; bad files are one-line errors (exit 2)."""
@@ -220,6 +225,7 @@ def test_relative_diffusers_folder_is_its_own_teacher(tiny_teacher_dir, monkeypa
     assert rep.teacher["available"]
 
 
+@pytest.mark.slow
 def test_cond_file_with_class_labels(tmp_path):
     """A class-conditional UNet2DModel: --cond with class_labels [N] (int), validated against
     num_class_embeds; the samples of label k come from the model asked for k."""
@@ -271,6 +277,7 @@ def test_cond_file_with_class_labels(tmp_path):
     assert bad.exit_code == 2 and "bad.npz" in bad.output and "outside [0, 3)" in bad.output
 
 
+@pytest.mark.slow
 def test_dit_through_dd_compile(tmp_path):
     """DiTTransformer2DModel (class_labels, a sliced output): exports, and fp32 parity holds; random
     class labels stay within its classes without --cond."""

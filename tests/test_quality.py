@@ -110,6 +110,7 @@ def test_random_projection_proxy():
     assert fid(imgs, imgs) == pytest.approx(0.0, abs=1e-6)  # default: proxy for 3x32x24
 
 
+@pytest.mark.slow
 def test_teacher_loads_and_samples(extractor):
     import torch
     from diffusers import DDPMScheduler, UNet2DModel

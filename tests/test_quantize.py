@@ -193,6 +193,7 @@ def test_int8_parity_check_vetoes(tiny_unet, tmp_path):
     assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(res.path)).graph.node)
 
 
+@pytest.mark.slow
 def test_condition_unet_fp16_and_int8(tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -260,6 +261,7 @@ def test_fp16_keeps_large_phase_sin_cos_in_fp32(tmp_path):
     assert naive.call_rel_l2 > 1e-2 and ours.call_rel_l2 < 1e-3
 
 
+@pytest.mark.slow
 def test_int8_placement_is_measured_and_reported(tiny_unet, tmp_path):
     """Both Q/DQ placements are built for the selected nodes; the kept one passes the bars, and
     nodes a shared placement leaves unfused are reported in float, never counted as int8."""

@@ -111,6 +111,7 @@ def infer(mod, url: str, seeds: list[int]) -> np.ndarray:
     return c.infer(MODEL, [x]).as_numpy("images")
 
 
+@pytest.mark.slow
 def test_concurrent_requests_match_the_runtime(server):
     jobs = [
         (http if i % 2 else grpc, server["http" if i % 2 else "grpc"], [2 * i, 2 * i + 1]) for i in range(8)
@@ -141,6 +142,7 @@ def malformed_requests():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(malformed_requests()))
 def test_malformed_request_gets_an_error_and_server_stays_up(server, case):
     inputs, message = malformed_requests()[case]

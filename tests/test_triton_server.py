@@ -81,6 +81,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_generated_sampler_model_serves_in_triton(tmp_path):
     py = serve_python()
     if (
