@@ -68,3 +68,26 @@ def test_committed_judge_is_accurate_on_held_out_digits():
     # and it is not fooled by a wrong prompt: shuffled labels score near chance
     wrong = judge.adherence(x, ex[1:] + ex[:1])
     assert wrong.both < 0.2
+
+
+def test_bundled_teacher_draws_the_digit_and_colour_it_is_asked_for():
+    import json
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from optimizer.demo.t2i.evaluate import fixed_latents, sample_pipeline
+    from optimizer.demo.t2i.train import DEFAULT_DIR
+
+    meta = json.loads((DEFAULT_DIR / "teacher.json").read_text())
+    assert meta["reference_steps"] == 50 and meta["reference_guidance_scale"] == 2.0
+    torch.set_num_threads(1)
+    pipe = StableDiffusionPipeline.from_pretrained(str(DEFAULT_DIR), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    ex = evaluation_prompts(30, seed=5)
+    images = sample_pipeline(pipe, ex, fixed_latents(30, seed=5), 8, 2.0)
+    adh = load_judge().adherence(images, ex)
+    # measured at 300 prompts, DDIM 50: digit 0.98, colour 1.00; at DDIM 8 on these 30: see assert
+    assert adh.digit >= 0.85 and adh.colour >= 0.95, adh
+    # and the prompt matters: the same latents under shuffled prompts no longer match their own
+    assert load_judge().adherence(images, ex[7:] + ex[:7]).both < 0.3

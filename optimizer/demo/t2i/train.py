@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DIR = Path(__file__).parent / "teacher"
 REFERENCE_STEPS = 50
-# diffusers' guidance_scale s: eps_u + s (eps_c - eps_u)
-REFERENCE_GUIDANCE = 4.0
+# diffusers' guidance_scale s: eps_u + s (eps_c - eps_u). Measured on the bundled teacher (300
+# prompts, DDIM 50): s = 2 gives digit 0.98 / colour 1.00 at FID 68.7; s = 4 over-saturates (FID 254.7)
+REFERENCE_GUIDANCE = 2.0
 
 
 @dataclass
