@@ -695,7 +695,14 @@ def time_variants(ctx: CompileContext, runners: dict[tuple[str, str], Any]) -> d
         t_runner = TorchRunner(Denoiser(teacher.model), ctx.spec, name="torch-teacher")
         t_runner.activate()
         baseline = (t_runner, teacher.schedule(teacher.reference_steps))
-    timings = measure(baseline, timed, ctx.shape, ctx.cond_fn, ctx.cfg.speed_config())
+    timings = measure(
+        baseline,
+        timed,
+        ctx.shape,
+        ctx.cond_fn,
+        ctx.cfg.speed_config(),
+        teacher_dir=teacher.path if teacher is not None else None,
+    )
     for v in ctx.report.variants:
         key = f"{v.backend} {v.precision}"
         v.timings = timings[key]
@@ -704,6 +711,7 @@ def time_variants(ctx: CompileContext, runners: dict[tuple[str, str], Any]) -> d
             v.speedup_vs_teacher = speedups(timings, key)
     if teacher is not None:
         ctx.report.teacher["latency_ms"] = _medians(timings["teacher"])
+        ctx.report.teacher["timing"] = timings["teacher"]  # the baseline, in-run vs fresh process
     best = ctx.report.recommend()
     if best:
         log.info("recommended: %s %s", best.backend, best.precision)

@@ -116,7 +116,9 @@ class CompileReport:
             pc, e2e = v.latency_ms.get("per_call", {}), v.latency_ms.get("end_to_end", {})
             sp_pc = v.speedup_vs_teacher.get("per_call", {})
             sp_e2e = v.speedup_vs_teacher.get("end_to_end", {})
-            fmt = lambda d, f: " / ".join(f"{f.format(x)} ({b})" for b, x in d.items()) or "-"  # noqa: E731
+            fmt = lambda d, f: (  # noqa: E731
+                " / ".join(f"{'n/a' if x is None else f.format(x)} ({b})" for b, x in d.items()) or "-"
+            )
             name = f"{v.backend} {v.precision}" + (" **recommended**" if v.recommended else "")
             lines.append(
                 f"| {name} | {c.get('rel_l2', float('nan')):.2e} | {c.get('max_abs', float('nan')):.2e} "

@@ -1,21 +1,25 @@
-"""Speedup against the PyTorch teacher, measured in the same process as each variant.
+"""Speedup against the PyTorch teacher.
 
 Per call: one denoiser evaluation at batch b. End to end: noise -> sample with each side's own
 sampler (the teacher at its reference step count, the student at its few steps). Same harness
-(engines.schedule.Sampler) on both sides, interleaved repeats, medians.
+(engines.schedule.Sampler) on both sides and the one timing loop (optimizer.timing): interleaved,
+until every median is stable or the budget ends. The teacher is timed again in a fresh process
+(optimizer.teacher_baseline) at its best thread count, free of the variants' thread pools; that
+figure is the one speedups divide, and the in-run one is checked against it.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engines.base import Runner
 from engines.schedule import Sampler, SamplingSchedule, draw_noise
-from optimizer.timing import time_interleaved
+from optimizer.timing import StopRule, comparable, time_until_stable
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +28,23 @@ log = logging.getLogger(__name__)
 class SpeedConfig:
     batch_sizes: tuple[int, ...] = (1, 16)
     warmup: int = 2
-    repeats: int = 7
-    max_seconds: float = 8.0  # per batch size and level; fewer repeats once exceeded (min 3)
+    repeats: int = 50  # most interleaved rounds per batch size and level
+    min_repeats: int = 5  # rounds always run; fewer samples never give a speedup
+    rel_tol: float = 0.03  # stable: median of the last half within this of the whole median
+    max_seconds: float = 8.0  # per batch size and level; more rounds stop once exceeded
+    fresh_teacher: bool = True  # re-time the teacher in its own process (needs its folder)
+    agree_tol: float = 0.10  # in-run vs fresh-process teacher medians
+    teacher_threads: tuple[int, ...] = ()  # the fresh process's grid (empty: 1, all cores, in-run)
+
+    def rule(self, warmup: int | None = None, max_seconds: float | None = None) -> StopRule:
+        return StopRule(
+            warmup=self.warmup if warmup is None else warmup,
+            min_rounds=self.min_repeats,
+            max_rounds=max(self.repeats, self.min_repeats),
+            min_samples=self.min_repeats,
+            rel_tol=self.rel_tol,
+            max_seconds=self.max_seconds if max_seconds is None else max_seconds,
+        )
 
 
 def _e2e(
@@ -40,17 +59,12 @@ def _e2e(
     return lambda: sampler(noise, step_noise, cond)
 
 
-def measure(
-    teacher: tuple[Runner, SamplingSchedule] | None,
-    variants: dict[str, tuple[Runner, SamplingSchedule]],
+def _time_in_process(
+    everyone: dict[str, tuple[Runner, SamplingSchedule]],
     sample_shape: tuple[int, ...],
     cond_fn: Any,
-    config: SpeedConfig = SpeedConfig(),
+    config: SpeedConfig,
 ) -> dict[str, dict[str, Any]]:
-    """name -> {"per_call": {b: timing}, "end_to_end": {b: timing}}; "teacher" among names."""
-    everyone = dict(variants)
-    if teacher is not None:
-        everyone = {"teacher": teacher, **variants}
     out: dict[str, dict[str, Any]] = {k: {"per_call": {}, "end_to_end": {}} for k in everyone}
     rng = np.random.default_rng(0)
     for b in config.batch_sizes:
@@ -60,14 +74,10 @@ def measure(
         for name, (runner, sch) in everyone.items():
             feeds = {"sample": x, "timestep": np.full((b,), sch.timesteps[0], np.float32), **cond}
             calls[name] = lambda r=runner, f=feeds: r.infer(f, check=False)
-        for name, t in time_interleaved(
-            calls, warmup=config.warmup, repeats=config.repeats, max_seconds=config.max_seconds
-        ).items():
+        for name, t in time_until_stable(calls, config.rule()).timings.items():
             out[name]["per_call"][b] = t.to_dict()
         e2e = {name: _e2e(r, sch, sample_shape, b, cond or None) for name, (r, sch) in everyone.items()}
-        for name, t in time_interleaved(
-            e2e, warmup=1, repeats=config.repeats, max_seconds=config.max_seconds
-        ).items():
+        for name, t in time_until_stable(e2e, config.rule(warmup=1)).timings.items():
             out[name]["end_to_end"][b] = t.to_dict()
         log.info(
             "timed batch %d: %s",
@@ -80,10 +90,69 @@ def measure(
     return out
 
 
-def speedups(timings: dict[str, dict[str, Any]], name: str) -> dict[str, dict[int, float]]:
-    """Teacher median / variant median, per level and batch size."""
+def teacher_baseline(
+    in_run: dict[str, dict[int, Any]],
+    teacher_dir: str | Path | None,
+    steps: int,
+    config: SpeedConfig,
+) -> dict[str, dict[int, Any]]:
+    """The teacher figures speedups divide (optimizer.teacher_baseline.judge): fresh process."""
+    import torch
+
+    from optimizer import teacher_baseline as tb
+
+    threads = torch.get_num_threads()
+    fresh, why = None, "no teacher folder given" if teacher_dir is None else "disabled (SpeedConfig)"
+    if teacher_dir is not None and config.fresh_teacher:
+        grid = (
+            sorted({*config.teacher_threads, threads}) if config.teacher_threads else tb.thread_grid(threads)
+        )
+        req = tb.BaselineRequest(
+            teacher=str(teacher_dir),
+            batch_sizes=list(config.batch_sizes),
+            steps=steps,
+            threads=grid,
+            rule=config.rule(max_seconds=config.max_seconds / len(grid)),
+        )
+        fresh, why = tb.fresh_teacher_timing(req)
+    return tb.judge(in_run, fresh, threads, why, config.agree_tol)
+
+
+def measure(
+    teacher: tuple[Runner, SamplingSchedule] | None,
+    variants: dict[str, tuple[Runner, SamplingSchedule]],
+    sample_shape: tuple[int, ...],
+    cond_fn: Any,
+    config: SpeedConfig = SpeedConfig(),
+    *,
+    teacher_dir: str | Path | None = None,
+) -> dict[str, dict[str, Any]]:
+    """name -> {"per_call": {b: timing}, "end_to_end": {b: timing}}; "teacher" among names.
+
+    The teacher's timings are its baseline (`teacher_baseline`) with their provenance; each
+    variant timing says in "speedup_null_reason" why no speedup may be stated (None: it may)."""
+    everyone = dict(variants)
+    if teacher is not None:
+        everyone = {"teacher": teacher, **variants}
+    out = _time_in_process(everyone, sample_shape, cond_fn, config)
+    if teacher is None:
+        return out
+    out["teacher"] = teacher_baseline(out["teacher"], teacher_dir, teacher[1].steps, config)
+    for name in variants:
+        for lvl in ("per_call", "end_to_end"):
+            for b, t in out[name][lvl].items():
+                t["speedup_null_reason"] = comparable(out["teacher"][lvl].get(b), t, config.min_repeats)
+    return out
+
+
+def speedups(timings: dict[str, dict[str, Any]], name: str) -> dict[str, dict[int, float | None]]:
+    """Teacher median / variant median, per level and batch size; None where either timing is too
+    few repeats or not stable (the variant's timing says why in "speedup_null_reason")."""
     t, v = timings["teacher"], timings[name]
     return {
-        lvl: {b: t[lvl][b]["median_ms"] / v[lvl][b]["median_ms"] for b in v[lvl]}
+        lvl: {
+            b: None if x.get("speedup_null_reason") else t[lvl][b]["median_ms"] / x["median_ms"]
+            for b, x in v[lvl].items()
+        }
         for lvl in ("per_call", "end_to_end")
     }
