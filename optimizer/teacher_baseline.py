@@ -91,7 +91,7 @@ def time_teacher(req: BaselineRequest) -> dict[str, Any]:
                 continue
             sampler = Sampler(sch, runner, output_name=spec.output_names[0])
             noise, step_noise = draw_noise(list(range(b)), shape, sch.steps)
-            fn = lambda n=noise, sn=step_noise, c=cond or None: sampler(n, sn, c)  # noqa: E731
+            fn = lambda s=sampler, n=noise, sn=step_noise, c=cond or None: s(n, sn, c)  # noqa: E731
             res["end_to_end"][b] = time_until_stable({"t": fn}, e2e_rule).timings["t"].to_dict()
         out[str(t)] = res
     runner.deactivate()
