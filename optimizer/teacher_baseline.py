@@ -40,6 +40,7 @@ class BaselineRequest:
     rule: StopRule = field(default_factory=StopRule)
     e2e_batches: list[int] | None = None  # None: every batch size
     seed: int = 0
+    device: str = "cpu"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -72,7 +73,7 @@ def time_teacher(req: BaselineRequest) -> dict[str, Any]:
     cfg = dict(teacher.model.config)
     spec = io_spec_for(teacher.model_class, cfg, req.batch_sizes)
     shape = sample_shape(teacher.model_class, cfg)
-    runner = TorchRunner(Denoiser(teacher.model), spec, name="torch-teacher")
+    runner = TorchRunner(Denoiser(teacher.model), spec, device=req.device, name="torch-teacher")
     runner.activate()
     sch = teacher.schedule(req.steps)
     e2e_rule = StopRule(**{**asdict(req.rule), "warmup": min(1, req.rule.warmup)})

@@ -146,11 +146,17 @@ def test_bench_measures_engine_and_teacher(benches):
                 assert r["images_per_s"] == pytest.approx(batch / (r["p50_ms"] / 1e3), rel=1e-3)
     # the teacher's e2e runs REF_STEPS model calls, the student's 2: several times the cost
     assert result(teacher, "e2e", 1)["p50_ms"] > 1.5 * result(student, "e2e", 1)["p50_ms"]
-    assert result(teacher, "call", 1)["speedup_vs_teacher"] == 1.0
-    s = result(student, "e2e", 2)
-    assert s["speedup_vs_teacher"] == pytest.approx(
-        result(teacher, "e2e", 2)["p50_ms"] / s["p50_ms"], rel=1e-3
-    )
+    # the teacher row holds the fresh-process baseline, the in-run figure beside it
+    assert b2["teacher_baseline"]["fresh_process"] is True
+    tb = result(teacher, "call", 1)["baseline"]
+    assert tb["source"] == "fresh process" and tb["in_run_threads"] == 2 and tb["threads"] in (1, 2)
+    assert tb["verdict"] == ("agree" if abs(tb["in_run_over_fresh"] - 1) <= 0.10 else "disagree")
+    # a speedup is stated exactly when both medians are stable, and is then the ratio of the p50s
+    for v, phase, batch in ((teacher, "call", 1), (student, "e2e", 2), (student, "call", 2)):
+        x, t = result(v, phase, batch), result(teacher, phase, batch)
+        want = t["p50_ms"] / x["p50_ms"] if x["stable"] and t["stable"] else None
+        assert x["speedup_vs_teacher"] == (None if want is None else pytest.approx(want, rel=1e-3))
+        assert (x["speedup_null_reason"] is None) == (want is not None)
     best = b2["best"]["e2e"]["1"]
     assert (
         best == min((result(v, "e2e", 1)["p50_ms"], v["name"]) for v in b2["variants"] if not v["skipped"])[1]
@@ -246,6 +252,26 @@ def test_time_until_stable_interleaves_and_ranks():
     switches = sum(1 for a, b in zip(order, order[1:], strict=False) if a != b)
     assert switches >= 2 * g.rounds - 1
     assert g.timings["slow"].median_ms > 3.5 > g.timings["fast"].median_ms
+
+
+def test_speedups_only_between_stable_timings():
+    from optimizer.bench.measure import _derive
+
+    def row(name, model, p50, stable, n=20):
+        x = {"phase": "call", "batch": 1, "p50_ms": p50, "n": n, "stable": stable, "method": "measured"}
+        return {"name": name, "model": model, "precision": "fp32", "skipped": None, "results": [x]}
+
+    rows = [
+        row("teacher/torch-eager/fp32", "teacher", 10.0, True),
+        row("a", "student", 2.0, True),
+        row("b", "student", 2.0, False),
+        row("c", "student", 2.0, True, n=3),
+    ]
+    _derive(rows, {}, {"fp32_gflops": 1.0}, min_samples=5)
+    got = {r["name"]: r["results"][0] for r in rows}
+    assert got["a"]["speedup_vs_teacher"] == 5.0 and got["a"]["speedup_null_reason"] is None
+    assert got["b"]["speedup_vs_teacher"] is None and "not stable" in got["b"]["speedup_null_reason"]
+    assert got["c"]["speedup_vs_teacher"] is None and "3 repeats" in got["c"]["speedup_null_reason"]
 
 
 def test_count_flops_matches_formula():

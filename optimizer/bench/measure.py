@@ -26,10 +26,12 @@ from engines.fileio import sha256_file
 from engines.iospec import random_feeds
 from engines.manifest import Manifest
 from engines.schedule import Sampler, draw_noise
+from optimizer import timing
 from optimizer.bench.fingerprint import fingerprint, target_name
+from optimizer.bench.flops import matmul_peak_gflops
 from optimizer.bench.schema import BENCH_FORMAT, BENCH_VERSION
 from optimizer.bench.variants import BenchContext, VariantSpec, cuda_available, discover
-from optimizer.timing import Timing
+from optimizer.timing import StopRule, Timing, TimingRun
 
 log = logging.getLogger(__name__)
 TEACHER_BASELINE = "teacher/torch-eager/fp32"  # speedups are relative to this row
@@ -49,20 +51,28 @@ class BenchConfig:
     warmup: int = 2  # untimed calls per variant and batch size
     min_rounds: int = 3
     max_rounds: int = 200
-    rel_tol: float = 0.02  # stable: the median moved < rel_tol over each of the last 2 rounds
+    # stable (optimizer.timing): >= min_samples samples, median of the last half within rel_tol of
+    # the whole median; speedups are stated only between stable timings
+    min_samples: int = 5
+    rel_tol: float = 0.03
     slice_s: float = 0.05  # per round, a variant repeats its call for at least this long
+    fresh_teacher: bool = True  # re-time the teacher baseline in its own process
+    agree_tol: float = 0.10  # in-run vs fresh-process teacher medians
     peak_seconds: float = 1.5  # matmul peak measurement per dtype
     seed: int = 0
     progress: bool = True  # tqdm bar on stderr while measuring
     target: str | None = None  # column name in merge tables (None: derived from the fingerprint)
 
-
-@dataclass
-class GroupResult:
-    timings: dict[str, Timing]
-    stable: dict[str, bool]
-    rounds: int
-    seconds: float
+    def rule(self, budget_s: float, warmup: int, min_rounds: int | None = None) -> StopRule:
+        return StopRule(
+            warmup=warmup,
+            min_rounds=self.min_rounds if min_rounds is None else min_rounds,
+            max_rounds=self.max_rounds,
+            min_samples=self.min_samples,
+            rel_tol=self.rel_tol,
+            max_seconds=budget_s,
+            slice_s=self.slice_s,
+        )
 
 
 def time_until_stable(
@@ -73,23 +83,11 @@ def time_until_stable(
     warmup: int,
     desc: str = "",
     min_rounds: int | None = None,
-) -> GroupResult:
-    """Interleaved rounds: in each, every variant runs for >= cfg.slice_s (at least one call).
-
-    Stops when every median is stable (after min_rounds) or the budget is spent; a cheap variant
-    thus collects many samples per round (meaningful p99) while heavy ones still alternate with it.
-    """
+) -> TimingRun:
+    """optimizer.timing's loop with dd-bench's rule and a progress bar: interleaved rounds, in each
+    every variant runs for >= cfg.slice_s, until every median is stable or the budget is spent."""
     from tqdm import tqdm
 
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    min_rounds = cfg.min_rounds if min_rounds is None else min_rounds
-    timings = {k: Timing(k) for k in fns}
-    history: dict[str, list[float]] = {k: [] for k in fns}
-    stable = {k: False for k in fns}
-    start = time.perf_counter()
-    rounds = 0
     with tqdm(
         total=round(budget_s, 1),
         desc=desc,
@@ -99,27 +97,12 @@ def time_until_stable(
         file=sys.stderr,
         bar_format="{desc}: {bar} {n:.0f}/{total:.0f}s {postfix}",
     ) as bar:
-        while rounds < cfg.max_rounds:
-            for k, fn in fns.items():
-                t_slice = time.perf_counter()
-                while True:
-                    t0 = time.perf_counter()
-                    fn()
-                    t1 = time.perf_counter()
-                    timings[k].samples_ms.append((t1 - t0) * 1e3)
-                    if t1 - t_slice >= cfg.slice_s:
-                        break
-            rounds += 1
-            for k, t in timings.items():
-                history[k].append(t.median_ms)
-                h = history[k]
-                stable[k] = len(h) >= 3 and all(abs(h[-1] - m) <= cfg.rel_tol * h[-1] for m in h[-3:-1])
-            elapsed = time.perf_counter() - start
-            bar.n = min(elapsed, budget_s)
-            bar.set_postfix_str(f"round {rounds}, {sum(stable.values())}/{len(stable)} stable")
-            if rounds >= min_rounds and (all(stable.values()) or elapsed >= budget_s):
-                break
-    return GroupResult(timings, stable, rounds, time.perf_counter() - start)
+
+        def show(run: TimingRun) -> None:
+            bar.n = min(run.seconds, budget_s)
+            bar.set_postfix_str(f"round {run.rounds}, {sum(run.stable.values())}/{len(run.stable)} stable")
+
+        return timing.time_until_stable(fns, cfg.rule(budget_s, warmup, min_rounds), on_round=show)
 
 
 def probe_memory(
@@ -206,7 +189,14 @@ def _count_flops(ctx: BenchContext, cfg: BenchConfig, root: Path) -> dict[str, A
     return out
 
 
-def _timing_dict(t: Timing | None, stable: bool | None) -> dict[str, Any]:
+def _timing_dict(t: Timing | dict[str, Any] | None, stable: bool | None) -> dict[str, Any]:
+    if isinstance(t, dict):  # a Timing.to_dict() from another process
+        return {
+            **{k: round(t[k], 4) for k in ("p10_ms", "p90_ms", "p99_ms", "spread")},
+            "p50_ms": round(t["median_ms"], 4),
+            "n": t["n"],
+            "stable": stable,
+        }
     if t is None:
         return {
             "p10_ms": None,
@@ -228,8 +218,47 @@ def _timing_dict(t: Timing | None, stable: bool | None) -> dict[str, Any]:
     }
 
 
+@dataclass
+class BenchSetup:
+    """Everything the timing and the assembly share: the context, the open runners, the probes."""
+
+    manifest: Manifest
+    ctx: BenchContext
+    variants: list[VariantSpec]
+    skipped: list[tuple[VariantSpec, str]]
+    runners: dict[str, Any]
+    batches: list[int]
+    threads: int
+    device: str
+    fingerprint: dict[str, Any]
+    flops: dict[str, Any]
+    peak: dict[str, Any]
+    peaks: dict[str, list[float]]
+    memory: dict[str, dict[str, Any]]
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        return tuple(self.peaks)
+
+
 def run_bench(out_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
     """Bench every variant of the student in `out_dir` (a dd-compile output) and the teacher."""
+    s = setup_bench(out_dir, cfg)
+    try:
+        results = time_variants(s, cfg)
+    finally:
+        for r in s.runners.values():
+            r.deactivate()
+    # after every runtime is released: the teacher alone in a fresh process
+    baseline = teacher_baseline(s, cfg, results)
+    for dt in s.dtypes:
+        s.peaks[dt].append(matmul_peak_gflops(s.device, dt, cfg.peak_seconds))
+    return assemble(s, cfg, results, baseline)
+
+
+def setup_bench(out_dir: str | Path, cfg: BenchConfig) -> BenchSetup:
+    """Check the inputs, discover the variants, count FLOPs, measure the peak, probe memory, open
+    every runner (one that cannot start is reported as skipped, not fatal)."""
     manifest = Manifest.load(out_dir)
     root = manifest.root
     if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
@@ -265,8 +294,6 @@ def run_bench(out_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
     t_setup = time.perf_counter()
 
     flops = _count_flops(ctx, cfg, root)
-    from optimizer.bench.flops import matmul_peak_gflops
-
     cuda = device.startswith("cuda")
     peak: dict[str, Any] = {
         "method": f"best of torch.mm n x n, {cfg.peak_seconds:g} s before and again after the "
@@ -282,7 +309,6 @@ def run_bench(out_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
             log.info("memory probe: %s", v.name)
             memory[v.name] = probe_memory(root, v, ctx)
 
-    # Open every runner; one that cannot start is reported as skipped, not fatal.
     runners: dict[str, Any] = {}
     for v in list(variants):
         try:
@@ -293,10 +319,17 @@ def run_bench(out_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
             skipped.append((v, f"failed to load: {str(e).splitlines()[0][:300]}"))
             variants.remove(v)
     log.info("setup (FLOPs, peak, memory probes, loading) took %.1f s", time.perf_counter() - t_setup)
+    return BenchSetup(
+        manifest, ctx, variants, skipped, runners, batches, threads, device, fp, flops, peak, peaks, memory
+    )
 
+
+def time_variants(s: BenchSetup, cfg: BenchConfig) -> dict[str, list[dict[str, Any]]]:
+    """Every (batch, phase) group in turn, its variants interleaved; name -> result entries."""
+    ctx, variants = s.ctx, s.variants
     rng = np.random.default_rng(cfg.seed)
     results: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
-    groups = [(b, ph) for b in batches for ph in ("call", "e2e")]
+    groups = [(b, ph) for b in s.batches for ph in ("call", "e2e")]
     t_start = time.perf_counter()
     call_p50: dict[tuple[str, int], float] = {}
     for gi, (b, phase) in enumerate(groups):
@@ -308,7 +341,7 @@ def run_bench(out_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
             if (why := ctx.batch_supported(v, b)) is not None:
                 results[v.name].append({"phase": phase, "batch": b, "skipped": why})
                 continue
-            spec, runner = ctx.spec(v), runners[v.name]
+            spec, runner = ctx.spec(v), s.runners[v.name]
             if phase == "call":
                 feeds = random_feeds(spec, {"batch": b}, rng)
                 fns[v.name] = lambda r=runner, f=feeds: r.infer(f)
@@ -330,10 +363,7 @@ def run_bench(out_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
             cond = conditioning_feeds(spec, b, rng)
             sampler = Sampler(sch, runner, output_name=spec.output_names[0])
             fns[v.name] = lambda s=sampler, n=noise, sn=step_noise, c=cond: s(n, sn, c)
-        try:
-            g = _run_group(fns, budget, cfg, phase, b, variants, skipped, runners)
-        except KeyboardInterrupt:
-            raise
+        g = _run_group(fns, budget, cfg, phase, b, variants, s.skipped, s.runners)
         for name, t in g.timings.items():
             if phase == "call":
                 call_p50[(name, b)] = t.median_ms
@@ -347,59 +377,138 @@ def run_bench(out_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
                 }
             )
         for name in estimated:
-            est = {
-                "phase": phase,
-                "batch": b,
-                "steps": steps[name],
-                "method": "estimated",
-                **_timing_dict(None, None),
-            }
-            est["p50_ms"] = round(steps[name] * call_p50[(name, b)], 4)
-            results[name].append(est)
+            results[name].append(_estimate(phase, b, steps[name], call_p50[(name, b)]))
         log.info("%s b=%d: %d rounds in %.1f s (budget %.1f s)", phase, b, g.rounds, g.seconds, budget)
-    for r in runners.values():
-        r.deactivate()
-    for dt in dtypes:
-        peaks[dt].append(matmul_peak_gflops(device, dt, cfg.peak_seconds))
-    peak["fp32_gflops"] = round(max(peaks["float32"]), 2)
-    peak["fp16_gflops"] = round(max(peaks["float16"]), 2) if cuda else None
-    peak["samples_gflops"] = {dt: [round(x, 2) for x in v] for dt, v in peaks.items()}
+    return results
 
-    rows = []
-    for v in variants:
-        rows.append(
-            {
-                **v.to_dict(),
-                "skipped": None,
-                "memory": memory.get(v.name),
-                "results": results[v.name],
-            }
+
+def _estimate(phase: str, b: int, steps: int, call_p50_ms: float) -> dict[str, Any]:
+    est = {"phase": phase, "batch": b, "steps": steps, "method": "estimated", **_timing_dict(None, None)}
+    est["p50_ms"] = round(steps * call_p50_ms, 4)
+    return est
+
+
+def teacher_baseline(
+    s: BenchSetup, cfg: BenchConfig, results: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any] | None:
+    """Re-time the eager teacher in a fresh process (optimizer.teacher_baseline) and put that figure
+    in its row, the in-run one and the verdict beside it: speedups divide the fresh figure."""
+    from optimizer import teacher_baseline as tb
+
+    row = results.get(TEACHER_BASELINE)
+    if row is None:
+        return None
+    lvl_of = {"call": "per_call", "e2e": "end_to_end"}
+    measured = [x for x in row if x.get("method") == "measured"]
+    in_run = {lvl: {} for lvl in tb.LEVELS}
+    for x in measured:
+        in_run[lvl_of[x["phase"]]][x["batch"]] = {
+            "median_ms": x["p50_ms"],
+            "n": x["n"],
+            "stable": x["stable"],
+        }
+    fresh, why = None, "disabled (BenchConfig.fresh_teacher)"
+    grid = tb.thread_grid(s.threads)
+    if cfg.fresh_teacher and in_run["per_call"]:
+        n_groups = 2 * len(s.batches)
+        req = tb.BaselineRequest(
+            teacher=str(s.ctx.teacher_path),
+            batch_sizes=sorted(in_run["per_call"]),
+            steps=s.ctx.reference_steps,
+            threads=grid,
+            rule=cfg.rule(cfg.seconds / n_groups / len(grid), cfg.warmup),
+            e2e_batches=sorted(in_run["end_to_end"]),
+            seed=cfg.seed,
+            device=s.device,
         )
-    for v, why in skipped:
-        rows.append({**v.to_dict(), "skipped": why, "memory": None, "results": []})
-    _derive(rows, flops, peak)
-    sch = manifest.schedule
+        fresh, why = tb.fresh_teacher_timing(req)
+    judged = tb.judge(in_run, fresh, s.threads, why, cfg.agree_tol)
+    for x in measured:
+        j = judged[lvl_of[x["phase"]]][x["batch"]]
+        if j["source"] != "fresh process":
+            x["baseline"] = {"source": j["source"], "verdict": j["verdict"]}
+            continue
+        x.update(_timing_dict(j, j.get("stable")))
+        x["baseline"] = {k: j[k] for k in _PROVENANCE}
+    call = {x["batch"]: x["p50_ms"] for x in row if x.get("phase") == "call" and x.get("p50_ms")}
+    for x in row:  # estimates follow the per-call figure they are made of
+        if x.get("method") == "estimated" and x["batch"] in call:
+            x["p50_ms"] = round(x["steps"] * call[x["batch"]], 4)
+    verdicts = [j["verdict"] for lvl in judged.values() for j in lvl.values()]
+    return {
+        "method": "the eager fp32 teacher re-timed in a fresh process (python -m "
+        "optimizer.teacher_baseline), after every runtime here was released, at each of "
+        f"threads {grid}; its best thread count per phase and batch is the baseline, and the "
+        f"in-run figure is checked against the fresh one at {s.threads} threads within "
+        f"{cfg.agree_tol:.0%}",
+        "fresh_process": fresh is not None,
+        "why_not": why or None,
+        "verdict": "agree"
+        if verdicts and all(v == "agree" for v in verdicts)
+        else "disagree"
+        if any(v == "disagree" for v in verdicts)
+        else "unchecked",
+    }
+
+
+_PROVENANCE = (
+    "source",
+    "threads",
+    "in_run_median_ms",
+    "in_run_threads",
+    "in_run_stable",
+    "fresh_same_threads_median_ms",
+    "in_run_over_fresh",
+    "tolerance",
+    "verdict",
+)
+
+
+def assemble(
+    s: BenchSetup,
+    cfg: BenchConfig,
+    results: dict[str, list[dict[str, Any]]],
+    baseline: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The bench JSON (optimizer/bench/schema.py)."""
+    peak, cuda = s.peak, s.device.startswith("cuda")
+    peak["fp32_gflops"] = round(max(s.peaks["float32"]), 2)
+    peak["fp16_gflops"] = round(max(s.peaks["float16"]), 2) if cuda else None
+    peak["samples_gflops"] = {dt: [round(x, 2) for x in v] for dt, v in s.peaks.items()}
+    rows = [
+        {**v.to_dict(), "skipped": None, "memory": s.memory.get(v.name), "results": results[v.name]}
+        for v in s.variants
+    ]
+    rows += [{**v.to_dict(), "skipped": why, "memory": None, "results": []} for v, why in s.skipped]
+    _derive(rows, s.flops, peak, cfg.min_samples)
+    sch, teacher_path = s.manifest.schedule, s.ctx.teacher_path
     return {
         "format": BENCH_FORMAT,
         "version": BENCH_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "target": {
-            "name": cfg.target or target_name(fp, device),
-            "device": device,
-            "fingerprint": fp,
+            "name": cfg.target or target_name(s.fingerprint, s.device),
+            "device": s.device,
+            "fingerprint": s.fingerprint,
         },
         "source": {
-            "manifest": str(manifest.path.resolve()),
-            "manifest_sha256": sha256_file(manifest.path),
-            "sample_shape": list(ctx.sample_shape),
+            "manifest": str(s.manifest.path.resolve()),
+            "manifest_sha256": sha256_file(s.manifest.path),
+            "sample_shape": list(s.ctx.sample_shape),
             "schedule": {"kind": sch.kind, "steps": sch.steps},
-            "teacher": {"path": str(teacher_path), "reference_steps": ctx.reference_steps}
+            "teacher": {"path": str(teacher_path), "reference_steps": s.ctx.reference_steps}
             if teacher_path
             else None,
         },
-        "config": {**asdict(cfg), "batch_sizes": batches, "threads": threads, "device": device},
+        "config": {
+            **asdict(cfg),
+            "batch_sizes": s.batches,
+            "threads": s.threads,
+            "device": s.device,
+        },
         "peak": peak,
-        "flops": flops,
+        "flops": s.flops,
+        "teacher_baseline": baseline,
         "variants": rows,
         "best": _best(rows),
     }
@@ -420,7 +529,7 @@ def _run_group(
     variants: list[VariantSpec],
     skipped: list,
     runners: dict,
-) -> GroupResult:
+) -> TimingRun:
     """Time one (phase, batch) group; a variant that raises is dropped with its error, not fatal."""
     while True:
         try:
@@ -453,10 +562,13 @@ def _which_fails(fns: dict[str, Callable[[], object]]) -> str | None:
     return None
 
 
-def _derive(rows: list[dict[str, Any]], flops: dict[str, Any], peak: dict[str, Any]) -> None:
-    """Fill images_per_s, speedup_vs_teacher, achieved_gflops and fraction_of_peak in place."""
+def _derive(
+    rows: list[dict[str, Any]], flops: dict[str, Any], peak: dict[str, Any], min_samples: int
+) -> None:
+    """Fill images_per_s, speedup_vs_teacher (null, with speedup_null_reason, unless both timings
+    are stable; estimates: their per-call timings), achieved_gflops, fraction_of_peak in place."""
     base = next((r for r in rows if r["name"] == TEACHER_BASELINE and not r["skipped"]), None)
-    ref = {(x["phase"], x["batch"]): x.get("p50_ms") for x in (base or {}).get("results", [])}
+    ref = {(x["phase"], x["batch"]): x for x in (base or {}).get("results", [])}
     for row in rows:
         n_flops = flops.get(row["model"])
         peak_g = (
@@ -464,13 +576,20 @@ def _derive(rows: list[dict[str, Any]], flops: dict[str, Any], peak: dict[str, A
             if row["precision"] == "fp16" and peak.get("fp16_gflops")
             else peak.get("fp32_gflops")
         )
+        calls = {x["batch"]: x for x in row["results"] if x.get("phase") == "call"}
         for x in row["results"]:
             p50 = x.get("p50_ms")
             if not p50:
                 continue
             x["images_per_s"] = round(x["batch"] / (p50 / 1e3), 3)
             t = ref.get((x["phase"], x["batch"]))
-            x["speedup_vs_teacher"] = round(t / p50, 3) if t else None
+            if x.get("method") == "estimated":
+                why = timing.comparable(ref.get(("call", x["batch"])), calls.get(x["batch"]), min_samples)
+            else:
+                why = timing.comparable(t, x, min_samples)
+            ok = t is not None and t.get("p50_ms") and why is None
+            x["speedup_vs_teacher"] = round(t["p50_ms"] / p50, 3) if ok else None
+            x["speedup_null_reason"] = None if ok else (why or "no teacher timing")
             if x["phase"] == "call" and n_flops:
                 g = n_flops * x["batch"] / (p50 / 1e3) / 1e9
                 x["achieved_gflops"] = round(g, 2)

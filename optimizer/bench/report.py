@@ -39,7 +39,7 @@ def rows(bench: dict[str, Any], phase: str) -> list[list[str]]:
                     _fmt(x["spread"], ".1%"),
                     f"{x['n']}" + ("" if x.get("stable") or est else " !"),
                     _fmt(x.get("images_per_s"), ".3g"),
-                    _fmt(x.get("speedup_vs_teacher"), ".2f") + "x",
+                    _fmt(x.get("speedup_vs_teacher"), ".2f") + ("x" if x.get("speedup_vs_teacher") else ""),
                     _fmt(x.get("fraction_of_peak"), ".1%"),
                     _fmt(mem.get(str(x["batch"])), ".0f")
                     + (f" / {_fmt(dev.get(str(x['batch'])), '.0f')}" if dev else ""),

@@ -11,6 +11,7 @@ FLOPs as counts per image per model call (one UNet evaluation).
     config: {batch_sizes, seconds, threads, warmup, min_rounds, rel_tol, ...}  (the BenchConfig)
     peak: {fp32_gflops, fp16_gflops | null, method}   matmul peak measured in the same run
     flops: {student: int | null, teacher: int | null, method}      per image per call
+    teacher_baseline: {method, fresh_process, why_not, verdict: agree|disagree|unchecked} | null
     variants: [{
         name           "onnxruntime/fp16", "tensorrt/int8", "teacher/torch-eager/fp32", ...
         model          "student" | "teacher"
@@ -24,10 +25,14 @@ FLOPs as counts per image per model call (one UNet evaluation).
             batch, steps   steps = model calls per phase run (1 for "call")
             method         "measured" | "estimated" (e2e only: steps x per-call p50, when one run
                            would not fit the time budget; timing percentiles are then null)
-            p10_ms, p50_ms, p90_ms, p99_ms, n, spread, stable
+            p10_ms, p50_ms, p90_ms, p99_ms, n, spread, stable   stable: optimizer.timing
+            baseline       teacher/torch-eager/fp32 only: its figures are the fresh-process
+                           ones; {source, threads, in_run_median_ms, in_run_threads,
+                           fresh_same_threads_median_ms, in_run_over_fresh, tolerance, verdict}
             images_per_s           batch / p50
             speedup_vs_teacher     teacher's p50 / this p50, same phase and batch (e2e: the teacher
-                                   with its reference steps vs the student sampler)
+                                   with its reference steps vs the student sampler); null
+                                   unless both timings are stable (speedup_null_reason says why)
             achieved_gflops, fraction_of_peak   phase "call" only; null without a FLOP count
         }]
     }]
