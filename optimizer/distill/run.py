@@ -127,67 +127,102 @@ def distill(cfg: DistillConfig, dist: Dist | None = None) -> Path:
 
 
 def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillResult:
-    _check(cfg)
-    dist = dist or init_distributed()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    t_start = time.perf_counter()
-    teacher = load_teacher(cfg.teacher)
-    if teacher.model_class not in ("UNet2DModel", "UNet2DConditionModel"):
-        raise InputError(
-            f"{cfg.teacher}: dd-distill supports UNet2DModel and UNet2DConditionModel teachers "
-            f"(got {teacher.model_class})"
-        )
-    cond_keys = conditioning.required_keys(teacher.model_class, dict(teacher.model.config))
-    cond_np = None
-    if cond_keys:
-        if cfg.cond is None:
-            raise InputError(
-                f"{cfg.teacher}: a conditional teacher ({teacher.model_class}) needs --cond, an "
-                f".npz with {cond_keys} (one row per training image)"
-            )
-        cond_np = conditioning.load_conditioning(cfg.cond, cond_keys, dict(teacher.model.config))
-    elif cfg.cond is not None:
-        raise InputError(f"{cfg.cond}: --cond given, but {cfg.teacher} is unconditional")
-    teacher.model.to(dist.device).requires_grad_(False).eval()
-    shape = sample_shape(teacher.model_class, dict(teacher.model.config))
-    T = int(teacher.scheduler.config.num_train_timesteps)
-    table, zero_snr, sched_cfg = _alphas(teacher, cfg)
-    t_pred = teacher.prediction_type
-    s_pred = _student_prediction(t_pred, zero_snr, cfg.steps)
+    return Distiller(cfg, dist).run()
 
-    # <stem>.distill/ is written only if new, empty or marked ours (engines/outdir.py); the main
-    # rank checks and claims it (the only rank that writes there)
-    work = cfg.work_dir
-    if dist.main:
-        check_target(work, "distill", "-o (its <stem>.distill/ folder)", protect=[cfg.teacher])
-        claim(work, "distill", Path(cfg.out).name)
-    data = torch.from_numpy(_load_data(cfg, teacher, shape, dist, cond_np)).to(dist.device)
-    cond_train = None
-    if cond_np is not None:
+
+class Distiller:
+    """One distillation run. The constructor loads the teacher, the data and the student and
+    resumes the training state; `run` trains the phases (each a method: `kd`, `progressive_round`,
+    `consistency`) and `finish` writes the checkpoint. A new method is a new phase method."""
+
+    def __init__(self, cfg: DistillConfig, dist: Dist | None = None):
+        _check(cfg)
+        self.cfg = cfg
+        self.dist = dist = dist or init_distributed()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.t_start = time.perf_counter()
+        self.teacher = teacher = self._load_teacher()
+        self.cond_np = self._load_conditioning()
+        teacher.model.to(dist.device).requires_grad_(False).eval()
+        self.shape = sample_shape(teacher.model_class, dict(teacher.model.config))
+        self.T = int(teacher.scheduler.config.num_train_timesteps)
+        self.table, self.zero_snr, self.sched_cfg = _alphas(teacher, cfg)
+        self.t_pred = teacher.prediction_type
+        self.s_pred = _student_prediction(self.t_pred, self.zero_snr, cfg.steps)
+
+        # <stem>.distill/ is written only if new, empty or marked ours (engines/outdir.py); the main
+        # rank checks and claims it (the only rank that writes there)
+        self.work = cfg.work_dir
+        if dist.main:
+            check_target(self.work, "distill", "-o (its <stem>.distill/ folder)", protect=[cfg.teacher])
+            claim(self.work, "distill", Path(cfg.out).name)
+        self.data = torch.from_numpy(_load_data(cfg, teacher, self.shape, dist, self.cond_np)).to(dist.device)
+        self.trainer = Trainer(
+            self.work,
+            self.data,
+            cfg.batch_size,
+            cfg.seed,
+            cfg.checkpoint_every,
+            dist,
+            cfg.stop_after,
+            cond=self._training_conditioning(),
+        )
+        # JSON round trip: the key is compared with the one read back from the state's JSON
+        self.key = json.loads(json.dumps({**cfg.training_key(), "teacher_sha256": teacher.weights_sha256}))
+        if cfg.resume:
+            self.trainer.try_resume(self.key)
+        self.evaluator = self._evaluator()
+
+        self.student_model = self._student_model()
+        self.student_model.to(dist.device).requires_grad_(True).train()
+        self.student = Denoiser(self.student_model)
+        self.teacher_net = Denoiser(teacher.model)
+        self.record = self._record_header()
+        self.phase_index = 0  # the next phase's position (checkpoints and RNG streams are keyed by it)
+        self.schedule: SamplingSchedule | None = None  # the student's sampler, set by the last phase
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def _load_teacher(self) -> Any:
+        cfg = self.cfg
+        teacher = load_teacher(cfg.teacher)
+        if teacher.model_class not in ("UNet2DModel", "UNet2DConditionModel"):
+            raise InputError(
+                f"{cfg.teacher}: dd-distill supports UNet2DModel and UNet2DConditionModel teachers "
+                f"(got {teacher.model_class})"
+            )
+        return teacher
+
+    def _load_conditioning(self) -> dict[str, np.ndarray] | None:
+        cfg, teacher = self.cfg, self.teacher
+        cond_keys = conditioning.required_keys(teacher.model_class, dict(teacher.model.config))
+        if cond_keys:
+            if cfg.cond is None:
+                raise InputError(
+                    f"{cfg.teacher}: a conditional teacher ({teacher.model_class}) needs --cond, an "
+                    f".npz with {cond_keys} (one row per training image)"
+                )
+            return conditioning.load_conditioning(cfg.cond, cond_keys, dict(teacher.model.config))
+        if cfg.cond is not None:
+            raise InputError(f"{cfg.cond}: --cond given, but {cfg.teacher} is unconditional")
+        return None
+
+    def _training_conditioning(self) -> dict[str, torch.Tensor] | None:
+        cfg, cond_np, data = self.cfg, self.cond_np, self.data
+        if cond_np is None:
+            return None
         if cfg.data is not None and len(next(iter(cond_np.values()))) != len(data):
             raise InputError(
                 f"{cfg.cond}: {len(next(iter(cond_np.values())))} conditioning rows for "
                 f"{len(data)} images in {cfg.data} (one row per image)"
             )
-        cond_train = {k: v.to(dist.device) for k, v in conditioning.rows(cond_np, len(data)).items()}
-    trainer = Trainer(
-        work,
-        data,
-        cfg.batch_size,
-        cfg.seed,
-        cfg.checkpoint_every,
-        dist,
-        cfg.stop_after,
-        cond=cond_train,
-    )
-    # JSON round trip: the key is compared with the one read back from the state's JSON
-    key = json.loads(json.dumps({**cfg.training_key(), "teacher_sha256": teacher.weights_sha256}))
-    if cfg.resume:
-        trainer.try_resume(key)
+        return {k: v.to(self.dist.device) for k, v in conditioning.rows(cond_np, len(data)).items()}
 
-    evaluator = None
-    if dist.main and cfg.eval_samples > 0:
+    def _evaluator(self) -> Evaluator | None:
+        cfg, data = self.cfg, self.data
+        if not (self.dist.main and cfg.eval_samples > 0):
+            return None
         ref, ref_name = (
             data.cpu().numpy(),
             ("--data" if cfg.data else "data-free teacher samples") + f" ({len(data)} images)",
@@ -196,21 +231,26 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
             from optimizer.quality import load_digits_images
 
             ref, ref_name = load_digits_images()[0], "all 1797 sklearn digits"
-        evaluator = Evaluator(
-            teacher,
-            Denoiser(teacher.model),
-            shape,
+        return Evaluator(
+            self.teacher,
+            Denoiser(self.teacher.model),
+            self.shape,
             cfg.eval_samples,
             ref,
             ref_name,
-            dist.device,
-            cond=conditioning.rows(cond_np, cfg.eval_samples) if cond_np is not None else None,
+            self.dist.device,
+            cond=conditioning.rows(self.cond_np, cfg.eval_samples) if self.cond_np is not None else None,
         )
 
-    # -- the student ----------------------------------------------------------------------------
-    t_cfg = dict(teacher.model.config)
-    if cfg.width < 1.0 or cfg.layers_per_block is not None:
-        s_cfg = smaller.smaller_config(t_cfg, cfg.width, cfg.layers_per_block)
+    @property
+    def smaller(self) -> bool:
+        return self.cfg.width < 1.0 or self.cfg.layers_per_block is not None
+
+    def _student_model(self) -> torch.nn.Module:
+        teacher = self.teacher
+        if not self.smaller:
+            return copy.deepcopy(teacher.model)
+        s_cfg = smaller.smaller_config(dict(teacher.model.config), self.cfg.width, self.cfg.layers_per_block)
         student_model = type(teacher.model).from_config(s_cfg)
         counts = smaller.init_from_teacher(student_model, teacher.model)
         log.info(
@@ -219,32 +259,49 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
             smaller.parameter_count(student_model),
             counts,
         )
-    else:
-        student_model = copy.deepcopy(teacher.model)
-    student_model.to(dist.device).requires_grad_(True).train()
-    student = Denoiser(student_model)
-    teacher_net = Denoiser(teacher.model)
-    record: dict[str, Any] = {
-        "method": cfg.method,
-        "steps": cfg.steps,
-        "student_prediction_type": s_pred,
-        "zero_terminal_snr": zero_snr,
-        "config": cfg.to_dict(),
-        "world_size": dist.world,
-        "teacher_parameters": smaller.parameter_count(teacher.model),
-        "student_parameters": smaller.parameter_count(student_model),
-        "data": cfg.data
-        or (
-            "all 1797 sklearn digits"
-            if cfg.demo
-            else f"data-free: {cfg.data_free_samples} teacher reference samples"
-        ),
-    }
-    if evaluator is not None:
-        record["quality"] = evaluator.header()
-    phase_index = 0
+        return student_model
 
-    def evaluate_round(name: str, net: torch.nn.Module, schedule: SamplingSchedule, extra: dict) -> dict:
+    def _record_header(self) -> dict[str, Any]:
+        cfg = self.cfg
+        record: dict[str, Any] = {
+            "method": cfg.method,
+            "steps": cfg.steps,
+            "student_prediction_type": self.s_pred,
+            "zero_terminal_snr": self.zero_snr,
+            "config": cfg.to_dict(),
+            "world_size": self.dist.world,
+            "teacher_parameters": smaller.parameter_count(self.teacher.model),
+            "student_parameters": smaller.parameter_count(self.student_model),
+            "data": cfg.data
+            or (
+                "all 1797 sklearn digits"
+                if cfg.demo
+                else f"data-free: {cfg.data_free_samples} teacher reference samples"
+            ),
+        }
+        if self.evaluator is not None:
+            record["quality"] = self.evaluator.header()
+        return record
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def run(self) -> DistillResult:
+        if self.smaller:
+            self.kd()
+        if self.cfg.method == "progressive":
+            self.progressive()
+        else:
+            self.consistency()
+        return self.finish()
+
+    def ddim(self, steps: int) -> SamplingSchedule:
+        return _ddim_schedule(self.table, self.T, steps, self.s_pred)
+
+    def evaluate_round(
+        self, name: str, net: torch.nn.Module, schedule: SamplingSchedule, extra: dict
+    ) -> dict:
+        """The round's record: its losses and time, and (rank 0, --eval-samples) FID/PSNR + a grid."""
+        trainer, evaluator, teacher = self.trainer, self.evaluator, self.teacher
         rec = {"round": name, **extra}
         losses = trainer.meta["losses"].get(str(extra["phase"]), [])
         rec.update(summarize_losses(losses))
@@ -253,7 +310,7 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
             m, x = evaluator.measure(net, schedule)
             rec.update(m)
             save_grid(
-                work / f"round{extra['phase']}_samples.png",
+                self.work / f"round{extra['phase']}_samples.png",
                 [
                     (f"teacher-{teacher.reference_steps}", evaluator.teacher_ref),
                     (f"teacher-{schedule.steps}", evaluator.teacher_samples(schedule.steps)),
@@ -273,6 +330,7 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
         return rec
 
     def run_phase(
+        self,
         phase: Phase,
         record_name: str,
         schedule: SamplingSchedule | None,
@@ -282,25 +340,27 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
     ) -> None:
         """Train a phase (unless a resumed run already finished it), evaluate the student with
         `schedule` (None: no evaluation) and checkpoint the start of the next phase."""
-        if trainer.done(phase.index):
-            return
-        trainer.run(phase, key)
-        if before_eval is not None:
-            before_eval()
-        rec = None
-        if dist.main and schedule is not None:
-            rec = evaluate_round(
-                record_name, student, schedule, {"phase": phase.index, **extra, "iters": phase.iters}
-            )
-        trainer.finish_phase(key, phase, next_modules, rec)
+        trainer = self.trainer
+        if not trainer.done(phase.index):
+            trainer.run(phase, self.key)
+            if before_eval is not None:
+                before_eval()
+            rec = None
+            if self.dist.main and schedule is not None:
+                rec = self.evaluate_round(
+                    record_name, self.student, schedule, {"phase": phase.index, **extra, "iters": phase.iters}
+                )
+            trainer.finish_phase(self.key, phase, next_modules, rec)
+        self.phase_index += 1
 
-    # -- optional knowledge distillation into the smaller student (BK-SDM) ----------------------
-    if cfg.width < 1.0 or cfg.layers_per_block is not None:
-        kd_net = smaller.KDStudent(student, student_model, teacher.model).to(dist.device)
-        t_tap = smaller.FeatureTap(teacher.model)
-        a_table = torch.from_numpy(table.astype(np.float32))
+    def kd(self) -> None:
+        """Knowledge distillation into the smaller student (BK-SDM): outputs and features."""
+        cfg, student, teacher_net, t_pred = self.cfg, self.student, self.teacher_net, self.t_pred
+        kd_net = smaller.KDStudent(student, self.student_model, self.teacher.model).to(self.dist.device)
+        t_tap = smaller.FeatureTap(self.teacher.model)
+        a_table = torch.from_numpy(self.table.astype(np.float32))
         phase = Phase(
-            phase_index,
+            self.phase_index,
             "KD (smaller student)",
             cfg.kd_iters or cfg.iters,
             cfg.kd_lr,
@@ -315,66 +375,77 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
             t_tap.remove()
             kd_net.tap.remove()
 
-        run_phase(
+        ref_steps = self.teacher.reference_steps
+        self.run_phase(
             phase,
             "KD",
             # the KD student is evaluated at the teacher's steps when it predicts what the teacher does
-            _ddim_schedule(table, T, teacher.reference_steps, s_pred) if t_pred == s_pred else None,
-            {"student_steps": teacher.reference_steps},
+            self.ddim(ref_steps) if t_pred == self.s_pred else None,
+            {"student_steps": ref_steps},
             {"student": student} if cfg.method == "progressive" else {"student": student, "target": student},
             before_eval=remove_taps,
         )
-        t_tap.remove()  # (removing twice is harmless)
-        kd_net.tap.remove()
-        phase_index += 1
+        remove_taps()  # (removing twice is harmless)
 
-    # -- step distillation -----------------------------------------------------------------------
-    if cfg.method == "progressive":
-        t_steps = cfg.teacher_steps or progressive.default_teacher_steps(teacher.reference_steps, cfg.steps)
+    def progressive(self) -> None:
+        """Progressive distillation (Salimans & Ho 2022): rounds halving the step count."""
+        cfg = self.cfg
+        t_steps = cfg.teacher_steps or progressive.default_teacher_steps(
+            self.teacher.reference_steps, cfg.steps
+        )
         plan = progressive.round_plan(t_steps, cfg.steps)
         prev = t_steps
         for r, n in enumerate(plan):
-            is_last = r == len(plan) - 1
-            grid = progressive.RoundGrid(table, T, n)
-            round_teacher = teacher_net if r == 0 else copy.deepcopy(student).requires_grad_(False).eval()
-            mods = {"student": student} if r == 0 else {"student": student, "round_teacher": round_teacher}
-            tp = t_pred if r == 0 else s_pred
-            name = f"round {r + 1}/{len(plan)} ({prev}->{n} steps)"
-            phase = Phase(
-                phase_index,
-                name,
-                cfg.iters_of_round(r, len(plan)),
-                cfg.lr,
-                student,
-                lambda net, x, g, c, rt=round_teacher, gr=grid, tp=tp: progressive.pd_loss(
-                    bind(net, c), bind(rt, c), gr, x, g, s_pred, tp
-                ),
-                mods,
-            )
-            run_phase(
-                phase,
-                name,
-                _ddim_schedule(table, T, n, s_pred),
-                {"teacher_steps": prev, "student_steps": n},
-                {"student": student} if is_last else {"student": student, "round_teacher": student},
-            )
-            phase_index += 1
+            self.progressive_round(r, len(plan), prev, n)
             prev = n
-        schedule = _ddim_schedule(table, T, cfg.steps, s_pred)
-    else:
-        if s_pred != t_pred:
+        self.schedule = self.ddim(cfg.steps)
+
+    def progressive_round(self, r: int, n_rounds: int, prev: int, n: int) -> None:
+        """Round r: the student learns in n steps what the round's teacher does in prev."""
+        student, s_pred = self.student, self.s_pred
+        is_last = r == n_rounds - 1
+        grid = progressive.RoundGrid(self.table, self.T, n)
+        round_teacher = self.teacher_net if r == 0 else copy.deepcopy(student).requires_grad_(False).eval()
+        mods = {"student": student} if r == 0 else {"student": student, "round_teacher": round_teacher}
+        tp = self.t_pred if r == 0 else s_pred
+        name = f"round {r + 1}/{n_rounds} ({prev}->{n} steps)"
+        phase = Phase(
+            self.phase_index,
+            name,
+            self.cfg.iters_of_round(r, n_rounds),
+            self.cfg.lr,
+            student,
+            lambda net, x, g, c: progressive.pd_loss(
+                bind(net, c), bind(round_teacher, c), grid, x, g, s_pred, tp
+            ),
+            mods,
+        )
+        self.run_phase(
+            phase,
+            name,
+            self.ddim(n),
+            {"teacher_steps": prev, "student_steps": n},
+            {"student": student} if is_last else {"student": student, "round_teacher": student},
+        )
+
+    def consistency(self) -> None:
+        """Consistency distillation (LCM-style): a solver grid, an EMA target, a Huber loss."""
+        cfg, student, teacher_net, s_pred = self.cfg, self.student, self.teacher_net, self.s_pred
+        if s_pred != self.t_pred:
             raise InputError(
                 "consistency distillation keeps the teacher's prediction type; "
                 "use an x- or v-prediction teacher for 1-2 steps"
             )
-        grid = consistency.SolverGrid(table, T, cfg.solver_steps)
+        grid = consistency.SolverGrid(self.table, self.T, cfg.solver_steps)
         target = copy.deepcopy(student).requires_grad_(False).eval()
-        huber_c = cfg.huber_c or consistency.default_huber_c(int(np.prod(shape)))
-        ts = consistency.lcm_timesteps(sched_cfg, cfg.steps, cfg.solver_steps)
-        schedule = SamplingSchedule.from_alphas(table, ts, kind="consistency", prediction_type=s_pred)
+        huber_c = cfg.huber_c or consistency.default_huber_c(int(np.prod(self.shape)))
+        ts = consistency.lcm_timesteps(self.sched_cfg, cfg.steps, cfg.solver_steps)
+        self.schedule = SamplingSchedule.from_alphas(
+            self.table, ts, kind="consistency", prediction_type=s_pred
+        )
         name = f"consistency ({cfg.solver_steps}-step solver, {cfg.steps}-step sampler)"
         phase = Phase(
-            phase_index,
+            self.phase_index,
             name,
             cfg.iters,
             cfg.lr,
@@ -385,53 +456,60 @@ def run_distillation(cfg: DistillConfig, dist: Dist | None = None) -> DistillRes
             {"student": student, "target": target},
             after_step=lambda: consistency.ema_update(target, student, cfg.ema_decay),
         )
-        run_phase(
-            phase, name, schedule, {"student_steps": cfg.steps, "huber_c": huber_c}, {"student": student}
+        self.run_phase(
+            phase, name, self.schedule, {"student_steps": cfg.steps, "huber_c": huber_c}, {"student": student}
         )
-        record["solver_steps"] = cfg.solver_steps
-    if trainer.resume_tensors is not None and trainer.meta["phase"] >= phase_index:
-        # resumed after the last phase had already finished
-        from optimizer.distill.trainer import load_module
+        self.record["solver_steps"] = cfg.solver_steps
 
-        load_module("student", student, trainer.resume_tensors)
+    def finish(self) -> DistillResult:
+        """Write student.ckpt, the report, the loss plot (rank 0); drop the resumable state."""
+        cfg, trainer, dist, teacher, record = self.cfg, self.trainer, self.dist, self.teacher, self.record
+        student_model, work = self.student_model, self.work
+        if trainer.resume_tensors is not None and trainer.meta["phase"] >= self.phase_index:
+            # resumed after the last phase had already finished
+            from optimizer.distill.trainer import load_module
 
-    if dist.enabled:
-        _check_ranks_agree(student_model)
-    record["rounds"] = trainer.meta["records"]
-    record["seconds"] = round(sum(trainer.meta["seconds"].values()), 1)
-    record["wall_seconds_this_run"] = round(time.perf_counter() - t_start, 1)
-    out = Path(cfg.out)
-    if dist.main:
-        ckpt = StudentCheckpoint(
-            model_class=teacher.model_class,
-            model_config={k: v for k, v in dict(student_model.config).items() if not k.startswith("_")},
-            scheduler_class=type(teacher.scheduler).__name__,
-            scheduler_config=sched_cfg,
-            schedule=schedule,
-            teacher=TeacherRef(
-                path=_teacher_ref_path(teacher.path, out, cfg.demo),
-                sha256=teacher.weights_sha256,
-                reference_sampler=teacher.reference_sampler,
-                reference_steps=teacher.reference_steps,
-            ),
-            distillation=record,
-        )
-        student_model.eval()
-        save_checkpoint(ckpt, student_model, out)
-        write_json_atomic(work / "report.json", record)
-        names = trainer.meta.get("names", {})
-        save_loss_plot(work / "losses.png", {names.get(k, k): v for k, v in trainer.meta["losses"].items()})
-        (work / "state.safetensors").unlink(missing_ok=True)  # finished: nothing to resume
-        log.info(
-            "wrote %s (%s, %d steps) in %.0f s; report in %s",
-            out,
-            cfg.method,
-            cfg.steps,
-            time.perf_counter() - t_start,
-            work,
-        )
-    dist.barrier()
-    return DistillResult(out, student_model, record)
+            load_module("student", self.student, trainer.resume_tensors)
+
+        if dist.enabled:
+            _check_ranks_agree(student_model)
+        record["rounds"] = trainer.meta["records"]
+        record["seconds"] = round(sum(trainer.meta["seconds"].values()), 1)
+        record["wall_seconds_this_run"] = round(time.perf_counter() - self.t_start, 1)
+        out = Path(cfg.out)
+        if dist.main:
+            ckpt = StudentCheckpoint(
+                model_class=teacher.model_class,
+                model_config={k: v for k, v in dict(student_model.config).items() if not k.startswith("_")},
+                scheduler_class=type(teacher.scheduler).__name__,
+                scheduler_config=self.sched_cfg,
+                schedule=self.schedule,
+                teacher=TeacherRef(
+                    path=_teacher_ref_path(teacher.path, out, cfg.demo),
+                    sha256=teacher.weights_sha256,
+                    reference_sampler=teacher.reference_sampler,
+                    reference_steps=teacher.reference_steps,
+                ),
+                distillation=record,
+            )
+            student_model.eval()
+            save_checkpoint(ckpt, student_model, out)
+            write_json_atomic(work / "report.json", record)
+            names = trainer.meta.get("names", {})
+            save_loss_plot(
+                work / "losses.png", {names.get(k, k): v for k, v in trainer.meta["losses"].items()}
+            )
+            (work / "state.safetensors").unlink(missing_ok=True)  # finished: nothing to resume
+            log.info(
+                "wrote %s (%s, %d steps) in %.0f s; report in %s",
+                out,
+                cfg.method,
+                cfg.steps,
+                time.perf_counter() - self.t_start,
+                work,
+            )
+        dist.barrier()
+        return DistillResult(out, student_model, record)
 
 
 def _teacher_ref_path(teacher: Path, out: Path, demo: bool) -> str:
@@ -455,7 +533,3 @@ def _check_ranks_agree(model: torch.nn.Module) -> None:
     torch.distributed.all_gather(all_s, s)
     if any(not torch.equal(a, all_s[0]) for a in all_s):
         raise RuntimeError(f"DDP ranks disagree on the final weights: {[float(a) for a in all_s]}")
-
-
-def config_from_json(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
