@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import logging
+import statistics
 import time
 
 import numpy as np
@@ -86,6 +87,10 @@ def _spinning_ort_variant(path, spec):
     return OnnxRuntimeRunner(path, spec, threads=2, name="spinning-ort")
 
 
+def _median_ratio(a: list[dict], b: list[dict], key: str) -> float:
+    return statistics.median(x[key] for x in a) / statistics.median(x[key] for x in b)
+
+
 @pytest.mark.slow
 def test_teacher_baseline_does_not_move_under_interference(tiny_teacher_dir, tmp_path, monkeypatch):
     import torch
@@ -112,32 +117,37 @@ def test_teacher_baseline_does_not_move_under_interference(tiny_teacher_dir, tmp
     def baseline(variants: dict) -> dict:
         return measure((runner, sch), variants, shape, None, cfg, teacher_dir=tiny_teacher_dir)["teacher"]
 
-    def moved(quiet: dict, noisy: dict) -> float:
-        return max(abs(noisy[lvl][1]["median_ms"] / quiet[lvl][1]["median_ms"] - 1) for lvl in quiet)
-
-    # The machine is shared: others' load moves even a lone process's timings between runs, so
-    # up to four (alone, beside the spinning session) pairs are measured; a systematic effect of
-    # the session on the reported figure would show in every pair, others' load rarely in all.
-    pairs = []
-    for _ in range(4):
-        quiet, noisy = baseline({}), baseline({"spin": (spin, sch)})
-        pairs.append((quiet, noisy))
-        for lvl in ("per_call", "end_to_end"):
-            q, n = quiet[lvl][1], noisy[lvl][1]
-            log.warning(
-                "%s: reported %.3f -> %.3f ms beside the spinning session (in-run %.3f -> %.3f ms; "
-                "verdicts %s, %s)",
-                lvl,
-                q["median_ms"],
-                n["median_ms"],
-                q["in_run_median_ms"],
-                n["in_run_median_ms"],
-                q["verdict"],
-                n["verdict"],
-            )
-            assert q["source"] == n["source"] == "fresh process" and q["threads"] == n["threads"] == 1
-            assert q["n"] >= cfg.min_repeats and n["tolerance"] == tol
-            assert n["verdict"] in ("agree", "disagree")
-        if moved(quiet, noisy) <= tol:
-            break
-    assert min(moved(q, n) for q, n in pairs) <= tol
+    # The machine is shared: others' load moves even a lone process's timings by 10-20% from one
+    # run to the next. So three alternating (alone, beside the spinning session) measurements are
+    # made and their medians compared: a systematic effect of the session on the reported figure
+    # shows in the medians, a burst of others' load in one run does not.
+    quiet, noisy = [], []
+    for _ in range(3):
+        quiet.append(baseline({}))
+        noisy.append(baseline({"spin": (spin, sch)}))
+    moved: dict[str, tuple[float, float]] = {}
+    for lvl in ("per_call", "end_to_end"):
+        q = [x[lvl][1] for x in quiet]
+        n = [x[lvl][1] for x in noisy]
+        fig = lambda xs, k: [round(x[k], 3) for x in xs]  # noqa: E731
+        log.warning(
+            "%s: reported alone %s, beside the spinning session %s ms; in-run alone %s, beside %s ms; "
+            "verdicts beside: %s",
+            lvl,
+            fig(q, "median_ms"),
+            fig(n, "median_ms"),
+            fig(q, "in_run_median_ms"),
+            fig(n, "in_run_median_ms"),
+            [x["verdict"] for x in n],
+        )
+        for x in q + n:
+            assert x["source"] == "fresh process" and x["threads"] == 1 and x["n"] >= cfg.min_repeats
+            assert x["tolerance"] == tol and x["verdict"] in ("agree", "disagree")
+        mq = statistics.median(x["median_ms"] for x in q)
+        mn = statistics.median(x["median_ms"] for x in n)
+        # the machine's own run-to-run noise, seen in the three runs alone (0 on a quiet machine)
+        noise = max(x["median_ms"] for x in q) / min(x["median_ms"] for x in q) - 1
+        assert abs(mn / mq - 1) <= tol + noise, (lvl, mq, mn, noise)
+        moved[lvl] = (abs(mn / mq - 1), _median_ratio(n, q, "in_run_median_ms") - 1)
+    # the planted session does disturb the teacher timed beside it; the reported figure less so
+    assert max(m[1] for m in moved.values()) > max(m[0] for m in moved.values()), moved
