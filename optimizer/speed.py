@@ -32,6 +32,9 @@ class SpeedConfig:
     min_repeats: int = 5  # rounds always run; fewer samples never give a speedup
     rel_tol: float = 0.03  # stable: median of the last half within this of the whole median
     max_seconds: float = 8.0  # per batch size and level; more rounds stop once exceeded
+    # per round a variant repeats its call for at least this long: a cheap student collects enough
+    # samples for a stable median in the rounds a 64-step teacher needs for its own
+    slice_s: float = 0.02
     fresh_teacher: bool = True  # re-time the teacher in its own process (needs its folder)
     agree_tol: float = 0.10  # in-run vs fresh-process teacher medians
     teacher_threads: tuple[int, ...] = ()  # the fresh process's grid (empty: 1, all cores, in-run)
@@ -44,6 +47,7 @@ class SpeedConfig:
             min_samples=self.min_repeats,
             rel_tol=self.rel_tol,
             max_seconds=self.max_seconds if max_seconds is None else max_seconds,
+            slice_s=self.slice_s,
         )
 
 
