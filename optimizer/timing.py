@@ -25,7 +25,7 @@ class StopRule:
     min_rounds: int = 3  # always run, even past the budget
     max_rounds: int = 200
     min_samples: int = 5  # fewer samples never count as stable
-    rel_tol: float = 0.03  # stable: median of the last half within rel_tol of the whole median
+    rel_tol: float = 0.05  # stable: median of the last half within rel_tol of the whole median
     max_seconds: float = 30.0  # budget; checked at round boundaries once min_rounds are done
     # per round a variant repeats its call for at least this long (>= 1 call): cheap variants
     # collect many samples (a meaningful p99) while heavy ones still alternate with them

@@ -63,8 +63,11 @@ def test_compile_fp32_passes_and_writes_everything(compiled):
     # the speedup is the ratio of the two medians the report shows, and the 2-step student beats
     # its teacher's reference sampler end to end (it runs fewer UNet calls, on ORT)
     t_e2e, s_e2e = rep["teacher"]["latency_ms"]["end_to_end"]["2"], v["latency_ms"]["end_to_end"]["2"]
-    assert v["speedup_vs_teacher"]["end_to_end"]["2"] == pytest.approx(t_e2e / s_e2e, rel=1e-6)
-    assert v["speedup_vs_teacher"]["end_to_end"]["2"] > 1.0
+    assert t_e2e / s_e2e > 1.0
+    # stated exactly when both medians are stable (optimizer.timing), and then it is that ratio
+    sp = v["speedup_vs_teacher"]["end_to_end"]["2"]
+    assert (sp is None) == (v["timings"]["end_to_end"]["2"]["speedup_null_reason"] is not None)
+    assert sp is None or sp == pytest.approx(t_e2e / s_e2e, rel=1e-6)
     assert rep["teacher"]["available"] and rep["teacher"]["reference_steps"] == 64
     man = json.loads((out / "manifest.json").read_text())
     kinds = {a["name"]: a for a in man["artifacts"]}
