@@ -238,6 +238,15 @@ def main(
     distill(cfg)
 
 
+def _reference_guidance(teacher: Path) -> float | None:
+    import json
+
+    try:
+        return float(json.loads((teacher / "teacher.json").read_text())["reference_guidance_scale"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _text_to_image(p: dict) -> None:
     """A diffusers pipeline folder (model_index.json) -> a guidance-distilled student pipeline.
     `p`: dd-distill's parsed options."""
@@ -259,10 +268,13 @@ def _text_to_image(p: dict) -> None:
     demo = p["demo"] == "t2i"
     from optimizer.distill.progressive import default_teacher_steps
 
+    guidance = parse_guidance_range(p["guidance"])
     cfg = T2IDistillConfig(
         method=method,
         steps=p["steps"],
-        guidance=parse_guidance_range(p["guidance"]),
+        guidance=guidance,
+        # judged at the teacher's own reference guidance where it records one, else mid-range
+        eval_guidance=_reference_guidance(Path(p["teacher_dir"])) or sum(guidance) / 2,
         # guided-progressive: the stage-1 student's steps, halved per round (steps * 2^k near 32)
         start_steps=p["teacher_steps"] or default_teacher_steps(32, p["steps"]),
         # --iters STAGE1,ROUND or one value: rounds of that many, stage 1 twice as long

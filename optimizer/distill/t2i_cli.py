@@ -57,6 +57,13 @@ def judge_quality(teacher: TextToImageTeacher, student_pipe, cfg: T2IDistillConf
     real, _ = real_images(2000, seed=8)
     real_f = judge(real)
     s = cfg.eval_guidance
+    log.info(
+        "judging student, teacher-%d and teacher-%d at guidance %.1f on %d prompts",
+        REFERENCE_STEPS,
+        cfg.steps,
+        s,
+        n,
+    )
     imgs = {
         "teacher_reference": sample_pipeline(teacher.pipe, ex, lat, REFERENCE_STEPS, s),
         "teacher_at_student_steps": sample_pipeline(teacher.pipe, ex, lat, cfg.steps, s),
