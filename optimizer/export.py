@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,13 +45,9 @@ def export_onnx(
     model: torch.nn.Module, spec: IOSpec, out_path: str | Path, config: ExportConfig = ExportConfig()
 ) -> Path:
     """Export `model` (a `Denoiser`) to ONNX at `out_path`, written atomically."""
-    import onnx
-
     out_path = Path(out_path)
     model = model.eval().float()
     args = _example_inputs(spec)
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    external = n_bytes > TWO_GB - (64 << 20)  # protobuf's 2 GB limit, with headroom for the graph
     batch = torch.export.Dim("batch", min=1, max=max(4096, spec.dims["batch"].max))
     dynamic_shapes = {
         t.name: ({0: batch} if t.shape and t.shape[0] == "batch" else None) for t in spec.inputs
@@ -60,10 +57,28 @@ def export_onnx(
     # encoder_hidden_states, the third positional parameter).
     names = [t.name for t in spec.inputs]
     kwargs = dict(zip(names[2:], args[2:], strict=True))
+    return write_onnx(model, args[:2], kwargs, spec, dynamic_shapes, out_path, config)
+
+
+def write_onnx(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict[str, torch.Tensor],
+    spec: IOSpec,
+    dynamic_shapes: dict[str, Any],
+    out_path: Path,
+    config: ExportConfig,
+) -> Path:
+    """torch.onnx.export (dynamo) of `model(*args, **kwargs)` to `out_path`, written atomically;
+    weights over protobuf's 2 GB limit go to `<name>.data` beside it; onnx.checker if asked."""
+    import onnx
+
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = n_bytes > TWO_GB - (64 << 20)  # protobuf's 2 GB limit, with headroom for the graph
     with torch.no_grad(), atomic_path(out_path, suffix=".onnx") as tmp:
         prog = torch.onnx.export(
             model,
-            args[:2],
+            args,
             kwargs=kwargs,
             dynamo=config.dynamo,
             opset_version=config.opset,

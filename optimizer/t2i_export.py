@@ -21,7 +21,7 @@ from engines.errors import InputError
 from engines.fileio import atomic_path, write_json_atomic
 from engines.iospec import IOSpec
 from optimizer.components import COMPONENTS, PipelineSpec, dummy_inputs
-from optimizer.export import TWO_GB, ExportConfig
+from optimizer.export import ExportConfig, write_onnx
 from optimizer.t2i_load import LoadedPipeline
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,6 @@ def export_component(
     export_config: ExportConfig = DEFAULT_EXPORT,
 ) -> Path:
     """Export one component (wrapped per the table) to `out_path`, written atomically."""
-    import onnx
-
     out_path = Path(out_path)
     model = COMPONENTS[kind].wrapper(module.eval().float()).eval()
     kwargs = _example(kind, spec, config, vocab_size)
@@ -101,32 +99,7 @@ def export_component(
         t.name: {i: tdims[d] for i, d in enumerate(t.shape) if isinstance(d, str) and d in tdims} or None
         for t in spec.inputs
     }
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    external = n_bytes > TWO_GB - (64 << 20)
-    with torch.no_grad(), atomic_path(out_path, suffix=".onnx") as tmp:
-        prog = torch.onnx.export(
-            model,
-            (),
-            kwargs=kwargs,
-            dynamo=export_config.dynamo,
-            opset_version=export_config.opset,
-            input_names=spec.input_names,
-            output_names=spec.output_names,
-            dynamic_shapes=dynamic_shapes,
-            external_data=external,
-            verbose=False,
-            report=False,
-            optimize=True,
-        )
-        prog.save(str(tmp), external_data=external)
-        if export_config.check:
-            onnx.checker.check_model(str(tmp), full_check=True)
-        if external:
-            data = tmp.with_name(tmp.name + ".data")
-            if data.exists():
-                data.rename(out_path.with_name(out_path.name + ".data"))
-    log.info("exported %s (%s params)", out_path, f"{sum(p.numel() for p in model.parameters()):,}")
-    return out_path
+    return write_onnx(model, (), kwargs, spec, dynamic_shapes, out_path, export_config)
 
 
 def write_tokenizer_json(tok_dir: Path, dest: Path) -> None:
