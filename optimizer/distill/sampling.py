@@ -37,10 +37,6 @@ def boundary_scalings(
     return c_skip.float(), c_out.float()
 
 
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (like.ndim - 1)))
-
-
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
