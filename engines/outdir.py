@@ -19,7 +19,7 @@ from engines.errors import InputError
 from engines.fileio import write_json_atomic
 
 MARKER = ".dd-compile.json"
-KINDS = ("compile", "triton-repo", "distill", "bench")
+KINDS = ("compile", "triton-repo", "distill", "bench", "t2i-student")
 
 
 def read_marker(folder: str | Path) -> dict[str, Any] | None:

@@ -128,7 +128,7 @@ def test_stage1_regression_lowers_its_loss_and_records_the_teacher(tiny_t2i_teac
     (tmp_path / "user" / "notes.txt").write_text("mine")
     from engines.errors import InputError
 
-    with pytest.raises(InputError, match="not a dd-distill student folder"):
+    with pytest.raises(InputError, match="was not written by dd-compile"):
         d.save(student, tmp_path / "user")
     assert (tmp_path / "user" / "notes.txt").read_text() == "mine"
 

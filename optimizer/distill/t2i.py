@@ -369,8 +369,10 @@ class T2IDistiller:
 
     def save(self, student: nn.Module, out: Path, quality: dict[str, Any] | None = None) -> Path:
         from engines.fileio import sha256_file
+        from engines.outdir import check_target, claim
 
         out = Path(out)
+        check_target(out, "t2i-student", "-o", protect=[self.teacher.folder])
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         lora: dict[str, Any] = {}
@@ -396,12 +398,13 @@ class T2IDistiller:
             "quality": quality or {},
         }
         (tmp / "distill.json").write_text(json.dumps(record, indent=2) + "\n")
+        claim(tmp, "t2i-student", record["teacher"]["path"])
+        # replace only a folder this tool wrote (check_target above): move it aside, swap, delete
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
-            if not (out / "distill.json").is_file():
-                shutil.rmtree(tmp)
-                raise InputError(f"-o {out}: exists and is not a dd-distill student folder; choose another")
-            shutil.rmtree(out)
+            os.replace(out, old)
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
         return out
 
 

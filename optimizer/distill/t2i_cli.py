@@ -84,8 +84,11 @@ def run_t2i(run: T2IRun) -> dict[str, Any]:
 
     if run.prompts and run.data:
         raise InputError("--prompts and --data: give one source of training pairs, not both")
+    from engines.outdir import check_target
+
     torch.set_num_threads(run.cfg.threads)
     teacher = TextToImageTeacher.load(run.teacher)
+    check_target(run.out, "t2i-student", "-o", protect=[run.teacher])  # before any training
     size = teacher.pipe.unet.config.sample_size * teacher.pipe.vae_scale_factor
     if run.data:
         batches = imagefolder_batches(run.data, size)
