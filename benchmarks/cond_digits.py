@@ -156,9 +156,9 @@ def main() -> None:
     from engines.iospec import IOSpec
     from engines.schedule import Sampler
     from engines.torch_runner import TorchRunner
+    from optimizer.compile.quality import load_digits_feature_extractor
     from optimizer.metrics import psnr_db
     from optimizer.models import Denoiser, load_teacher
-    from optimizer.quality import load_digits_feature_extractor
 
     man = json.loads((compiled / "manifest.json").read_text())
     spec = IOSpec.from_dict(man["io_spec"])

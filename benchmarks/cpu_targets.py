@@ -30,9 +30,9 @@ import torch
 from engines.onnxruntime_runner import OnnxRuntimeRunner
 from engines.torch_runner import TorchRunner
 from optimizer.bench.fingerprint import ISA_FLAGS
-from optimizer.export import export_onnx
-from optimizer.iospec import conditioning_feeds, io_spec_for, sample_shape
+from optimizer.compile.export import export_onnx
 from optimizer.metrics import rel_l2
+from optimizer.model_io import conditioning_feeds, io_spec_for, sample_shape
 from optimizer.models import Denoiser
 from optimizer.quantize import Fp16Config, Int8Config, calibration_feeds, quantize_fp16, quantize_int8
 from optimizer.timing import time_interleaved

@@ -7,7 +7,7 @@
    eager fp32, eager fp16, CUDA graph fp32 (static buffers, `torch.cuda.CUDAGraph`), and
    `torch.compile` fp32; parity of each against eager fp32 (rel. L2); and the teacher's reference
    sampler end to end (DDIM, its own step count) in eager fp32.
-2. TensorRT: `dd-compile --demo --backend tensorrt` through `optimizer.pipeline.run`: one strongly
+2. TensorRT: `dd-compile --demo --backend tensorrt` through `optimizer.compile.stages.run`: one strongly
    typed engine per precision (fp32/fp16/int8 graphs as ONNX Runtime validated them), three parity
    levels and the speedup against the torch teacher. Without TensorRT this step records the
    one-line reason and the run goes on.
@@ -44,8 +44,8 @@ log = logging.getLogger("gpu_check")
 def load_demo_teacher(path: Path | None) -> tuple[torch.nn.Module, Any, int, str]:
     """(denoiser, scheduler, reference steps, where it came from). Without trained weights, the demo
     architecture with random weights: timings do not depend on the weights, parity is relative."""
+    from optimizer.compile.stages import DEMO_DIR
     from optimizer.models import Denoiser, load_teacher
-    from optimizer.pipeline import DEMO_DIR
 
     path = path or DEMO_DIR / "teacher"
     if (path / "unet").exists():
@@ -177,7 +177,7 @@ def teacher_baselines(
 
 def tensorrt_pipeline(out: Path, batch_sizes: list[int], backend: str) -> dict[str, Any]:
     """The dd-compile pipeline on the demo with `backend`: its report, or why it could not run."""
-    from optimizer.pipeline import CompileConfig, demo_source, report_summary, run
+    from optimizer.compile.stages import CompileConfig, demo_source, report_summary, run
 
     source, steps = demo_source()
     try:

@@ -36,8 +36,8 @@ import torch
 from engines.onnxruntime_runner import OnnxRuntimeRunner, session_options
 from engines.schedule import Sampler
 from engines.torch_runner import TorchRunner
-from optimizer.export import export_onnx
-from optimizer.iospec import conditioning_feeds, io_spec_for, sample_shape
+from optimizer.compile.export import export_onnx
+from optimizer.model_io import conditioning_feeds, io_spec_for, sample_shape
 from optimizer.models import Denoiser, load_teacher
 from optimizer.quantize import Int8Config, calibration_feeds, quantize_int8
 from optimizer.quantize.onnx_graph import call_error, run_model

@@ -24,9 +24,9 @@ import torch
 from engines.onnxruntime_runner import OnnxRuntimeRunner
 from engines.schedule import Sampler, SamplingSchedule, trailing_timesteps
 from engines.torch_runner import TorchRunner
-from optimizer.export import export_onnx
-from optimizer.iospec import conditioning_feeds, io_spec_for, sample_shape
+from optimizer.compile.export import export_onnx
 from optimizer.metrics import psnr_db
+from optimizer.model_io import conditioning_feeds, io_spec_for, sample_shape
 from optimizer.models import Denoiser
 from optimizer.quantize import (
     Fp16Config,

@@ -23,19 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from optimizer.compile.quality import (  # noqa: E402
+    fid,
+    load_digits_feature_extractor,
+    load_digits_images,
+    paired_psnr,
+    real_vs_real_floor,
+)
 from optimizer.demo.train_teacher import (  # noqa: E402
     DEFAULT_TEACHER_DIR,
     REFERENCE_STEPS,
     ddim_sample,
     fid_record,
     fixed_noise,
-)
-from optimizer.quality import (  # noqa: E402
-    fid,
-    load_digits_feature_extractor,
-    load_digits_images,
-    paired_psnr,
-    real_vs_real_floor,
 )
 
 

@@ -3,7 +3,7 @@
 Follows diffusers' StableDiffusionPipeline / LatentConsistencyModelPipeline step by step
 (encode_prompt, prepare_latents, the denoising loop with CFG or the guidance-scale embedding,
 vae.decode(latents / scaling_factor), postprocess), so given the same `latents` it gives the
-diffusers image. Reads a folder written by optimizer/t2i_export.py (t2i.json + onnx/ + tokenizer/
+diffusers image. Reads a folder written by optimizer/t2i/export.py (t2i.json + onnx/ + tokenizer/
 + scheduler/).
 """
 
@@ -66,7 +66,7 @@ class T2IConfig:
         root = Path(folder)
         path = root / "t2i.json"
         if not path.exists():
-            raise InputError(f"{root}: no t2i.json (export the pipeline with optimizer.t2i_export first)")
+            raise InputError(f"{root}: no t2i.json (export the pipeline with optimizer.t2i.export first)")
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:

@@ -18,10 +18,10 @@ from typing import Any
 from engines.errors import InputError
 from engines.fileio import atomic_path
 from engines.schedule import SamplingSchedule
+from optimizer.model_io import SUPPORTED_MODELS
 
 FORMAT_VERSION = 1
 META_KEY = "dd_compile"
-SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
 
 
 def clean_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +102,7 @@ def probe_forward(model: Any, model_class: str, config: dict[str, Any], where: A
     import numpy as np
     import torch
 
-    from optimizer.iospec import conditioning_feeds, io_spec_for
+    from optimizer.model_io import conditioning_feeds, io_spec_for
     from optimizer.models import Denoiser
 
     try:
@@ -357,7 +357,7 @@ def load_checkpoint(path: str | Path, *, weights: bool = True) -> StudentCheckpo
 def check_teacher(ckpt: StudentCheckpoint, teacher: Any) -> None:
     """Refuse a teacher that cannot be compared with this student: other inputs or outputs (another
     architecture, sample size, channels, conditioning) or too few training timesteps."""
-    from optimizer.iospec import io_spec_for
+    from optimizer.model_io import io_spec_for
 
     def io(model_class: str, config: dict[str, Any]) -> str:
         spec = io_spec_for(model_class, config)

@@ -41,7 +41,7 @@ def _csv(kind, convert, allowed=None):
 
 
 def parse_bars(items: tuple[str, ...]):
-    from optimizer.validate import ParityBars
+    from optimizer.compile.validate import ParityBars
 
     bars = ParityBars()
     call, sample = dict(bars.call_rel_l2), dict(bars.sample_psnr_db)
@@ -322,10 +322,10 @@ def main(
     written), 2 bad input, an unwritable output or a missing/failing backend, 4 an internal error.
     """
     setup_logging(verbose)
-    from optimizer.build import TrtBuildConfig
-    from optimizer.pipeline import DEMO_DIR, CompileConfig, demo_source, run
+    from optimizer.compile.build import TrtBuildConfig
+    from optimizer.compile.speed import SpeedConfig
+    from optimizer.compile.stages import DEMO_DIR, CompileConfig, demo_source, run
     from optimizer.quantize import Int8Config
-    from optimizer.speed import SpeedConfig
 
     if demo == (source is not None):
         raise click.UsageError("give exactly one of SOURCE or --demo")

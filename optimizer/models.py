@@ -15,6 +15,7 @@ from torch import nn
 from engines.errors import InputError
 from engines.fileio import sha256_file
 from engines.schedule import SamplingSchedule, trailing_timesteps
+from optimizer.model_io import SUPPORTED_MODELS
 
 MODEL_SUBFOLDERS = ("unet", "transformer")
 
@@ -82,8 +83,6 @@ def load_teacher(path: str | Path, *, reference_steps: int | None = None) -> Tea
         )
     cfg_path = path / sub / "config.json"
     cls_name = json.loads(cfg_path.read_text()).get("_class_name")
-    from optimizer.checkpoint import SUPPORTED_MODELS
-
     if cls_name not in SUPPORTED_MODELS:
         raise InputError(
             f"{cfg_path}: model class {cls_name!r} is not supported "

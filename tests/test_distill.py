@@ -21,7 +21,7 @@ from optimizer.checkpoint import load_checkpoint
 from optimizer.distill import DistillConfig, consistency, progressive, run_distillation, smaller
 from optimizer.distill.sampling import noise_for_seeds, sample
 from optimizer.distill.trainer import FAULT_ENV, StopRequested, TrainingDiverged, load_state
-from optimizer.iospec import io_spec_for
+from optimizer.model_io import io_spec_for
 from optimizer.models import Denoiser, alphas_cumprod, load_teacher, teacher_reference_samples
 
 REPO = Path(__file__).resolve().parent.parent

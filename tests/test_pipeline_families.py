@@ -97,9 +97,9 @@ def test_int8_calibration_and_selection_options_reach_the_graph(tiny_teacher_dir
 @pytest.mark.slow
 def test_int8_with_no_quantizable_node_fails_instead_of_passing_as_fp32(tiny_teacher_dir, tmp_path):
     """A selection that keeps every node float gives the fp32 graph: that is no INT8 variant."""
-    from optimizer.pipeline import CompileConfig, run
+    from optimizer.compile.speed import SpeedConfig
+    from optimizer.compile.stages import CompileConfig, run
     from optimizer.quantize import Int8Config
-    from optimizer.speed import SpeedConfig
 
     cfg = CompileConfig(
         out=tmp_path,
@@ -195,8 +195,8 @@ def test_cond_file_rejected_for_unconditional_models(tiny_teacher_dir, tmp_path)
 def test_cond_rows_in_order_for_samples_and_drawn_per_calibration_seed():
     import numpy as np
 
-    from optimizer.iospec import io_spec_for
-    from optimizer.pipeline import _cond_fn
+    from optimizer.compile.stages import _cond_fn
+    from optimizer.model_io import io_spec_for
 
     spec = io_spec_for(
         "UNet2DConditionModel", {"sample_size": 8, "in_channels": 4, "cross_attention_dim": 16}, seq_len=3
@@ -214,8 +214,8 @@ def test_relative_diffusers_folder_is_its_own_teacher(tiny_teacher_dir, monkeypa
     looked for runs/x/runs/x/teacher and were skipped)."""
     from pathlib import Path
 
-    from optimizer.pipeline import CompileConfig, _as_student, _load_teacher
-    from optimizer.report import CompileReport
+    from optimizer.compile.compile_report import CompileReport
+    from optimizer.compile.stages import CompileConfig, _as_student, _load_teacher
 
     monkeypatch.chdir(tiny_teacher_dir.parent.parent)
     rel = Path(tiny_teacher_dir.parent.name) / tiny_teacher_dir.name

@@ -203,8 +203,8 @@ def test_refused_before_any_work(case, match, students, tmp_path):
 
 def test_memory_estimate_says_what_fits():
     from engines.errors import InputError
-    from optimizer.batching import ACTIVATION_FACTOR, bytes_per_sample, check_batch_memory
-    from optimizer.iospec import io_spec_for
+    from optimizer.compile.batching import ACTIVATION_FACTOR, bytes_per_sample, check_batch_memory
+    from optimizer.model_io import io_spec_for
 
     spec = io_spec_for("UNet2DModel", {"sample_size": 8, "in_channels": 1})
     per = bytes_per_sample(spec)

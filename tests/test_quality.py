@@ -1,4 +1,4 @@
-"""Quality metrics (optimizer/quality.py) and the bundled demo teacher and digit classifier."""
+"""Quality metrics (optimizer/compile/quality.py) and the bundled demo teacher and digit classifier."""
 
 import os
 
@@ -7,8 +7,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
 import numpy as np
 import pytest
 
-from optimizer import quality
-from optimizer.quality import (
+from optimizer.compile import quality
+from optimizer.compile.quality import (
     RandomProjectionExtractor,
     fid,
     frechet_distance,

@@ -18,9 +18,9 @@ from onnx.reference import ReferenceEvaluator
 from engines.errors import InputError
 from engines.onnxruntime_runner import OnnxRuntimeRunner
 from engines.schedule import SamplingSchedule, trailing_timesteps
-from optimizer.export import export_onnx
-from optimizer.iospec import io_spec_for
+from optimizer.compile.export import export_onnx
 from optimizer.metrics import rel_l2
+from optimizer.model_io import io_spec_for
 from optimizer.models import Denoiser
 from optimizer.quantize import (
     Fp16Config,

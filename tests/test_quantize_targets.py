@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from optimizer.cli import parse_bars
+from optimizer.compile.stages import CompileConfig
+from optimizer.compile.validate import ParityBars
 from optimizer.metrics import psnr_db
-from optimizer.pipeline import CompileConfig
 from optimizer.quantize import Fp16Config, Int8Config, quantize_int8
 from optimizer.quantize.onnx_graph import run_model
-from optimizer.validate import ParityBars
 from tests.test_quantize import OUT, _calib, tiny_unet  # noqa: F401 (module-scoped fixture)
 
 

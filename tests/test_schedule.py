@@ -14,7 +14,7 @@ from engines.schedule import (
     trailing_timesteps,
 )
 from engines.torch_runner import TorchRunner
-from optimizer.iospec import io_spec_for
+from optimizer.model_io import io_spec_for
 from optimizer.models import Denoiser, load_teacher, teacher_reference_samples
 
 

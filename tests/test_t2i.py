@@ -47,7 +47,7 @@ def test_tokenizer_ids_equal_clip_tokenizer(tmp_path, caplog):
 
 def test_tokenizer_json_written_from_vocab_and_merges(tmp_path):
     from engines.tokenizer import ClipTokenizer
-    from optimizer.t2i_export import write_tokenizer_json
+    from optimizer.t2i.export import write_tokenizer_json
 
     tok = clip_tokenizer(tmp_path / "vocab")  # the folder holds vocab.json + merges.txt only
     write_tokenizer_json(tmp_path / "vocab", tmp_path / "out" / "tokenizer.json")
@@ -132,7 +132,7 @@ def test_guidance_scale_embedding_matches_diffusers():
 # -- the component table and bad pipeline folders ------------------------------------------------
 def test_component_table_io_specs():
     from engines.iospec import DimRange
-    from optimizer.components import COMPONENTS, Profile, build_specs
+    from optimizer.t2i.components import COMPONENTS, Profile, build_specs
 
     assert set(COMPONENTS) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     assert COMPONENTS["vae_decoder"].precision.default == "fp32"
@@ -181,7 +181,7 @@ def _fake_layout(root, **changes):
 
 
 def test_bad_pipeline_folders(tmp_path):
-    from optimizer.t2i_load import check_layout
+    from optimizer.t2i.load import check_layout
 
     check_layout(_fake_layout(tmp_path / "ok"))  # the well-formed layout passes
     cases = {
@@ -213,9 +213,9 @@ def test_bad_pipeline_folders(tmp_path):
 @pytest.fixture(scope="module")
 def sd_export(tmp_path_factory):
     from engines.iospec import DimRange
-    from optimizer.components import Profile
-    from optimizer.t2i_export import export_pipeline
-    from optimizer.t2i_load import load_pipeline
+    from optimizer.t2i.components import Profile
+    from optimizer.t2i.export import export_pipeline
+    from optimizer.t2i.load import load_pipeline
 
     root = tmp_path_factory.mktemp("t2i_sd")
     src = make_tiny_pipeline(root / "pipe")
@@ -284,8 +284,8 @@ def test_sd_runtime_matches_diffusers(sd_export):
 @pytest.mark.slow
 def test_runtime_bad_inputs(sd_export, tmp_path):
     from engines.t2i import TextToImagePipeline
-    from optimizer.t2i_export import t2i_json
-    from optimizer.t2i_load import load_pipeline
+    from optimizer.t2i.export import t2i_json
+    from optimizer.t2i.load import load_pipeline
 
     src, out = sd_export
     lat = np.zeros((2, 4, 8, 8), np.float32)
@@ -325,8 +325,8 @@ def test_lcm_runtime_matches_diffusers(tmp_path):
     from diffusers import LatentConsistencyModelPipeline
 
     from engines.t2i import TextToImagePipeline
-    from optimizer.t2i_export import export_pipeline
-    from optimizer.t2i_load import load_pipeline
+    from optimizer.t2i.export import export_pipeline
+    from optimizer.t2i.load import load_pipeline
 
     src = make_tiny_pipeline(tmp_path / "pipe", lcm=True)
     loaded = load_pipeline(src)
@@ -354,9 +354,9 @@ def test_fp16_unet_call_and_pipeline_parity(sd_export, tmp_path):
     """The UNet through optimizer/quantize/fp16.py: call parity vs fp32, then the images."""
     from engines.iospec import IOSpec
     from engines.t2i import TextToImagePipeline
-    from optimizer.components import dummy_inputs
     from optimizer.quantize.fp16 import quantize_fp16
-    from optimizer.t2i_export import use_component_graph
+    from optimizer.t2i.components import dummy_inputs
+    from optimizer.t2i.export import use_component_graph
 
     _, out = sd_export
     mixed = tmp_path / "fp16"

@@ -22,16 +22,14 @@ from engines.manifest import Artifact, Manifest
 from engines.onnxruntime_runner import OnnxRuntimeRunner, default_provider_options
 from engines.tensorrt_runner import TensorRTRunner
 from engines.trt_target import TrtTarget, check_engine_compatible, compatibility_problem
-from optimizer.build import (
+from optimizer.compile.build import (
     EngineResult,
     TrtBuildConfig,
     check_tensorrt_available,
     engine_path_for,
     precision_of,
 )
-from optimizer.iospec import io_spec_for
-from optimizer.metrics import rel_l2
-from optimizer.trt_profiles import (
+from optimizer.compile.trt_profiles import (
     BUILD_WEIGHT_COPIES,
     MemoryEstimate,
     build_flags,
@@ -45,6 +43,8 @@ from optimizer.trt_profiles import (
     timing_cache_path,
     to_polygraphy_profiles,
 )
+from optimizer.metrics import rel_l2
+from optimizer.model_io import io_spec_for
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 H100 = TrtTarget("11.4.0.106", "NVIDIA H100 80GB HBM3", "9.0", "12.8")
@@ -461,7 +461,7 @@ def _ort_reference(tmp_path: Path, x: np.ndarray) -> np.ndarray:
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision,bar", [("fp32", 1e-5), ("fp16", 1e-2), ("int8", 5e-2)])
 def test_build_and_run_matches_onnxruntime(tmp_path, precision, bar):
-    from optimizer.build import build_engine
+    from optimizer.compile.build import build_engine
 
     onnx_path = tiny_onnx(tmp_path / f"student.{precision}.onnx", precision)
     res = build_engine(onnx_path, tiny_spec(), tmp_path / "engines", TrtBuildConfig(batch_sizes=(1, 8)))
@@ -478,7 +478,7 @@ def test_build_and_run_matches_onnxruntime(tmp_path, precision, bar):
 @pytest.mark.gpu
 @pytest.mark.tensorrt
 def test_cuda_graph_recaptures_on_shape_change_and_views(tmp_path):
-    from optimizer.build import build_engine
+    from optimizer.compile.build import build_engine
 
     onnx_path = tiny_onnx(tmp_path / "student.fp32.onnx")
     res = build_engine(onnx_path, tiny_spec(), tmp_path / "engines", TrtBuildConfig(batch_sizes=(1, 8)))
@@ -500,7 +500,7 @@ def test_cuda_graph_recaptures_on_shape_change_and_views(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.tensorrt
 def test_timing_cache_reused_and_engine_loads_from_manifest(tmp_path):
-    from optimizer.build import build_engine
+    from optimizer.compile.build import build_engine
 
     (tmp_path / "onnx").mkdir()
     onnx_path = tiny_onnx(tmp_path / "onnx" / "student.fp16.onnx", "fp16")

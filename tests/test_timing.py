@@ -96,9 +96,9 @@ def test_teacher_baseline_does_not_move_under_interference(tiny_teacher_dir, tmp
     import torch
 
     from engines.torch_runner import TorchRunner
-    from optimizer.iospec import io_spec_for, sample_shape
+    from optimizer.compile.speed import SpeedConfig, measure
+    from optimizer.model_io import io_spec_for, sample_shape
     from optimizer.models import Denoiser, load_teacher
-    from optimizer.speed import SpeedConfig, measure
 
     torch.set_num_threads(1)
     teacher = load_teacher(tiny_teacher_dir, reference_steps=8)

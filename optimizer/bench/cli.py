@@ -125,9 +125,9 @@ def run(
     allow_unvalidated: bool,
 ) -> None:
     """Bench OUT_DIR (a dd-compile output folder)."""
+    from optimizer.bench.bench_report import terminal_table, to_markdown
     from optimizer.bench.measure import BenchConfig, run_bench
     from optimizer.bench.plots import plot_latency, plot_speedup
-    from optimizer.bench.report import terminal_table, to_markdown
 
     known = {"onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt"}
     be = tuple(b.strip() for b in backends.split(",")) if backends else None

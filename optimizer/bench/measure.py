@@ -358,7 +358,7 @@ def time_variants(s: BenchSetup, cfg: BenchConfig) -> dict[str, list[dict[str, A
                 continue
             shape = ctx.sample_shape if v.model == "student" else _teacher_shape(ctx)
             noise, step_noise = draw_noise(list(range(b)), shape, sch.steps)
-            from optimizer.iospec import conditioning_feeds
+            from optimizer.model_io import conditioning_feeds
 
             cond = conditioning_feeds(spec, b, rng)
             sampler = Sampler(sch, runner, output_name=spec.output_names[0])
@@ -391,9 +391,9 @@ def _estimate(phase: str, b: int, steps: int, call_p50_ms: float) -> dict[str, A
 def teacher_baseline(
     s: BenchSetup, cfg: BenchConfig, results: dict[str, list[dict[str, Any]]]
 ) -> dict[str, Any] | None:
-    """Re-time the eager teacher in a fresh process (optimizer.teacher_baseline) and put that figure
+    """Re-time the eager teacher in a fresh process (optimizer.compile.teacher_baseline) and put that figure
     in its row, the in-run one and the verdict beside it: speedups divide the fresh figure."""
-    from optimizer import teacher_baseline as tb
+    from optimizer.compile import teacher_baseline as tb
 
     row = results.get(TEACHER_BASELINE)
     if row is None:
@@ -437,7 +437,7 @@ def teacher_baseline(
     verdicts = [j["verdict"] for lvl in judged.values() for j in lvl.values()]
     return {
         "method": "the eager fp32 teacher re-timed in a fresh process (python -m "
-        "optimizer.teacher_baseline), after every runtime here was released, at each of "
+        "optimizer.compile.teacher_baseline), after every runtime here was released, at each of "
         f"threads {grid}; its best thread count per phase and batch is the baseline, and the "
         f"in-run figure is checked against the fresh one at {s.threads} threads within "
         f"{cfg.agree_tol:.0%}",
@@ -515,7 +515,7 @@ def assemble(
 
 
 def _teacher_shape(ctx: BenchContext) -> tuple[int, ...]:
-    from optimizer.iospec import sample_shape
+    from optimizer.model_io import sample_shape
 
     return sample_shape(ctx.teacher.model_class, dict(ctx.teacher.model.config))
 

@@ -75,7 +75,7 @@ def probe(req: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from engines.schedule import draw_noise
-    from optimizer.iospec import conditioning_feeds
+    from optimizer.model_io import conditioning_feeds
 
     cuda_torch = v.model == "teacher" and v.device.startswith("cuda")
     peak, dev = {}, {}

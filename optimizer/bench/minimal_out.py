@@ -43,8 +43,8 @@ def build_minimal_out(
 ) -> Manifest:
     """Teacher folder, student.ckpt (same weights, DDIM at `student_steps`), fp32 ONNX."""
     from optimizer.checkpoint import StudentCheckpoint, TeacherRef, save_checkpoint
-    from optimizer.export import export_onnx
-    from optimizer.iospec import io_spec_for, sample_shape
+    from optimizer.compile.export import export_onnx
+    from optimizer.model_io import io_spec_for, sample_shape
     from optimizer.models import Denoiser, alphas_cumprod
 
     out = Path(out_dir)

@@ -84,7 +84,7 @@ class BenchContext:
 
     @cached_property
     def teacher_spec(self) -> IOSpec:
-        from optimizer.iospec import io_spec_for
+        from optimizer.model_io import io_spec_for
 
         t = self.teacher
         return io_spec_for(t.model_class, dict(t.model.config), self.batch_sizes)

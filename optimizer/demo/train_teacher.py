@@ -138,7 +138,7 @@ def measure_fid(
     noise_seed: int = 0,
 ) -> dict[str, Any]:
     """FID of DDIM samples at each step count vs all 1797 digits, digit-classifier features."""
-    from optimizer.quality import (
+    from optimizer.compile.quality import (
         fid,
         load_digits_feature_extractor,
         load_digits_images,
@@ -177,7 +177,7 @@ def train(
 
     `unet`: another diffusers UNet to train (default: build_unet(cfg)); `cond(labels)`: keyword
     inputs of a conditional UNet for a batch's digit labels (e.g. one embedding per class)."""
-    from optimizer.quality import load_digits_images
+    from optimizer.compile.quality import load_digits_images
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

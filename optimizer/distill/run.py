@@ -22,9 +22,9 @@ from optimizer.checkpoint import StudentCheckpoint, TeacherRef, save_checkpoint
 from optimizer.distill import conditioning, consistency, progressive, smaller
 from optimizer.distill.conditioning import bind
 from optimizer.distill.config import METHODS, DistillConfig
-from optimizer.distill.report import Evaluator, save_grid, save_loss_plot, summarize_losses
+from optimizer.distill.distill_report import Evaluator, save_grid, save_loss_plot, summarize_losses
 from optimizer.distill.trainer import Dist, Phase, Trainer, init_distributed
-from optimizer.iospec import sample_shape
+from optimizer.model_io import sample_shape
 from optimizer.models import Denoiser, alphas_cumprod, load_teacher
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _load_data(
     if cfg.data is not None:
         return load_images(cfg.data, shape)
     if cfg.demo:
-        from optimizer.quality import load_digits_images
+        from optimizer.compile.quality import load_digits_images
 
         return load_digits_images()[0]
     n = cfg.data_free_samples
@@ -228,7 +228,7 @@ class Distiller:
             ("--data" if cfg.data else "data-free teacher samples") + f" ({len(data)} images)",
         )
         if cfg.demo:
-            from optimizer.quality import load_digits_images
+            from optimizer.compile.quality import load_digits_images
 
             ref, ref_name = load_digits_images()[0], "all 1797 sklearn digits"
         return Evaluator(
@@ -514,7 +514,7 @@ class Distiller:
 
 def _teacher_ref_path(teacher: Path, out: Path, demo: bool) -> str:
     """Absolute, except for the bundled demo: relative to the checkpoint's folder, so the shipped
-    student finds its teacher wherever the package is installed (optimizer.pipeline resolves it)."""
+    student finds its teacher wherever the package is installed (optimizer.compile.stages resolves it)."""
     if demo:
         return os.path.relpath(teacher.resolve(), out.resolve().parent)
     return str(teacher.resolve())

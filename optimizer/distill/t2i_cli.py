@@ -45,11 +45,11 @@ class T2IRun:
 def judge_quality(teacher: TextToImageTeacher, student_pipe, cfg: T2IDistillConfig, n: int) -> dict[str, Any]:
     """Adherence + FID with the demo's digit-and-colour judge: student, teacher-50 CFG, teacher at
     the student's steps with CFG; the same prompts and latents for all three."""
+    from optimizer.compile.quality import frechet_distance, paired_psnr
     from optimizer.demo.t2i.classifier import load_judge
     from optimizer.demo.t2i.data import evaluation_prompts
     from optimizer.demo.t2i.evaluate import fixed_latents, real_images, sample_pipeline
     from optimizer.demo.t2i.train import REFERENCE_STEPS
-    from optimizer.quality import frechet_distance, paired_psnr
 
     judge = load_judge()
     ex = evaluation_prompts(n, seed=1)

@@ -50,7 +50,7 @@ def calibration_feeds(
 
     One feed per (batch of seeds, timestep): len = ceil(len(seeds) / batch) * schedule.steps.
     `cond_fn(batch, rng)` supplies conditioning inputs (text embeddings, labels) when the IO spec
-    has them; default: optimizer.iospec.conditioning_feeds.
+    has them; default: optimizer.model_io.conditioning_feeds.
     """
     if not seeds:
         raise ValueError("calibration needs at least one seed")
@@ -62,7 +62,7 @@ def calibration_feeds(
         if len(spec.inputs) > 2:
             rng = np.random.default_rng(chunk[0])
             if cond_fn is None:
-                from optimizer.iospec import conditioning_feeds
+                from optimizer.model_io import conditioning_feeds
 
                 cond = conditioning_feeds(spec, len(chunk), rng)
             else:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from engines.errors import InputError
 
 if TYPE_CHECKING:
-    from optimizer.validate import ParityBars
+    from optimizer.compile.validate import ParityBars
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
@@ -73,7 +73,7 @@ class Int8Config:
         by (default: ParityBars()): call rel. L2 bar / `call_headroom`, sample PSNR bar +
         `psnr_margin_db`. Targets already set are kept."""
         if bars is None:
-            from optimizer.validate import ParityBars
+            from optimizer.compile.validate import ParityBars
 
             bars = ParityBars()
         call = self.target_call_rel_l2

@@ -61,8 +61,8 @@ def build(out: Path) -> Path:
     from engines.manifest import Manifest
     from engines.schedule import SamplingSchedule, trailing_timesteps
     from optimizer.checkpoint import StudentCheckpoint, TeacherRef, save_checkpoint
-    from optimizer.export import export_onnx
-    from optimizer.iospec import io_spec_for, sample_shape
+    from optimizer.compile.export import export_onnx
+    from optimizer.model_io import io_spec_for, sample_shape
     from optimizer.models import Denoiser, alphas_cumprod
 
     torch.manual_seed(0)
@@ -149,8 +149,8 @@ def check_parity(model, m, onnx_path: Path) -> dict:
     from engines.onnxruntime_runner import OnnxRuntimeRunner
     from engines.schedule import Sampler, draw_noise
     from engines.torch_runner import TorchRunner
+    from optimizer.compile.validate import call_parity, sample_parity
     from optimizer.models import Denoiser
-    from optimizer.validate import call_parity, sample_parity
 
     noise, step_noise = draw_noise(list(range(8)), tuple(m.meta["sample_shape"]), m.schedule.steps)
     with TorchRunner(Denoiser(model), m.io_spec) as ref, OnnxRuntimeRunner(onnx_path, m.io_spec) as ort:

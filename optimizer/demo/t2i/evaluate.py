@@ -58,7 +58,7 @@ def real_images(n: int, seed: int = 0) -> tuple[np.ndarray, list[Example]]:
 def evaluate(folder: Path, steps: list[int], n: int, guidance: float, seed: int = 0) -> dict[str, Any]:
     from diffusers import StableDiffusionPipeline
 
-    from optimizer.quality import frechet_distance
+    from optimizer.compile.quality import frechet_distance
 
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)

@@ -4,7 +4,7 @@ The only module that chains stages. `run` reads as the list of stages; each stag
 a `CompileContext` (what every stage reads) and the artifacts before it, usable alone from Python.
 A stage is skipped when the previous run's manifest shows the same input sha256 and config (its
 file is then hard-linked into this run). The run publishes at its end, in one atomic step
-(optimizer/publish.py).
+(optimizer/compile/publish.py).
 """
 
 from __future__ import annotations
@@ -27,20 +27,20 @@ from engines.manifest import Manifest
 from engines.outdir import check_target, claim, is_ours
 from engines.schedule import Sampler, draw_noise
 from engines.torch_runner import TorchRunner
-from optimizer.batching import BatchWindow, check_batch_memory
-from optimizer.build import TrtBuildConfig
 from optimizer.checkpoint import StudentCheckpoint, TeacherRef, check_teacher, load_checkpoint
+from optimizer.compile.batching import BatchWindow, check_batch_memory
+from optimizer.compile.build import TrtBuildConfig
+from optimizer.compile.compile_report import CompileReport, VariantResult, environment
+from optimizer.compile.export import ExportConfig, export_onnx
+from optimizer.compile.publish import RunDir
+from optimizer.compile.speed import SpeedConfig, measure, speedups
+from optimizer.compile.validate import ParityBars, call_parity, distribution, sample_parity
 from optimizer.conditioning import load_conditioning, n_classes
-from optimizer.export import ExportConfig, export_onnx
-from optimizer.iospec import conditioning_feeds, io_spec_for, sample_shape
+from optimizer.model_io import conditioning_feeds, io_spec_for, sample_shape
 from optimizer.models import Denoiser, Teacher, load_teacher, teacher_reference_samples
 from optimizer.process import process_state
-from optimizer.publish import RunDir
 from optimizer.quantize import Int8Config
-from optimizer.report import CompileReport, VariantResult, environment
 from optimizer.seeds import SeedPlan
-from optimizer.speed import SpeedConfig, measure, speedups
-from optimizer.validate import ParityBars, call_parity, distribution, sample_parity
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 # bf16 is a way of running the fp32 graph (OpenVINO's INFERENCE_PRECISION_HINT), not a graph
 RUNTIME_PRECISIONS = ("bf16",)
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "openvino")
-DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_DIR = Path(__file__).parents[1] / "demo"
 # Test hook: `DD_COMPILE_FAULT_AT=<stage>` kills the process with SIGKILL as it enters that stage
 # (export, quantize-fp16, quantize-int8, validate, timing, report, publish), so tests can check
 # that a run killed anywhere leaves the previous publication intact.
@@ -334,7 +334,7 @@ def prepare(source: Path, cfg: CompileConfig) -> CompileContext:
     spec = io_spec_for(ckpt.model_class, ckpt.model_config, list(cfg.batch_sizes), **tokens)
     check_batch_memory(spec, cfg.batch_sizes)
     if cfg.backend == "tensorrt":
-        from optimizer.build import check_tensorrt_available
+        from optimizer.compile.build import check_tensorrt_available
 
         check_tensorrt_available()  # raises BackendUnavailable with the extra to install
     shape = sample_shape(ckpt.model_class, ckpt.model_config)
@@ -441,7 +441,7 @@ def calibrate(ctx: CompileContext) -> list[dict[str, np.ndarray]]:
 def _sample_psnr_check(ctx: CompileContext):
     """For INT8 layer selection: sample-level PSNR of a candidate graph vs the torch student."""
     from engines.onnxruntime_runner import OnnxRuntimeRunner
-    from optimizer.validate import psnr_db
+    from optimizer.compile.validate import psnr_db
 
     seeds = ctx.seeds.int8_samples()  # not the report's seeds
     noise, step_noise = draw_noise(seeds, ctx.shape, ctx.ckpt.schedule.steps)
@@ -567,7 +567,7 @@ def activate_runners(ctx: CompileContext, graphs: dict[str, Path]) -> dict[tuple
 
 def _tensorrt_runners(ctx: CompileContext, graphs: dict[str, Path]) -> dict[tuple[str, str], Any]:
     from engines.tensorrt_runner import TensorRTRunner
-    from optimizer.build import build_engine
+    from optimizer.compile.build import build_engine
 
     runners = {}
     for p, onnx_path in graphs.items():
@@ -744,7 +744,7 @@ def publish(ctx: CompileContext) -> Manifest:
 
 
 def _distribution(student, t_ref, t_low, shape, cfg: CompileConfig):
-    from optimizer import quality
+    from optimizer.compile import quality
 
     # Scored as images: clipped to the data range, as the teacher's own FID figures are.
     student, t_ref = np.clip(student, -1, 1), np.clip(t_ref, -1, 1)

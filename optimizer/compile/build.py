@@ -27,7 +27,7 @@ from engines.errors import BackendUnavailable, InputError
 from engines.fileio import atomic_path, sha256_file
 from engines.iospec import IOSpec
 from engines.trt_target import TrtTarget, running_target
-from optimizer.trt_profiles import (
+from optimizer.compile.trt_profiles import (
     ProfileShapes,
     TrtBuildConfig,
     build_flags,

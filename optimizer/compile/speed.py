@@ -4,7 +4,7 @@ Per call: one denoiser evaluation at batch b. End to end: noise -> sample with e
 sampler (the teacher at its reference step count, the student at its few steps). Same harness
 (engines.schedule.Sampler) on both sides and the one timing loop (optimizer.timing): interleaved,
 until every median is stable or the budget ends. The teacher is timed again in a fresh process
-(optimizer.teacher_baseline) at its best thread count, free of the variants' thread pools; that
+(optimizer.compile.teacher_baseline) at its best thread count, free of the variants' thread pools; that
 figure is the one speedups divide, and the in-run one is checked against it.
 """
 
@@ -100,10 +100,10 @@ def teacher_baseline(
     steps: int,
     config: SpeedConfig,
 ) -> dict[str, dict[int, Any]]:
-    """The teacher figures speedups divide (optimizer.teacher_baseline.judge): fresh process."""
+    """The teacher figures speedups divide (optimizer.compile.teacher_baseline.judge): fresh process."""
     import torch
 
-    from optimizer import teacher_baseline as tb
+    from optimizer.compile import teacher_baseline as tb
 
     threads = torch.get_num_threads()
     fresh, why = None, "no teacher folder given" if teacher_dir is None else "disabled (SpeedConfig)"

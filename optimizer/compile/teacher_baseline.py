@@ -7,7 +7,7 @@ it with the same loop (optimizer.timing), seeds and batch sizes at each thread c
 grid, and prints JSON; `judge` picks the teacher's best thread count, checks the in-run figure
 against the fresh one at the in-run thread count (within `tol`) and says which figure it used.
 
-    python -m optimizer.teacher_baseline '{"teacher": DIR, "batch_sizes": [1, 16], ...}'
+    python -m optimizer.compile.teacher_baseline '{"teacher": DIR, "batch_sizes": [1, 16], ...}'
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def time_teacher(req: BaselineRequest) -> dict[str, Any]:
 
     from engines.schedule import Sampler, draw_noise
     from engines.torch_runner import TorchRunner
-    from optimizer.iospec import conditioning_feeds, io_spec_for, sample_shape
+    from optimizer.model_io import conditioning_feeds, io_spec_for, sample_shape
     from optimizer.models import Denoiser, load_teacher
 
     teacher = load_teacher(req.teacher)
@@ -80,7 +80,7 @@ def time_teacher(req: BaselineRequest) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for t in req.threads:
         torch.set_num_threads(t)
-        rng = np.random.default_rng(req.seed)  # the same draws as optimizer.speed.measure
+        rng = np.random.default_rng(req.seed)  # the same draws as optimizer.compile.speed.measure
         res: dict[str, dict[int, Any]] = {lvl: {} for lvl in LEVELS}
         for b in req.batch_sizes:
             x = rng.standard_normal((b, *shape)).astype(np.float32)
@@ -102,11 +102,11 @@ def time_teacher(req: BaselineRequest) -> dict[str, Any]:
 def fresh_teacher_timing(req: BaselineRequest, timeout: float = 900) -> tuple[dict[str, Any] | None, str]:
     """Run `time_teacher` in a fresh interpreter: (result with int keys, "") or (None, why not)."""
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     try:
         p = subprocess.run(
-            [sys.executable, "-m", "optimizer.teacher_baseline", req.to_json()],
+            [sys.executable, "-m", "optimizer.compile.teacher_baseline", req.to_json()],
             capture_output=True,
             text=True,
             timeout=timeout,

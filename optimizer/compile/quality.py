@@ -8,8 +8,8 @@ Other datasets plug in their own ``FeatureExtractor``; for images that are not 8
 
 Images everywhere are numpy float arrays [N, C, H, W] with values in [-1, 1].
 
-Retrain the classifier (reproducible):  python -m optimizer.quality --train
-Print its accuracy and the real-vs-real FID floor:  python -m optimizer.quality
+Retrain the classifier (reproducible):  python -m optimizer.compile.quality --train
+Print its accuracy and the real-vs-real FID floor:  python -m optimizer.compile.quality
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DIGITS_CLASSIFIER_PATH = Path(__file__).parent / "demo" / "digits_classifier.safetensors"
+DIGITS_CLASSIFIER_PATH = Path(__file__).parents[1] / "demo" / "digits_classifier.safetensors"
 _METADATA_KEY = "dd_compile"  # safetensors metadata entry that holds our JSON
 _CLASSIFIER_FORMAT = "dd-compile.digits-classifier/1"
 
@@ -160,7 +160,9 @@ def load_digits_feature_extractor(
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; train it with `python -m optimizer.quality --train`")
+        raise FileNotFoundError(
+            f"{path} not found; train it with `python -m optimizer.compile.quality --train`"
+        )
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get(_METADATA_KEY)
     if raw is None:

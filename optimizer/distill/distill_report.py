@@ -33,7 +33,7 @@ class Evaluator:
         device: torch.device,
         cond: dict[str, torch.Tensor] | None = None,
     ):
-        from optimizer.quality import default_feature_extractor
+        from optimizer.compile.quality import default_feature_extractor
 
         self.teacher, self.teacher_net, self.shape, self.n = teacher, teacher_net, shape, n
         self.device = device
@@ -71,7 +71,7 @@ class Evaluator:
         return self._teacher_ddim[steps]
 
     def fid(self, images: np.ndarray) -> float:
-        from optimizer.quality import frechet_distance
+        from optimizer.compile.quality import frechet_distance
 
         return float(frechet_distance(self.extractor(images), self.ref_feats))
 
@@ -83,7 +83,7 @@ class Evaluator:
     def measure(
         self, net: torch.nn.Module, schedule: SamplingSchedule
     ) -> tuple[dict[str, float], np.ndarray]:
-        from optimizer.quality import paired_psnr
+        from optimizer.compile.quality import paired_psnr
 
         x = self.samples(net, schedule)
         n = schedule.steps
@@ -111,7 +111,7 @@ class Evaluator:
         }
         acc = getattr(self.extractor, "test_accuracy", None)
         if acc is not None:
-            from optimizer.quality import real_vs_real_floor
+            from optimizer.compile.quality import real_vs_real_floor
 
             h["feature_extractor_test_accuracy"] = round(acc, 4)
             h["real_vs_real_floor"] = round(real_vs_real_floor(self.extractor), 4)

@@ -1,7 +1,7 @@
 """Export a text-to-image pipeline: onnx/<component>.fp32.onnx per component, plus tokenizer.json,
 the scheduler config and t2i.json, so the torch-free runtime (engines/t2i.py) needs nothing else.
 
-Same conventions as optimizer/export.py: torch.onnx's dynamo exporter, opset 20, onnx.checker's
+Same conventions as optimizer/compile/export.py: torch.onnx's dynamo exporter, opset 20, onnx.checker's
 full check, atomic writes. Batch is dynamic everywhere; latent height/width are dynamic for the
 UNet and the VAE (multiples of the UNet's down-sampling factor, as its skip connections need).
 """
@@ -20,9 +20,9 @@ import torch
 from engines.errors import InputError
 from engines.fileio import atomic_path, write_json_atomic
 from engines.iospec import IOSpec
-from optimizer.components import COMPONENTS, PipelineSpec, dummy_inputs
-from optimizer.export import ExportConfig, write_onnx
-from optimizer.t2i_load import LoadedPipeline
+from optimizer.compile.export import ExportConfig, write_onnx
+from optimizer.t2i.components import COMPONENTS, PipelineSpec, dummy_inputs
+from optimizer.t2i.load import LoadedPipeline
 
 log = logging.getLogger(__name__)
 T2I_FORMAT = "dd-compile-t2i"

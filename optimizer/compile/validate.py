@@ -197,7 +197,7 @@ def distribution(
     feature_space: str,
     bars: ParityBars = ParityBars(),
 ) -> Distribution:
-    from optimizer.quality import fid
+    from optimizer.compile.quality import fid
 
     # Non-finite samples (NaN weights, an overflowing graph) have no FID: that score is a failed,
     # named result, never an exception from the feature extractor.

@@ -9,6 +9,8 @@ import numpy as np
 from engines.iospec import DimRange, IOSpec, TensorSpec
 
 OUTPUT = "out_sample"
+# The denoiser families dd-compile exports; each has an IO spec below and a wrapper in models.py.
+SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
 
 
 def sample_shape(model_class: str, config: dict[str, Any]) -> tuple[int, int, int]:

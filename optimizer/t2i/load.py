@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.errors import InputError
-from optimizer.components import (
+from optimizer.t2i.components import (
     ComponentSpec,
     PipelineSpec,
     Profile,
