@@ -2,7 +2,9 @@
 
 Metadata key "dd_compile" -> {format_version, model: {class, config}, scheduler: {class, config},
 schedule (engines.schedule.SamplingSchedule), teacher: {path, sha256, reference_sampler,
-reference_steps}, distillation: {...}}. Loading never unpickles: a pickle/torch.save file is
+reference_steps}, distillation: {...}, pipeline (version 2, text-to-image students only):
+{path, components: {text_encoder, tokenizer, vae: sha256}, guidance, guidance_scale}}. Version-1
+files (no pipeline field) still load. Loading never unpickles: a pickle/torch.save file is
 refused with a one-line error.
 """
 
@@ -20,7 +22,8 @@ from engines.fileio import atomic_path
 from engines.schedule import SamplingSchedule
 from optimizer.model_io import SUPPORTED_MODELS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 2 added the optional 'pipeline' field
 META_KEY = "dd_compile"
 
 
@@ -50,9 +53,10 @@ class StudentCheckpoint:
     distillation: dict[str, Any] = field(default_factory=dict)
     state_dict: dict[str, Any] | None = None  # name -> torch.Tensor
     path: Path | None = None
+    pipeline: dict[str, Any] | None = None  # text-to-image: the teacher pipeline it plugs into
 
     def metadata(self) -> dict[str, Any]:
-        return {
+        meta = {
             "format_version": FORMAT_VERSION,
             "model": {"class": self.model_class, "config": clean_config(self.model_config)},
             "scheduler": {"class": self.scheduler_class, "config": clean_config(self.scheduler_config)},
@@ -60,6 +64,9 @@ class StudentCheckpoint:
             "teacher": vars(self.teacher),
             "distillation": self.distillation,
         }
+        if self.pipeline is not None:
+            meta["pipeline"] = self.pipeline
+        return meta
 
     def build_model(self, *, probe: bool = True) -> Any:
         """The diffusers model with the checkpoint's weights, in eval mode; `probe`: checked to run."""
@@ -229,7 +236,9 @@ def _check_finite_number(path: Path, field: str, value: Any) -> None:
         raise InputError(f"{path}: metadata field {field!r} is not finite ({value})")
 
 
-_META_KEYS = {"format_version", "model", "scheduler", "schedule", "teacher", "distillation"}
+_META_KEYS = {"format_version", "model", "scheduler", "schedule", "teacher", "distillation", "pipeline"}
+PIPELINE_COMPONENTS = ("text_encoder", "tokenizer", "vae")  # what a t2i student reuses of its teacher
+GUIDANCE_VALUES = ("cfg", "embedded", "none")
 _SCHEDULE_KEYS = {f.name for f in fields(SamplingSchedule)}
 _TEACHER_KEYS = {f.name for f in fields(TeacherRef)}
 
@@ -296,6 +305,45 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
             raise InputError(f"{path}: metadata field 'teacher.reference_steps' must be >= 1")
     if meta.get("distillation") is not None:
         _check_type(path, "distillation", meta["distillation"], dict, "an object")
+    if "pipeline" in meta:
+        if meta.get("format_version") == 1:
+            raise InputError(f"{path}: metadata field 'pipeline' needs format version 2, the file says 1")
+        _check_pipeline(path, meta["pipeline"])
+
+
+def _check_pipeline(path: Path, p: Any) -> None:
+    """The text-to-image field: teacher pipeline folder, component sha256s, guidance mode and scale."""
+    _check_type(path, "pipeline", p, dict, "an object")
+    keys = {"path", "components", "guidance", "guidance_scale"}
+    if set(p) != keys:
+        odd = sorted(set(p) ^ keys)[0]
+        raise InputError(
+            f"{path}: metadata field 'pipeline' must hold exactly {', '.join(sorted(keys))} "
+            f"({odd[:80]!r} is {'missing' if odd in keys else 'unknown'})"
+        )
+    _check_type(path, "pipeline.path", p["path"], str, "a string")
+    if not p["path"]:
+        raise InputError(f"{path}: metadata field 'pipeline.path' is empty")
+    comps = p["components"]
+    _check_type(path, "pipeline.components", comps, dict, "an object")
+    if set(comps) != set(PIPELINE_COMPONENTS):
+        raise InputError(
+            f"{path}: metadata field 'pipeline.components' must name exactly {', '.join(PIPELINE_COMPONENTS)}"
+        )
+    for name, h in comps.items():
+        _check_type(path, f"pipeline.components.{name}", h, str, "a string")
+        if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+            raise InputError(
+                f"{path}: metadata field 'pipeline.components.{name}' is not a sha256 hex digest"
+            )
+    _check_type(path, "pipeline.guidance", p["guidance"], str, "a string")
+    if p["guidance"] not in GUIDANCE_VALUES:
+        raise InputError(
+            f"{path}: metadata field 'pipeline.guidance' is {p['guidance'][:40]!r}, "
+            f"not one of {', '.join(GUIDANCE_VALUES)}"
+        )
+    if p["guidance_scale"] is not None:
+        _check_finite_number(path, "pipeline.guidance_scale", p["guidance_scale"])
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -311,10 +359,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise InputError(f"{path}: dd-compile metadata is a JSON {type(meta).__name__}, not an object")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION or isinstance(version, bool):
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise InputError(
             f"{path}: checkpoint format version {version!r} is not supported "
-            f"(this dd-compile reads version {FORMAT_VERSION})"
+            f"(this dd-compile reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
     _check_meta(path, meta)
     cls = meta["model"]["class"]
@@ -351,6 +399,7 @@ def load_checkpoint(path: str | Path, *, weights: bool = True) -> StudentCheckpo
         distillation=meta.get("distillation") or {},
         state_dict=state,
         path=path,
+        pipeline=meta.get("pipeline"),
     )
 
 

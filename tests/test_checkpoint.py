@@ -123,3 +123,18 @@ def test_missing_tensor_and_shape_mismatch(ckpt_path, tmp_path):
     save_file(wrong, str(tmp_path / "b.ckpt"), metadata=meta)
     with pytest.raises(InputError, match="has shape"):
         load_checkpoint(tmp_path / "b.ckpt").build_model()
+
+
+def test_version_1_checkpoint_still_loads(ckpt_path, tmp_path):
+    good, teacher = ckpt_path
+    assert read_metadata(good)["format_version"] == 2
+    old = _rewrite_meta(good, tmp_path / "v1.ckpt", format_version=1)
+    ck = load_checkpoint(old)
+    assert ck.pipeline is None and ck.schedule == teacher.schedule(4)
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([10.0])
+    with torch.no_grad():
+        assert torch.equal(ck.build_model()(x, t).sample, teacher.model(x, t).sample)
+    # the pipeline field is a version-2 field: a version-1 file carrying it is refused
+    bad = _rewrite_meta(old, tmp_path / "v1p.ckpt", pipeline=["x"])
+    with pytest.raises(InputError, match="needs format version 2"):
+        load_checkpoint(bad)

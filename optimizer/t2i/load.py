@@ -108,28 +108,25 @@ def default_guidance(unet_config: dict[str, Any]) -> str:
     return "embedded" if unet_config.get("time_cond_proj_dim") else "cfg"
 
 
-def load_pipeline(
-    path: str | Path, *, profile: Profile | None = None, guidance: str | None = None
-) -> LoadedPipeline:
-    """The pipeline's torch modules and its PipelineSpec (IO specs sized for `profile` and the mode)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    path = Path(path)
-    index = check_layout(path)
-    configs = {
-        "text_encoder": _read_json(path / "text_encoder" / "config.json"),
-        "unet": _read_json(path / "unet" / "config.json"),
-        "vae_decoder": _read_json(path / "vae" / "config.json"),
-    }
+def pipeline_spec(
+    path: Path,
+    pipeline_class: str,
+    configs: dict[str, dict[str, Any]],
+    scheduler_config: dict[str, Any],
+    *,
+    profile: Profile | None = None,
+    guidance: str | None = None,
+    unet_where: Path | str | None = None,
+) -> PipelineSpec:
+    """The PipelineSpec of a pipeline folder's tokenizer with these component configs (IO specs
+    sized for `profile` and the guidance mode; `unet_where` names the UNet in errors)."""
     unet_cfg, vae_cfg = configs["unet"], configs["vae_decoder"]
+    where = unet_where or path / "unet"
     mode = guidance or default_guidance(unet_cfg)
     if mode == "embedded" and not unet_cfg.get("time_cond_proj_dim"):
-        raise InputError(f"{path / 'unet'}: guidance 'embedded' needs a UNet with time_cond_proj_dim")
+        raise InputError(f"{where}: guidance 'embedded' needs a UNet with time_cond_proj_dim")
     if mode != "embedded" and unet_cfg.get("time_cond_proj_dim"):
-        raise InputError(
-            f"{path / 'unet'}: the UNet has time_cond_proj_dim (embedded guidance), not {mode!r}"
-        )
+        raise InputError(f"{where}: the UNet has time_cond_proj_dim (embedded guidance), not {mode!r}")
     tok = tokenizer_spec(path / "tokenizer")
     k = vae_scale_factor(vae_cfg)
     size = unet_cfg.get("sample_size") or 64
@@ -140,17 +137,43 @@ def load_pipeline(
         profile = Profile(latent_height=DimRange(lh, lh, lh), latent_width=DimRange(lw, lw, lw))
     profile = Profile(profile.batch, profile.latent_height, profile.latent_width, tok.model_max_length)
     specs = build_specs(configs, profile, mode)
-    comps = tuple(ComponentSpec(n, configs[n], specs[n]) for n in configs)
-    spec = PipelineSpec(
-        pipeline_class=index["_class_name"],
-        components=comps,
+    return PipelineSpec(
+        pipeline_class=pipeline_class,
+        components=tuple(ComponentSpec(n, configs[n], specs[n]) for n in configs),
         tokenizer=tok,
-        scheduler_config=_read_json(path / "scheduler" / "scheduler_config.json"),
+        scheduler_config=scheduler_config,
         guidance=mode,
         vae_scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
         vae_scale_factor=k,
         default_size=(lh * k, lw * k),
         profile=profile,
+    )
+
+
+def component_configs(path: Path) -> dict[str, dict[str, Any]]:
+    return {
+        "text_encoder": _read_json(path / "text_encoder" / "config.json"),
+        "unet": _read_json(path / "unet" / "config.json"),
+        "vae_decoder": _read_json(path / "vae" / "config.json"),
+    }
+
+
+def load_pipeline(
+    path: str | Path, *, profile: Profile | None = None, guidance: str | None = None
+) -> LoadedPipeline:
+    """The pipeline's torch modules and its PipelineSpec (IO specs sized for `profile` and the mode)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    path = Path(path)
+    index = check_layout(path)
+    spec = pipeline_spec(
+        path,
+        index["_class_name"],
+        component_configs(path),
+        _read_json(path / "scheduler" / "scheduler_config.json"),
+        profile=profile,
+        guidance=guidance,
     )
     return LoadedPipeline(
         path=path,
