@@ -14,6 +14,9 @@ dd-serve runs two models in it:
                  output images FP32 [B, C, H, W] in [0, 1]
     same seeds -> same images as engines.load(OUT_DIR)(seeds=...)
 
+A text-to-image folder (t2i.json) is served by engines/serve_t2i.py: prompt strings in, uint8
+images out. `--backend openvino` runs the UNet (or every component) on OpenVINO in either flow.
+
 Why not the sampler as the PyTriton callable: PyTriton 0.7 has no per-request error. Whatever the
 callable raises fails every request of the batch with HTTP 500 and the traceback as message, so
 one bad request merged by the dynamic batcher failed its neighbours. The Python-backend model
@@ -56,7 +59,7 @@ class ServeConfig:
     precision: str = "fp32"
     backend: str = "onnxruntime"
     max_queue_delay_us: int = 2000  # how long Triton may hold a request to fill a batch
-    threads: int | None = None  # onnxruntime intra-op threads (None: onnxruntime's default)
+    threads: int | None = None  # onnxruntime intra-op / OpenVINO threads (None: the backend's default)
     # serve an artifact the published run did not validate (or failed): a warning, not a refusal
     allow_unvalidated: bool = False
 
@@ -100,8 +103,8 @@ def unet_tensors(spec: IOSpec) -> tuple[list[Any], list[Any]]:
     return [tensor(t) for t in spec.inputs], [tensor(t) for t in spec.outputs]
 
 
-def load_sampler(config: ServeConfig, access_token: str | None) -> None:
-    """Ask the running server (explicit model control) to load dd_sampler from the repository;
+def load_model(config: ServeConfig, access_token: str | None, name: str = MODEL_NAME) -> None:
+    """Ask the running server (explicit model control) to load `name` from the repository;
     PyTriton restricts the model-control API to the token it generated."""
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
@@ -109,14 +112,14 @@ def load_sampler(config: ServeConfig, access_token: str | None) -> None:
     host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
     try:
         http.InferenceServerClient(f"{host}:{config.port}").load_model(
-            MODEL_NAME, headers={"triton-access-token": access_token} if access_token else None
+            name, headers={"triton-access-token": access_token} if access_token else None
         )
     except InferenceServerException as e:
-        raise BackendError(f"Triton did not load {MODEL_NAME}: {str(e).strip().splitlines()[0]}") from None
+        raise BackendError(f"Triton did not load {name}: {str(e).strip().splitlines()[0]}") from None
 
 
 def serve(out_dir: str | Path, config: ServeConfig = ServeConfig()) -> None:
-    """Load the student and serve it until SIGINT/SIGTERM."""
+    """Load the student (or the text-to-image pipeline) and serve it until SIGINT/SIGTERM."""
     try:
         from pytriton.model_config import DynamicBatcher, ModelConfig
         from pytriton.triton import Triton, TritonConfig
@@ -126,6 +129,12 @@ def serve(out_dir: str | Path, config: ServeConfig = ServeConfig()) -> None:
             "venv with a shared libpython and nvidia-pytriton)"
         ) from None
     from engines.triton import UNET_MODEL
+    from engines.triton_t2i import is_t2i_folder
+
+    if is_t2i_folder(out_dir):
+        from engines.serve_t2i import serve_t2i
+
+        return serve_t2i(Path(out_dir), config)
 
     kw = {"threads": config.threads} if config.threads else {}
     pipe = load(
@@ -165,7 +174,7 @@ def serve(out_dir: str | Path, config: ServeConfig = ServeConfig()) -> None:
             )
             triton.run()  # starts the server and waits for dd_unet
             write_sampler_repo(pipe.manifest, repo, config.max_queue_delay_us)
-            load_sampler(config, triton.get_access_token())
+            load_model(config, triton.get_access_token())
             log.info(
                 "serving %s (%s/%s, max batch %d) on http://%s:%d and grpc %s:%d",
                 out_dir,
@@ -206,10 +215,12 @@ def main(argv: list[str] | None = None) -> None:
         "--backend",
         default="onnxruntime",
         show_default=True,
-        type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt"]),
+        type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "openvino"]),
     )
     @click.option("--max-queue-delay-us", default=2000, show_default=True, type=click.IntRange(0))
-    @click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads.")
+    @click.option(
+        "--threads", type=click.IntRange(1), help="onnxruntime intra-op / OpenVINO inference threads."
+    )
     @click.option(
         "--allow-unvalidated",
         is_flag=True,

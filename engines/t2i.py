@@ -9,14 +9,18 @@ diffusers image. Reads a folder written by optimizer/t2i/export.py (t2i.json + o
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from engines.base import Runner
 from engines.errors import InputError
 from engines.iospec import IOSpec
 from engines.schedulers import make_scheduler
@@ -25,6 +29,12 @@ from engines.tokenizer import ClipTokenizer
 log = logging.getLogger(__name__)
 T2I_FORMAT = "dd-compile-t2i"
 COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder")
+BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "openvino")
+# A prompt over the tokenizer's limit: "truncate" (diffusers: cut, keep EOS, log a warning) or
+# "refuse" (one-line InputError naming the token count; what dd-serve does)
+LONG_PROMPT_POLICIES = ("truncate", "refuse")
+MAX_SEED = 2**63 - 1
+RunnerFactory = Callable[[str, Path, IOSpec], Runner]
 
 
 def guidance_scale_embedding(w: np.ndarray, dim: int) -> np.ndarray:
@@ -95,20 +105,61 @@ class T2IConfig:
         )
 
 
-class TextToImagePipeline:
-    """`pipe(prompt, ...)` -> uint8 [B, H, W, 3]; runners are ONNX Runtime sessions (CPU by default)."""
+def component_runner(backend: str, threads: int | None = None) -> RunnerFactory:
+    """Runners on `backend` for the components' graphs (heavy imports only for the one asked)."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown text-to-image backend {backend!r}; choose from {list(BACKENDS)}")
 
-    def __init__(self, folder: str | Path, *, backend: str = "onnxruntime", threads: int | None = None):
+    def make(name: str, path: Path, spec: IOSpec) -> Runner:
+        if not path.exists():
+            raise InputError(f"{path}: {name} graph not found")
+        if backend == "openvino":
+            from engines.openvino_runner import OpenVINORunner
+
+            # dynamic shapes: the UNet runs at B and 2B (CFG) and at any latent size of the profile,
+            # where a static compile at the opt shapes would not take the call
+            return OpenVINORunner(path, spec, threads=threads, name=name)
         from engines.onnxruntime_runner import OnnxRuntimeRunner
 
+        return OnnxRuntimeRunner(path, spec, backend=backend, threads=threads, name=name)
+
+    return make
+
+
+@dataclass(frozen=True)
+class T2IRequest:
+    """One checked call: what `__call__` runs, and what a server merges across requests."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    guidance_scale: float
+    num_inference_steps: int
+
+
+class TextToImagePipeline:
+    """`pipe(prompt, ...)` -> uint8 [B, H, W, 3]; runners are ONNX Runtime sessions (CPU by default),
+    OpenVINO with backend="openvino", or whatever `runner_factory` makes (dd-serve: Triton BLS)."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        backend: str = "onnxruntime",
+        threads: int | None = None,
+        runner_factory: RunnerFactory | None = None,
+        long_prompts: str = "truncate",
+    ):
+        if long_prompts not in LONG_PROMPT_POLICIES:
+            raise InputError(f"long_prompts={long_prompts!r}: choose from {list(LONG_PROMPT_POLICIES)}")
+        self.long_prompts = long_prompts
         self.config = cfg = T2IConfig.load(folder)
         self.specs = {n: IOSpec.from_dict(cfg.components[n]["io"]) for n in COMPONENT_NAMES}
-        self.runners = {}
-        for n in COMPONENT_NAMES:
-            p = cfg.root / cfg.components[n]["path"]
-            if not p.exists():
-                raise InputError(f"{p}: {n} graph not found")
-            self.runners[n] = OnnxRuntimeRunner(p, self.specs[n], backend=backend, threads=threads, name=n)
+        make = runner_factory or component_runner(backend, threads)
+        self.backend = backend if runner_factory is None else "custom"
+        self.runners = {
+            n: make(n, cfg.root / cfg.components[n]["path"], self.specs[n]) for n in COMPONENT_NAMES
+        }
         tok = cfg.tokenizer
         self.tokenizer = ClipTokenizer(cfg.root / tok["path"], int(tok["model_max_length"]), tok["pad_token"])
         self.scheduler = make_scheduler(
@@ -122,8 +173,16 @@ class TextToImagePipeline:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
         for r in self.runners.values():
             r.deactivate()
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, 3) at the default size."""
+        return int(self.config.defaults["height"]), int(self.config.defaults["width"]), 3
 
     # -- input checks ------------------------------------------------------------------------
     @property
@@ -172,6 +231,8 @@ class TextToImagePipeline:
         """(scale, run the CFG batch?) checked against the mode the engines were built for."""
         mode = self.config.guidance
         g = float(self.config.defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+        if not math.isfinite(g):
+            raise InputError(f"guidance_scale={g}: must be a finite number")
         if mode == "none" and g > 1:
             raise InputError(
                 f"guidance_scale={g}: the pipeline was built without guidance (mode 'none'): use <= 1"
@@ -179,8 +240,64 @@ class TextToImagePipeline:
         return g, (mode == "cfg" and g > 1)
 
     # -- stages ------------------------------------------------------------------------------
+    def _steps(self, num_inference_steps: int | None) -> int:
+        n = (
+            self.config.defaults["num_inference_steps"]
+            if num_inference_steps is None
+            else num_inference_steps
+        )
+        if isinstance(n, bool) or not isinstance(n, int | np.integer):
+            raise InputError(f"num_inference_steps={n!r}: expected an integer")
+        copy.deepcopy(self.scheduler).set_timesteps(int(n))  # the scheduler's own range check
+        return int(n)
+
+    def _seeds(self, seeds: Any, b: int) -> list[int]:
+        if seeds is None:
+            return list(range(b))
+        seeds = [seeds] if isinstance(seeds, int | np.integer) else list(seeds)
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, int | np.integer) or not 0 <= s <= MAX_SEED:
+                raise InputError(f"seeds: {s!r} is not an integer in [0, 2^63 - 1]")
+        if len(seeds) != b:
+            raise InputError(f"seeds: {len(seeds)} seeds for {b} prompts")
+        return [int(s) for s in seeds]
+
+    def tokenize(self, prompts: list[str], what: str = "prompt") -> np.ndarray:
+        """int64 ids [B, tokens]; a prompt over the limit is cut (truncate) or refused (refuse)."""
+        return self.tokenizer(prompts, truncate=self.long_prompts == "truncate", what=what)
+
+    def _check_tokens(self, prompts: list[str], neg: list[str]) -> None:
+        self.tokenize(prompts)
+        self.tokenize(neg, "negative_prompt")
+
+    def check(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        seeds: list[int] | None = None,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+    ) -> T2IRequest:
+        """Every check of a call at the default size, before any component runs."""
+        prompts, neg = self._prompts(prompt, negative_prompt)
+        seeds = self._seeds(seeds, len(prompts))
+        g, _ = self._guidance(guidance_scale)
+        steps = self._steps(num_inference_steps)
+        self._check_tokens(prompts, neg)
+        return T2IRequest(prompts, neg, seeds, g, steps)
+
+    def run(self, request: T2IRequest) -> np.ndarray:
+        """uint8 [B, H, W, 3] of a checked request at the default size (seeded latents)."""
+        return self(
+            request.prompts,
+            request.negative_prompts,
+            request.seeds,
+            guidance_scale=request.guidance_scale,
+            num_inference_steps=request.num_inference_steps,
+        )
+
     def encode(self, prompts: list[str]) -> np.ndarray:
-        ids = self.tokenizer(prompts)
+        ids = self.tokenize(prompts)
         return self.runners["text_encoder"].infer({"input_ids": ids})["last_hidden_state"].astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -201,15 +318,13 @@ class TextToImagePipeline:
         cfg = self.config
         prompts, neg = self._prompts(prompt, negative_prompt)
         b = len(prompts)
-        if seeds is None:
-            seeds = list(range(b))
-        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-        if len(seeds) != b:
-            raise InputError(f"seeds: {len(seeds)} seeds for {b} prompts")
+        seeds = self._seeds(seeds, b)
         g, do_cfg = self._guidance(guidance_scale)
         h, w = self._size(height, width, latents)
         shape = (b, cfg.latent_channels, h // cfg.vae_scale_factor, w // cfg.vae_scale_factor)
-        steps = int(num_inference_steps or cfg.defaults["num_inference_steps"])
+        steps = self._steps(num_inference_steps)
+        if self.long_prompts == "refuse":
+            self._check_tokens(prompts, neg)  # refuse before any component runs
         rngs = [np.random.default_rng(s) for s in seeds]
         if latents is None:  # per-seed draws, so an image does not depend on its batch
             latents = np.stack([r.standard_normal(shape[1:], dtype=np.float32) for r in rngs])

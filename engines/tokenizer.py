@@ -39,12 +39,18 @@ class ClipTokenizer:
         self._tok.no_padding()
         self._tok.no_truncation()
 
-    def __call__(self, prompts: list[str]) -> np.ndarray:
-        """int64 [len(prompts), model_max_length] input ids."""
+    def __call__(self, prompts: list[str], *, truncate: bool = True, what: str = "prompt") -> np.ndarray:
+        """int64 [len(prompts), model_max_length] input ids; with truncate=False a prompt over
+        the limit is an InputError (the first such prompt, with its token count)."""
         n = self.model_max_length
         ids = np.full((len(prompts), n), self.pad_id, dtype=np.int64)
         for i, enc in enumerate(self._tok.encode_batch(prompts)):
             toks = enc.ids
+            if len(toks) > n and not truncate:
+                raise InputError(
+                    f"{what} {i}: {len(toks)} tokens (with BOS and EOS), over the limit of {n}; "
+                    "shorten it (long prompts are refused here, not truncated)"
+                )
             if len(toks) > n:  # keep BOS + the first n-2 tokens + EOS, as truncation=True does
                 log.warning("prompt %d truncated to %d tokens (CLIP's limit): %r", i, n, prompts[i][:80])
                 toks = [*toks[: n - 1], toks[-1]]

@@ -378,6 +378,23 @@ def write_triton_repo(
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown Triton backend {backend!r}; choose from {list(BACKENDS)}")
+    from engines.triton_t2i import is_t2i_folder, write_t2i_repo
+
+    if is_t2i_folder(out_dir):  # a text-to-image pipeline: its components + the dd_t2i model
+        if backend != "onnxruntime":
+            raise InputError(f"--backend {backend}: a text-to-image repository has onnxruntime models only")
+        log.info(
+            "text-to-image folder: the graphs t2i.json names per component "
+            "(--precision applies to pixel students)"
+        )
+        return write_t2i_repo(
+            Path(out_dir),
+            Path(repo_dir),
+            instances=unet_instances,
+            max_queue_delay_us=max_queue_delay_us,
+            allow_unvalidated=allow_unvalidated,
+            option=option,
+        )
     repo_dir = check_target(repo_dir, "triton-repo", option, protect=[out_dir])
     manifest = Manifest.load(out_dir)
     if manifest.io_spec is None or manifest.schedule is None or "sample_shape" not in manifest.meta:

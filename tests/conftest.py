@@ -81,3 +81,24 @@ def make_tiny_teacher(path, seed=0, prediction_type="v_prediction", clip_sample=
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory):
     return make_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"))
+
+
+@pytest.fixture(scope="session")
+def t2i_folder(tmp_path_factory):
+    """A tiny random-weight StableDiffusionPipeline (CFG, DDIM) exported for the torch-free runtime:
+    t2i.json + onnx/ + tokenizer/ + scheduler/ (about 30 s on one core; shared by the Triton and
+    dd-serve text-to-image tests)."""
+    import torch
+
+    from engines.iospec import DimRange
+    from optimizer.t2i.components import Profile
+    from optimizer.t2i.export import export_pipeline
+    from optimizer.t2i.load import load_pipeline
+    from tests.t2i_tiny import make_tiny_pipeline
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("t2i_folder")
+    src = make_tiny_pipeline(root / "pipe")
+    lat = DimRange(8, 8, 16)
+    profile = Profile(latent_height=lat, latent_width=lat)
+    return export_pipeline(load_pipeline(src, profile=profile), root / "out")

@@ -4,6 +4,7 @@ Needs the serve venv (bash .ci/setup-serve; found at $DD_SERVE_PYTHON, or
 $DD_SERVE_VENV/bin/python, default ~/.cache/dd-compile/serve-venv) and tritonclient here.
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -40,41 +41,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def require_serve_env(*modules: str) -> Path:
+    """The serve venv's python, or skip naming what is missing."""
     py = serve_python()
-    if (
-        not py.exists()
-        or subprocess.run(
-            [str(py), "-c", "import pytriton, onnxruntime, click"], capture_output=True
-        ).returncode
-        != 0
-    ):
-        pytest.skip(f"serve environment not installed at {py} (run: bash .ci/setup-serve)")
-    tmp = tmp_path_factory.mktemp("serve")
-    out = tmp / "out"
-    shutil.copytree(FIXTURE, out)
+    need = ", ".join(("pytriton", "onnxruntime", "click", *modules))
+    if not py.exists() or subprocess.run([str(py), "-c", f"import {need}"], capture_output=True).returncode:
+        pytest.skip(f"serve environment at {py} lacks one of {need} (run: bash .ci/setup-serve)")
+    return py
+
+
+@contextlib.contextmanager
+def run_server(tmp: Path, out: Path, model: str, *args: str, py: Path | None = None):
+    """dd-serve OUT on free 127.0.0.1 ports until `model` is ready; stopped with SIGINT after."""
+    py = py or require_serve_env()
     ports = {"port": free_port(), "grpc": free_port(), "metrics": free_port()}
     log = open(tmp / "server.log", "w")
+    cmd = [str(py), "-m", "engines.serve", str(out), "--threads", "1", *args]
+    for k, v in ports.items():
+        cmd += [f"--{'port' if k == 'port' else k + '-port'}", str(v)]
     proc = subprocess.Popen(
-        [
-            str(py),
-            "-m",
-            "engines.serve",
-            str(out),
-            "--port",
-            str(ports["port"]),
-            "--grpc-port",
-            str(ports["grpc"]),
-            "--metrics-port",
-            str(ports["metrics"]),
-            "--threads",
-            "1",
-        ],
-        cwd=tmp,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
     url = f"127.0.0.1:{ports['port']}"
     client = http.InferenceServerClient(url)
@@ -86,14 +72,20 @@ def server(tmp_path_factory):
                     f"dd-serve exited with {proc.returncode}:\n" + (tmp / "server.log").read_text()[-3000:]
                 )
             try:
-                if client.is_model_ready(MODEL):
+                if client.is_model_ready(model):
                     break
             except Exception:  # not listening yet
                 pass
             if time.monotonic() > deadline:
                 pytest.fail("dd-serve not ready after 180 s:\n" + (tmp / "server.log").read_text()[-3000:])
             time.sleep(1)
-        yield {"http": url, "grpc": f"127.0.0.1:{ports['grpc']}", "out": out, "proc": proc}
+        yield {
+            "http": url,
+            "grpc": f"127.0.0.1:{ports['grpc']}",
+            "out": out,
+            "proc": proc,
+            "log": tmp / "server.log",
+        }
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -102,6 +94,16 @@ def server(tmp_path_factory):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    py = require_serve_env()
+    tmp = tmp_path_factory.mktemp("serve")
+    out = tmp / "out"
+    shutil.copytree(FIXTURE, out)
+    with run_server(tmp, out, MODEL, py=py) as s:
+        yield s
 
 
 def infer(mod, url: str, seeds: list[int]) -> np.ndarray:

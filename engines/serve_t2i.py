@@ -1,0 +1,132 @@
+"""dd-serve for a text-to-image folder: prompt strings in, uint8 images out, over HTTP and gRPC.
+
+Four models in one PyTriton tritonserver:
+
+    "dd_text_encoder", "dd_unet", "dd_vae_decoder"   bound through PyTriton to the runners of
+                  TextToImagePipeline(folder, backend=...) (ONNX Runtime or OpenVINO)
+    "dd_t2i"      the Python-backend pipeline model dd-triton writes (engines/triton_t2i_model.py):
+                  the runtime's own pipeline code, each component call a BLS request
+
+    dd_t2i:  prompt BYTES [B, 1], seed INT64 [B, 1] (+ negative_prompt, guidance_scale,
+             num_inference_steps) -> image UINT8 [B, H, W, 3]
+    same prompt and seed -> the image of TextToImagePipeline(folder, backend=...)(prompt, seeds=...)
+
+Prompts over the token limit are refused with HTTP 400 / gRPC INVALID_ARGUMENT (the count and
+the limit), not truncated; an empty prompt is a valid prompt (the unconditional image).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.base import Runner
+from engines.errors import InputError
+from engines.iospec import IOSpec
+from engines.t2i import COMPONENT_NAMES, TextToImagePipeline
+from engines.triton_t2i import (
+    COMPONENT_MODELS,
+    PIPELINE_MODEL,
+    T2ITritonConfig,
+    require_validated,
+    write_pipeline_model,
+)
+
+log = logging.getLogger(__name__)
+
+
+def component_function(runner: Runner) -> Any:
+    """The callable PyTriton binds for one component: a batch of feeds -> its outputs."""
+    from pytriton.decorators import batch
+
+    flat = {t.name for t in runner.spec.inputs if len(t.shape) == 1}  # [batch] arrives as [B, 1]
+
+    @batch
+    def infer(**feeds: np.ndarray) -> dict[str, np.ndarray]:
+        return runner.infer({k: v.reshape(-1) if k in flat else v for k, v in feeds.items()})
+
+    return infer
+
+
+def component_tensors(spec: IOSpec) -> tuple[list[Any], list[Any]]:
+    """PyTriton specs without the batch axis; dynamic axes (latent height/width) as -1."""
+    from pytriton.model_config import Tensor
+
+    from engines.triton_t2i import component_dims
+
+    def tensor(t: Any) -> Any:
+        return Tensor(name=t.name, dtype=np.dtype(t.dtype), shape=tuple(component_dims(t, spec)) or (1,))
+
+    return [tensor(t) for t in spec.inputs], [tensor(t) for t in spec.outputs]
+
+
+def serve_t2i(folder: Path, config: Any) -> None:
+    """Serve the text-to-image folder until SIGINT/SIGTERM (`config`: engines.serve.ServeConfig)."""
+    from pytriton.model_config import DynamicBatcher, ModelConfig
+    from pytriton.triton import Triton, TritonConfig
+
+    from engines.serve import load_model
+
+    if config.backend not in ("onnxruntime", "openvino"):
+        raise InputError(
+            f"--backend {config.backend}: a text-to-image folder serves on onnxruntime or openvino"
+        )
+    if config.precision != "fp32":
+        log.info(
+            "--precision %s: a text-to-image folder serves the graph t2i.json names per component",
+            config.precision,
+        )
+    require_validated(folder, config.allow_unvalidated)
+    pipe = TextToImagePipeline(folder, backend=config.backend, threads=config.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="dd-serve-"))
+    try:
+        with pipe:
+            repo = tmp / "repo"
+            repo.mkdir()  # dd_t2i is loaded once the components are up, so ready means ready
+            triton_cfg = TritonConfig(
+                http_address=config.host,
+                http_port=config.port,
+                grpc_address=config.host,
+                grpc_port=config.grpc_port,
+                metrics_address=config.host,
+                metrics_port=config.metrics_port,
+                model_repository=repo,
+                exit_on_error=True,
+            )
+            with Triton(config=triton_cfg) as triton:
+                for name in COMPONENT_NAMES:
+                    spec = pipe.specs[name]
+                    inputs, outputs = component_tensors(spec)
+                    triton.bind(
+                        model_name=COMPONENT_MODELS[name],
+                        infer_func=component_function(pipe.runners[name]),
+                        inputs=inputs,
+                        outputs=outputs,
+                        config=ModelConfig(
+                            max_batch_size=spec.dims["batch"].max,
+                            batcher=DynamicBatcher(max_queue_delay_microseconds=config.max_queue_delay_us),
+                        ),
+                        strict=True,
+                    )
+                triton.run()
+                cfg = T2ITritonConfig(1, config.max_queue_delay_us, config.allow_unvalidated)
+                write_pipeline_model(folder, repo, pipe, cfg)
+                load_model(config, triton.get_access_token(), PIPELINE_MODEL)
+                log.info(
+                    "serving text-to-image %s (%s, max batch %d) on http://%s:%d and grpc %s:%d",
+                    folder,
+                    config.backend,
+                    pipe.max_batch,
+                    config.host,
+                    config.port,
+                    config.host,
+                    config.grpc_port,
+                )
+                triton.serve()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,159 @@
+"""Triton model repository of a text-to-image pipeline: component configs parse against Triton's
+model_config.proto and match their ONNX graphs; the dd_t2i Python model ships the runtime's own
+pipeline code; the folder rule and the validation rule hold; the serve-side checks of a prompt
+request (token limit, seeds, steps, guidance) are the runtime's."""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines.errors import InputError
+from engines.t2i import TextToImagePipeline
+from engines.triton import main, write_triton_repo
+from engines.triton_t2i import COMPONENT_MODELS, PIPELINE_MODEL, VENDORED
+from tests.test_triton import graph_io, parse
+
+pytestmark = pytest.mark.slow  # the session's tiny pipeline export takes ~30 s on one core
+
+
+def test_component_configs_match_their_graphs(t2i_folder, tmp_path):
+    repo = write_triton_repo(t2i_folder, tmp_path / "repo", allow_unvalidated=True)
+    pipe = TextToImagePipeline(t2i_folder)
+    for name, model in COMPONENT_MODELS.items():
+        cfg = parse(repo / model / "config.pbtxt")
+        onnx_path = repo / model / "1" / "model.onnx"
+        assert cfg.name == model and cfg.platform == "onnxruntime_onnx" and onnx_path.exists()
+        assert cfg.max_batch_size == pipe.specs[name].dims["batch"].max
+        io = graph_io(onnx_path)
+        tensors = [*cfg.input, *cfg.output]
+        assert sorted(t.name for t in tensors) == sorted(io)
+        for t in tensors:
+            want_type, graph_dims = io[t.name]
+            assert mc_type(t) == want_type, t.name
+            got, graph = list(t.dims), graph_dims[1:]
+            if not graph:  # the [batch] timestep: dims [1] + reshape []
+                assert got == [1] and list(t.reshape.shape) == [], t.name
+                continue
+            assert len(got) == len(graph), t.name
+            for g, d in zip(got, graph, strict=True):
+                # a fixed axis keeps its size; a symbolic one is -1 unless its range is one size (tokens)
+                assert g == d if isinstance(d, int) and d > 0 else g in (-1, 77), (t.name, got, graph)
+    assert [t.dims for t in parse(repo / "dd_unet" / "config.pbtxt").input if t.name == "sample"][0] == [
+        4,
+        -1,
+        -1,
+    ]  # latent height and width stay dynamic
+
+
+def mc_type(t) -> str:
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    return mc.DataType.Name(t.data_type)
+
+
+def test_pipeline_model_ships_the_runtime_code(t2i_folder, tmp_path):
+    repo = write_triton_repo(t2i_folder, tmp_path / "repo", allow_unvalidated=True)
+    cfg = parse(repo / PIPELINE_MODEL / "config.pbtxt")
+    assert cfg.backend == "python" and cfg.max_batch_size == 4  # UNet max 8 at the CFG batch
+    ins = {t.name: (mc_type(t), list(t.dims), t.optional) for t in cfg.input}
+    assert ins == {
+        "prompt": ("TYPE_STRING", [1], False),
+        "seed": ("TYPE_INT64", [1], False),
+        "negative_prompt": ("TYPE_STRING", [1], True),
+        "guidance_scale": ("TYPE_FP32", [1], True),
+        "num_inference_steps": ("TYPE_INT32", [1], True),
+    }
+    assert [(t.name, mc_type(t), list(t.dims)) for t in cfg.output] == [("image", "TYPE_UINT8", [16, 16, 3])]
+    version = repo / PIPELINE_MODEL / "1"
+    engines_dir = Path(__file__).parents[1] / "engines"
+    for name in VENDORED:  # byte-identical copies: the served pipeline is the runtime's
+        assert (version / "engines" / name).read_bytes() == (engines_dir / name).read_bytes()
+    assert (version / "model.py").read_bytes() == (engines_dir / "triton_t2i_model.py").read_bytes()
+    settings = json.loads((version / "t2i_model.json").read_text())
+    assert settings == {"models": COMPONENT_MODELS, "max_batch": 4, "long_prompts": "refuse"}
+    # the copied pipeline folder is enough for the runtime's tokenizer and scheduler
+    copied = TextToImagePipeline(version / "pipeline", runner_factory=lambda n, p, s: None)
+    assert (
+        copied.tokenizer(["a red seven"]).tolist()
+        == TextToImagePipeline(t2i_folder).tokenizer(["a red seven"]).tolist()
+    )
+    marker = json.loads((repo / ".dd-compile.json").read_text())
+    assert marker["kind"] == "triton-repo" and marker["allow_unvalidated"] is True
+    assert "allow_unvalidated" in (repo / "README.md").read_text()
+
+
+def test_unvalidated_folder_and_user_folder_are_refused(t2i_folder, tmp_path, capsys):
+    with pytest.raises(InputError, match="no dd-compile run validated; compile it with dd-compile"):
+        write_triton_repo(t2i_folder, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        main([str(t2i_folder), "--repo", str(user), "--allow-unvalidated"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not written by dd-compile" in err
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    # a repository dd-triton wrote is replaced
+    repo = write_triton_repo(t2i_folder, tmp_path / "repo", allow_unvalidated=True)
+    (repo / "dd_unet" / "stale").write_text("x")
+    write_triton_repo(t2i_folder, repo, allow_unvalidated=True)
+    assert not (repo / "dd_unet" / "stale").exists()
+    with pytest.raises(InputError, match="onnxruntime models only"):
+        write_triton_repo(t2i_folder, tmp_path / "r2", backend="tensorrt", allow_unvalidated=True)
+
+
+def test_request_checks_before_any_component_runs(t2i_folder, caplog):
+    refuse = TextToImagePipeline(t2i_folder, long_prompts="refuse")
+    long = "seven " * 80  # 80 tokens + BOS + EOS
+    with pytest.raises(InputError, match=r"^prompt 0: 82 tokens \(with BOS and EOS\), over the limit of 77"):
+        refuse.check([long], seeds=[0])
+    with pytest.raises(InputError, match=r"^negative_prompt 1: 82 tokens"):  # negatives are checked too
+        refuse.check(["a", "b"], negative_prompt=["", long], seeds=[0, 1])
+    for kw, msg in (
+        (dict(seeds=[-1]), r"seeds: -1 is not an integer in \[0, 2\^63 - 1\]"),
+        (dict(seeds=[1.5]), "seeds: 1.5 is not an integer"),
+        (dict(seeds=[1, 2]), "seeds: 2 seeds for 1 prompts"),
+        (dict(seeds=[0], num_inference_steps=0), r"num_inference_steps=0: must be in \[1, 1000\]"),
+        (dict(seeds=[0], guidance_scale=float("nan")), "guidance_scale=nan: must be a finite number"),
+    ):
+        with pytest.raises(InputError, match=msg):
+            refuse.check(["a red seven"], **kw)
+    with pytest.raises(InputError, match="over the pipeline's max batch 4"):
+        refuse.check(["a"] * 5, seeds=list(range(5)))
+    r = refuse.check([""], seeds=[3], num_inference_steps=2)  # the empty prompt is a prompt
+    assert (r.prompts, r.seeds, r.num_inference_steps, r.guidance_scale) == ([""], [3], 2, 7.5)
+    # the library default stays diffusers': cut to 77 tokens, EOS kept, a warning logged
+    with TextToImagePipeline(t2i_folder) as truncating, caplog.at_level(logging.WARNING, "engines.tokenizer"):
+        truncating.check([long], seeds=[0])
+        assert "truncated to 77 tokens" in caplog.text
+        with pytest.raises(InputError, match="82 tokens"):
+            with refuse:
+                refuse([long], seeds=[0], num_inference_steps=2)
+
+
+def test_openvino_components_give_the_onnxruntime_images(t2i_folder):
+    pytest.importorskip("openvino", reason="openvino not installed: pip install 'dd-compile[openvino]'")
+    with (
+        TextToImagePipeline(t2i_folder, threads=1) as ort,
+        TextToImagePipeline(t2i_folder, backend="openvino", threads=1) as ov,
+    ):
+        kw = dict(seeds=[0, 1], num_inference_steps=3)
+        a, b = ort(["a red seven", ""], **kw), ov(["a red seven", ""], **kw)
+    assert a.shape == b.shape == (2, 16, 16, 3)
+    assert np.abs(a.astype(int) - b).max() <= 1  # same fp32 graphs; rounding may move one level
+
+
+def test_copied_folder_needs_no_graphs(t2i_folder, tmp_path):
+    """dd_t2i's pipeline/ folder holds no ONNX graph: only a runner factory that never opens one."""
+    repo = write_triton_repo(t2i_folder, tmp_path / "repo", allow_unvalidated=True)
+    folder = repo / PIPELINE_MODEL / "1" / "pipeline"
+    assert not (folder / "onnx").exists()
+    with pytest.raises(InputError, match="unet graph not found|text_encoder graph not found"):
+        TextToImagePipeline(folder)
+    shutil.rmtree(repo)
