@@ -129,12 +129,24 @@ def serve(out_dir: str | Path, config: ServeConfig = ServeConfig()) -> None:
             "venv with a shared libpython and nvidia-pytriton)"
         ) from None
     from engines.triton import UNET_MODEL
-    from engines.triton_t2i import is_t2i_folder
+    from engines.triton_t2i import is_t2i_folder, open_t2i
 
     if is_t2i_folder(out_dir):
-        from engines.serve_t2i import serve_t2i
+        from engines.serve_t2i import check_backend, serve_t2i
 
-        return serve_t2i(Path(out_dir), config)
+        check_backend(config)
+        if config.precision != "fp32":
+            log.info(
+                "--precision %s: a text-to-image output serves the graphs its description names",
+                config.precision,
+            )
+        opened = open_t2i(
+            out_dir,
+            backend=config.backend,
+            threads=config.threads,
+            allow_unvalidated=config.allow_unvalidated,
+        )
+        return serve_t2i(opened, Path(out_dir), config)
 
     kw = {"threads": config.threads} if config.threads else {}
     pipe = load(

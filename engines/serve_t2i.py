@@ -28,12 +28,12 @@ import numpy as np
 from engines.base import Runner
 from engines.errors import InputError
 from engines.iospec import IOSpec
-from engines.t2i import COMPONENT_NAMES, TextToImagePipeline
+from engines.t2i import COMPONENT_NAMES
 from engines.triton_t2i import (
     COMPONENT_MODELS,
     PIPELINE_MODEL,
+    OpenedT2I,
     T2ITritonConfig,
-    require_validated,
     write_pipeline_model,
 )
 
@@ -65,24 +65,21 @@ def component_tensors(spec: IOSpec) -> tuple[list[Any], list[Any]]:
     return [tensor(t) for t in spec.inputs], [tensor(t) for t in spec.outputs]
 
 
-def serve_t2i(folder: Path, config: Any) -> None:
-    """Serve the text-to-image folder until SIGINT/SIGTERM (`config`: engines.serve.ServeConfig)."""
+def check_backend(config: Any) -> None:
+    if config.backend not in ("onnxruntime", "openvino"):
+        raise InputError(
+            f"--backend {config.backend}: a text-to-image pipeline serves on onnxruntime or openvino"
+        )
+
+
+def serve_t2i(opened: OpenedT2I, source: Path, config: Any) -> None:
+    """Serve the opened pipeline until SIGINT/SIGTERM (`config`: engines.serve.ServeConfig)."""
     from pytriton.model_config import DynamicBatcher, ModelConfig
     from pytriton.triton import Triton, TritonConfig
 
     from engines.serve import load_model
 
-    if config.backend not in ("onnxruntime", "openvino"):
-        raise InputError(
-            f"--backend {config.backend}: a text-to-image folder serves on onnxruntime or openvino"
-        )
-    if config.precision != "fp32":
-        log.info(
-            "--precision %s: a text-to-image folder serves the graph t2i.json names per component",
-            config.precision,
-        )
-    require_validated(folder, config.allow_unvalidated)
-    pipe = TextToImagePipeline(folder, backend=config.backend, threads=config.threads)
+    pipe = opened.pipe
     tmp = Path(tempfile.mkdtemp(prefix="dd-serve-"))
     try:
         with pipe:
@@ -114,12 +111,12 @@ def serve_t2i(folder: Path, config: Any) -> None:
                         strict=True,
                     )
                 triton.run()
-                cfg = T2ITritonConfig(1, config.max_queue_delay_us, config.allow_unvalidated)
-                write_pipeline_model(folder, repo, pipe, cfg)
+                cfg = T2ITritonConfig(1, config.max_queue_delay_us, opened.unvalidated)
+                write_pipeline_model(opened.description, repo, pipe, cfg)
                 load_model(config, triton.get_access_token(), PIPELINE_MODEL)
                 log.info(
                     "serving text-to-image %s (%s, max batch %d) on http://%s:%d and grpc %s:%d",
-                    folder,
+                    source,
                     config.backend,
                     pipe.max_batch,
                     config.host,
