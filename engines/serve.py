@@ -135,16 +135,13 @@ def serve(out_dir: str | Path, config: ServeConfig = ServeConfig()) -> None:
         from engines.serve_t2i import check_backend, serve_t2i
 
         check_backend(config)
-        if config.precision != "fp32":
-            log.info(
-                "--precision %s: a text-to-image output serves the graphs its description names",
-                config.precision,
-            )
         opened = open_t2i(
             out_dir,
             backend=config.backend,
             threads=config.threads,
             allow_unvalidated=config.allow_unvalidated,
+            # a published pipeline: fp32 (the option's default) means its recommended mix
+            precision=None if config.precision == "fp32" else config.precision,
         )
         return serve_t2i(opened, Path(out_dir), config)
 

@@ -112,7 +112,7 @@ def serve_t2i(opened: OpenedT2I, source: Path, config: Any) -> None:
                     )
                 triton.run()
                 cfg = T2ITritonConfig(1, config.max_queue_delay_us, opened.unvalidated)
-                write_pipeline_model(opened.description, repo, pipe, cfg)
+                write_pipeline_model(repo, pipe, cfg)
                 load_model(config, triton.get_access_token(), PIPELINE_MODEL)
                 log.info(
                     "serving text-to-image %s (%s, max batch %d) on http://%s:%d and grpc %s:%d",

@@ -383,10 +383,6 @@ def write_triton_repo(
     if is_t2i_folder(out_dir):  # a text-to-image pipeline: its components + the dd_t2i model
         if backend != "onnxruntime":
             raise InputError(f"--backend {backend}: a text-to-image repository has onnxruntime models only")
-        log.info(
-            "text-to-image folder: the graphs t2i.json names per component "
-            "(--precision applies to pixel students)"
-        )
         return write_t2i_repo(
             Path(out_dir),
             Path(repo_dir),

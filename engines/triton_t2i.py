@@ -37,7 +37,7 @@ from pathlib import Path
 from engines.errors import InputError
 from engines.iospec import IOSpec, TensorSpec
 from engines.outdir import check_target, claim
-from engines.t2i import COMPONENT_NAMES, TextToImagePipeline
+from engines.t2i import COMPONENT_NAMES, T2I_FORMAT, TextToImagePipeline
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ MODEL_TEMPLATE = Path(__file__).with_name("triton_t2i_model.py")
 # What the pipeline model imports: numpy + tokenizers, nothing of onnxruntime or the manifest code.
 VENDORED = ("base.py", "errors.py", "iospec.py", "schedulers.py", "tokenizer.py", "t2i.py")
 LONG_PROMPTS = "refuse"
+TOKENIZER_PATH, SCHEDULER_PATH = "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 
 
@@ -57,18 +58,31 @@ class T2ITritonConfig:
     allow_unvalidated: bool = False  # recorded in README.md and config.pbtxt
 
 
+T2I_KIND = "text-to-image"  # a dd-compile manifest's meta.kind for a published pipeline
+
+
+def _manifest_kind(folder: Path) -> str | None:
+    from engines.manifest import MANIFEST_NAME, Manifest
+
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
+    return Manifest.load(folder).meta.get("kind")
+
+
 def is_t2i_folder(folder: str | Path) -> bool:
-    """A text-to-image export (optimizer/t2i/export.py's t2i.json) rather than a pixel student."""
-    return (Path(folder) / "t2i.json").is_file()
+    """A text-to-image output (a dd-compile manifest of kind text-to-image, or a bare export
+    folder: optimizer/t2i/export.py's t2i.json) rather than a pixel student."""
+    folder = Path(folder)
+    kind = _manifest_kind(folder)
+    return kind == T2I_KIND if kind is not None else (folder / "t2i.json").is_file()
 
 
 @dataclass
 class OpenedT2I:
-    """A text-to-image pipeline to deploy, with the description it was built from."""
+    """A text-to-image pipeline to deploy, and whether a dd-compile run validated it."""
 
     pipe: TextToImagePipeline
-    description: Path  # the t2i json whose graphs, tokenizer and scheduler the pipeline uses
-    unvalidated: bool  # no dd-compile run validated it (deployed under --allow-unvalidated)
+    unvalidated: bool  # deployed under --allow-unvalidated: recorded in what is written
 
 
 def open_t2i(
@@ -77,13 +91,44 @@ def open_t2i(
     backend: str = "onnxruntime",
     threads: int | None = None,
     allow_unvalidated: bool = False,
+    precision: str | None = None,
 ) -> OpenedT2I | None:
-    """The text-to-image pipeline of `out_dir`, or None when it holds a pixel student."""
+    """The text-to-image pipeline of `out_dir`, or None when it holds a pixel student. A published
+    output goes through engines.load (validation records, sha256); a bare export folder has none."""
     out = Path(out_dir)
     if not is_t2i_folder(out):
         return None
+    kw = {"threads": threads} if threads else {}
+    if _manifest_kind(out) == T2I_KIND:
+        from engines.manifest import Manifest
+        from engines.runtime import load
+
+        m = Manifest.load(out)
+        art = m.get(f"pipeline/{precision or m.meta.get('recommended') or 'fp32'}")
+        unvalidated = art is None or m.servable(art, backend) is not None
+        pipe = load(out, precision, backend, allow_unvalidated=allow_unvalidated, **kw)
+        return OpenedT2I(pipe, unvalidated)
     require_validated(out, allow_unvalidated)
-    return OpenedT2I(TextToImagePipeline(out, backend=backend, threads=threads), out / "t2i.json", True)
+    return OpenedT2I(TextToImagePipeline(out, backend=backend, **kw), True)
+
+
+def description(pipe: TextToImagePipeline) -> dict:
+    """The t2i.json the runtime reads, rebuilt from the pipeline's own config (whatever file it
+    came from), with its tokenizer and scheduler at the usual relative paths."""
+    c = pipe.config
+    return {
+        "format": T2I_FORMAT,
+        "version": 1,
+        "pipeline_class": c.pipeline_class,
+        "guidance": c.guidance,
+        "components": c.components,
+        "tokenizer": {**c.tokenizer, "path": TOKENIZER_PATH},
+        "scheduler": {"kind": c.scheduler_kind, "config": SCHEDULER_PATH},
+        "vae": {"scaling_factor": c.vae_scaling_factor, "scale_factor": c.vae_scale_factor},
+        "latent_channels": c.latent_channels,
+        "time_cond_proj_dim": c.time_cond_proj_dim,
+        "defaults": c.defaults,
+    }
 
 
 def component_dims(t: TensorSpec, spec: IOSpec) -> list[int]:
@@ -158,9 +203,7 @@ def pipeline_config(max_batch: int, image_shape: tuple[int, int, int], cfg: T2IT
     )
 
 
-def write_pipeline_model(
-    description: Path, repo: Path, pipe: TextToImagePipeline, cfg: T2ITritonConfig
-) -> Path:
+def write_pipeline_model(repo: Path, pipe: TextToImagePipeline, cfg: T2ITritonConfig) -> Path:
     """repo/dd_t2i: config, model.py, the vendored runtime code and the pipeline's settings.
     dd-serve writes this same folder (its components are bound through PyTriton instead)."""
     here = Path(__file__).parent
@@ -174,12 +217,12 @@ def write_pipeline_model(
     )
     for name in VENDORED:
         shutil.copyfile(here / name, version / "engines" / name)
-    src = json.loads(description.read_text())
     dest = version / "pipeline"
-    for rel in (src["tokenizer"]["path"], src["scheduler"]["config"]):
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(description.parent / rel, dest / rel)
-    (dest / "t2i.json").write_text(json.dumps(src, indent=2))
+    (dest / TOKENIZER_PATH).parent.mkdir(parents=True)
+    (dest / SCHEDULER_PATH).parent.mkdir(parents=True)
+    shutil.copyfile(pipe.config.root / pipe.config.tokenizer["path"], dest / TOKENIZER_PATH)
+    (dest / SCHEDULER_PATH).write_text(json.dumps(pipe.config.scheduler_config, indent=2))
+    (dest / "t2i.json").write_text(json.dumps(description(pipe), indent=2))
     settings = {"models": COMPONENT_MODELS, "max_batch": pipe.max_batch, "long_prompts": LONG_PROMPTS}
     (version / "t2i_model.json").write_text(json.dumps(settings, indent=2))
     return model
@@ -252,7 +295,7 @@ def write_t2i_repo(
     # checks the description, the graphs and the tokenizer; runs nothing
     opened = open_t2i(out_dir, allow_unvalidated=allow_unvalidated)
     if opened is None:
-        raise InputError(f"{out_dir}: not a text-to-image output (no t2i.json)")
+        raise InputError(f"{out_dir}: not a text-to-image output")
     pipe = opened.pipe
     cfg = T2ITritonConfig(instances, max_queue_delay_us, opened.unvalidated)
     repo_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +312,7 @@ def write_t2i_repo(
                 shutil.copyfile(ext, model / "1" / ext.name)
             shas[n] = sha256_file(model / "1" / "model.onnx")
             (model / "config.pbtxt").write_text(component_config(n, pipe.specs[n], shas[n], cfg))
-        write_pipeline_model(opened.description, tmp, pipe, cfg)
+        write_pipeline_model(tmp, pipe, cfg)
         (tmp / "README.md").write_text(readme(Path(out_dir), pipe, repo_dir, cfg))
         claim(
             tmp, "triton-repo", shas["unet"], pipeline=PIPELINE_MODEL, allow_unvalidated=cfg.allow_unvalidated

@@ -75,6 +75,9 @@ def test_pipeline_model_ships_the_runtime_code(t2i_folder, tmp_path):
     assert (version / "model.py").read_bytes() == (engines_dir / "triton_t2i_model.py").read_bytes()
     settings = json.loads((version / "t2i_model.json").read_text())
     assert settings == {"models": COMPONENT_MODELS, "max_batch": 4, "long_prompts": "refuse"}
+    # the description is rebuilt from the pipeline's own config: for an export, the same file
+    rebuilt = json.loads((version / "pipeline" / "t2i.json").read_text())
+    assert rebuilt == json.loads((t2i_folder / "t2i.json").read_text())
     # the copied pipeline folder is enough for the runtime's tokenizer and scheduler
     copied = TextToImagePipeline(version / "pipeline", runner_factory=lambda n, p, s: None)
     assert (
