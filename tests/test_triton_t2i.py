@@ -160,3 +160,119 @@ def test_copied_folder_needs_no_graphs(t2i_folder, tmp_path):
     with pytest.raises(InputError, match="unet graph not found|text_encoder graph not found"):
         TextToImagePipeline(folder)
     shutil.rmtree(repo)
+
+
+class _FakeTensor:
+    def __init__(self, name, arr):
+        self._name, self._arr = name, np.asarray(arr)
+
+    def as_numpy(self):
+        return self._arr
+
+
+class _FakeResponse:
+    def __init__(self, output_tensors=(), error=None):
+        self.output_tensors, self.err = list(output_tensors), error
+
+    def has_error(self):
+        return self.err is not None
+
+    def error(self):
+        return self.err
+
+
+class _FakeError:
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, msg, code=None):
+        self.msg, self.code = msg, code
+
+    def message(self):
+        return self.msg
+
+
+def fake_pb_utils(runners: dict, unet_batches: list):
+    """triton_python_backend_utils, enough for dd_t2i: BLS requests go to local ONNX Runtime runners."""
+    import types
+
+    from engines.triton_t2i import COMPONENT_MODELS
+
+    by_model = {m: runners[n] for n, m in COMPONENT_MODELS.items()}
+
+    class InferenceRequest:
+        def __init__(self, model_name, inputs, requested_output_names):
+            self.model, self.inputs = model_name, inputs
+
+        def exec(self):
+            r = by_model[self.model]
+            feeds = {t._name: t.as_numpy() for t in self.inputs}
+            feeds = {k: v.reshape(-1) if len(r.spec.input(k).shape) == 1 else v for k, v in feeds.items()}
+            if self.model == "dd_unet":
+                unet_batches.append(feeds["sample"].shape[0])
+            return _FakeResponse([_FakeTensor(k, v) for k, v in r.infer(feeds).items()])
+
+    m = types.ModuleType("triton_python_backend_utils")
+    m.Tensor, m.InferenceResponse, m.InferenceRequest = _FakeTensor, _FakeResponse, InferenceRequest
+    m.TritonError, m.TritonModelException = _FakeError, RuntimeError
+    m.get_input_tensor_by_name = lambda req, name: None if name not in req else _FakeTensor(name, req[name])
+    m.get_output_tensor_by_name = lambda resp, name: next(t for t in resp.output_tensors if t._name == name)
+    return m
+
+
+def test_pipeline_model_answers_each_request_of_a_merged_batch(t2i_folder, tmp_path, monkeypatch):
+    """dd_t2i's execute() on one dynamic batch of five requests: the two good ones with the same
+    step count run as one pipeline call (UNet at the CFG batch 2 x 3 images), the third good one
+    alone, and the bad ones (over-limit prompt, non-UTF-8, negative seed) get their own
+    INVALID_ARG; every image equals the runtime's."""
+    import importlib.util
+    import sys
+
+    repo = write_triton_repo(t2i_folder, tmp_path / "repo", allow_unvalidated=True)
+    unet_batches: list[int] = []
+    monkeypatch.setattr(sys, "path", list(sys.path))  # model.py prepends its folder
+    with TextToImagePipeline(t2i_folder, threads=1) as local:
+        monkeypatch.setitem(
+            sys.modules, "triton_python_backend_utils", fake_pb_utils(local.runners, unet_batches)
+        )
+        spec = importlib.util.spec_from_file_location(
+            "dd_t2i_model", repo / PIPELINE_MODEL / "1" / "model.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model = module.TritonPythonModel()
+        model.initialize({})
+
+        def req(prompts, seeds, steps=None):
+            r = {
+                "prompt": np.array([[p] for p in prompts], object),
+                "seed": np.array(seeds, np.int64)[:, None],
+            }
+            if steps is not None:
+                r["num_inference_steps"] = np.full((len(seeds), 1), steps, np.int32)
+            return r
+
+        requests = [
+            req([b"a red seven"], [1], 2),
+            req([("seven " * 80).encode()], [2], 2),
+            req([b"", b"green seven"], [3, 4], 2),
+            req([b"a \xff"], [5], 2),
+            req([b"red"], [-6], 2),
+            req([b"red"], [6], 3),
+        ]
+        responses = model.execute(requests)
+        want = {
+            0: local(["a red seven"], seeds=[1], num_inference_steps=2),
+            2: local(["", "green seven"], seeds=[3, 4], num_inference_steps=2),
+            5: local(["red"], seeds=[6], num_inference_steps=3),
+        }
+    assert len(responses) == len(requests)
+    for i, r in enumerate(responses):
+        if i in want:
+            assert r.err is None, (i, r.err and r.err.msg)
+            (image,) = r.output_tensors
+            assert image._name == "image" and np.array_equal(image.as_numpy(), want[i])
+        else:
+            assert r.err.code == "INVALID_ARG" and "\n" not in r.err.msg
+    assert [responses[i].err.msg.split(":")[0] for i in (1, 3, 4)] == ["prompt 0", "prompt 0", "seeds"]
+    # requests 0 and 2 (2 steps) ran together: 2 UNet calls at batch 2 x 3 (CFG); request 5 alone
+    assert unet_batches == [6, 6, 2, 2, 2]
