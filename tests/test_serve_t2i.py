@@ -160,3 +160,25 @@ def test_empty_prompt_is_the_unconditional_image(t2i_server, t2i_folder):
         want = pipe(["", "a red seven"], seeds=[7, 7], num_inference_steps=2)
     assert np.abs(got.astype(int) - want).max() <= 1
     assert np.abs(got[0].astype(int) - got[1]).max() > 0  # the prompt matters: not one image for both
+
+
+def test_unvalidated_folder_and_wrong_backend_are_one_line_exit_2(t2i_folder):
+    import os
+    import subprocess
+
+    from tests.test_serve import ROOT
+
+    py = require_serve_env("tokenizers")
+    for args, msg in (
+        ([], "no dd-compile run validated; compile it with dd-compile, or pass --allow-unvalidated"),
+        (["--backend", "tensorrt", "--allow-unvalidated"], "serves on onnxruntime or openvino"),
+    ):
+        r = subprocess.run(
+            [str(py), "-m", "engines.serve", str(t2i_folder), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1 and msg in err[0], (r.returncode, r.stderr[-500:])
