@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 MANIFEST_FORMAT = "dd-compile-manifest"
 MANIFEST_VERSION = 2  # 2: a top-level "run" record and a "validation" record per artifact
 MANIFEST_NAME = "manifest.json"
-SERVABLE_KINDS = ("onnx", "engine")
+SERVABLE_KINDS = ("onnx", "engine", "pipeline")  # pipeline: a text-to-image t2i.<mix>.json
 REFUSAL_HINT = "recompile with this dd-compile or pass --allow-unvalidated"
 
 

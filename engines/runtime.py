@@ -104,20 +104,60 @@ class SamplerPipeline:
         self.close()
 
 
+T2I_KIND = "text-to-image"
+
+
+def load_t2i(
+    manifest: Manifest, precision: str | None, backend: str, allow_unvalidated: bool, **runner_kw: Any
+) -> Any:
+    """The TextToImagePipeline of a text-to-image output: the mix `precision` (default: the
+    recommended one), its description and every graph it names checked (validated, sha256)."""
+    import json
+
+    from engines.t2i import TextToImagePipeline
+
+    if backend not in ORT_BACKENDS:
+        raise InputError(f"backend {backend!r}: text-to-image pipelines run on {', '.join(ORT_BACKENDS)}")
+    mix = precision or manifest.meta.get("recommended") or "fp32"
+    art = manifest.get(f"pipeline/{mix}")
+    if art is None:
+        have = sorted(a.precision or "?" for a in manifest.find("pipeline"))
+        raise InputError(
+            f"{manifest.path}: no text-to-image pipeline {mix!r} (have: {', '.join(have) or 'none'})"
+        )
+    manifest.require_servable(art, allow_unvalidated, backend)
+    path = manifest.verify(art)
+    desc = json.loads(path.read_text())
+    by_path = {a.path: a for a in manifest.find("onnx")}
+    run_dir = art.path.rsplit("/", 1)[0]
+    for kind, c in desc["components"].items():
+        g = by_path.get(f"{run_dir}/{c['path']}")
+        if g is None:
+            raise InputError(f"{path}: component {kind} graph {c['path']} is not in the manifest")
+        manifest.require_servable(g, allow_unvalidated, backend)
+        manifest.verify(g)
+    pipe = TextToImagePipeline(path.parent, backend=backend, config=path.name, **runner_kw)
+    return pipe.__enter__()  # ready to call, as SamplerPipeline; `with` still closes it
+
+
 def load(
     out_dir: str | Path,
-    precision: str = "fp32",
+    precision: str | None = None,
     backend: str = "onnxruntime",
     *,
     allow_unvalidated: bool = False,
     **runner_kw: Any,
-) -> SamplerPipeline:
-    """The student of `out_dir` at `precision` on `backend`, ready to sample.
+) -> Any:
+    """The student of `out_dir` at `precision` (default fp32) on `backend`, ready to sample; for a
+    text-to-image output, its TextToImagePipeline (default: the recommended mix).
 
     Only an artifact that the published run validated (and passed) is loaded; anything else is
     refused with one line unless `allow_unvalidated=True` (then a warning is logged).
     """
     manifest = Manifest.load(out_dir)
+    if manifest.meta.get("kind") == T2I_KIND:
+        return load_t2i(manifest, precision, backend, allow_unvalidated, **runner_kw)
+    precision = precision or "fp32"
     missing = [k for k, v in (("io_spec", manifest.io_spec), ("schedule", manifest.schedule)) if v is None]
     missing += [] if "sample_shape" in manifest.meta else ["meta.sample_shape"]
     if missing:

@@ -72,11 +72,11 @@ class T2IConfig:
     defaults: dict[str, Any]
 
     @classmethod
-    def load(cls, folder: str | Path) -> T2IConfig:
+    def load(cls, folder: str | Path, name: str = "t2i.json") -> T2IConfig:
         root = Path(folder)
-        path = root / "t2i.json"
+        path = root / name
         if not path.exists():
-            raise InputError(f"{root}: no t2i.json (export the pipeline with optimizer.t2i.export first)")
+            raise InputError(f"{root}: no {name} (export the pipeline with optimizer.t2i.export first)")
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -149,11 +149,13 @@ class TextToImagePipeline:
         threads: int | None = None,
         runner_factory: RunnerFactory | None = None,
         long_prompts: str = "truncate",
+        config: str = "t2i.json",
     ):
+        """`config`: which description in `folder` (dd-compile writes t2i.<mix>.json per mix)."""
         if long_prompts not in LONG_PROMPT_POLICIES:
             raise InputError(f"long_prompts={long_prompts!r}: choose from {list(LONG_PROMPT_POLICIES)}")
         self.long_prompts = long_prompts
-        self.config = cfg = T2IConfig.load(folder)
+        self.config = cfg = T2IConfig.load(folder, config)
         self.specs = {n: IOSpec.from_dict(cfg.components[n]["io"]) for n in COMPONENT_NAMES}
         make = runner_factory or component_runner(backend, threads)
         self.backend = backend if runner_factory is None else "custom"

@@ -142,7 +142,13 @@ def print_table(report) -> None:
 )
 @click.argument("source", required=False, type=click.Path(path_type=Path))
 @click.option(
-    "--demo", is_flag=True, help="Compile the bundled digits student (distilled from the bundled teacher)."
+    "--demo",
+    type=click.Choice(["t2i", "pixel"]),
+    is_flag=False,
+    flag_value="t2i",
+    default=None,
+    help="Compile a bundled demo: 't2i' (the default: the text-to-image LCM student of the coloured-"
+    "digits teacher) or 'pixel' (the unconditional 8x8 digits student).",
 )
 @click.option(
     "-o",
@@ -173,10 +179,9 @@ def print_table(report) -> None:
 @click.option(
     "--batch-sizes",
     callback=_csv("batch sizes", int),
-    default="1,16",
-    show_default=True,
+    default=None,
     help="Batch sizes to validate and time; min/max bound the dynamic batch axis "
-    "(TensorRT profiles, Triton).",
+    "(TensorRT profiles, Triton). [default: 1,16; text-to-image: 1,4]",
 )
 @click.option(
     "--teacher",
@@ -286,6 +291,31 @@ def print_table(report) -> None:
     is_flag=True,
     help="Build TensorRT engines that run on newer TensorRT versions.",
 )
+@click.option(
+    "--size",
+    default=None,
+    metavar="HxW",
+    help="Text-to-image: the image size validated and timed (a multiple of the VAE factor x the "
+    "UNet's down-sampling, inside --resolutions). [default: the UNet's sample_size]",
+)
+@click.option(
+    "--resolutions",
+    callback=_csv("resolutions", int),
+    default=None,
+    help="Text-to-image: square sizes the engines take (their min..max is the latent profile).",
+)
+@click.option(
+    "--guidance-scale",
+    type=float,
+    default=None,
+    help="Text-to-image: the student's guidance scale (default: its record, else the mode's default).",
+)
+@click.option(
+    "--clip-model",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Text-to-image: a local transformers CLIPModel folder; adds CLIP score to the distribution check.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, library warnings included.")
 def main(
@@ -311,6 +341,10 @@ def main(
     trt_opt_level,
     trt_hardware_compat,
     trt_version_compatible,
+    size,
+    resolutions,
+    guidance_scale,
+    clip_model,
     as_json,
     verbose,
 ):
@@ -327,8 +361,40 @@ def main(
     from optimizer.compile.stages import DEMO_DIR, CompileConfig, demo_source, run
     from optimizer.quantize import Int8Config
 
-    if demo == (source is not None):
+    if (demo is not None) == (source is not None):
         raise click.UsageError("give exactly one of SOURCE or --demo")
+    from optimizer.t2i.source import is_t2i_source
+
+    if demo == "t2i" or (source is not None and is_t2i_source(source)):
+        return _t2i_main(
+            source,
+            out,
+            precisions,
+            batch_sizes,
+            teacher,
+            steps,
+            seed,
+            threads,
+            bars,
+            bench_seconds,
+            size,
+            resolutions,
+            guidance_scale,
+            clip_model,
+            as_json,
+        )
+    t2i_only = {
+        "--size": size,
+        "--resolutions": resolutions,
+        "--guidance-scale": guidance_scale,
+        "--clip-model": clip_model,
+    }
+    for opt, v in t2i_only.items():
+        if v is not None:
+            raise click.BadParameter(
+                f"{opt}: only for text-to-image pipelines (a pipeline folder or t2i student.ckpt)"
+            )
+    batch_sizes = batch_sizes or (1, 16)
     if demo:
         source, steps = demo_source()
         teacher = teacher or DEMO_DIR / "teacher"  # wherever the package is installed
@@ -375,6 +441,87 @@ def main(
         )
     if not report.passed:
         for f in report.failures:
+            click.echo(f"FAILED {f}", err=True)
+        sys.exit(1)
+
+
+def _g(v) -> str:
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def _t2i_main(
+    source,
+    out,
+    precisions,
+    batch_sizes,
+    teacher,
+    steps,
+    seed,
+    threads,
+    bars,
+    bench_seconds,
+    size,
+    resolutions,
+    guidance_scale,
+    clip_model,
+    as_json,
+):
+    """The text-to-image flow (optimizer/t2i/stages.py); same exit codes as the pixel flow."""
+    import json
+
+    from optimizer.t2i.source import demo_source as t2i_demo
+    from optimizer.t2i.source import parse_size
+    from optimizer.t2i.speed import T2ISpeedConfig, table
+    from optimizer.t2i.stages import T2ICompileConfig, run
+
+    if source is None:
+        source = t2i_demo()
+    if "bf16" in precisions:
+        raise click.BadParameter("--precision bf16: not built for text-to-image pipelines (fp32, fp16, int8)")
+    batch_sizes = batch_sizes or (1, 4)
+    cfg = T2ICompileConfig(
+        out=out or Path("out"),
+        precisions=precisions,
+        batch_sizes=batch_sizes,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        teacher=teacher,
+        size=parse_size(size) if size else None,
+        resolutions=resolutions,
+        seed=seed,
+        threads=threads,
+        clip_model=clip_model,
+        bars=parse_bars(bars),
+        speed=T2ISpeedConfig(
+            batch_sizes=tuple(sorted(set(batch_sizes))), max_seconds=min(bench_seconds, 6.0)
+        ),
+    )
+    report = run(source, cfg)
+    if as_json:
+        click.echo(json.dumps(report, default=str))
+    else:
+        for v in report["variants"]:
+            comps = ", ".join(f"{k} {c['precision']}" for k, c in v["components"].items())
+            click.echo(
+                f"{v['mix']}{' *' if v['mix'] == report.get('recommended') else ''}: {comps}; sample PSNR "
+                f"{v['sample_parity']['psnr_db']:.1f} dB; {'pass' if v['passed'] else 'FAIL'}"
+            )
+        d = report.get("distribution") or {}
+        if d:
+            click.echo(
+                f"distribution (n={d['n']}): FID student {_g(d.get('fid_student'))} teacher "
+                f"{_g(d.get('fid_teacher'))}; "
+                f"adherence {d.get('adherence_student')} vs {d.get('adherence_teacher')}; "
+                f"paired PSNR {d['paired_psnr_db']:.1f} dB"
+            )
+        rows = table(report["timings"])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+        where = f"report: {cfg.out / 'report.md'}  manifest: {cfg.out / 'manifest.json'}"
+        click.echo(f"{where}  ({report['seconds']:.0f} s)")
+    if not report["passed"]:
+        for f in report["failures"]:
             click.echo(f"FAILED {f}", err=True)
         sys.exit(1)
 

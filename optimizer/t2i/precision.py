@@ -1,0 +1,81 @@
+"""Per-component precision: each component's graphs and the mixes a deployment is made of.
+
+text encoder fp32 | fp16, UNet fp32 | fp16 | int8, VAE decoder fp32 | fp16 after its range check:
+optimizer/quantize/fp16.py keeps FP32 islands where the measured activations would overflow
+fp16; if the converted decoder still misses its target (or the islands grow past the budget)
+the decoder stays fp32. Every choice is recorded with its reason for the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from optimizer.compile.validate import ParityBars
+
+log = logging.getLogger(__name__)
+
+# the mix named by the UNet's precision (it is where the time goes); the others follow
+MIXES = {
+    "fp32": {"text_encoder": "fp32", "unet": "fp32", "vae_decoder": "fp32"},
+    "fp16": {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp16"},
+    "int8": {"text_encoder": "fp16", "unet": "int8", "vae_decoder": "fp16"},
+}
+
+
+@dataclass
+class Graph:
+    kind: str
+    precision: str  # what the graph is
+    path: Path
+    info: dict[str, Any] = field(default_factory=dict)  # the quantizer's record
+    why: str = ""
+
+
+def quantize_component(
+    kind: str,
+    precision: str,
+    fp32: Path,
+    out: Path,
+    calib: list[dict[str, np.ndarray]],
+    bars: ParityBars,
+) -> Graph:
+    """One component graph at `precision`; a graph that misses its target is returned with the
+    reason, and the mix falls back to the fp32 graph (`resolve_mix`)."""
+    from optimizer import quantize as q
+
+    if precision == "fp16":
+        res = q.quantize_fp16(fp32, out, calib, q.Fp16Config.from_bars(bars))
+        islands = [k for k in res.kept_float if k.reason == "range"]
+        why = (
+            f"fp16, {res.counts.get('fp32', 0)} node(s) kept fp32"
+            + (f" ({len(islands)} for measured fp16 overflow)" if islands else "")
+            + f"; call rel. L2 {res.call_rel_l2:.2e} on calibration"
+        )
+    else:
+        cfg = q.Int8Config(sensitivity="none", placement="fixed").resolve(bars)
+        res = q.quantize_int8(fp32, out, calib, cfg)
+        why = f"int8 Q/DQ ({res.counts}); call rel. L2 {res.call_rel_l2:.2e} on calibration"
+    g = Graph(kind, precision, out, res.to_dict(), why)
+    g.info["passed"] = bool(res.passed)
+    if not res.passed:
+        g.why = f"{precision} missed its calibration target ({why}): fp32 used"
+    return g
+
+
+def resolve_mix(mix: str, graphs: dict[tuple[str, str], Graph]) -> dict[str, Graph]:
+    """The component graphs of a mix: the asked precision where it was built and passed, else fp32."""
+    out = {}
+    for kind, p in MIXES[mix].items():
+        g = graphs.get((kind, p))
+        if g is None or not g.info.get("passed", True):
+            fb = graphs[(kind, "fp32")]
+            why = g.why if g is not None else f"{p} not built for {kind}"
+            out[kind] = Graph(kind, "fp32", fb.path, fb.info, why)
+        else:
+            out[kind] = g
+    return out

@@ -1,0 +1,188 @@
+"""Text-to-image speed, side by side in one process (optimizer/timing.py's loop).
+
+The baseline is the teacher as users run it: the diffusers pipeline at its reference steps and
+guidance, prompt in, uint8 image out. Each compiled mix runs the same way through
+engines/t2i.py. Per component: one text-encoder call, the UNet at its batch (2B under CFG) x the
+number of calls a generation makes, one VAE decode.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from optimizer.timing import StopRule, time_until_stable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class T2ISpeedConfig:
+    batch_sizes: tuple[int, ...] = (1, 4)
+    max_seconds: float = 6.0  # per batch size, per level
+    min_rounds: int = 3
+
+
+def _rule(cfg: T2ISpeedConfig) -> StopRule:
+    return StopRule(warmup=1, min_rounds=cfg.min_rounds, max_seconds=cfg.max_seconds, min_samples=3)
+
+
+def _median(d: dict[str, Any]) -> float:
+    return float(d["median_ms"])
+
+
+def measure(
+    teacher: tuple[Any, int, float] | None,
+    variants: dict[str, tuple[Any, int, float]],
+    prompts: list[str],
+    cfg: T2ISpeedConfig,
+) -> dict[str, Any]:
+    """{"end_to_end": {name: {batch: timing}}, "per_component": {name: {batch: {component: ms}}},
+    "unet_calls": {name: n}} for the diffusers teacher (pipe, steps, guidance) and each engine mix."""
+    from optimizer.t2i.reference import images as torch_images
+
+    out: dict[str, Any] = {"end_to_end": {}, "per_component": {}, "unet_calls": {}}
+    for b in cfg.batch_sizes:
+        ps = (prompts * b)[:b]
+        fns: dict[str, Callable[[], object]] = {}
+        if teacher is not None:
+            pipe, steps, g = teacher
+            k = pipe.vae_scale_factor
+            c = pipe.unet.config.in_channels
+            size = pipe.unet.config.sample_size
+            lat = np.random.default_rng(0).standard_normal((b, c, size, size), dtype=np.float32)
+            del k
+            fns["teacher"] = lambda pipe=pipe, ps=ps, lat=lat, s=steps, g=g: torch_images(pipe, ps, lat, s, g)
+        for name, (p, steps, g) in variants.items():
+            fns[name] = lambda p=p, ps=ps, s=steps, g=g: p(
+                ps, seeds=list(range(len(ps))), guidance_scale=g, num_inference_steps=s
+            )
+        run = time_until_stable(fns, _rule(cfg))
+        for name, t in run.timings.items():
+            out["end_to_end"].setdefault(name, {})[b] = t.to_dict()
+        if teacher is not None:
+            out["per_component"].setdefault("teacher", {})[b] = _teacher_components(teacher, b, cfg)
+        for name, (p, steps, g) in variants.items():
+            out["per_component"].setdefault(name, {})[b] = _engine_components(p, b, steps, g, cfg)
+    if teacher is not None:
+        out["unet_calls"]["teacher"] = _calls(teacher[0].unet.config, "cfg", teacher[1], teacher[2])
+    for name, (p, steps, g) in variants.items():
+        out["unet_calls"][name] = _calls({}, p.config.guidance, steps, g)
+    return out
+
+
+def _calls(_cfg: Any, mode: str, steps: int, g: float) -> dict[str, int]:
+    cfg_batch = mode == "cfg" and g > 1
+    return {
+        "calls": steps,
+        "batch_multiplier": 2 if cfg_batch else 1,
+        "image_unet_evals": steps * (2 if cfg_batch else 1),
+    }
+
+
+def _teacher_components(teacher: tuple[Any, int, float], b: int, cfg: T2ISpeedConfig) -> dict[str, float]:
+    pipe, steps, g = teacher
+    do_cfg = g > 1 and pipe.unet.config.get("time_cond_proj_dim") is None
+    n_text = 2 if do_cfg else 1
+    ub = 2 * b if do_cfg else b
+    ids = torch.zeros((b, pipe.tokenizer.model_max_length), dtype=torch.long)
+    c, s = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    x = torch.randn(ub, c, s, s)
+    t = torch.full((ub,), 500.0)
+    emb = torch.randn(ub, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+    z = torch.randn(b, c, s, s)
+
+    @torch.no_grad()
+    def te() -> object:
+        return pipe.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def unet() -> object:
+        return pipe.unet(x, t, encoder_hidden_states=emb).sample
+
+    @torch.no_grad()
+    def vae() -> object:
+        return pipe.vae.decode(z).sample
+
+    run = time_until_stable({"text_encoder": te, "unet": unet, "vae_decoder": vae}, _rule(cfg))
+    m = {k: v.median_ms for k, v in run.timings.items()}
+    return {
+        "text_encoder_ms": n_text * m["text_encoder"],
+        "unet_call_ms": m["unet"],
+        "unet_total_ms": steps * m["unet"],
+        "vae_decoder_ms": m["vae_decoder"],
+        "unet_batch": ub,
+    }
+
+
+def _engine_components(p: Any, b: int, steps: int, g: float, cfg: T2ISpeedConfig) -> dict[str, float]:
+    specs = p.specs
+    do_cfg = p.config.guidance == "cfg" and g > 1
+    ub = 2 * b if do_cfg else b
+    rng = np.random.default_rng(0)
+    tokens = specs["text_encoder"].dims["tokens"].opt
+    lh, lw = specs["unet"].dims["latent_height"].opt, specs["unet"].dims["latent_width"].opt
+    c = p.config.latent_channels
+    ids = np.zeros((b, tokens), np.int64)
+    hidden = specs["unet"].inputs[2].shape[2]
+    feeds = {
+        "sample": rng.standard_normal((ub, c, lh, lw), dtype=np.float32),
+        "timestep": np.full((ub,), 500.0, np.float32),
+        "encoder_hidden_states": rng.standard_normal((ub, tokens, hidden), dtype=np.float32),
+    }
+    if p.config.guidance == "embedded":
+        feeds["timestep_cond"] = rng.standard_normal((ub, int(p.config.time_cond_proj_dim)), dtype=np.float32)
+    z = rng.standard_normal((b, c, lh, lw), dtype=np.float32)
+    r = p.runners
+    run = time_until_stable(
+        {
+            "text_encoder": lambda: r["text_encoder"].infer({"input_ids": ids}),
+            "unet": lambda: r["unet"].infer(feeds),
+            "vae_decoder": lambda: r["vae_decoder"].infer({"latent_sample": z}),
+        },
+        _rule(cfg),
+    )
+    m = {k: v.median_ms for k, v in run.timings.items()}
+    return {
+        "text_encoder_ms": (2 if do_cfg else 1) * m["text_encoder"],
+        "unet_call_ms": m["unet"],
+        "unet_total_ms": steps * m["unet"],
+        "vae_decoder_ms": m["vae_decoder"],
+        "unet_batch": ub,
+    }
+
+
+def speedups(timings: dict[str, Any], name: str) -> dict[int, float]:
+    """End-to-end teacher median / variant median per batch size (both from this process)."""
+    e2e = timings["end_to_end"]
+    if "teacher" not in e2e:
+        return {}
+    return {b: _median(e2e["teacher"][b]) / _median(t) for b, t in e2e[name].items()}
+
+
+def table(timings: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Rows: name, batch, end-to-end ms, x teacher, text encoder ms, UNet ms (calls x batch), VAE ms."""
+    rows = [("pipeline", "batch", "e2e ms", "x teacher", "text enc ms", "UNet ms (calls x batch)", "VAE ms")]
+    for name, per_b in timings["end_to_end"].items():
+        sp = speedups(timings, name) if name != "teacher" else {}
+        for b, t in per_b.items():
+            comp = timings["per_component"].get(name, {}).get(b, {})
+            calls = timings["unet_calls"].get(name, {}).get("calls", 0)
+            ub = comp.get("unet_batch", "-")
+            rows.append(
+                (
+                    name,
+                    str(b),
+                    f"{_median(t):.1f}",
+                    f"{sp[b]:.1f}x" if b in sp else "-",
+                    f"{comp.get('text_encoder_ms', float('nan')):.2f}",
+                    f"{comp.get('unet_total_ms', float('nan')):.1f} ({calls} x {ub})",
+                    f"{comp.get('vae_decoder_ms', float('nan')):.2f}",
+                )
+            )
+    return rows

@@ -1,0 +1,512 @@
+"""dd-compile for text-to-image pipelines: prepare -> export -> record -> quantize -> validate ->
+time -> report -> publish, each a function of one `T2IContext`.
+
+The output run folder is itself a runtime folder (engines/t2i.py): onnx/<component>.<p>.onnx,
+tokenizer/, scheduler/, one t2i.<mix>.json per deployment mix and t2i.json = the recommended mix.
+It publishes through optimizer/compile/publish.py like the pixel flow (staging -> runs/<id>/ ->
+one atomic manifest replace); the manifest's meta.kind "text-to-image" tells engines.load to
+return a TextToImagePipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.errors import InputError
+from engines.fileio import sha256_file, write_json_atomic, write_text_atomic
+from engines.manifest import Manifest
+from engines.outdir import check_target, claim, is_ours
+from optimizer.compile.compile_report import environment
+from optimizer.compile.publish import RunDir
+from optimizer.compile.validate import ParityBars
+from optimizer.process import process_state
+from optimizer.t2i import precision as prec
+from optimizer.t2i import validate as val
+from optimizer.t2i.source import DEMO_T2I, T2ISource, resolve
+from optimizer.t2i.speed import T2ISpeedConfig, measure, speedups, table
+
+log = logging.getLogger(__name__)
+KIND = "text-to-image"
+COMPONENT_KINDS = ("text_encoder", "unet", "vae_decoder")
+USER_PROMPTS = [
+    "a photo of a cat",
+    "a red car on a street",
+    "a bowl of fruit, oil painting",
+    "a mountain lake at dawn",
+    "",
+]
+
+
+@dataclass
+class T2ICompileConfig:
+    out: Path
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    batch_sizes: tuple[int, ...] = (1, 4)
+    steps: int | None = None
+    guidance_scale: float | None = None
+    teacher: Path | None = None
+    size: tuple[int, int] | None = None
+    resolutions: tuple[int, ...] | None = None
+    seed: int = 0
+    threads: int | None = None
+    n_samples: int = 16  # sample parity images per mix
+    n_fid_samples: int = 100  # distribution: student vs teacher images
+    calib_prompts: int = 4
+    clip_model: Path | None = None
+    bars: ParityBars = field(default_factory=ParityBars)
+    speed: T2ISpeedConfig = field(default_factory=T2ISpeedConfig)
+
+
+@dataclass
+class T2IContext:
+    cfg: T2ICompileConfig
+    src: T2ISource
+    source_sha: str
+    run: RunDir
+    manifest: Manifest
+    report: dict[str, Any]
+    demo_judge: bool
+    size: tuple[int, int]
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def root(self) -> Path:
+        return self.manifest.root
+
+
+def _source_sha(path: Path) -> str:
+    if path.is_file():
+        return sha256_file(path)
+    from optimizer.t2i.student import folder_sha256
+
+    return f"pipeline:{folder_sha256(path)}"
+
+
+def _is_demo_teacher(p: Path | None) -> bool:
+    return p is not None and p.resolve() == (DEMO_T2I / "teacher").resolve()
+
+
+def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
+    """Every input checked (source, teacher, sizes, guidance, options) before the first write."""
+    for p in cfg.precisions:
+        if p not in prec.MIXES:
+            raise InputError(
+                f"--precision {p}: text-to-image pipelines build {', '.join(prec.MIXES)} (not {p})"
+            )
+    if cfg.clip_model is not None and not (Path(cfg.clip_model) / "config.json").exists():
+        raise InputError(f"--clip-model {cfg.clip_model}: no config.json (a transformers CLIPModel folder)")
+    src = resolve(
+        source,
+        steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        teacher=cfg.teacher,
+        size=cfg.size,
+        resolutions=cfg.resolutions,
+        batch_sizes=cfg.batch_sizes,
+    )
+    protect = [source, src.student.path, *([src.teacher.path] if src.teacher else [])]
+    out = check_target(cfg.out, "compile", "-o", protect=protect)
+    sha = _source_sha(source)
+    lat = src.student.spec.profile
+    size = (
+        lat.latent_height.opt * src.student.spec.vae_scale_factor,
+        lat.latent_width.opt * src.student.spec.vae_scale_factor,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    rundir = RunDir(out)
+    if not is_ours(out, "compile"):
+        claim(out, "compile", rundir.run_id)
+    rundir.begin()
+    spec = src.student.spec
+    meta = {
+        "kind": KIND,
+        "created_by": "dd-compile",
+        "student": str(source.resolve()),
+        "student_sha256": sha,
+        "guidance": spec.guidance,
+        "guidance_scale": src.guidance_scale,
+        "steps": src.steps,
+        "size": list(size),
+        "batch_sizes": list(cfg.batch_sizes),
+        "teacher": {
+            "path": str(src.teacher.path.resolve()) if src.teacher else None,
+            "reference_steps": src.teacher.reference_steps if src.teacher else None,
+            "guidance_scale": src.teacher.guidance_scale if src.teacher else None,
+        },
+    }
+    report = {
+        "kind": KIND,
+        "student": {
+            "path": str(source),
+            "sha256": sha,
+            "pipeline_class": spec.pipeline_class,
+            "guidance": spec.guidance,
+            "guidance_scale": src.guidance_scale,
+            "steps": src.steps,
+            "scheduler": spec.scheduler_config.get("_class_name"),
+            "distillation": src.distillation,
+        },
+        "teacher": meta["teacher"],
+        "size": list(size),
+        "environment": environment(cfg.threads),
+        "run_id": rundir.run_id,
+        "notes": [],
+        "failures": [],
+    }
+    demo = _is_demo_teacher(src.teacher.path if src.teacher else None) or _is_demo_teacher(src.student.path)
+    return T2IContext(cfg, src, sha, rundir, Manifest(rundir.staging, None, None, meta), report, demo, size)
+
+
+# -- stages ----------------------------------------------------------------------------------
+def export(ctx: T2IContext) -> dict[tuple[str, str], prec.Graph]:
+    """fp32 graph per component + tokenizer.json + scheduler config (optimizer/t2i/export.py)."""
+    from optimizer.t2i.export import export_pipeline
+
+    export_pipeline(ctx.src.student, ctx.root)
+    return {
+        (k, "fp32"): prec.Graph(k, "fp32", ctx.root / f"onnx/{k}.fp32.onnx", {"passed": True}, "fp32 export")
+        for k in COMPONENT_KINDS
+    }
+
+
+def prompts(ctx: T2IContext, n: int, offset: int = 0) -> tuple[list[str], list[Any] | None]:
+    if ctx.demo_judge:
+        from optimizer.demo.t2i.data import evaluation_prompts
+
+        ex = evaluation_prompts(n + offset, ctx.cfg.seed)[offset:]
+        return [e.prompt for e in ex], ex
+    return [USER_PROMPTS[(i + offset) % len(USER_PROMPTS)] for i in range(n)], None
+
+
+def latents(ctx: T2IContext, n: int, seed_offset: int = 0) -> np.ndarray:
+    """Per-index latents (seed + i), as the runtime draws them from seeds."""
+    spec = ctx.src.student.spec
+    k = spec.vae_scale_factor
+    c = int(spec.component("unet").config.get("in_channels", 4))
+    shape = (c, ctx.size[0] // k, ctx.size[1] // k)
+    base = ctx.cfg.seed + seed_offset
+    return np.stack(
+        [np.random.default_rng(base + i).standard_normal(shape, dtype=np.float32) for i in range(n)]
+    )
+
+
+def record(ctx: T2IContext, pipe: Any, n: int, offset: int) -> Any:
+    """Component inputs along the student's own diffusers run (calibration or validation set)."""
+    from optimizer.t2i.reference import images, recording
+
+    ps, _ = prompts(ctx, n, offset)
+    with recording(pipe) as rec:
+        images(pipe, ps, latents(ctx, n, 10_000 + offset), ctx.src.steps, ctx.src.guidance_scale)
+    return rec
+
+
+def quantize(
+    ctx: T2IContext, graphs: dict[tuple[str, str], prec.Graph], calib: Any
+) -> dict[tuple[str, str], prec.Graph]:
+    wanted = {(k, p) for mix in ctx.cfg.precisions for k, p in prec.MIXES[mix].items() if p != "fp32"}
+    for kind, p in sorted(wanted):
+        log.info("quantize %s %s", kind, p)
+        graphs[(kind, p)] = prec.quantize_component(
+            kind,
+            p,
+            graphs[(kind, "fp32")].path,
+            ctx.root / f"onnx/{kind}.{p}.onnx",
+            calib.feeds(kind),
+            ctx.cfg.bars,
+        )
+    return graphs
+
+
+def write_mixes(
+    ctx: T2IContext, graphs: dict[tuple[str, str], prec.Graph]
+) -> dict[str, dict[str, prec.Graph]]:
+    """t2i.<mix>.json per mix: the runtime description with that mix's graphs."""
+    import json
+
+    base = json.loads((ctx.root / "t2i.json").read_text())
+    mixes = {}
+    for mix in ctx.cfg.precisions:
+        comps = prec.resolve_mix(mix, graphs)
+        d = json.loads(json.dumps(base))
+        for kind, g in comps.items():
+            d["components"][kind].update(path=f"onnx/{g.path.name}", precision=g.precision)
+        d["defaults"].update(
+            num_inference_steps=ctx.src.steps,
+            guidance_scale=ctx.src.guidance_scale,
+            height=ctx.size[0],
+            width=ctx.size[1],
+        )
+        write_json_atomic(ctx.root / f"t2i.{mix}.json", d)
+        mixes[mix] = comps
+    return mixes
+
+
+def validate(
+    ctx: T2IContext, graphs: dict[tuple[str, str], prec.Graph], mixes: dict[str, Any], pipe: Any
+) -> None:
+    """Call parity per component graph, sample parity per mix (engine vs diffusers student)."""
+    from engines.iospec import IOSpec
+    from engines.onnxruntime_runner import OnnxRuntimeRunner
+    from engines.t2i import TextToImagePipeline
+    from optimizer.t2i.reference import images
+
+    cfg = ctx.cfg
+    vrec = record(ctx, pipe, 2, 1000)  # validation trajectories: other prompts and latents
+    loaded = ctx.src.student
+    calls: dict[str, Any] = {}
+    for (kind, p), g in sorted(graphs.items()):
+        feeds = vrec.feeds(kind)
+        refs = val.torch_outputs(kind, loaded.module(kind), feeds)
+        spec = IOSpec.from_dict(loaded.spec.component(kind).io.to_dict())
+        with OnnxRuntimeRunner(g.path, spec, threads=cfg.threads, name=f"{kind}.{p}") as r:
+            cp = val.call_parity(kind, p, r, feeds, refs, cfg.bars)
+        calls[f"{kind}.{p}"] = cp
+        log.info("call %s %s: rel. L2 %.2e over %d calls", kind, p, cp.rel_l2, cp.calls)
+    ctx.report["call_parity"] = {k: v.to_dict() for k, v in calls.items()}
+    n = cfg.n_samples
+    ps, _ = prompts(ctx, n, 2000)
+    lat = latents(ctx, n, 2000)
+    seeds = list(range(n))
+    want = images(pipe, ps, lat, ctx.src.steps, ctx.src.guidance_scale, seeds)
+    ctx.report["samples"] = {"torch": want[:8]}
+    variants = []
+    for mix, comps in mixes.items():
+        with TextToImagePipeline(ctx.root, config=f"t2i.{mix}.json", threads=cfg.threads) as ep:
+            got = _batched(ep, ps, lat, seeds, ctx.src.steps, ctx.src.guidance_scale)
+        sp = val.sample_parity(mix, got, want)
+        ctx.report["samples"][mix] = got[:8]
+        bad = [calls[f"{k}.{g.precision}"] for k, g in comps.items()]
+        failures = [
+            f"call {c.kind}.{c.precision}: rel. L2 {c.rel_l2:.2e} > {c.bar:g}" for c in bad if not c.passed
+        ]
+        if not sp.passed:
+            failures.append(f"sample {mix}: PSNR {sp.psnr_db:.1f} dB < {sp.bar:g} dB vs the torch student")
+        variants.append(
+            {
+                "mix": mix,
+                "components": {
+                    k: {"precision": g.precision, "path": f"onnx/{g.path.name}", "why": g.why}
+                    for k, g in comps.items()
+                },
+                "sample_parity": sp.to_dict(),
+                "failures": failures,
+                "passed": not failures,
+            }
+        )
+        log.info("sample %s: PSNR %.1f dB vs the diffusers student (%d images)", mix, sp.psnr_db, n)
+    ctx.report["variants"] = variants
+
+
+def _batched(ep: Any, ps: list[str], lat: np.ndarray, seeds: list[int], steps: int, g: float) -> np.ndarray:
+    mb = ep.max_batch
+    return np.concatenate(
+        [
+            ep(
+                ps[i : i + mb],
+                seeds=seeds[i : i + mb],
+                latents=lat[i : i + mb],
+                guidance_scale=g,
+                num_inference_steps=steps,
+            )
+            for i in range(0, len(ps), mb)
+        ]
+    )
+
+
+def judge_distribution(ctx: T2IContext, pipe: Any, teacher_pipe: Any | None) -> None:
+    from optimizer.t2i.reference import images
+
+    if teacher_pipe is None:
+        ctx.report["notes"].append("distribution: skipped (no teacher pipeline)")
+        return
+    t = ctx.src.teacher
+    n = ctx.cfg.n_fid_samples
+    ps, ex = prompts(ctx, n)
+    lat = latents(ctx, n)
+    s_img = np.concatenate(
+        [
+            images(
+                pipe,
+                ps[i : i + 50],
+                lat[i : i + 50],
+                ctx.src.steps,
+                ctx.src.guidance_scale,
+                list(range(i, min(n, i + 50))),
+            )
+            for i in range(0, n, 50)
+        ]
+    )
+    t_img = np.concatenate(
+        [
+            images(teacher_pipe, ps[i : i + 50], lat[i : i + 50], t.reference_steps, t.guidance_scale)
+            for i in range(0, n, 50)
+        ]
+    )
+    info = {
+        "teacher": {"steps": t.reference_steps, "guidance_scale": t.guidance_scale},
+        "student": {"steps": ctx.src.steps, "guidance_scale": ctx.src.guidance_scale},
+    }
+    d = val.judge(s_img, t_img, ps, ex, ctx.cfg.bars, info, ctx.cfg.clip_model)
+    ctx.report["distribution"] = d.to_dict()
+    ctx.report["samples"]["teacher"] = t_img[:8]
+    ctx.report["samples"]["student (torch)"] = s_img[:8]
+    ctx.report["failures"] += d.failures
+    log.info("distribution: %s", {k: v for k, v in d.to_dict().items() if k not in ("teacher", "student")})
+
+
+def time_variants(ctx: T2IContext, teacher_pipe: Any | None) -> None:
+    from engines.t2i import TextToImagePipeline
+
+    cfg = ctx.cfg
+    ps, _ = prompts(ctx, 4)
+    pipes = {}
+    try:
+        for v in ctx.report["variants"]:
+            p = TextToImagePipeline(ctx.root, config=f"t2i.{v['mix']}.json", threads=cfg.threads)
+            p.__enter__()
+            pipes[v["mix"]] = p
+        teacher = None
+        if teacher_pipe is not None:
+            teacher = (teacher_pipe, ctx.src.teacher.reference_steps, ctx.src.teacher.guidance_scale)
+        variants = {m: (p, ctx.src.steps, ctx.src.guidance_scale) for m, p in pipes.items()}
+        timings = measure(teacher, variants, ps, cfg.speed)
+    finally:
+        for p in pipes.values():
+            p.__exit__(None)
+    ctx.report["timings"] = timings
+    for v in ctx.report["variants"]:
+        v["speedup_end_to_end"] = speedups(timings, v["mix"])
+    passed = [v for v in ctx.report["variants"] if v["passed"]]
+    best = (
+        min(passed, key=lambda v: timings["end_to_end"][v["mix"]][max(cfg.batch_sizes)]["median_ms"])
+        if passed
+        else None
+    )
+    ctx.report["recommended"] = best["mix"] if best else None
+    for row in table(timings):
+        log.info("  ".join(row))
+
+
+def write_report(ctx: T2IContext) -> None:
+    from optimizer.t2i.report import markdown, samples_png
+
+    root = ctx.root
+    samples = ctx.report.pop("samples", {})
+    if samples:
+        samples_png(samples, root / "samples.png")
+    rec = ctx.report.get("recommended")
+    if rec:  # t2i.json = the recommended mix (what TextToImagePipeline(run folder) loads)
+        shutil.copyfile(root / f"t2i.{rec}.json", root / "t2i.json")
+    ctx.report["failures"] = ctx.report["failures"] + [
+        f for v in ctx.report["variants"] for f in v["failures"]
+    ]
+    ctx.report["passed"] = not ctx.report["failures"]
+    ctx.report["seconds"] = time.perf_counter() - ctx.t_start
+    write_json_atomic(root / "report.json", _jsonable(ctx.report))
+    write_text_atomic(root / "report.md", markdown(ctx.report))
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not np.isfinite(x):
+        return str(x)
+    if isinstance(x, np.floating | np.integer):
+        return x.item()
+    return x
+
+
+def publish(ctx: T2IContext, graphs: dict[tuple[str, str], prec.Graph]) -> Manifest:
+    m, rid = ctx.manifest, ctx.run.run_id
+    calls = ctx.report["call_parity"]
+    for (kind, p), g in graphs.items():
+        cp = calls[f"{kind}.{p}"]
+        art = m.add(
+            f"onnx/{kind}/{p}",
+            g.path,
+            "onnx",
+            precision=p,
+            backend=None,
+            input_sha256=ctx.source_sha,
+            extra={"component": kind, **{k: v for k, v in g.info.items() if k in ("counts", "passed")}},
+        )
+        fails = [] if cp["passed"] else [f"call rel. L2 {cp['rel_l2']:.3g} > {cp['bar']:g}"]
+        art.validation = _validation(ctx, not fails, fails)
+    for v in ctx.report["variants"]:
+        art = m.add(
+            f"pipeline/{v['mix']}",
+            ctx.root / f"t2i.{v['mix']}.json",
+            "pipeline",
+            precision=v["mix"],
+            backend="onnxruntime",
+            input_sha256=ctx.source_sha,
+            extra={"components": v["components"]},
+        )
+        ok = v["passed"] and not ctx.report["failures"]
+        art.validation = _validation(ctx, ok, v["failures"] + ctx.report["failures"])
+    for rel in ("tokenizer/tokenizer.json", "scheduler/scheduler_config.json", "t2i.json"):
+        if (ctx.root / rel).exists():
+            m.add(f"asset/{rel}", ctx.root / rel, "asset", input_sha256=ctx.source_sha)
+    for f in ("report.json", "report.md", "samples.png"):
+        if (ctx.root / f).exists():
+            m.add(f"report/{f}", ctx.root / f, "report", input_sha256=ctx.source_sha)
+    m.meta["pipelines"] = {v["mix"]: f"t2i.{v['mix']}.json" for v in ctx.report["variants"]}
+    m.meta["recommended"] = ctx.report.get("recommended")
+    run = {
+        "student_sha256": ctx.source_sha,
+        "report": f"runs/{rid}/report.json",
+        "passed": ctx.report["passed"],
+        "allow_unvalidated": False,
+    }
+    return ctx.run.publish(m, run)
+
+
+def _validation(ctx: T2IContext, passed: bool, failures: list[str]) -> dict[str, Any]:
+    return {
+        "run_id": ctx.run.run_id,
+        "student_sha256": ctx.source_sha,
+        "passed": passed,
+        "failures": failures,
+        "backend": "onnxruntime",
+    }
+
+
+def run(source: Path, cfg: T2ICompileConfig) -> dict[str, Any]:
+    """Compile, validate, time and publish; the returned report says pass/fail."""
+    from optimizer.t2i.load import load_pipeline
+    from optimizer.t2i.reference import diffusers_pipeline
+
+    with process_state(cfg.threads, cfg.seed):
+        ctx = prepare(Path(source), cfg)
+        try:
+            log.info("stage: export")
+            graphs = export(ctx)
+            pipe = diffusers_pipeline(ctx.src.student)
+            calib = record(ctx, pipe, cfg.calib_prompts, 0)
+            log.info("stage: quantize")
+            graphs = quantize(ctx, graphs, calib)
+            mixes = write_mixes(ctx, graphs)
+            log.info("stage: validate")
+            validate(ctx, graphs, mixes, pipe)
+            teacher_pipe = None
+            if ctx.src.teacher is not None:
+                teacher_pipe = diffusers_pipeline(load_pipeline(ctx.src.teacher.path))
+            judge_distribution(ctx, pipe, teacher_pipe)
+            log.info("stage: timing")
+            time_variants(ctx, teacher_pipe)
+            log.info("stage: report")
+            write_report(ctx)
+            publish(ctx, graphs)
+        except BaseException:
+            ctx.run.abandon()
+            raise
+    return ctx.report

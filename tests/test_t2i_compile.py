@@ -1,0 +1,282 @@
+"""dd-compile on text-to-image pipelines: the flow on a tiny pipeline, bad inputs (one line, exit 2,
+nothing written), the VAE's planted fp16 overflow, CLIP score on a tiny random CLIPModel."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from engines.errors import InputError
+from tests.t2i_tiny import clip_tokenizer, make_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("t2i_compile")
+    return make_tiny_pipeline(d / "sd"), make_tiny_pipeline(d / "lcm", lcm=True, seed=1)
+
+
+def _cli(args):
+    from optimizer.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _one_line_exit_2(res, *expect):
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, res.output
+    for e in expect:
+        assert e in lines[0], lines[0]
+
+
+def _student_ckpt(tiny, tmp_path, teacher):
+    from diffusers import LCMScheduler, UNet2DConditionModel
+
+    from engines.schedule import SamplingSchedule
+    from optimizer.t2i.student import save_t2i_student
+
+    _, lcm = tiny
+    sched = LCMScheduler.from_pretrained(lcm / "scheduler")
+    return save_t2i_student(
+        tmp_path / "student.ckpt",
+        UNet2DConditionModel.from_pretrained(lcm / "unet", use_safetensors=True),
+        teacher,
+        scheduler_class="LCMScheduler",
+        scheduler_config=dict(sched.config),
+        schedule=SamplingSchedule.from_alphas(
+            sched.alphas_cumprod.numpy(), [999, 499], "consistency", "epsilon"
+        ),
+        guidance="embedded",
+        guidance_scale=2.0,
+        distillation={"method": "lcm"},
+    )
+
+
+def _break(case, src, tmp_path, tiny):
+    """A copy of the tiny pipeline (or a student.ckpt) broken one way; returns the SOURCE."""
+    if case == "ckpt-hash":
+        teacher = tmp_path / "teacher"
+        shutil.copytree(src, teacher)
+        ckpt = _student_ckpt(tiny, tmp_path, teacher)
+        (teacher / "text_encoder" / "config.json").write_text(
+            (teacher / "text_encoder" / "config.json").read_text() + "\n"
+        )
+        return ckpt
+    p = tmp_path / "pipe"
+    shutil.copytree(src, p)
+    if case == "missing-vae":
+        shutil.rmtree(p / "vae")
+    elif case == "unsupported-class":
+        idx = json.loads((p / "model_index.json").read_text())
+        idx["unet"] = ["diffusers", "UNet2DModel"]
+        (p / "model_index.json").write_text(json.dumps(idx))
+    elif case == "no-tokenizer-json":
+        for f in ("tokenizer.json", "vocab.json", "merges.txt"):
+            (p / "tokenizer" / f).unlink(missing_ok=True)
+    return p
+
+
+@pytest.mark.parametrize(
+    "case,extra,expect",
+    [
+        ("missing-vae", ["--steps", "2"], ["component 'vae' is missing"]),
+        ("unsupported-class", ["--steps", "2"], ["unet class 'UNet2DModel'", "not supported"]),
+        ("no-tokenizer-json", ["--steps", "2"], ["no tokenizer.json"]),
+        ("ckpt-hash", [], ["student.ckpt", "'text_encoder'", "changed"]),
+        ("ok", ["--steps", "2", "--size", "15x16"], ["--size 15x16", "not a multiple of 4"]),
+        ("ok", ["--steps", "2", "--size", "16x"], ["--size '16x'", "HxW"]),
+        (
+            "ok",
+            ["--steps", "2", "--resolutions", "16,32", "--size", "48x48"],
+            ["outside the profile [16, 32]"],
+        ),
+        ("ok", ["--steps", "2", "--resolutions", "18"], ["--resolutions 18", "not a multiple of 4"]),
+        ("ok", ["--steps", "2", "--precision", "bf16"], ["--precision bf16"]),
+        ("ok", [], ["needs --steps N"]),
+    ],
+)
+def test_bad_inputs_one_line_exit_2_nothing_written(tiny, tmp_path, case, extra, expect):
+    src = _break(case, tiny[0], tmp_path, tiny) if case != "ok" else tiny[0]
+    if case == "ok":  # a folder with no distill.json and no teacher.json: needs --steps
+        src = tmp_path / "pipe"
+        shutil.copytree(tiny[0], src)
+    out = tmp_path / "out"
+    res = _cli([src, "-o", out, *extra])
+    _one_line_exit_2(res, *expect)
+    assert not out.exists()
+
+
+def test_size_inside_the_profile_is_accepted(tiny):
+    from optimizer.t2i.source import make_profile
+
+    src, _ = tiny
+    cfg = json.loads((src / "unet" / "config.json").read_text())
+    prof, size = make_profile(src, cfg, (24, 32), (16, 32), (1, 4))
+    assert size == (24, 32)
+    assert (prof.latent_height.min, prof.latent_height.opt, prof.latent_height.max) == (8, 12, 16)
+    assert (prof.latent_width.opt, prof.batch.max) == (16, 4)
+
+
+class _Hot:
+    """Plant an fp16 overflow in a VAE decoder: its first conv scaled by 1e5, so the residual
+    stream carries |x| ~ 1e5 > 65504 until a GroupNorm scales it back (fp32 shrugs it off)."""
+
+    @staticmethod
+    def vae():
+        import torch
+        from diffusers import AutoencoderKL
+
+        torch.manual_seed(0)
+        vae = AutoencoderKL(
+            block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            norm_num_groups=8,
+        ).eval()
+        with torch.no_grad():
+            vae.decoder.conv_in.weight.mul_(1e5)
+            vae.decoder.conv_in.bias.mul_(1e5)
+        return vae
+
+
+def test_vae_fp16_planted_overflow_keeps_fp32_islands(tmp_path):
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from engines.iospec import DimRange
+    from optimizer.compile.validate import ParityBars
+    from optimizer.metrics import rel_l2
+    from optimizer.quantize.onnx_graph import run_model, toposort
+    from optimizer.t2i.components import Profile, dummy_inputs, vae_decoder_spec
+    from optimizer.t2i.export import export_component
+    from optimizer.t2i.precision import quantize_component
+
+    vae = _Hot.vae()
+    cfg = dict(vae.config)
+    spec = vae_decoder_spec(
+        cfg, Profile(latent_height=DimRange(4, 4, 4), latent_width=DimRange(4, 4, 4)), DimRange(1, 1, 2)
+    )
+    src = export_component("vae_decoder", vae, spec, cfg, tmp_path / "vae_decoder.fp32.onnx")
+    calib = [dummy_inputs(spec, np.random.default_rng(i), "min") for i in range(2)]
+    ref = run_model(src, calib, "sample")
+
+    def fp16_run(path_or_model):  # every fp16 op computed in fp16, as a GPU does (ORT CPU upcasts)
+        ev = ReferenceEvaluator(path_or_model)
+        return [ev.run(["sample"], f)[0] for f in calib]
+
+    naive = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    toposort(naive)
+    assert not all(np.isfinite(o).all() for o in fp16_run(naive)), "naive fp16 should overflow"
+    g = quantize_component(
+        "vae_decoder", "fp16", src, tmp_path / "vae_decoder.fp16.onnx", calib, ParityBars()
+    )
+    got = fp16_run(str(g.path))
+    print(f"\nplanted VAE: {g.why}")
+    assert all(np.isfinite(o).all() for o in got)
+    assert rel_l2(np.concatenate(got), np.concatenate(ref)) <= 1e-2
+    kept = g.info["kept_float"]
+    assert any(k["reason"] == "range" for k in kept), kept
+    assert "overflow" in g.why and g.info["counts"]["fp16"] > 0
+
+
+def test_clip_score_on_a_tiny_random_clip_model(tmp_path):
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from optimizer.compile.validate import ParityBars
+    from optimizer.t2i.validate import judge
+
+    tok = clip_tokenizer(tmp_path / "vocab")
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "clip")
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-20, 20, a.shape), 0, 255).astype(np.uint8)
+    info = {"teacher": {}, "student": {}}
+    d = judge(a, b, ["a red seven"] * 6, None, ParityBars(), info, tmp_path / "clip")
+    assert d.clip_score_student is not None and 0 <= d.clip_score_student <= 100
+    assert np.isfinite(d.fid_student) and d.fid_student >= 0 and "CLIP" in d.feature_space
+    same = judge(a, a, ["a red seven"] * 6, None, ParityBars(), info, tmp_path / "clip")
+    assert same.clip_score_student == same.clip_score_teacher and same.fid_student < 1e-6
+    with pytest.raises(InputError, match="--clip-model"):
+        judge(a, b, ["x"] * 6, None, ParityBars(), info, tmp_path / "nope")
+
+
+@pytest.mark.slow
+def test_compile_tiny_pipeline_end_to_end(tiny, tmp_path):
+    """dd-compile on a tiny SD pipeline (its own teacher at 6 steps): every check passes, the
+    report holds every component's parity, engines.load gives the TextToImagePipeline."""
+    import engines
+
+    src, _ = tiny
+    out = tmp_path / "out"
+    res = _cli(
+        [
+            src,
+            "--steps",
+            "2",
+            "-o",
+            out,
+            "--precision",
+            "fp32,fp16",
+            "--threads",
+            "1",
+            "--bench-seconds",
+            "0.5",
+        ]
+    )
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["call_parity"]) == {
+        f"{k}.{p}" for k in ("text_encoder", "unet", "vae_decoder") for p in ("fp32", "fp16")
+    }
+    assert all(c["passed"] for c in rep["call_parity"].values())
+    assert rep["call_parity"]["unet.fp32"]["rel_l2"] <= 1e-5
+    assert {v["mix"]: v["sample_parity"]["psnr_db"] >= 40 for v in rep["variants"]}["fp32"] in (True,)
+    assert rep["timings"]["end_to_end"]["teacher"] and rep["variants"][0]["speedup_end_to_end"]
+    assert rep["distribution"]["paired_psnr_db"] > 0
+    pipe = engines.load(out, precision="fp16")
+    assert type(pipe).__name__ == "TextToImagePipeline"
+    img = pipe(["a red seven"], seeds=[0])
+    assert img.dtype == np.uint8 and img.shape == (1, 16, 16, 3)
+    for kw, msg in (
+        (dict(prompt=["a", "b"], seeds=[1]), "seeds: 1 seeds for 2 prompts"),
+        (dict(prompt=["a"], latents=np.zeros((1, 4, 4, 4), np.float32)), "latents: got float32"),
+        (dict(prompt=["a"], latents=np.zeros((1, 4, 8, 8), np.float64)), "latents: got float64"),
+    ):
+        with pytest.raises(InputError, match=msg):
+            pipe(**kw)
+    with pytest.raises(InputError, match="no text-to-image pipeline 'int8'"):
+        engines.load(out, precision="int8")
+    # a tampered graph is refused before anything runs
+    unet = next((out / "runs").glob("*/onnx/unet.fp16.onnx"))
+    unet.write_bytes(unet.read_bytes() + b"\0")
+    with pytest.raises(Exception, match="sha256"):
+        engines.load(out, precision="fp16")
