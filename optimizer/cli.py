@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from engines.cli_errors import GuardedCommand
+from engines.errors import InputError
 
 log = logging.getLogger("dd-compile")
 
@@ -391,7 +392,7 @@ def main(
     }
     for opt, v in t2i_only.items():
         if v is not None:
-            raise click.BadParameter(
+            raise InputError(
                 f"{opt}: only for text-to-image pipelines (a pipeline folder or t2i student.ckpt)"
             )
     batch_sizes = batch_sizes or (1, 16)
@@ -477,7 +478,7 @@ def _t2i_main(
     if source is None:
         source = t2i_demo()
     if "bf16" in precisions:
-        raise click.BadParameter("--precision bf16: not built for text-to-image pipelines (fp32, fp16, int8)")
+        raise InputError("--precision bf16: not built for text-to-image pipelines (fp32, fp16, int8)")
     batch_sizes = batch_sizes or (1, 4)
     cfg = T2ICompileConfig(
         out=out or Path("out"),
