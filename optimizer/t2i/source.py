@@ -39,8 +39,9 @@ class T2ISource:
 
 def is_t2i_source(source: Path) -> bool:
     """A pipeline folder (model_index.json) or a student.ckpt with the t2i 'pipeline' field."""
-    if source.is_dir():
-        return (source / "model_index.json").exists()
+    if source.is_dir():  # a pixel DDPMPipeline folder has a model_index.json too, not a text encoder
+        index = source / "model_index.json"
+        return index.exists() and '"text_encoder"' in index.read_text(errors="replace")
     if source.is_file() and source.suffix in (".ckpt", ".safetensors"):
         from optimizer.t2i.student import is_t2i_checkpoint
 
