@@ -114,10 +114,10 @@ def load_t2i(
     recommended one), its description and every graph it names checked (validated, sha256)."""
     import json
 
-    from engines.t2i import TextToImagePipeline
+    from engines.t2i import BACKENDS, TextToImagePipeline
 
-    if backend not in ORT_BACKENDS:
-        raise InputError(f"backend {backend!r}: text-to-image pipelines run on {', '.join(ORT_BACKENDS)}")
+    if backend not in BACKENDS:
+        raise InputError(f"backend {backend!r}: text-to-image pipelines run on {', '.join(BACKENDS)}")
     mix = precision or manifest.meta.get("recommended") or "fp32"
     art = manifest.get(f"pipeline/{mix}")
     if art is None:
