@@ -73,6 +73,19 @@ def parse_bars(items: tuple[str, ...]):
     )
 
 
+def _threads_grid(text: str | None) -> tuple[int, ...] | None:
+    from optimizer.threads_grid import parse_grid
+
+    if text is None:
+        return None
+    if text.strip() == "0":
+        return ()
+    try:
+        return parse_grid(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -96,6 +109,14 @@ def setup_logging(verbose: bool) -> None:
     dlog.disable_progress_bar()
 
 
+def _echo_rows(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+        if i == 0:
+            click.echo("  ".join("-" * w for w in widths))
+
+
 def print_table(report) -> None:
     rows = [
         ("variant", "call relL2", "sample PSNR", "per-call ms", "x teacher", "e2e ms", "x teacher", "pass")
@@ -103,9 +124,11 @@ def print_table(report) -> None:
     for v in report.variants:
         b = max(v.latency_ms.get("per_call", {0: 0}))
         pc = v.latency_ms.get("per_call", {}).get(b)
-        e2e = v.latency_ms.get("end_to_end", {}).get(b)
         spc = v.speedup_vs_teacher.get("per_call", {}).get(b)
-        se = v.speedup_vs_teacher.get("end_to_end", {}).get(b)
+        # end to end is measured at its own batch sizes (SpeedConfig.e2e_batches): the largest
+        be = max(v.latency_ms.get("end_to_end") or {0: 0})
+        e2e = v.latency_ms.get("end_to_end", {}).get(be)
+        se = v.speedup_vs_teacher.get("end_to_end", {}).get(be)
         rows.append(
             (
                 f"{v.backend} {v.precision}{' *' if v.recommended else ''}",
@@ -113,16 +136,21 @@ def print_table(report) -> None:
                 f"{v.parity['sample']['psnr_db']:.1f} dB",
                 f"{pc:.2f} (b{b})" if pc else "-",
                 f"{spc:.2f}x" if spc else "-",
-                f"{e2e:.1f}" if e2e else "-",
+                f"{e2e:.1f} (b{be})" if e2e else "-",
                 f"{se:.1f}x" if se else "-",
                 "yes" if v.passed else "NO",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, r in enumerate(rows):
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-        if i == 0:
-            click.echo("  ".join("-" * w for w in widths))
+    _echo_rows(rows)
+    if report.threads:
+        from optimizer.threads_grid import table_rows
+
+        click.echo(f"threads grid {report.threads['grid']} on {report.threads['cores']} cores (per call):")
+        _echo_rows(table_rows(report.threads))
+        for v in report.threads["verdicts"].values():
+            click.echo(f"  {v['verdict']}")
+        rec = report.threads["recommendation"]
+        click.echo(f"serves best: {rec['summary']}" if rec else "serves best: no passing, stable point")
     d = report.distribution
     if d:
         fids = ", ".join(
@@ -231,6 +259,13 @@ def print_table(report) -> None:
     help="Intra-op threads for ONNX Runtime and torch (default: all cores).",
 )
 @click.option(
+    "--threads-grid",
+    default=None,
+    help="Comma-separated thread counts at which every CPU variant is timed per call, one session "
+    "per count, side by side; the recommendation names variant, threads and batch. "
+    "[default: 1 and all cores; 0: off]",
+)
+@click.option(
     "--bar",
     "bars",
     multiple=True,
@@ -243,7 +278,8 @@ def print_table(report) -> None:
     type=click.FloatRange(0),
     default=8.0,
     show_default=True,
-    help="Time budget per batch size and level for the speed measurement (at least 3 repeats).",
+    help="Time budget per batch size for the per-call timing and the threads grid; end to end (at "
+    "the smallest batch size, where the teacher's reference sampler is cheapest) gets 2.5x it.",
 )
 @click.option(
     "--int8-calibration",
@@ -333,6 +369,7 @@ def main(
     n_samples,
     n_fid_samples,
     threads,
+    threads_grid,
     bars,
     bench_seconds,
     int8_calibration,
@@ -413,7 +450,7 @@ def main(
         n_fid_samples=n_fid_samples,
         triton_repo=triton_repo,
         cond=cond,
-        speed=SpeedConfig(max_seconds=bench_seconds),
+        speed=SpeedConfig(max_seconds=bench_seconds, threads_grid=_threads_grid(threads_grid)),
         bars=parse_bars(bars),
         int8=Int8Config(
             calibration=int8_calibration,

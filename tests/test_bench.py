@@ -166,6 +166,16 @@ def test_bench_measures_engine_and_teacher(benches):
     assert (d / "t2" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (d / "t2" / "bench.md").read_text()
     assert "| onnxruntime/fp32" in md and "torch.compile on CPU is off" in md
+    # the threads grid: the student at 1 and all cores, per batch, one session per count
+    th = b2["threads"]
+    assert {(p["variant"], p["threads"], p["batch"]) for p in th["points"]} == {
+        ("onnxruntime/fp32", t, b) for t in th["grid"] for b in (1, 2)
+    }
+    for p in th["points"]:
+        assert p["images_per_s"] == pytest.approx(p["batch"] / (p["median_ms"] / 1e3), rel=1e-3)
+        assert p["images_per_s_per_core"] == pytest.approx(p["images_per_s"] / p["threads"], rel=1e-3)
+    assert th["recommendation"] is None or th["recommendation"]["variant"] == "onnxruntime/fp32"
+    assert "Per call at threads" in md
 
 
 @pytest.mark.slow

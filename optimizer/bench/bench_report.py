@@ -78,8 +78,35 @@ def terminal_table(bench: dict[str, Any]) -> str:
             "  ".join("-" * w for w in widths),
         ]
         lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() for cells in r]
+    lines += _threads_lines(bench)
     lines += ["", *_footnotes(bench)]
     return "\n".join(lines)
+
+
+def _threads_lines(bench: dict[str, Any], markdown: bool = False) -> list[str]:
+    """The threads grid (optimizer/threads_grid.py): a table, the verdicts, the pick."""
+    from optimizer.threads_grid import table_rows
+
+    s = bench.get("threads")
+    if not s:
+        return []
+    r = table_rows(s)
+    title = f"Per call at threads {s['grid']} ({s['cores']} cores; ~ = median not stable)"
+    if markdown:
+        out = ["", f"## {title}", "", "| " + " | ".join(r[0]) + " |", "|" + "---|" * len(r[0])]
+        out += ["| " + " | ".join(c) + " |" for c in r[1:]]
+    else:
+        widths = [max(len(c[i]) for c in r) for i in range(len(r[0]))]
+        out = ["", title]
+        for i, c in enumerate(r):
+            out.append("  ".join(x.ljust(w) for x, w in zip(c, widths, strict=True)).rstrip())
+            if i == 0:
+                out.append("  ".join("-" * w for w in widths))
+    out.append("")
+    out += [("- " if markdown else "") + v["verdict"] for v in s["verdicts"].values()]
+    rec = s.get("recommendation")
+    out.append(("- " if markdown else "") + f"serves best: {rec['summary'] if rec else 'no stable point'}")
+    return out
 
 
 def _footnotes(bench: dict[str, Any]) -> list[str]:
@@ -140,6 +167,7 @@ def to_markdown(bench: dict[str, Any]) -> str:
             "|" + "---|" * len(HEADER),
         ]
         out += ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in r]
+    out += _threads_lines(bench, markdown=True)
     mem_methods = {(v.get("memory") or {}).get("method") for v in bench["variants"] if v.get("memory")}
     out += ["", "## Notes", ""] + [f"- {n}" for n in _footnotes(bench)]
     out += [f"- host MiB = peak RSS; memory method: {m}" for m in sorted(filter(None, mem_methods))]

@@ -57,6 +57,19 @@ def _fail(e: Exception) -> None:
     sys.exit(2)
 
 
+def _threads_grid(text: str | None) -> tuple[int, ...] | None:
+    from optimizer.threads_grid import parse_grid
+
+    if text is None:
+        return None
+    if text.strip() == "0":
+        return ()
+    try:
+        return parse_grid(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @main.command("run", cls=GuardedCommand, prog="dd-bench")
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--batch-sizes", default="1,8", callback=_ints, show_default=True)
@@ -69,6 +82,12 @@ def _fail(e: Exception) -> None:
 )
 @click.option(
     "--threads", type=click.IntRange(1), default=None, help="Intra-op threads (default: usable cores)."
+)
+@click.option(
+    "--threads-grid",
+    default=None,
+    help="Comma-separated thread counts at which every CPU student variant is timed per call, one "
+    "session per count, side by side. [default: 1 and all cores; 0: off]",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option(
@@ -113,6 +132,7 @@ def run(
     batch_sizes: tuple[int, ...],
     seconds: float,
     threads: int | None,
+    threads_grid: str | None,
     device: str,
     backends: str | None,
     teacher_path: Path | None,
@@ -137,6 +157,7 @@ def run(
         batch_sizes=batch_sizes,
         seconds=seconds,
         threads=threads,
+        threads_grid=_threads_grid(threads_grid),
         device=device,
         backends=be,
         teacher=not no_teacher,

@@ -62,6 +62,9 @@ class BenchConfig:
     seed: int = 0
     progress: bool = True  # tqdm bar on stderr while measuring
     target: str | None = None  # column name in merge tables (None: derived from the fingerprint)
+    # per-call timing of each CPU student variant at each of these thread counts, one session per
+    # count (optimizer.threads_grid); None: 1 and every usable core; (): not measured
+    threads_grid: tuple[int, ...] | None = None  # budget per batch: a (phase, batch) group's share
 
     def rule(self, budget_s: float, warmup: int, min_rounds: int | None = None) -> StopRule:
         return StopRule(
@@ -249,11 +252,48 @@ def run_bench(out_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
     finally:
         for r in s.runners.values():
             r.deactivate()
+    grid = time_threads(s, cfg)
     # after every runtime is released: the teacher alone in a fresh process
     baseline = teacher_baseline(s, cfg, results)
     for dt in s.dtypes:
         s.peaks[dt].append(matmul_peak_gflops(s.device, dt, cfg.peak_seconds))
-    return assemble(s, cfg, results, baseline)
+    out = assemble(s, cfg, results, baseline)
+    out["threads"] = grid
+    return out
+
+
+GRID_BACKENDS = ("onnxruntime", "openvino")  # CPU runtimes whose thread count is a setting
+
+
+def time_threads(s: BenchSetup, cfg: BenchConfig) -> dict[str, Any] | None:
+    """Every CPU student variant per call at each thread count of the grid, side by side, one
+    session per count (optimizer.threads_grid): images/s, per core, verdicts, the pick."""
+    from optimizer import threads_grid as tg
+
+    grid = tg.default_grid() if cfg.threads_grid is None else cfg.threads_grid
+    vs = {v.name: v for v in s.variants if v.model == "student" and v.backend in GRID_BACKENDS}
+    if not grid or not vs:
+        return None
+    meta = {n: {"backend": v.backend, "precision": v.precision, "passed": True} for n, v in vs.items()}
+
+    def open_runner(name: str, threads: int):
+        r = s.ctx.open(vs[name], threads=threads)
+        r.activate()
+        return r
+
+    spec = s.ctx.spec(next(iter(vs.values())))
+    rng = np.random.default_rng(cfg.seed)
+    points = tg.time_grid(
+        open_runner,
+        meta,
+        grid,
+        s.batches,
+        lambda b: random_feeds(spec, {"batch": b}, rng),
+        cfg.rule(cfg.seconds / (2 * len(s.batches)), cfg.warmup),
+    )
+    out = tg.summary(points, tg.usable_cores(), grid)
+    out["note"] = "variants listed in the manifest are the validated ones (dd-bench refuses others)"
+    return out
 
 
 def setup_bench(out_dir: str | Path, cfg: BenchConfig) -> BenchSetup:

@@ -37,6 +37,11 @@ FLOPs as counts per image per model call (one UNet evaluation).
         }]
     }]
     best: {phase: {batch: variant name}}   fastest measured student engine or baseline by p50
+    threads: {grid, cores, pays_threshold, points: [{variant, backend, precision, threads, batch,
+              median_ms, stable, n, images_per_s, images_per_s_per_core, replicas,
+              serving_images_per_s}], verdicts: {variant: {vs_fp32: {threads: {batch: ratio}},
+              batch, verdict}}, recommendation: {...point, rule, summary} | null} | null
+              (optimizer/threads_grid.py: per call, one session per thread count, side by side)
 """
 
 from __future__ import annotations

@@ -119,8 +119,9 @@ class BenchContext:
             return f"batch {batch} outside the engine's profile [{r.min}, {r.max}]"
         return None
 
-    def open(self, v: VariantSpec) -> Runner:
-        """A new (inactive) runner for `v`."""
+    def open(self, v: VariantSpec, threads: int | None = None) -> Runner:
+        """A new (inactive) runner for `v`; threads: a CPU session's intra-op threads (None: the run's)."""
+        threads = threads or self.threads
         if v.model == "student":
             art = self.manifest.get(v.artifact or "")
             if art is None:
@@ -132,11 +133,13 @@ class BenchContext:
                     self.manifest.verify(art),
                     self.spec(v),
                     backend=v.backend,
-                    threads=self.threads,
+                    threads=threads,
                     name=v.name,
                 )
             from engines.runtime import make_runner
 
+            if v.backend == "openvino":
+                return make_runner(self.manifest, art, v.backend, threads=threads)
             return make_runner(self.manifest, art, v.backend)
         return self._torch_teacher(v)
 

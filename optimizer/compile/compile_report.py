@@ -33,6 +33,7 @@ class CompileReport:
     environment: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # findings a user should read (e.g. INT8 pay-off)
+    threads: dict[str, Any] | None = None  # the threads grid (optimizer.threads_grid.summary)
     seconds: float = 0.0
     run_id: str | None = None  # the dd-compile run that wrote it (the manifest's run.id)
 

@@ -520,7 +520,9 @@ def runtime_precision(ctx: CompileContext, precision: str) -> Path:
     return path
 
 
-def _openvino_runners(ctx: CompileContext, graphs: dict[str, Path]) -> dict[tuple[str, str], Any]:
+def _openvino_runners(
+    ctx: CompileContext, graphs: dict[str, Path], threads: int | None
+) -> dict[tuple[str, str], Any]:
     from engines.openvino_runner import OpenVINORunner
 
     runners = {}
@@ -531,7 +533,7 @@ def _openvino_runners(ctx: CompileContext, graphs: dict[str, Path]) -> dict[tupl
             # static shapes per batch size: dynamic ones ran at half the speed (openvino_runner.py)
             batch_sizes=ctx.cfg.batch_sizes,
             precision_hint="bf16" if p == "bf16" else "f32",
-            threads=ctx.cfg.threads,
+            threads=threads,
         )
         try:
             r.activate()
@@ -543,18 +545,22 @@ def _openvino_runners(ctx: CompileContext, graphs: dict[str, Path]) -> dict[tupl
     return runners
 
 
-def activate_runners(ctx: CompileContext, graphs: dict[str, Path]) -> dict[tuple[str, str], Any]:
+def activate_runners(
+    ctx: CompileContext, graphs: dict[str, Path], threads: int | None = None
+) -> dict[tuple[str, str], Any]:
     """Stage 3: one activated runner per variant (TensorRT: engines built first); the caller
-    deactivates them once validation and timing are done."""
+    deactivates them once validation and timing are done. threads: intra-op threads of the CPU
+    sessions (None: the run's --threads)."""
+    threads = ctx.cfg.threads if threads is None else threads
     if ctx.cfg.backend == "tensorrt":
         return _tensorrt_runners(ctx, graphs)
     if ctx.cfg.backend == "openvino":
-        return _openvino_runners(ctx, graphs)
+        return _openvino_runners(ctx, graphs, threads)
     from engines.onnxruntime_runner import OnnxRuntimeRunner
 
     runners = {}
     for p, path in graphs.items():
-        r = OnnxRuntimeRunner(path, ctx.spec, backend=ctx.cfg.backend, threads=ctx.cfg.threads)
+        r = OnnxRuntimeRunner(path, ctx.spec, backend=ctx.cfg.backend, threads=threads)
         try:
             r.activate()
         except BackendUnavailable:
@@ -715,7 +721,47 @@ def time_variants(ctx: CompileContext, runners: dict[tuple[str, str], Any]) -> d
     best = ctx.report.recommend()
     if best:
         log.info("recommended: %s %s", best.backend, best.precision)
+    time_threads(ctx)
     return timings
+
+
+GRID_BACKENDS = ("onnxruntime", "openvino")  # CPU runtimes whose thread count is a setting
+
+
+def time_threads(ctx: CompileContext) -> None:
+    """Stage 5b: every variant per call at each thread count of the grid, sessions built per count
+    (optimizer.threads_grid); the recommendation names variant, threads and batch."""
+    from optimizer import threads_grid as tg
+
+    cfg = ctx.cfg
+    grid = cfg.speed.threads_grid
+    grid = tg.default_grid() if grid is None else grid
+    if not grid or cfg.backend not in GRID_BACKENDS or not ctx.report.variants:
+        return
+    graphs = {
+        v.precision: ctx.manifest.file(ctx.manifest.get(f"onnx/{v.precision}")) for v in ctx.report.variants
+    }
+    meta = {
+        f"{v.backend} {v.precision}": {"backend": v.backend, "precision": v.precision, "passed": v.passed}
+        for v in ctx.report.variants
+    }
+
+    def open_runner(name: str, threads: int):
+        p = meta[name]["precision"]
+        return activate_runners(ctx, {p: graphs[p]}, threads=threads)[(p, cfg.backend)]
+
+    rng = np.random.default_rng(ctx.cfg.seed)
+
+    def feeds(b: int) -> dict[str, np.ndarray]:
+        x = rng.standard_normal((b, *ctx.shape)).astype(np.float32)
+        t = np.full((b,), ctx.ckpt.schedule.timesteps[0], np.float32)
+        return {"sample": x, "timestep": t, **(ctx.cond_fn(b) if ctx.cond_fn else {})}
+
+    points = tg.time_grid(open_runner, meta, grid, cfg.batch_sizes, feeds, cfg.speed_config().rule())
+    ctx.report.threads = tg.summary(points, tg.usable_cores(), grid)
+    rec = ctx.report.threads["recommendation"]
+    if rec:
+        log.info("recommended (threads grid): %s", rec["summary"])
 
 
 def write_report(ctx: CompileContext, vs: ValidationSet, timings: dict[str, Any]) -> None:

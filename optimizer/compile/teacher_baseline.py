@@ -39,6 +39,7 @@ class BaselineRequest:
     threads: list[int]  # the grid; the best count per (level, batch) is the baseline
     rule: StopRule = field(default_factory=StopRule)
     e2e_batches: list[int] | None = None  # None: every batch size
+    e2e_rule: StopRule | None = None  # None: `rule` with one warm-up call
     seed: int = 0
     device: str = "cpu"
 
@@ -48,7 +49,8 @@ class BaselineRequest:
     @classmethod
     def from_json(cls, s: str) -> BaselineRequest:
         d = json.loads(s)
-        return cls(**{**d, "rule": StopRule(**d["rule"])})
+        e2e = d.get("e2e_rule")
+        return cls(**{**d, "rule": StopRule(**d["rule"]), "e2e_rule": StopRule(**e2e) if e2e else None})
 
 
 def thread_grid(in_run: int) -> list[int]:
@@ -76,7 +78,7 @@ def time_teacher(req: BaselineRequest) -> dict[str, Any]:
     runner = TorchRunner(Denoiser(teacher.model), spec, device=req.device, name="torch-teacher")
     runner.activate()
     sch = teacher.schedule(req.steps)
-    e2e_rule = StopRule(**{**asdict(req.rule), "warmup": min(1, req.rule.warmup)})
+    e2e_rule = req.e2e_rule or StopRule(**{**asdict(req.rule), "warmup": min(1, req.rule.warmup)})
     out: dict[str, Any] = {}
     for t in req.threads:
         torch.set_num_threads(t)
