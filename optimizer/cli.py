@@ -240,17 +240,17 @@ def print_table(report) -> None:
     "--samples",
     "n_samples",
     type=int,
-    default=64,
-    show_default=True,
-    help="Samples for sample- and distribution-level checks.",
+    default=None,
+    help="Samples for sample- and distribution-level checks. [default: 64; text-to-image: 16 images "
+    "per mix for sample parity]",
 )
 @click.option(
     "--fid-samples",
     "n_fid_samples",
     type=int,
-    default=256,
-    show_default=True,
-    help="Samples for the distribution level (student vs teacher, FID).",
+    default=None,
+    help="Samples for the distribution level (student vs teacher, FID). [default: 256; "
+    "text-to-image: 100 prompts]",
 )
 @click.option(
     "--threads",
@@ -403,8 +403,12 @@ def main(
         raise click.UsageError("give exactly one of SOURCE or --demo")
     from optimizer.t2i.source import is_t2i_source
 
+    for opt, v in (("--samples", n_samples), ("--fid-samples", n_fid_samples)):
+        if v is not None and v < 2:  # a covariance needs two samples; an FID of fewer means nothing
+            raise click.BadParameter(f"{opt} must be >= 2")
     if demo == "t2i" or (source is not None and is_t2i_source(source)):
         return _t2i_main(
+            (n_samples, n_fid_samples),
             source,
             out,
             precisions,
@@ -433,6 +437,7 @@ def main(
                 f"{opt}: only for text-to-image pipelines (a pipeline folder or t2i student.ckpt)"
             )
     batch_sizes = batch_sizes or (1, 16)
+    n_samples, n_fid_samples = n_samples or 64, n_fid_samples or 256
     if demo:
         source, steps = demo_source()
         teacher = teacher or DEMO_DIR / "teacher"  # wherever the package is installed
@@ -488,6 +493,7 @@ def _g(v) -> str:
 
 
 def _t2i_main(
+    samples,
     source,
     out,
     precisions,
@@ -529,6 +535,8 @@ def _t2i_main(
         seed=seed,
         threads=threads,
         clip_model=clip_model,
+        n_samples=samples[0] or 16,
+        n_fid_samples=samples[1] or 100,
         bars=parse_bars(bars),
         speed=T2ISpeedConfig(
             batch_sizes=tuple(sorted(set(batch_sizes))), max_seconds=min(bench_seconds, 6.0)

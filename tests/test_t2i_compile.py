@@ -304,3 +304,40 @@ def test_demo_t2i_passes_and_is_far_past_10x(tmp_path):
     best = next(v for v in rep["variants"] if v["mix"] == rep["recommended"])
     print(f"\ndemo speedups end to end: {best['speedup_end_to_end']}, {rep['seconds']:.0f} s")
     assert min(best["speedup_end_to_end"].values()) >= 10.0
+
+
+@pytest.mark.slow
+def test_compile_t2i_student_ckpt(tiny, tmp_path):
+    """A t2i student.ckpt (LCM UNet, multistep: the re-noising draws are the runtime's) on its
+    teacher's components: passes, and the published manifest says embedded guidance."""
+    import engines
+
+    sd, _ = tiny
+    ckpt = _student_ckpt(tiny, tmp_path, sd)
+    out = tmp_path / "out"
+    res = _cli(
+        [
+            ckpt,
+            "-o",
+            out,
+            "--precision",
+            "fp32",
+            "--threads",
+            "1",
+            "--bench-seconds",
+            "0.3",
+            "--samples",
+            "4",
+            "--fid-samples",
+            "8",
+            "--batch-sizes",
+            "1,2",
+        ]
+    )
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["student"]["guidance"] == "embedded" and rep["student"]["steps"] == 2
+    assert float(rep["variants"][0]["sample_parity"]["psnr_db"]) >= 40
+    assert json.loads((out / "manifest.json").read_text())["meta"]["guidance"] == "embedded"
+    with engines.load(out) as pipe:
+        assert pipe(["a red seven"], seeds=[0]).shape == (1, 16, 16, 3)
