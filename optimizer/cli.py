@@ -407,6 +407,8 @@ def main(
         if v is not None and v < 2:  # a covariance needs two samples; an FID of fewer means nothing
             raise click.BadParameter(f"{opt} must be >= 2")
     if demo == "t2i" or (source is not None and is_t2i_source(source)):
+        if threads_grid is not None:
+            raise InputError("--threads-grid: pixel denoisers only (not yet for text-to-image pipelines)")
         return _t2i_main(
             (n_samples, n_fid_samples),
             source,

@@ -86,9 +86,13 @@ def test_cli_grid_option():
 def test_cli_bad_grid_exits_2(tmp_path):
     from optimizer.cli import main
 
-    r = CliRunner().invoke(main, ["--demo", "-o", str(tmp_path / "o"), "--threads-grid", "x"])
-    assert r.exit_code == 2 and "--threads-grid" in r.output
-    assert not (tmp_path / "o").exists()
+    for demo in ("pixel", "t2i"):  # a bad grid, and a grid where it does not apply
+        r = CliRunner().invoke(
+            main,
+            ["--demo", demo, "-o", str(tmp_path / "o"), "--threads-grid", "x" if demo == "pixel" else "1"],
+        )
+        assert r.exit_code == 2 and "--threads-grid" in r.output, r.output
+        assert not (tmp_path / "o").exists()
 
 
 class _MatMul:
