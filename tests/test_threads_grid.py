@@ -62,6 +62,14 @@ def test_summary_and_table_rows():
     assert int8_1[-1] == "1.43x" and int8_1[6].endswith("(2x)")
 
 
+def test_report_markdown_has_the_grid():
+    from optimizer.compile.compile_report import CompileReport
+
+    rep = CompileReport(student={}, teacher={}, threads=tg.summary(POINTS, 2, (1, 2)))
+    md = rep.to_markdown()
+    assert "| onnxruntime int8 | 1 | 16 |" in md and "serves best: onnxruntime int8 at 1 thread" in md
+
+
 @pytest.mark.parametrize("text", ["", "a,b", "0,1", "-2"])
 def test_parse_grid_refuses(text):
     with pytest.raises(ValueError, match="--threads-grid"):

@@ -156,6 +156,20 @@ class CompileReport:
                     )
                 if len(kept) > 25:
                     lines.append(f"- ... {len(kept) - 25} more in report.json")
+        if self.threads:
+            from optimizer.threads_grid import table_rows
+
+            th, rows = self.threads, table_rows(self.threads)
+            lines += [
+                "",
+                f"Per call at threads {th['grid']} ({th['cores']} cores; ~ = median not stable):",
+                "",
+            ]
+            lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+            lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+            lines += [""] + [f"- {v['verdict']}" for v in th["verdicts"].values()]
+            rec = th["recommendation"]
+            lines.append(f"- serves best: {rec['summary'] if rec else 'no passing, stable point'}")
         if self.notes:
             lines += ["", "Notes:"] + [f"- {n}" for n in self.notes]
         if self.skipped:
