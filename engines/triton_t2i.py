@@ -319,6 +319,7 @@ def write_t2i_repo(
         )
         _swap_in(tmp, repo_dir, option)
     finally:
+        pipe.close()  # engines.load hands back an active pipeline
         if tmp.exists():
             shutil.rmtree(tmp)
     log.info("wrote text-to-image Triton model repository %s", repo_dir)

@@ -426,6 +426,7 @@ def main(
             guidance_scale,
             clip_model,
             as_json,
+            triton_repo,
         )
     t2i_only = {
         "--size": size,
@@ -511,6 +512,7 @@ def _t2i_main(
     guidance_scale,
     clip_model,
     as_json,
+    triton_repo=None,
 ):
     """The text-to-image flow (optimizer/t2i/stages.py); same exit codes as the pixel flow."""
     import json
@@ -539,6 +541,7 @@ def _t2i_main(
         clip_model=clip_model,
         n_samples=samples[0] or 16,
         n_fid_samples=samples[1] or 100,
+        triton_repo=triton_repo,
         bars=parse_bars(bars),
         speed=T2ISpeedConfig(
             batch_sizes=tuple(sorted(set(batch_sizes))), max_seconds=min(bench_seconds, 6.0)

@@ -60,6 +60,7 @@ class T2ICompileConfig:
     n_fid_samples: int = 100  # distribution: student vs teacher images
     calib_prompts: int = 4
     clip_model: Path | None = None
+    triton_repo: Path | None = None  # --triton-repo: engines/triton_t2i.py's repository, after publish
     bars: ParityBars = field(default_factory=ParityBars)
     speed: T2ISpeedConfig = field(default_factory=T2ISpeedConfig)
 
@@ -113,6 +114,8 @@ def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
     )
     protect = [source, src.student.path, *([src.teacher.path] if src.teacher else [])]
     out = check_target(cfg.out, "compile", "-o", protect=protect)
+    if cfg.triton_repo is not None:
+        check_target(cfg.triton_repo, "triton-repo", "--triton-repo", protect=[out, *protect])
     sha = _source_sha(source)
     lat = src.student.spec.profile
     size = (
@@ -509,4 +512,16 @@ def run(source: Path, cfg: T2ICompileConfig) -> dict[str, Any]:
         except BaseException:
             ctx.run.abandon()
             raise
+    if cfg.triton_repo is not None:
+        write_triton_repo(ctx, Path(cfg.out))
     return ctx.report
+
+
+def write_triton_repo(ctx: T2IContext, out: Path) -> None:
+    """--triton-repo: the published pipeline (its recommended mix) as a Triton repository."""
+    from engines.triton import write_triton_repo as write
+
+    if not ctx.report.get("recommended"):
+        log.warning("--triton-repo %s: not written: no mix passed validation", ctx.cfg.triton_repo)
+        return
+    write(out, Path(ctx.cfg.triton_repo), option="--triton-repo")
