@@ -341,3 +341,38 @@ def test_compile_t2i_student_ckpt(tiny, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["meta"]["guidance"] == "embedded"
     with engines.load(out) as pipe:
         assert pipe(["a red seven"], seeds=[0]).shape == (1, 16, 16, 3)
+    # a failed check: exit 1, the report and manifest say so, and the runtime refuses to serve it
+    bad = tmp_path / "bad"
+    res = _cli(
+        [
+            ckpt,
+            "-o",
+            bad,
+            "--precision",
+            "fp32",
+            "--threads",
+            "1",
+            "--bench-seconds",
+            "0.3",
+            "--samples",
+            "4",
+            "--fid-samples",
+            "8",
+            "--batch-sizes",
+            "1,2",
+            "--bar",
+            "call.fp32=1e-12",
+        ]
+    )
+    assert res.exit_code == 1 and "FAILED call unet.fp32" in res.output, res.output
+    assert json.loads((bad / "report.json").read_text())["passed"] is False
+    with pytest.raises(InputError, match="not servable"):
+        engines.load(bad)
+
+
+def test_sample_bars_default_per_mix_and_follow_bar():
+    from optimizer.cli import parse_bars
+    from optimizer.t2i.validate import sample_bar
+
+    assert [sample_bar(m, parse_bars(())) for m in ("fp32", "fp16", "int8")] == [40.0, 30.0, 22.0]
+    assert sample_bar("fp16", parse_bars(("sample.fp16=33",))) == 33.0

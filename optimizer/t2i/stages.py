@@ -283,7 +283,7 @@ def validate(
     for mix, comps in mixes.items():
         with TextToImagePipeline(ctx.root, config=f"t2i.{mix}.json", threads=cfg.threads) as ep:
             got = _batched(ep, ps, lat, seeds, ctx.src.steps, ctx.src.guidance_scale)
-        sp = val.sample_parity(mix, got, want)
+        sp = val.sample_parity(mix, got, want, cfg.bars)
         ctx.report["samples"][mix] = got[:8]
         bad = [calls[f"{k}.{g.precision}"] for k, g in comps.items()]
         failures = [

@@ -91,9 +91,17 @@ class SampleParity:
         return {**asdict(self), "passed": self.passed}
 
 
-def sample_parity(mix: str, engine_images: np.ndarray, torch_images: np.ndarray) -> SampleParity:
+def sample_bar(mix: str, bars: ParityBars) -> float:
+    """The uint8-image bar of a mix; a `--bar sample.<p>=DB` the user set (not the pixel default) wins."""
+    user = bars.sample_psnr_db.get(mix)
+    return user if user is not None and user != ParityBars().sample_psnr_db.get(mix) else SAMPLE_PSNR_DB[mix]
+
+
+def sample_parity(
+    mix: str, engine_images: np.ndarray, torch_images: np.ndarray, bars: ParityBars | None = None
+) -> SampleParity:
     p = psnr_db(engine_images.astype(np.float64), torch_images.astype(np.float64), data_range=255.0)
-    return SampleParity(mix, p, SAMPLE_PSNR_DB[mix], len(engine_images))
+    return SampleParity(mix, p, sample_bar(mix, bars or ParityBars()), len(engine_images))
 
 
 def to_pm1(images: np.ndarray) -> np.ndarray:
