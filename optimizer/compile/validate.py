@@ -15,6 +15,7 @@ import numpy as np
 from engines.base import Runner
 from engines.schedule import Sampler, SamplingSchedule
 from optimizer.metrics import cosine, max_abs, psnr_db, rel_l2
+from optimizer.process import polygraphy_quiet
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,7 @@ def _polygraphy_compare(
 ) -> dict[str, Any]:
     from polygraphy.comparator import Comparator, IterationResult, RunResults
     from polygraphy.comparator.compare import SimpleCompareFunc
-    from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.ERROR  # its per-output log is our report's job
     rr = RunResults()
     # polygraphy views arrays when aligning shapes: it needs them contiguous (a sliced output is not)
     rr.append(
@@ -90,9 +89,10 @@ def _polygraphy_compare(
             [IterationResult({"y": np.ascontiguousarray(o)}, runner_name="candidate") for o in outs],
         )
     )
-    acc = Comparator.compare_accuracy(
-        rr, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="median")
-    )[0]
+    with polygraphy_quiet():
+        acc = Comparator.compare_accuracy(
+            rr, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="median")
+        )[0]
     iters = next(iter(acc.values()))
     res = [it["y"] for it in iters]
     return {

@@ -3,29 +3,16 @@ and subsets cut out of one fully quantized graph."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from optimizer.process import working_dir
 from optimizer.quantize.calibration import ort_reader
 from optimizer.quantize.int8_config import Int8Config
 from optimizer.quantize.int8_graph import isolate_qdq
 from optimizer.quantize.onnx_graph import copy_metadata
-
-
-@contextlib.contextmanager
-def _in_dir(d: Path) -> Iterator[None]:
-    """ORT's quantization tools write temp files into the cwd: run them somewhere disposable."""
-    old = os.getcwd()
-    os.chdir(d)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 class QdqQuantizer:
@@ -35,7 +22,7 @@ class QdqQuantizer:
         import onnx
         from onnxruntime.quantization import CalibrationMethod
 
-        src = Path(src).resolve()  # pre-processing runs inside `work` (_in_dir): no relative paths
+        src = Path(src).resolve()  # pre-processing runs inside `work` (working_dir): no relative paths
         self.work, self.calib, self.cfg = work, calib, cfg
         self.orig = onnx.load(str(src))
         self.model_path = src
@@ -43,7 +30,7 @@ class QdqQuantizer:
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
             pre = work / "pre.onnx"
-            with _in_dir(work):  # symbolic shape inference fails on dynamo graphs: skip it
+            with working_dir(work):  # symbolic shape inference fails on dynamo graphs: skip it
                 quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             m = onnx.load(str(pre))
             copy_metadata(self.orig, m)  # pre-processing drops the module-path metadata
@@ -87,7 +74,7 @@ class QdqQuantizer:
         }
         if self.cfg.calibration == "percentile":
             extra["CalibPercentile"] = self.cfg.percentile
-        with _in_dir(self.work):
+        with working_dir(self.work):
             quantize_static(
                 str(self.model_path),
                 str(out),
