@@ -35,7 +35,13 @@ def fixed_latents(n: int, seed: int = 0, shape: tuple[int, int, int] = (4, 8, 8)
 
 @torch.no_grad()
 def sample_pipeline(
-    pipe, examples: list[Example], latents: torch.Tensor, steps: int, guidance: float, batch: int = 100
+    pipe,
+    examples: list[Example],
+    latents: torch.Tensor,
+    steps: int,
+    guidance: float,
+    batch: int = 100,
+    noise_seed: int = 0,
 ) -> np.ndarray:
     """Images [N, 3, 32, 32] in [-1, 1] from a diffusers StableDiffusionPipeline."""
     out = []
@@ -45,6 +51,8 @@ def sample_pipeline(
             num_inference_steps=steps,
             guidance_scale=guidance,
             latents=latents[i : i + batch],
+            # LCM's multistep sampler re-noises between steps: seeded, so a figure is reproducible
+            generator=torch.Generator().manual_seed(noise_seed * 1_000_003 + i),
             output_type="np",
         ).images  # [B, H, W, 3] in [0, 1]
         out.append(res.transpose(0, 3, 1, 2) * 2.0 - 1.0)
@@ -55,12 +63,17 @@ def real_images(n: int, seed: int = 0) -> tuple[np.ndarray, list[Example]]:
     return ColouredDigits.load().batch(np.random.default_rng(seed), n)
 
 
-def evaluate(folder: Path, steps: list[int], n: int, guidance: float, seed: int = 0) -> dict[str, Any]:
-    from diffusers import StableDiffusionPipeline
+def evaluate(
+    folder: Path, steps: list[int], n: int, guidance: float, seed: int = 0, noise_seeds: int = 1
+) -> dict[str, Any]:
+    """Per step count: adherence and FID; with noise_seeds > 1 (LCM's re-noising draws; DDIM has
+    none) each figure is the mean over the draws, with their standard deviation and range."""
+    from diffusers import DiffusionPipeline
 
     from optimizer.compile.quality import frechet_distance
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    # the teacher (StableDiffusionPipeline) or a distilled student (LatentConsistencyModelPipeline)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     judge = load_judge()
     examples = evaluation_prompts(n, seed)
@@ -70,13 +83,24 @@ def evaluate(folder: Path, steps: list[int], n: int, guidance: float, seed: int 
     rows: dict[str, Any] = {}
     for s in steps:
         t0 = time.perf_counter()
-        imgs = sample_pipeline(pipe, examples, latents, s, guidance)
-        adh = judge.adherence(imgs, examples)
+        draws = []
+        for k in range(noise_seeds):
+            imgs = sample_pipeline(pipe, examples, latents, s, guidance, noise_seed=k)
+            draws.append(
+                {
+                    **judge.adherence(imgs, examples).to_dict(),
+                    "fid": frechet_distance(judge(imgs), real_feats),
+                }
+            )
+        mean = {key: float(np.mean([d[key] for d in draws])) for key in draws[0]}
         rows[str(s)] = {
             "steps": s,
             "guidance_scale": guidance,
-            "adherence": adh.to_dict(),
-            "fid": frechet_distance(judge(imgs), real_feats),
+            "adherence": {k: v for k, v in mean.items() if k != "fid"},
+            "fid": mean["fid"],
+            "fid_std": float(np.std([d["fid"] for d in draws])),
+            "fid_range": [min(d["fid"] for d in draws), max(d["fid"] for d in draws)],
+            "noise_seeds": noise_seeds,
             "seconds": round(time.perf_counter() - t0, 1),
         }
         log.info("%d steps, guidance %.1f: %s", s, guidance, rows[str(s)])
@@ -89,10 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", default="50,4")
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=0, help="prompts and latents (dd-distill judges at 1)")
+    ap.add_argument("--noise-seeds", type=int, default=1, help="LCM re-noising draws to average over")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    res = evaluate(a.folder, [int(s) for s in a.steps.split(",")], a.n, a.guidance)
+    res = evaluate(a.folder, [int(s) for s in a.steps.split(",")], a.n, a.guidance, a.seed, a.noise_seeds)
     text = json.dumps(res, indent=2)
     if a.json:
         a.json.write_text(text + "\n")
