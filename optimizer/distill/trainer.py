@@ -210,6 +210,9 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor])
 
 # (net, x0 batch, generator, conditioning rows of the batch: {} for unconditional teachers)
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator, dict[str, torch.Tensor]], torch.Tensor]
+# (the iteration's generator, local batch size) -> (x0 batch, conditioning): a batch made per
+# iteration (text-to-image: VAE latents and text embeddings) instead of rows of a fixed tensor
+DrawFn = Callable[[torch.Generator, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -222,13 +225,14 @@ class Phase:
     loss_fn: LossFn  # (net, x0 batch, generator, cond) -> scalar loss
     state_modules: dict[str, nn.Module]  # everything a resume needs, by prefix
     after_step: Callable[[], None] | None = None  # e.g. the EMA update
+    anneal: bool = True  # lr decays linearly to 0 over the phase; False: constant lr
 
 
 class Trainer:
     def __init__(
         self,
         work_dir: Path,
-        data: torch.Tensor,
+        data: torch.Tensor | None,
         batch_size: int,
         seed: int,
         checkpoint_every: int,
@@ -236,8 +240,11 @@ class Trainer:
         stop_after: int | None = None,
         grad_clip: float = 1.0,
         cond: dict[str, torch.Tensor] | None = None,
+        draw: DrawFn | None = None,
     ):
-        self.work_dir, self.data, self.seed = work_dir, data, seed
+        if (data is None) == (draw is None):
+            raise ValueError("Trainer needs exactly one of data and draw")
+        self.work_dir, self.data, self.seed, self.draw = work_dir, data, seed, draw
         self.cond = cond  # conditioning rows aligned with `data` (conditional teachers)
         self.dist, self.checkpoint_every, self.stop_after = dist, checkpoint_every, stop_after
         self.grad_clip = grad_clip
@@ -253,6 +260,7 @@ class Trainer:
         }
         self.resume_tensors: dict[str, torch.Tensor] | None = None
         self.iterations_run = 0
+        self.checkpointed = False  # a state file of this run exists (written, or resumed from)
 
     @property
     def state_path(self) -> Path:
@@ -270,6 +278,7 @@ class Trainer:
                 "rerun them or drop --resume"
             )
         self.resume_tensors, self.meta = tensors, meta
+        self.checkpointed = True
         log.info("resuming at phase %d iteration %d", meta["phase"], meta["iteration"])
         return True
 
@@ -284,6 +293,7 @@ class Trainer:
                 tensors.update(optimizer_tensors(opt))
             self.meta.update(phase=phase.index, iteration=it, key=key)
             save_state(self.state_path, tensors, self.meta)
+        self.checkpointed = True
         self.dist.barrier()
 
     def done(self, phase_index: int) -> bool:
@@ -332,7 +342,6 @@ class Trainer:
             )
         t0 = time.perf_counter()
         seconds0 = self.meta["seconds"].get(str(phase.index), 0.0)
-        n = len(self.data)
         for it in range(start, phase.iters):
             if self.stop_after is not None and self.iterations_run >= self.stop_after:
                 if bar:
@@ -342,12 +351,19 @@ class Trainer:
                     f"(phase {phase.index}, iteration {it}); continue with --resume"
                 )
             gen = iteration_generator(self.seed, phase.index, it, self.dist.rank, self.dist.device)
-            idx = torch.randint(0, n, (self.local_batch,), generator=gen, device=self.dist.device)
-            x0 = self.data[idx.to(self.data.device)].to(self.dist.device)
+            if self.draw is not None:
+                x0, cond = self.draw(gen, self.local_batch)
+            else:
+                assert self.data is not None
+                idx = torch.randint(
+                    0, len(self.data), (self.local_batch,), generator=gen, device=self.dist.device
+                )
+                x0 = self.data[idx.to(self.data.device)].to(self.dist.device)
+                cond = take(self.cond, idx, self.dist.device)
             # linear decay to 0 over the phase (Salimans & Ho 2022, Sec. 4: lr annealed per round)
             for g in opt.param_groups:
-                g["lr"] = phase.lr * (1.0 - it / phase.iters)
-            loss = phase.loss_fn(net, x0, gen, take(self.cond, idx, self.dist.device))
+                g["lr"] = phase.lr * (1.0 - it / phase.iters) if phase.anneal else phase.lr
+            loss = phase.loss_fn(net, x0, gen, cond)
             value = loss.detach().clone()
             if self.dist.enabled:
                 torch.distributed.all_reduce(value)
@@ -355,9 +371,13 @@ class Trainer:
             if not math.isfinite(float(value)):
                 if bar:
                     bar.close()
+                good = (
+                    f"last good checkpoint is {self.state_path} (lower --lr and run again with --resume)"
+                    if self.checkpointed
+                    else "no checkpoint was written yet (lower --lr and run again)"
+                )
                 raise TrainingDiverged(
-                    f"loss is {float(value)} at {phase.name}, iteration {it}: stopped; last good "
-                    f"checkpoint is {self.state_path} (lower --lr and run again with --resume)"
+                    f"loss is {float(value)} at {phase.name}, iteration {it}: stopped; {good}"
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
