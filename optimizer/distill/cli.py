@@ -4,7 +4,8 @@ dd-distill TEACHER_DIR -o student.ckpt --steps 4                  # progressive 
 dd-distill TEACHER_DIR -o student.ckpt --steps 4 --method consistency
 dd-distill TEACHER_DIR -o student.ckpt --steps 4 --width 0.5      # smaller student too
 dd-distill --demo -o student.ckpt                                  # the bundled digits teacher
-dd-distill TEACHER_PIPE -o student/ --steps 4 --method guided-progressive --guidance 2:8
+dd-distill TEACHER_PIPE -o student.ckpt --steps 4 --method guided-progressive --guidance 2:8
+dd-distill TEACHER_PIPE -o student/ --steps 4 --method lcm     # a diffusers pipeline folder instead
 dd-distill TEACHER_PIPE -o student/ --steps 4 --method lcm --lora-rank 16 --prompts prompts.txt
 dd-distill --demo t2i -o student/                                  # the bundled text-to-image teacher
 torchrun --nproc_per_node 8 -m optimizer.distill TEACHER_DIR -o student.ckpt
@@ -288,6 +289,8 @@ def _text_to_image(p: dict) -> None:
         lora_rank=p["lora_rank"] or 0,
         seed=p["seed"],
         threads=p["threads"] or 1,
+        checkpoint_every=p["checkpoint_every"],
+        resume=p["resume"],
     )
     run = T2IRun(
         Path(p["teacher_dir"]),

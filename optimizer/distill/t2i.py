@@ -18,11 +18,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import shutil
-import time
+import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,12 @@ import torch
 from torch import nn
 
 from engines.errors import InputError
+from engines.schedule import SamplingSchedule
 from optimizer.distill.consistency import SolverGrid, cd_loss, default_huber_c, ema_update
+from optimizer.distill.distill_report import summarize_losses
 from optimizer.distill.guided import draw_w, guided_eps, make_w_student, student_eps, w_from_scale
 from optimizer.distill.progressive import RoundGrid, pd_loss
+from optimizer.distill.trainer import Dist, Phase, Trainer, init_distributed, load_module
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,12 @@ class T2IDistillConfig:
     lora_conv: bool = False
     seed: int = 0
     threads: int = 1
+    # unused since training runs through trainer.Trainer (its progress bar shows loss and ETA);
+    # kept so configs that set it still load
     log_every: int = 100
+    checkpoint_every: int = 100  # iterations between training-state checkpoints
+    resume: bool = False  # continue from <out stem>.distill/state.safetensors
+    stop_after: int | None = None  # stop (as a kill would) after this many iterations in total
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -74,6 +83,14 @@ class T2IDistillConfig:
             raise InputError(f"--steps {self.steps}: must be >= 1")
         if self.lora_rank < 0 or (self.lora_rank and self.method != "lcm"):
             raise InputError(f"--lora-rank {self.lora_rank}: must be > 0, with --method lcm (LCM-LoRA)")
+        g = tuple(self.guidance)
+        if len(g) != 2 or not all(math.isfinite(v) for v in g) or not 1.0 <= g[0] <= g[1]:
+            raise InputError(f"--guidance {g}: need a range LO:HI of guidance scales with 1 <= LO <= HI")
+        its = (self.stage1_iters, self.round_iters, self.lcm_iters, self.batch, self.checkpoint_every)
+        if min(its) < 1:
+            raise InputError("--iters, --batch-size and --checkpoint-every must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"--lr {self.lr}: must be > 0")
         if self.method == "guided-progressive":
             n = self.start_steps
             while n > self.steps and n % 2 == 0:
@@ -82,6 +99,13 @@ class T2IDistillConfig:
                 raise InputError(
                     f"start steps {self.start_steps} is not steps * 2^k with k >= 1 (steps={self.steps})"
                 )
+
+    def training_key(self) -> dict[str, Any]:
+        """What must match for --resume to continue a run (as DistillConfig.training_key)."""
+        d = asdict(self)
+        for k in ("resume", "stop_after", "threads", "log_every"):
+            d.pop(k)
+        return d
 
 
 class WDenoiser(nn.Module):
@@ -182,96 +206,226 @@ class RoundRecord:
     loss_first: float
     loss_last: float
     quality: dict[str, Any] = field(default_factory=dict)
+    index: int = 0  # the phase's position in the run (its checkpoints and RNG streams)
+    loss_curve: list[float] = field(default_factory=list)  # at most 50 means (summarize_losses)
+    samples: str | None = None  # the phase's prompt-by-seed grid (demo), relative to the work folder
+
+
+# (distiller, the phase's student UNet, its record so far) -> fields to add to the record; rank 0
+PhaseHook = Callable[["T2IDistiller", nn.Module, dict[str, Any]], dict[str, Any]]
+
+
+class TextDenoiser(nn.Module):
+    """The LoRA student (no w input): model(sample, timestep, encoder_hidden_states, w) -> eps."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, w=None):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+
+
+def t2i_dist() -> Dist:
+    """The DDP context under torchrun. Text-to-image distillation runs on the CPU (the teacher
+    pipeline stays there), so the process group is gloo even where CUDA is present."""
+    import torch.distributed as td
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized():
+        td.init_process_group(backend="gloo")
+    d = init_distributed()
+    return Dist(rank=d.rank, world=d.world, device=torch.device("cpu"))
+
+
+def work_dir_for(out: str | Path) -> Path:
+    """<out stem>.distill/ beside the output, as the pixel flow (DistillConfig.work_dir)."""
+    out = Path(out)
+    return out.with_name(out.stem + ".distill")
 
 
 class T2IDistiller:
-    """One method per phase; shared state (teacher, data, generators) on the instance."""
+    """One method per phase, each trained by trainer.Trainer: per-iteration generators, atomic
+    safetensors checkpoints in `work` that `cfg.resume` continues bit for bit, the NaN guard
+    (TrainingDiverged), DDP and the progress bar. Without `work`, checkpoints go to a temporary
+    folder (API use: run() then save())."""
 
-    def __init__(self, teacher: TextToImageTeacher, batches: BatchFn, cfg: T2IDistillConfig):
+    def __init__(
+        self,
+        teacher: TextToImageTeacher,
+        batches: BatchFn,
+        cfg: T2IDistillConfig,
+        *,
+        work: Path | None = None,
+        dist: Dist | None = None,
+        data_key: dict[str, Any] | None = None,
+        on_phase: PhaseHook | None = None,
+    ):
+        from optimizer.t2i.student import folder_sha256
+
         self.teacher, self.batches, self.cfg = teacher, batches, cfg
+        self.dist = dist or Dist()
+        self.on_phase = on_phase
+        # the stream of `_batch()` without a generator (inspection, tests); training draws each
+        # iteration from trainer.iteration_generator instead
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.uncond = teacher.encode_text([""])  # [1, L, D]
-        self.records: list[RoundRecord] = []
-        # called after each optimizer step (LCM: the EMA target update)
-        self.after_step: Callable[[nn.Module], None] | None = None
+        if work is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="dd-distill-t2i-")
+            work = Path(self._tmp.name)
+        self.work = Path(work)
+        self.trainer = Trainer(
+            self.work,
+            None,
+            cfg.batch,
+            cfg.seed,
+            cfg.checkpoint_every,
+            self.dist,
+            cfg.stop_after,
+            draw=self._draw,
+        )
+        # what must match for --resume; JSON round trip: compared with the key read back
+        self.key = json.loads(
+            json.dumps(
+                {
+                    **cfg.training_key(),
+                    "teacher_unet_sha256": folder_sha256(teacher.folder / "unet"),
+                    **(data_key or {}),
+                }
+            )
+        )
+        if cfg.resume:
+            self.trainer.try_resume(self.key)
+        self.phase_index = 0  # the next phase's position
+        self.last_record: dict[str, Any] = {}  # what the last save wrote
+
+    @property
+    def records(self) -> list[RoundRecord]:
+        names = {f.name for f in fields(RoundRecord)}
+        return [
+            RoundRecord(**{k: v for k, v in r.items() if k in names}) for r in self.trainer.meta["records"]
+        ]
 
     # -- one training batch: latents, text embeddings, w ---------------------------------------
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, prompts = self.batches(self.rng, self.cfg.batch)
-        z0 = x if isinstance(x, torch.Tensor) else self.teacher.encode_images(x, self.gen)
+    def _batch(
+        self, gen: torch.Generator | None = None, n: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if gen is None:
+            gen, rng = self.gen, self.rng
+        else:  # the data source's numpy stream, seeded from the iteration's generator
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        x, prompts = self.batches(rng, n or self.cfg.batch)
+        z0 = x if isinstance(x, torch.Tensor) else self.teacher.encode_images(x, gen)
         text_c = self.teacher.encode_text(prompts)
         text_u = self.uncond.expand(len(prompts), -1, -1)
-        return z0, text_c, text_u, draw_w(len(prompts), self.cfg.guidance, self.gen)
+        return z0, text_c, text_u, draw_w(len(prompts), self.cfg.guidance, gen)
 
-    def _train(self, phase: str, steps: int, student: nn.Module, iters: int, loss_fn) -> RoundRecord:
-        opt = torch.optim.AdamW(student.parameters(), lr=self.cfg.lr, weight_decay=0.0)
-        losses, t0 = [], time.perf_counter()
-        student.train()
-        for it in range(iters):
-            loss = loss_fn(*self._batch())
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"{phase}: loss is {loss.item()} at iteration {it}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-            if self.after_step is not None:
-                self.after_step(student)
-            if it % self.cfg.log_every == 0 or it == iters - 1:
-                el = time.perf_counter() - t0
-                log.info(
-                    "%s (%d steps) %d/%d loss %.4f, %.0f s, ETA %.0f s",
-                    phase, steps, it, iters, float(np.mean(losses[-self.cfg.log_every :])), el,
-                    el / (it + 1) * (iters - it - 1),
-                )  # fmt: skip
-        student.eval()
-        k = max(1, min(50, iters // 5))
-        rec = RoundRecord(
-            phase,
-            steps,
+    def _draw(self, gen: torch.Generator, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z0, text_c, text_u, w = self._batch(gen, n)
+        return z0, {"text_c": text_c, "text_u": text_u, "w": w}
+
+    def _phase(
+        self,
+        kind: str,
+        steps: int,
+        student: nn.Module,
+        trainable: nn.Module,
+        iters: int,
+        loss,
+        state: dict[str, nn.Module],
+        next_modules: dict[str, nn.Module],
+        after_step: Callable[[], None] | None = None,
+    ) -> None:
+        """Train one phase (unless a resumed run finished it), record it, checkpoint the next
+        phase's start. `loss(net, z0, text_c, text_u, w, gen)`; `net` is `trainable` (DDP-wrapped
+        when distributed)."""
+        tr, index = self.trainer, self.phase_index
+        phase = Phase(
+            index,
+            f"{kind} ({steps} steps)",
             iters,
-            time.perf_counter() - t0,
-            float(np.mean(losses[:k])),
-            float(np.mean(losses[-k:])),
+            self.cfg.lr,
+            trainable,
+            lambda net, z0, g, c: loss(net, z0, c["text_c"], c["text_u"], c["w"], g),
+            state,
+            after_step=after_step,
+            anneal=False,  # constant lr, what the bundled students were measured with
         )
-        self.records.append(rec)
-        return rec
+        if not tr.done(index):
+            losses = tr.run(phase, self.key)
+            k = max(1, min(50, iters // 5))
+            rec: dict[str, Any] = asdict(
+                RoundRecord(
+                    kind,
+                    steps,
+                    iters,
+                    round(tr.meta["seconds"].get(str(index), 0.0), 1),
+                    float(np.mean(losses[:k])),
+                    float(np.mean(losses[-k:])),
+                    index=index,
+                    loss_curve=summarize_losses(losses).get("loss_curve", []),
+                )
+            )
+            if self.on_phase is not None and self.dist.main:
+                student.eval()
+                rec.update(self.on_phase(self, student, rec))
+                student.train()
+            tr.finish_phase(self.key, phase, next_modules, rec)
+        self.phase_index += 1
 
     # -- guided progressive ---------------------------------------------------------------------
     def stage1(self) -> nn.Module:
         """Meng et al. stage 1: one w-conditioned pass regresses the two-pass guided teacher."""
-        student = make_w_student(self.teacher.unet)
+        student = make_w_student(self.teacher.unet).train()
         T = self.teacher.num_train_timesteps
+        alphas = torch.from_numpy(self.teacher.alphas.astype(np.float32))
 
-        def loss(z0, text_c, text_u, w):
-            t = torch.randint(0, T, (len(z0),), generator=self.gen)
-            a = torch.from_numpy(self.teacher.alphas.astype(np.float32))[t].reshape(-1, 1, 1, 1)
-            eps = torch.randn(z0.shape, generator=self.gen)
+        def loss(net, z0, text_c, text_u, w, gen):
+            t = torch.randint(0, T, (len(z0),), generator=gen)
+            a = alphas[t].reshape(-1, 1, 1, 1)
+            eps = torch.randn(z0.shape, generator=gen)
             z = a.sqrt() * z0 + (1 - a).sqrt() * eps
             with torch.no_grad():
                 target = guided_eps(self.teacher.unet, z, t, text_c, text_u, w)
-            return nn.functional.mse_loss(student_eps(student, z, t, text_c, w), target)
+            return nn.functional.mse_loss(net(z, t, text_c, w), target)
 
-        self._train("stage1-guided", self.cfg.start_steps, student, self.cfg.stage1_iters, loss)
+        self._phase(
+            "stage1-guided",
+            self.cfg.start_steps,
+            student,
+            WDenoiser(student),
+            self.cfg.stage1_iters,
+            loss,
+            {"student": student},
+            {"student": student, "round_teacher": student},
+        )
         return student
 
-    def progressive_round(self, teacher_student: nn.Module, steps: int) -> nn.Module:
-        """Salimans & Ho round at fixed (text, w) per sample: 2 teacher steps -> 1 student step."""
-        student = copy.deepcopy(teacher_student)
+    def progressive_round(self, student: nn.Module, steps: int, last: bool = False) -> nn.Module:
+        """Salimans & Ho round at fixed (text, w) per sample: 2 steps of the student as it enters
+        the round (frozen copy) -> 1 step; trains `student` in place and returns it."""
+        round_teacher = copy.deepcopy(student).eval().requires_grad_(False)
         grid = RoundGrid(self.teacher.alphas, self.teacher.num_train_timesteps, steps)
 
-        def loss(z0, text_c, text_u, w):
+        def loss(net, z0, text_c, text_u, w, gen):
             def s_fn(z, t):
-                return student_eps(student, z, t, text_c, w)
+                return net(z, t, text_c, w)
 
             def t_fn(z, t):
-                return student_eps(teacher_student, z, t, text_c, w)
+                return student_eps(round_teacher, z, t, text_c, w)
 
-            return pd_loss(s_fn, t_fn, grid, z0, self.gen, "epsilon", "epsilon")
+            return pd_loss(s_fn, t_fn, grid, z0, gen, "epsilon", "epsilon")
 
-        self._train("progressive", steps, student, self.cfg.round_iters, loss)
+        self._phase(
+            "progressive",
+            steps,
+            student,
+            WDenoiser(student),
+            self.cfg.round_iters,
+            loss,
+            {"student": student, "round_teacher": round_teacher},
+            {"student": student} if last else {"student": student, "round_teacher": student},
+        )
         return student
 
     def guided_progressive(self) -> nn.Module:
@@ -279,96 +433,158 @@ class T2IDistiller:
         n = self.cfg.start_steps
         while n > self.cfg.steps:
             n //= 2
-            student = self.progressive_round(student, n)
+            student = self.progressive_round(student, n, last=n == self.cfg.steps)
         return student
 
     # -- LCM --------------------------------------------------------------------------------------
     def lcm(self) -> nn.Module:
         if self.cfg.lora_rank:
             return self.lcm_lora()
-        student = make_w_student(self.teacher.unet)
+        student = make_w_student(self.teacher.unet).train()
         target = copy.deepcopy(student).eval().requires_grad_(False)
         grid = SolverGrid(self.teacher.alphas, self.teacher.num_train_timesteps, self.cfg.solver_steps)
         cfg = self.teacher.unet.config
         huber = default_huber_c(int(cfg.in_channels * cfg.sample_size**2))
 
-        def loss(z0, text_c, text_u, w):
+        def loss(net, z0, text_c, text_u, w, gen):
             return cd_loss(
-                lambda z, t: student_eps(student, z, t, text_c, w),
+                lambda z, t: net(z, t, text_c, w),
                 lambda z, t: guided_eps(self.teacher.unet, z, t, text_c, text_u, w),
                 lambda z, t: student_eps(target, z, t, text_c, w),
                 grid,
                 z0,
-                self.gen,
+                gen,
                 "epsilon",
                 huber,
             )
 
-        self.after_step = lambda s: ema_update(target, s, self.cfg.ema_decay)
-        try:
-            self._train("lcm", self.cfg.steps, student, self.cfg.lcm_iters, loss)
-        finally:
-            self.after_step = None
+        self._phase(
+            "lcm",
+            self.cfg.steps,
+            student,
+            WDenoiser(student),
+            self.cfg.lcm_iters,
+            loss,
+            {"student": student, "target": target},
+            {"student": student},
+            after_step=lambda: ema_update(target, student, self.cfg.ema_decay),
+        )
         return student
 
     def lcm_lora(self) -> nn.Module:
         """LCM-LoRA (Luo et al. 2023b, arXiv 2311.05556): the LCM objective, UNet frozen, only
         low-rank adapters trained; the online network (adapters under no_grad) is the target, as
         in diffusers' train_lcm_distill_lora_sd_wds.py."""
-        student = add_lora(copy.deepcopy(self.teacher.unet), self.cfg.lora_rank, self.cfg.lora_conv)
+        # the adapters' random init from --seed, not from whatever the global RNG holds
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.seed)
+            student = add_lora(copy.deepcopy(self.teacher.unet), self.cfg.lora_rank, self.cfg.lora_conv)
+        online = TextDenoiser(student)
         grid = SolverGrid(self.teacher.alphas, self.teacher.num_train_timesteps, self.cfg.solver_steps)
         cfg = self.teacher.unet.config
         huber = default_huber_c(int(cfg.in_channels * cfg.sample_size**2))
         w_fixed = w_from_scale(self.cfg.eval_guidance)
 
-        def loss(z0, text_c, text_u, w):
+        def loss(net, z0, text_c, text_u, w, gen):
             w = torch.full_like(w, w_fixed)
             return cd_loss(
-                lambda z, t: student(z, t, encoder_hidden_states=text_c).sample,
+                lambda z, t: net(z, t, text_c),
                 lambda z, t: guided_eps(self.teacher.unet, z, t, text_c, text_u, w),
-                lambda z, t: student(z, t, encoder_hidden_states=text_c).sample,
+                lambda z, t: online(z, t, text_c),  # called under no_grad by cd_loss
                 grid,
                 z0,
-                self.gen,
+                gen,
                 "epsilon",
                 huber,
             )
 
-        self._train("lcm-lora", self.cfg.steps, student, self.cfg.lcm_iters, loss)
+        self._phase(
+            "lcm-lora",
+            self.cfg.steps,
+            student,
+            online,
+            self.cfg.lcm_iters,
+            loss,
+            {"student": student},
+            {"student": student},
+        )
         return student
 
     def run(self) -> nn.Module:
-        return self.guided_progressive() if self.cfg.method == "guided-progressive" else self.lcm()
+        student = self.guided_progressive() if self.cfg.method == "guided-progressive" else self.lcm()
+        tr = self.trainer
+        if tr.resume_tensors is not None and tr.meta["phase"] >= self.phase_index:
+            # resumed after the last phase had finished: its weights are in the state
+            load_module("student", student, tr.resume_tensors)
+        if self.dist.enabled:
+            from optimizer.distill.run import _check_ranks_agree
+
+            _check_ranks_agree(student)
+        return student.eval()
 
     # -- output -----------------------------------------------------------------------------------
     def student_pipeline(self, student: nn.Module):
         """A diffusers pipeline diffusers runs as it is: embedded guidance, no CFG batch."""
-        from diffusers import (
-            DDIMScheduler,
-            LatentConsistencyModelPipeline,
-            LCMScheduler,
-            StableDiffusionPipeline,
-        )
+        from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
         p = self.teacher.pipe
         parts = dict(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=student)
         extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        sched = self.student_scheduler()
         if self.cfg.method == "lcm":
-            sched = LCMScheduler.from_config(
-                p.scheduler.config, original_inference_steps=self.cfg.solver_steps
-            )
             pipe = LatentConsistencyModelPipeline(**parts, scheduler=sched, **extra)
         else:
-            # trailing spacing and a clean final step: the grid progressive.RoundGrid trained on
-            sched = DDIMScheduler.from_config(
-                p.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True
-            )
             pipe = StableDiffusionPipeline(**parts, scheduler=sched, **extra)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def save(self, student: nn.Module, out: Path, quality: dict[str, Any] | None = None) -> Path:
+    def student_scheduler(self):
+        from diffusers import DDIMScheduler, LCMScheduler
+
+        config = self.teacher.pipe.scheduler.config
+        if self.cfg.method == "lcm":
+            return LCMScheduler.from_config(config, original_inference_steps=self.cfg.solver_steps)
+        # trailing spacing and a clean final step: the grid progressive.RoundGrid trained on
+        return DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True)
+
+    def student_schedule(self) -> SamplingSchedule:
+        """The student's sampler as engines.schedule describes it (what dd-compile runs)."""
+        from engines.schedule import trailing_timesteps
+        from optimizer.distill.consistency import lcm_timesteps
+
+        if self.cfg.method == "lcm":
+            ts = lcm_timesteps(dict(self.student_scheduler().config), self.cfg.steps, self.cfg.solver_steps)
+            return SamplingSchedule.from_alphas(self.teacher.alphas, ts, "consistency", "epsilon")
+        ts = trailing_timesteps(self.teacher.num_train_timesteps, self.cfg.steps)
+        return SamplingSchedule.from_alphas(self.teacher.alphas, ts, "ddim", "epsilon")
+
+    def record(self, lora: dict[str, Any], quality: dict[str, Any] | None) -> dict[str, Any]:
         from engines.fileio import sha256_file
+
+        reused = {}
+        for comp in ("text_encoder", "vae", "tokenizer"):
+            for f in sorted((self.teacher.folder / comp).glob("*")):
+                reused[f"{comp}/{f.name}"] = sha256_file(f)
+        tr = self.trainer
+        return {
+            "format": "dd-compile.t2i-student/1",
+            "method": self.cfg.method,
+            "steps": self.cfg.steps,
+            "guidance_mode": "none" if self.cfg.lora_rank else "embedded",
+            "lora": lora,
+            "guidance_scale": self.cfg.eval_guidance,
+            "w": w_from_scale(self.cfg.eval_guidance),
+            "teacher": {"path": str(self.teacher.folder.resolve()), "components_sha256": reused},
+            "config": asdict(self.cfg),
+            "world_size": self.dist.world,
+            "seconds": round(sum(tr.meta["seconds"].values()), 1),
+            "rounds": [asdict(r) for r in self.records],
+            "plots": self.plots(),
+            "quality": quality or {},
+        }
+
+    def save(self, student: nn.Module, out: Path, quality: dict[str, Any] | None = None) -> Path:
+        """The student as a diffusers pipeline folder (with distill.json), swapped in by rename."""
         from engines.outdir import check_target, claim
 
         out = Path(out)
@@ -380,23 +596,7 @@ class T2IDistiller:
             lora = save_lora(student, tmp / "lora")
             student = fuse_lora(student)  # the deployable student: adapters merged into the UNet
         self.student_pipeline(student).save_pretrained(str(tmp))
-        reused = {}
-        for comp in ("text_encoder", "vae", "tokenizer"):
-            for f in sorted((self.teacher.folder / comp).glob("*")):
-                reused[f"{comp}/{f.name}"] = sha256_file(f)
-        record = {
-            "format": "dd-compile.t2i-student/1",
-            "method": self.cfg.method,
-            "steps": self.cfg.steps,
-            "guidance_mode": "none" if self.cfg.lora_rank else "embedded",
-            "lora": lora,
-            "guidance_scale": self.cfg.eval_guidance,
-            "w": w_from_scale(self.cfg.eval_guidance),
-            "teacher": {"path": str(self.teacher.folder.resolve()), "components_sha256": reused},
-            "config": asdict(self.cfg),
-            "rounds": [asdict(r) for r in self.records],
-            "quality": quality or {},
-        }
+        record = self.last_record = self.record(lora, quality)
         (tmp / "distill.json").write_text(json.dumps(record, indent=2) + "\n")
         claim(tmp, "t2i-student", record["teacher"]["path"])
         # replace only a folder this tool wrote (check_target above): move it aside, swap, delete
@@ -407,12 +607,94 @@ class T2IDistiller:
         shutil.rmtree(old, ignore_errors=True)
         return out
 
+    def save_checkpoint(self, student: nn.Module, out: Path, quality: dict[str, Any] | None = None) -> Path:
+        """The student as the text-to-image student.ckpt dd-compile reads (optimizer/t2i/student.py:
+        format 2, the UNet plus the teacher folder and its component hashes). LoRA: the adapters
+        fused into the UNet; the diffusers LoRA file goes to the work folder (lora/)."""
+        from optimizer.t2i.student import save_t2i_student
+
+        lora: dict[str, Any] = {}
+        if self.cfg.lora_rank:
+            tmp = self.work / f".lora.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            lora = save_lora(student, tmp)
+            shutil.rmtree(self.work / "lora", ignore_errors=True)
+            os.replace(tmp, self.work / "lora")
+            lora["folder"] = str((self.work / "lora").resolve())
+            student = fuse_lora(student)
+        sched = self.student_scheduler()
+        embedded = not self.cfg.lora_rank
+        self.last_record = self.record(lora, quality)
+        return save_t2i_student(
+            out,
+            student,
+            self.teacher.folder.resolve(),
+            scheduler_class=type(sched).__name__,
+            scheduler_config=dict(sched.config),
+            schedule=self.student_schedule(),
+            guidance="embedded" if embedded else "none",
+            # a LoRA student has its guidance baked in: no scale to give it (the record keeps it)
+            guidance_scale=self.cfg.eval_guidance if embedded else None,
+            distillation=self.last_record,
+        )
+
+    def finish(self, student: nn.Module, out: Path, quality: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the student (rank 0: `out` ending in .ckpt -> student.ckpt, else a pipeline
+        folder), the loss plot and report.json in the work folder; drop the resumable state."""
+        from engines.fileio import write_json_atomic
+        from optimizer.distill.distill_report import save_loss_plot
+
+        out = Path(out)
+        record: dict[str, Any] = {}
+        if self.dist.main:
+            tr = self.trainer
+            names = tr.meta.get("names", {})
+            save_loss_plot(
+                self.work / "losses.png", {names.get(k, k): v for k, v in tr.meta["losses"].items()}
+            )
+            if is_checkpoint_path(out):
+                self.save_checkpoint(student, out, quality)
+            else:
+                self.save(student, out, quality)
+            record = self.last_record
+            write_json_atomic(self.work / "report.json", record)
+            tr.state_path.unlink(missing_ok=True)  # finished: nothing to resume
+        self.dist.barrier()
+        return record
+
+    def plots(self) -> dict[str, Any]:
+        """The work folder's pngs that exist: the loss plot (written by finish), the per-phase
+        sample grids and the teacher's (demo), by phase index."""
+
+        def there(name: str) -> str | None:
+            return name if (self.work / name).is_file() else None
+
+        return {
+            "work_dir": str(self.work.resolve()),
+            "losses": there("losses.png"),
+            "teacher_samples": there("teacher_samples.png"),
+            "samples": {str(r.index): r.samples for r in self.records if r.samples},
+        }
+
+
+def is_checkpoint_path(out: str | Path) -> bool:
+    """`-o student.ckpt` writes the student.ckpt file dd-compile reads; anything else a folder."""
+    return Path(out).suffix.lower() == ".ckpt"
+
 
 def sample_student(
-    pipe, prompts: list[str], latents: torch.Tensor, steps: int, guidance: float
+    pipe,
+    prompts: list[str],
+    latents: torch.Tensor,
+    steps: int,
+    guidance: float,
+    generator: torch.Generator | None = None,
 ) -> np.ndarray:
-    """Images [N, 3, H, W] in [-1, 1] from a student pipeline (diffusers runs it, no CFG)."""
+    """Images [N, 3, H, W] in [-1, 1] from a student pipeline (diffusers runs it, no CFG);
+    `generator`: the LCM sampler's per-step noise (default: the global RNG)."""
     kw: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "np"}
+    if generator is not None:
+        kw["generator"] = generator
     out = []
     for i in range(0, len(prompts), 100):
         res = pipe(prompts[i : i + 100], latents=latents[i : i + 100], **kw).images

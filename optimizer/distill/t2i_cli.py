@@ -1,29 +1,44 @@
 """dd-distill for text-to-image teachers (a diffusers pipeline folder with model_index.json).
 
-    dd-distill TEACHER_PIPE -o student/ --steps 4 --method guided-progressive --guidance 2:8
+    dd-distill TEACHER_PIPE -o student.ckpt --steps 4 --method guided-progressive --guidance 2:8
     dd-distill TEACHER_PIPE -o student/ --steps 4 --method lcm --lora-rank 16 --prompts p.txt
-    dd-distill --demo t2i -o student/
+    dd-distill --demo t2i -o student/ [--resume]
 
 Training pairs: --data DIR (imagefolder: metadata.jsonl with file_name + text), or --prompts FILE
 (data-free: the teacher samples its own latents), or, for the bundled demo, its coloured digits.
-The student is a diffusers pipeline folder; with the demo's judge, each run records adherence and
-FID of the student, the teacher at its reference sampler and the teacher at the student's steps.
+`-o x.ckpt` writes the text-to-image student.ckpt dd-compile reads (optimizer/t2i/student.py);
+any other -o a diffusers pipeline folder. Training state, the loss plot, report.json and (demo)
+the per-phase sample grids go to <stem>.distill/ beside it, as for pixel teachers; --resume
+continues from its state.safetensors. With the demo's judge, each run records adherence and FID
+of the student, the teacher at its reference sampler and the teacher at the student's steps.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engines.errors import InputError
-from optimizer.distill.t2i import T2IDistillConfig, T2IDistiller, TextToImageTeacher, demo_batches
+from optimizer.distill.t2i import (
+    PhaseHook,
+    T2IDistillConfig,
+    T2IDistiller,
+    TextToImageTeacher,
+    demo_batches,
+    is_checkpoint_path,
+    sample_student,
+    t2i_dist,
+    work_dir_for,
+)
 
 log = logging.getLogger("dd-distill")
 
 DEMO_T2I_TEACHER = Path(__file__).resolve().parents[1] / "demo" / "t2i" / "teacher"
+GRID_PROMPTS, GRID_SEEDS = 6, 8  # the per-phase sample grid (demo): rows, columns
 
 
 def is_pipeline_folder(path: str | Path) -> bool:
@@ -77,22 +92,105 @@ def judge_quality(teacher: TextToImageTeacher, student_pipe, cfg: T2IDistillConf
     return out
 
 
-def run_t2i(run: T2IRun) -> dict[str, Any]:
+def _check_output(run: T2IRun, teacher: TextToImageTeacher, work: Path) -> None:
+    """Everything about -o that can be refused, refused before any training (one line, exit 2)."""
+    from engines.outdir import check_target
+
+    out = run.out
+    if is_checkpoint_path(out):
+        if out.is_dir():
+            raise InputError(
+                f"-o {out}: is an existing folder; a .ckpt output is a student.ckpt file "
+                "(for a student pipeline folder, give -o a name without .ckpt)"
+            )
+        for parent in out.resolve().parents:
+            if parent.exists() and not parent.is_dir():
+                raise InputError(f"-o {out}: lies under {parent}, which is an existing file")
+        from optimizer.t2i.load import check_layout
+        from optimizer.t2i.student import component_hashes
+
+        # what save_t2i_student needs of the teacher (its layout and component folders)
+        try:
+            check_layout(teacher.folder)
+            component_hashes(teacher.folder)
+        except InputError as e:
+            raise InputError(f"-o {out}: a student.ckpt names its teacher's components: {e}") from None
+    else:
+        check_target(out, "t2i-student", "-o", protect=[run.teacher])
+    check_target(work, "distill", "-o (its <stem>.distill/ folder)", protect=[run.teacher])
+
+
+def _grid_hook(
+    teacher: TextToImageTeacher,
+    cfg: T2IDistillConfig,
+    work: Path,
+    prompts: int = GRID_PROMPTS,
+    seeds: int = GRID_SEEDS,
+    reference_steps: int | None = None,
+) -> PhaseHook:
+    """The demo's prompt-by-seed grid per phase: `prompts` rows, `seeds` columns, the same
+    latents in every phase; the teacher at its reference sampler with CFG once, beside them."""
     import torch
 
+    from optimizer.demo.t2i.data import evaluation_prompts
+    from optimizer.demo.t2i.evaluate import fixed_latents
+    from optimizer.demo.t2i.train import REFERENCE_STEPS
+    from optimizer.distill.distill_report import save_grid
+
+    ref_steps = reference_steps or REFERENCE_STEPS
+    texts = [e.prompt for e in evaluation_prompts(prompts, seed=1)]
+    c = teacher.unet.config
+    lat = fixed_latents(seeds, seed=1, shape=(c.in_channels, c.sample_size, c.sample_size))
+
+    def grid(pipe, steps: int) -> list[tuple[str, np.ndarray]]:
+        g = torch.Generator().manual_seed(0)  # the LCM sampler's step noise, the same per phase
+        return [(p[:18], sample_student(pipe, [p] * seeds, lat, steps, cfg.eval_guidance, g)) for p in texts]
+
+    def hook(d: T2IDistiller, student, rec: dict[str, Any]) -> dict[str, Any]:
+        ref = work / "teacher_samples.png"
+        if not ref.exists():
+            save_grid(ref, grid(teacher.pipe, ref_steps))
+        name = f"phase{rec['index']}_samples.png"
+        save_grid(work / name, grid(d.student_pipeline(student), rec["steps"]))
+        log.info(
+            "%s: sample grid %s (teacher DDIM-%d with CFG: %s)", rec["phase"], work / name, ref_steps, ref
+        )
+        return {"samples": name}
+
+    return hook
+
+
+def _data_key(run: T2IRun) -> dict[str, Any]:
+    """The training pairs' identity for --resume (a resumed run must draw from the same data)."""
+    return {
+        "data": str(run.data.resolve()) if run.data else None,
+        "prompts": str(run.prompts.resolve()) if run.prompts else None,
+        "data_free_samples": run.data_free_samples if run.prompts else None,
+        "demo": run.demo,
+    }
+
+
+def run_t2i(run: T2IRun) -> dict[str, Any]:
+    """Train (resumable, DDP under torchrun) and write the student: `-o x.ckpt` -> student.ckpt,
+    else a pipeline folder; returns the distillation record (rank 0; {} on other ranks)."""
+    import torch
+
+    from engines.outdir import claim
     from optimizer.distill.t2i_data import imagefolder_batches, read_prompts, teacher_sample_batches
 
     if run.prompts and run.data:
         raise InputError("--prompts and --data: give one source of training pairs, not both")
-    from engines.outdir import check_target
-
     torch.set_num_threads(run.cfg.threads)
+    dist = t2i_dist()
     teacher = TextToImageTeacher.load(run.teacher)
-    check_target(run.out, "t2i-student", "-o", protect=[run.teacher])  # before any training
+    work = work_dir_for(run.out)
+    if dist.main:
+        _check_output(run, teacher, work)  # before any training
     size = teacher.pipe.unet.config.sample_size * teacher.pipe.vae_scale_factor
     if run.data:
         batches = imagefolder_batches(run.data, size)
     elif run.prompts:
+        # every rank samples the same latents (same seed, CPU): no broadcast needed
         batches = teacher_sample_batches(
             teacher, read_prompts(run.prompts), run.data_free_samples, run.cfg.guidance, seed=run.cfg.seed
         )
@@ -102,13 +200,24 @@ def run_t2i(run: T2IRun) -> dict[str, Any]:
         raise InputError(
             "a text-to-image teacher needs --prompts FILE (data-free) or --data DIR (imagefolder)"
         )
-    d = T2IDistiller(teacher, batches, run.cfg)
-    student = d.run()
-    quality = (
-        judge_quality(teacher, d.student_pipeline(student), run.cfg, run.evaluate)
-        if run.demo and run.evaluate
-        else {}
+    if dist.main:
+        claim(work, "distill", run.out.name)
+    dist.barrier()
+    judged = run.demo and run.evaluate > 0
+    d = T2IDistiller(
+        teacher,
+        batches,
+        run.cfg,
+        work=work,
+        dist=dist,
+        data_key=_data_key(run),
+        on_phase=_grid_hook(teacher, run.cfg, work) if judged else None,
     )
-    d.save(student, run.out, quality)
-    log.info("student written to %s", run.out)
-    return json.loads((run.out / "distill.json").read_text())
+    student = d.run()
+    quality = {}
+    if judged and dist.main:
+        quality = judge_quality(teacher, d.student_pipeline(student), run.cfg, run.evaluate)
+    record = d.finish(student, run.out, quality)
+    if dist.main:
+        log.info("student written to %s (work folder %s)", run.out, work)
+    return record

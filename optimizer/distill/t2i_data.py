@@ -17,6 +17,8 @@ from optimizer.distill.t2i import BatchFn, TextToImageTeacher
 
 log = logging.getLogger(__name__)
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
 
 def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
@@ -40,7 +42,7 @@ def imagefolder_batches(folder: str | Path, size: int) -> BatchFn:
         raise InputError(
             f"--data {folder}: no metadata.jsonl (imagefolder layout: file_name + text per line)"
         )
-    images, captions = [], []
+    images, captions, names = [], [], []
     for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -61,8 +63,21 @@ def imagefolder_batches(folder: str | Path, size: int) -> BatchFn:
             raise InputError(f"--data {meta}:{n}: cannot read image {name!r} ({e})") from None
         images.append(np.asarray(rgb, np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
         captions.append(text)
+        names.append(name)
     if not images:
         raise InputError(f"--data {folder}: metadata.jsonl lists no images")
+    # an image without a caption row means a broken metadata.jsonl, not an image to skip quietly
+    listed = {(folder / r).resolve() for r in names}
+    uncaptioned = sorted(
+        f.relative_to(folder).as_posix()
+        for f in folder.rglob("*")
+        if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() and f.resolve() not in listed
+    )
+    if uncaptioned:
+        raise InputError(
+            f"--data {folder}: {len(uncaptioned)} image(s) have no caption in metadata.jsonl "
+            f'(first: {uncaptioned[0]!r}); add a {{"file_name", "text"}} row for each'
+        )
     data = np.stack(images)
     log.info("--data %s: %d captioned images at %dx%d", folder, len(data), size, size)
 
