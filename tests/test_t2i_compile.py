@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,10 +294,18 @@ def test_compile_tiny_pipeline_end_to_end(tiny, tmp_path):
 @pytest.mark.slow
 def test_demo_t2i_passes_and_is_far_past_10x(tmp_path):
     """`dd-compile --demo` (text-to-image, the bundled LCM student): every check passes and the
-    compiled pipeline beats the diffusers teacher (DDIM 50 + CFG) by >= 10x end to end."""
-    out = tmp_path / "out"
-    res = _cli(["--demo", "-o", out, "--bench-seconds", "3"])
-    assert res.exit_code == 0, res.output
+    compiled pipeline beats the diffusers teacher (DDIM 50 + CFG) by >= 10x end to end.
+    CI compiles the demo as its own step first and points DD_DEMO_T2I_OUT at that out/, so the same
+    assertions run on that real run instead of compiling it twice."""
+    import os
+
+    if os.environ.get("DD_DEMO_T2I_OUT"):
+        out = Path(os.environ["DD_DEMO_T2I_OUT"])
+        assert json.loads((out / "report.json").read_text())["kind"] == "text-to-image"
+    else:
+        out = tmp_path / "out"
+        res = _cli(["--demo", "-o", out, "--bench-seconds", "3"])
+        assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     d = rep["distribution"]
     assert d["adherence_student"]["digit"] >= 0.9 and d["adherence_student"]["colour"] >= 0.95
