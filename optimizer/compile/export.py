@@ -98,6 +98,24 @@ def write_onnx(
         if external:  # external data was written next to tmp; move it beside the final name
             data = tmp.with_name(tmp.name + ".data")
             if data.exists():
-                data.rename(out_path.with_name(out_path.name + ".data"))
+                final = out_path.with_name(out_path.name + ".data")
+                data.rename(final)
+                _point_external_data(tmp, final.name)
     log.info("exported %s (%s params)", out_path, f"{sum(p.numel() for p in model.parameters()):,}")
     return out_path
+
+
+def _point_external_data(path: Path, location: str) -> None:
+    """The graph names the file its weights were saved beside (the temp name): point every external
+    tensor at `location`, the `<name>.data` they were moved to, or neither ORT nor onnx can load it.
+    Rewrites the proto only; the weights stay where they are."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    for t in _get_all_tensors(model):
+        if uses_external_data(t):
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = location
+    onnx.save(model, str(path))

@@ -99,32 +99,7 @@ def export_component(
         t.name: {i: tdims[d] for i, d in enumerate(t.shape) if isinstance(d, str) and d in tdims} or None
         for t in spec.inputs
     }
-    write_onnx(model, (), kwargs, spec, dynamic_shapes, out_path, export_config)
-    _point_external_data(out_path)
-    return out_path
-
-
-def _point_external_data(path: Path) -> None:
-    """A graph over 2 GB keeps its weights in `<name>.data` beside it (optimizer/compile/export.py
-    moves them there), but the graph still names the temp file they were saved under, so neither
-    ORT nor onnx could load it: point every external tensor at `<name>.data`."""
-    import onnx
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    data = path.with_name(path.name + ".data")
-    if not data.exists():
-        return
-    model = onnx.load(str(path), load_external_data=False)
-    moved = 0
-    for t in _get_all_tensors(model):
-        if uses_external_data(t):
-            for e in t.external_data:
-                if e.key == "location" and e.value != data.name:
-                    e.value, moved = data.name, moved + 1
-    if moved:  # the proto only: the weights stay where they are
-        with atomic_path(path, suffix=".onnx") as tmp:
-            onnx.save(model, str(tmp))
-        log.info("%s: %d external tensors pointed at %s", path, moved, data.name)
+    return write_onnx(model, (), kwargs, spec, dynamic_shapes, out_path, export_config)
 
 
 def write_tokenizer_json(tok_dir: Path, dest: Path) -> None:
