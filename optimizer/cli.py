@@ -353,6 +353,15 @@ def print_table(report) -> None:
     default=None,
     help="Text-to-image: a local transformers CLIPModel folder; adds CLIP score to the distribution check.",
 )
+@click.option(
+    "--export-cache",
+    "export_cache_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="DD_COMPILE_EXPORT_CACHE",
+    default=None,
+    help="Keep exported fp32 graphs here, keyed by weights, code and versions; a re-run of the same "
+    "student (other bars, precisions, out folder) skips the export. [env: DD_COMPILE_EXPORT_CACHE]",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, library warnings included.")
 def main(
@@ -383,6 +392,7 @@ def main(
     resolutions,
     guidance_scale,
     clip_model,
+    export_cache_dir,
     as_json,
     verbose,
 ):
@@ -394,7 +404,10 @@ def main(
     written), 2 bad input, an unwritable output or a missing/failing backend, 4 an internal error.
     """
     setup_logging(verbose)
+    from optimizer.compile import export_cache
     from optimizer.compile.build import TrtBuildConfig
+
+    click.get_current_context().with_resource(export_cache.using(export_cache_dir))
     from optimizer.compile.speed import SpeedConfig
     from optimizer.compile.stages import DEMO_DIR, CompileConfig, demo_source, run
     from optimizer.quantize import Int8Config

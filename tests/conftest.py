@@ -17,6 +17,25 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_export_cache(tmp_path_factory):
+    """One export cache for the session (shared by xdist workers, whose basetemps sit in one
+    folder): the same tiny model is exported once, not by every test that compiles it
+    (tests/test_export_cache.py tests the cache itself). DD_TEST_EXPORT_CACHE=off exports always."""
+    if os.environ.get("DD_TEST_EXPORT_CACHE") == "off":
+        yield None
+        return
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "export-cache"
+    old = os.environ.get("DD_COMPILE_EXPORT_CACHE")
+    os.environ["DD_COMPILE_EXPORT_CACHE"] = str(root)  # subprocesses (dd-compile runs) inherit it
+    yield root
+    if old is None:
+        os.environ.pop("DD_COMPILE_EXPORT_CACHE", None)
+    else:
+        os.environ["DD_COMPILE_EXPORT_CACHE"] = old
+
+
 def pytest_collection_modifyitems(config, items):
     has_cuda = _cuda_available()
     has_trt = importlib.util.find_spec("tensorrt") is not None

@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 TWO_GB = 2 << 30
 
 
+class _Miss(Exception):
+    """No sound export-cache entry: export."""
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     opset: int = 20  # >= 18 for GroupNormalization; the dynamo exporter's default
@@ -73,8 +77,29 @@ def write_onnx(
     weights over protobuf's 2 GB limit go to `<name>.data` beside it; onnx.checker if asked."""
     import onnx
 
+    from optimizer.compile import export_cache
+
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = n_bytes > TWO_GB - (64 << 20)  # protobuf's 2 GB limit, with headroom for the graph
+    data_path = out_path.with_name(out_path.name + ".data")
+    cache_key = None
+    if export_cache.cache_dir() is not None:
+        example = {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
+        describe = {
+            "spec": spec.to_dict(),
+            "dynamic_shapes": repr(dynamic_shapes),
+            "config": config.to_dict(),
+            "name": out_path.name,
+            "external": external,
+        }
+        cache_key = export_cache.key(model, example, describe)
+        try:
+            with atomic_path(out_path, suffix=".onnx") as tmp:
+                if not export_cache.fetch(cache_key, out_path.name, tmp, data_path):
+                    raise _Miss  # leaves nothing at out_path
+            return out_path
+        except _Miss:
+            pass
     with torch.no_grad(), atomic_path(out_path, suffix=".onnx") as tmp:
         prog = torch.onnx.export(
             model,
@@ -98,10 +123,11 @@ def write_onnx(
         if external:  # external data was written next to tmp; move it beside the final name
             data = tmp.with_name(tmp.name + ".data")
             if data.exists():
-                final = out_path.with_name(out_path.name + ".data")
-                data.rename(final)
-                _point_external_data(tmp, final.name)
+                data.rename(data_path)
+                _point_external_data(tmp, data_path.name)
     log.info("exported %s (%s params)", out_path, f"{sum(p.numel() for p in model.parameters()):,}")
+    if cache_key is not None:
+        export_cache.store(cache_key, out_path.name, out_path)
     return out_path
 
 
