@@ -62,6 +62,8 @@ class ServeConfig:
     threads: int | None = None  # onnxruntime intra-op / OpenVINO threads (None: the backend's default)
     # serve an artifact the published run did not validate (or failed): a warning, not a refusal
     allow_unvalidated: bool = False
+    # on SIGINT/SIGTERM, how long Triton lets in-flight requests finish (Triton's own default: 30)
+    exit_timeout_s: int = 30
 
 
 def write_sampler_repo(manifest: Manifest, repo: Path, max_queue_delay_us: int) -> Path:
@@ -167,6 +169,7 @@ def serve(out_dir: str | Path, config: ServeConfig = ServeConfig()) -> None:
             metrics_port=config.metrics_port,
             model_repository=repo,
             exit_on_error=True,
+            exit_timeout_secs=config.exit_timeout_s,
         )
         inputs, outputs = unet_tensors(pipe.manifest.io_spec)
         with Triton(config=triton_cfg) as triton:
@@ -229,6 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     @click.option("--max-queue-delay-us", default=2000, show_default=True, type=click.IntRange(0))
     @click.option(
         "--threads", type=click.IntRange(1), help="onnxruntime intra-op / OpenVINO inference threads."
+    )
+    @click.option(
+        "--exit-timeout",
+        "exit_timeout_s",
+        default=30,
+        show_default=True,
+        type=click.IntRange(0),
+        help="Seconds in-flight requests may take to finish after SIGINT/SIGTERM.",
     )
     @click.option(
         "--allow-unvalidated",

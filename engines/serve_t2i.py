@@ -94,6 +94,7 @@ def serve_t2i(opened: OpenedT2I, source: Path, config: Any) -> None:
                 metrics_port=config.metrics_port,
                 model_repository=repo,
                 exit_on_error=True,
+                exit_timeout_secs=config.exit_timeout_s,
             )
             with Triton(config=triton_cfg) as triton:
                 for name in COMPONENT_NAMES:

@@ -56,7 +56,8 @@ def run_server(tmp: Path, out: Path, model: str, *args: str, py: Path | None = N
     py = py or require_serve_env()
     ports = {"port": free_port(), "grpc": free_port(), "metrics": free_port()}
     log = open(tmp / "server.log", "w")
-    cmd = [str(py), "-m", "engines.serve", str(out), "--threads", "1", *args]
+    # --exit-timeout 2: no request is in flight at teardown (Triton's 30 s default was 30 s a test)
+    cmd = [str(py), "-m", "engines.serve", str(out), "--threads", "1", "--exit-timeout", "2", *args]
     for k, v in ports.items():
         cmd += [f"--{'port' if k == 'port' else k + '-port'}", str(v)]
     proc = subprocess.Popen(
