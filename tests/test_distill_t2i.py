@@ -3,6 +3,7 @@ pipelines that diffusers runs exactly as they were trained, and training moves t
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,6 +175,22 @@ def test_lcm_lora_loads_into_a_diffusers_pipeline_and_changes_it_as_predicted(ti
     assert not any("lora" in k for k in fused.state_dict())
     with torch.no_grad():
         assert torch.allclose(fused(z, t, encoder_hidden_states=text).sample, ours, atol=1e-5)
+    # the folder runs in diffusers as LCM-LoRA does (StableDiffusionPipeline + LCMScheduler,
+    # guidance 1: no CFG batch); diffusers' LCM pipeline would fail on a UNet without w input
+    assert meta["guidance_scale"] == 1.0 and meta["trained_guidance_scale"] == 4.0
+    lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    name, imgs = _diffusers_images(folder, PROMPTS[:2], lat, 1, meta["guidance_scale"])
+    assert name == "StableDiffusionPipeline" and np.isfinite(imgs).all() and imgs.std() > 1e-3
+    from diffusers import LCMScheduler
+
+    assert type(LCMScheduler.from_pretrained(str(folder / "scheduler"))).__name__ == "LCMScheduler"
+    # and dd-compile reads its mode from the record: 'none', not the CFG a plain UNet would get
+    from optimizer.t2i.source import resolve
+
+    src = resolve(
+        folder, steps=None, guidance_scale=None, teacher=None, size=None, resolutions=None, batch_sizes=(1,)
+    )
+    assert src.student.spec.guidance == "none" and src.guidance_scale <= 1 and src.steps == 1
 
 
 @pytest.mark.slow

@@ -523,15 +523,27 @@ class T2IDistiller:
         return student.eval()
 
     # -- output -----------------------------------------------------------------------------------
+    @property
+    def embedded(self) -> bool:
+        """The student takes w as an input (timestep_cond); an LCM-LoRA student has it in its weights."""
+        return not self.cfg.lora_rank
+
+    def sampling_guidance(self) -> float:
+        """The guidance scale the student samples at: its embedded w, or 1 (no CFG batch) for
+        LCM-LoRA, trained at eval_guidance with the guidance baked in."""
+        return self.cfg.eval_guidance if self.embedded else 1.0
+
     def student_pipeline(self, student: nn.Module):
-        """A diffusers pipeline diffusers runs as it is: embedded guidance, no CFG batch."""
+        """A diffusers pipeline diffusers runs as it is: embedded guidance, no CFG batch. LCM-LoRA:
+        StableDiffusionPipeline with the LCMScheduler, as diffusers runs LCM-LoRA (its
+        LatentConsistencyModelPipeline needs a UNet with time_cond_proj_dim)."""
         from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
         p = self.teacher.pipe
         parts = dict(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=student)
         extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         sched = self.student_scheduler()
-        if self.cfg.method == "lcm":
+        if self.cfg.method == "lcm" and self.embedded:
             pipe = LatentConsistencyModelPipeline(**parts, scheduler=sched, **extra)
         else:
             pipe = StableDiffusionPipeline(**parts, scheduler=sched, **extra)
@@ -570,9 +582,12 @@ class T2IDistiller:
             "format": "dd-compile.t2i-student/1",
             "method": self.cfg.method,
             "steps": self.cfg.steps,
-            "guidance_mode": "none" if self.cfg.lora_rank else "embedded",
+            "guidance_mode": "embedded" if self.embedded else "none",
             "lora": lora,
-            "guidance_scale": self.cfg.eval_guidance,
+            # what the student samples at (dd-compile reads it); LCM-LoRA: 1, no CFG batch
+            "guidance_scale": self.sampling_guidance(),
+            # the teacher's guided target the student was trained on (baked in for LCM-LoRA)
+            "trained_guidance_scale": self.cfg.eval_guidance,
             "w": w_from_scale(self.cfg.eval_guidance),
             "teacher": {"path": str(self.teacher.folder.resolve()), "components_sha256": reused},
             "config": asdict(self.cfg),
@@ -623,7 +638,7 @@ class T2IDistiller:
             lora["folder"] = str((self.work / "lora").resolve())
             student = fuse_lora(student)
         sched = self.student_scheduler()
-        embedded = not self.cfg.lora_rank
+        embedded = self.embedded
         self.last_record = self.record(lora, quality)
         return save_t2i_student(
             out,

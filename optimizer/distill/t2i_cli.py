@@ -57,9 +57,16 @@ class T2IRun:
     demo: bool = False
 
 
-def judge_quality(teacher: TextToImageTeacher, student_pipe, cfg: T2IDistillConfig, n: int) -> dict[str, Any]:
+def judge_quality(
+    teacher: TextToImageTeacher,
+    student_pipe,
+    cfg: T2IDistillConfig,
+    n: int,
+    student_guidance: float | None = None,
+) -> dict[str, Any]:
     """Adherence + FID with the demo's digit-and-colour judge: student, teacher-50 CFG, teacher at
-    the student's steps with CFG; the same prompts and latents for all three."""
+    the student's steps with CFG; the same prompts and latents for all three. `student_guidance`:
+    the scale the student samples at (default the teacher's; 1 for LCM-LoRA)."""
     from optimizer.compile.quality import frechet_distance, paired_psnr
     from optimizer.demo.t2i.classifier import load_judge
     from optimizer.demo.t2i.data import evaluation_prompts
@@ -82,7 +89,9 @@ def judge_quality(teacher: TextToImageTeacher, student_pipe, cfg: T2IDistillConf
     imgs = {
         "teacher_reference": sample_pipeline(teacher.pipe, ex, lat, REFERENCE_STEPS, s),
         "teacher_at_student_steps": sample_pipeline(teacher.pipe, ex, lat, cfg.steps, s),
-        "student": sample_pipeline(student_pipe, ex, lat, cfg.steps, s),
+        "student": sample_pipeline(
+            student_pipe, ex, lat, cfg.steps, s if student_guidance is None else student_guidance
+        ),
     }
     out: dict[str, Any] = {"n": n, "guidance_scale": s, "reference_steps": REFERENCE_STEPS}
     for k, v in imgs.items():
@@ -142,16 +151,16 @@ def _grid_hook(
     c = teacher.unet.config
     lat = fixed_latents(seeds, seed=1, shape=(c.in_channels, c.sample_size, c.sample_size))
 
-    def grid(pipe, steps: int) -> list[tuple[str, np.ndarray]]:
+    def grid(pipe, steps: int, guidance: float) -> list[tuple[str, np.ndarray]]:
         g = torch.Generator().manual_seed(0)  # the LCM sampler's step noise, the same per phase
-        return [(p[:18], sample_student(pipe, [p] * seeds, lat, steps, cfg.eval_guidance, g)) for p in texts]
+        return [(p[:18], sample_student(pipe, [p] * seeds, lat, steps, guidance, g)) for p in texts]
 
     def hook(d: T2IDistiller, student, rec: dict[str, Any]) -> dict[str, Any]:
         ref = work / "teacher_samples.png"
         if not ref.exists():
-            save_grid(ref, grid(teacher.pipe, ref_steps))
+            save_grid(ref, grid(teacher.pipe, ref_steps, cfg.eval_guidance))
         name = f"phase{rec['index']}_samples.png"
-        save_grid(work / name, grid(d.student_pipeline(student), rec["steps"]))
+        save_grid(work / name, grid(d.student_pipeline(student), rec["steps"], d.sampling_guidance()))
         log.info(
             "%s: sample grid %s (teacher DDIM-%d with CFG: %s)", rec["phase"], work / name, ref_steps, ref
         )
@@ -216,7 +225,9 @@ def run_t2i(run: T2IRun) -> dict[str, Any]:
     student = d.run()
     quality = {}
     if judged and dist.main:
-        quality = judge_quality(teacher, d.student_pipeline(student), run.cfg, run.evaluate)
+        quality = judge_quality(
+            teacher, d.student_pipeline(student), run.cfg, run.evaluate, d.sampling_guidance()
+        )
     record = d.finish(student, run.out, quality)
     if dist.main:
         log.info("student written to %s (work folder %s)", run.out, work)

@@ -156,8 +156,11 @@ def resolve(
         n = steps or ck.schedule.steps
         distill = ck.distillation
     profile, _ = make_profile(student_dir, unet_cfg, size, resolutions, batch_sizes)
+    # dd-distill's record names the mode: an LCM-LoRA folder (no time_cond_proj_dim) has its
+    # guidance in its weights ("none"), not the CFG a plain UNet would default to
+    mode = distill.get("guidance_mode") if source.is_dir() else None
     loaded = (
-        load_pipeline(source, profile=profile)
+        load_pipeline(source, profile=profile, guidance=mode if mode in ("none", "embedded") else None)
         if source.is_dir()
         else load_t2i_student(source, profile=profile)
     )

@@ -74,6 +74,10 @@ def evaluate(
 
     # the teacher (StableDiffusionPipeline) or a distilled student (LatentConsistencyModelPipeline)
     pipe = DiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    record = folder / "distill.json"
+    if record.exists() and json.loads(record.read_text()).get("guidance_mode") == "none":
+        log.info("%s: guidance in its weights (LCM-LoRA): sampled at guidance 1, no CFG", folder)
+        guidance = 1.0
     pipe.set_progress_bar_config(disable=True)
     judge = load_judge()
     examples = evaluation_prompts(n, seed)
