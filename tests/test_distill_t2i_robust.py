@@ -203,9 +203,15 @@ def test_sample_grid_per_phase(teacher_dir, tmp_path):
         demo_batches(),
         cfg,
         work=tmp_path,
-        on_phase=_grid_hook(teacher, cfg, tmp_path, 3, 4, reference_steps=4),
+        on_phase=_grid_hook(teacher, cfg, tmp_path, 3, 4, reference_steps=4, phase_prompts=12),
     )
     d.run()
+    # each phase judged like the final student: at its own steps, on the same 12 prompts
+    for r in d.records:
+        q = r.quality
+        assert q["n"] == 12 and q["steps"] == r.steps and q["guidance_scale"] == cfg.eval_guidance
+        assert 0 <= q["adherence"]["digit"] <= 1 and 0 <= q["adherence"]["colour"] <= 1
+        assert np.isfinite(q["fid"]) and q["fid"] > 0
     assert [(r.phase, r.steps, r.samples) for r in d.records] == [
         ("stage1-guided", 4, "phase0_samples.png"),
         ("progressive", 2, "phase1_samples.png"),

@@ -136,6 +136,7 @@ def _grid_hook(
     prompts: int = GRID_PROMPTS,
     seeds: int = GRID_SEEDS,
     reference_steps: int | None = None,
+    phase_prompts: int = 0,
 ) -> PhaseHook:
     """The demo's prompt-by-seed grid per phase: `prompts` rows, `seeds` columns, the same
     latents in every phase; the teacher at its reference sampler with CFG once, beside them."""
@@ -155,16 +156,53 @@ def _grid_hook(
         g = torch.Generator().manual_seed(0)  # the LCM sampler's step noise, the same per phase
         return [(p[:18], sample_student(pipe, [p] * seeds, lat, steps, guidance, g)) for p in texts]
 
+    judged: dict[str, Any] = {}  # the judge, prompts, latents and real features, made once
+
+    def quality(pipe, steps: int, guidance: float) -> dict[str, Any]:
+        """The phase's student judged like the final one (fewer prompts: every phase pays it)."""
+        from optimizer.compile.quality import frechet_distance
+        from optimizer.demo.t2i.classifier import load_judge
+        from optimizer.demo.t2i.evaluate import real_images, sample_pipeline
+
+        if not judged:
+            judged["judge"] = j = load_judge()
+            judged["ex"] = evaluation_prompts(phase_prompts, seed=1)
+            judged["lat"] = fixed_latents(phase_prompts, seed=1, shape=lat.shape[1:])
+            judged["real"] = j(real_images(2000, seed=8)[0])
+        j, ex = judged["judge"], judged["ex"]
+        imgs = sample_pipeline(pipe, ex, judged["lat"], steps, guidance)
+        return {
+            "n": len(ex),
+            "steps": steps,
+            "guidance_scale": guidance,
+            "adherence": j.adherence(imgs, ex).to_dict(),
+            "fid": frechet_distance(j(imgs), judged["real"]),
+        }
+
     def hook(d: T2IDistiller, student, rec: dict[str, Any]) -> dict[str, Any]:
         ref = work / "teacher_samples.png"
         if not ref.exists():
             save_grid(ref, grid(teacher.pipe, ref_steps, cfg.eval_guidance))
         name = f"phase{rec['index']}_samples.png"
-        save_grid(work / name, grid(d.student_pipeline(student), rec["steps"], d.sampling_guidance()))
+        pipe = d.student_pipeline(student)
+        save_grid(work / name, grid(pipe, rec["steps"], d.sampling_guidance()))
         log.info(
             "%s: sample grid %s (teacher DDIM-%d with CFG: %s)", rec["phase"], work / name, ref_steps, ref
         )
-        return {"samples": name}
+        out: dict[str, Any] = {"samples": name}
+        if phase_prompts:
+            q = out["quality"] = quality(pipe, rec["steps"], d.sampling_guidance())
+            a = q["adherence"]
+            log.info(
+                "%s at %d steps: adherence digit %.3f colour %.3f, FID %.1f (%d prompts)",
+                rec["phase"],
+                rec["steps"],
+                a["digit"],
+                a["colour"],
+                q["fid"],
+                q["n"],
+            )
+        return out
 
     return hook
 
@@ -220,7 +258,7 @@ def run_t2i(run: T2IRun) -> dict[str, Any]:
         work=work,
         dist=dist,
         data_key=_data_key(run),
-        on_phase=_grid_hook(teacher, run.cfg, work) if judged else None,
+        on_phase=_grid_hook(teacher, run.cfg, work, phase_prompts=run.evaluate) if judged else None,
     )
     student = d.run()
     quality = {}
