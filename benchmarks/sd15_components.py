@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from engines.errors import InputError
+from optimizer.model_zoo import SD15_UNET
 
 log = logging.getLogger("sd15_components")
 HERE = Path(__file__).resolve().parent
@@ -89,18 +90,7 @@ TE = {
 }
 # unet/config.json of SD 1.5 (diffusers' defaults cover the rest: flip_sin_to_cos, freq_shift 0, ...)
 UNET = {
-    "full": dict(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ),
+    "full": dict(SD15_UNET),  # optimizer/model_zoo.py, shared with benchmarks/gpu_baselines.py
     # the same block kinds at two levels: torch.export's time goes with the op count, not the width
     "tiny": dict(
         sample_size=16,
