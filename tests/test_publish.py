@@ -76,6 +76,8 @@ def test_kill_9_at_each_stage_of_a_rerun_leaves_the_old_result(stage, students, 
     assert {n: a.sha256 for n, a in now.artifacts.items()} == {n: a.sha256 for n, a in old.artifacts.items()}
     assert json.loads((out / "report.json").read_text())["run_id"] == old.run["id"]
     assert any(out.glob(".staging-*")) or stage == "publish"  # the killed run's work, unpublished
+    if stage not in ("export", "quantize-int8", "publish"):
+        return  # the clean-up below is one code path: checked after the first, a middle, the last stage
 
     # the next complete run publishes the new result and removes what the killed one left
     res = invoke(students[1], "--steps", 2, "-o", out, "--precision", "fp32", *FAST)
