@@ -109,3 +109,21 @@ def test_off_unless_asked(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["g.onnx"]
     monkeypatch.setenv(export_cache.ENV, str(tmp_path / "env"))
     assert export_cache.cache_dir() == tmp_path / "env"
+
+
+def test_a_folder_the_cache_did_not_write_is_never_deleted(cache, tmp_path, caplog):
+    """A user's folder that happens to sit at an entry's name (no entry.json): left as it was."""
+    torch.manual_seed(0)
+    m = Scaled()
+    _export(m, tmp_path / "a.onnx")
+    (entry,) = [cache / e for e in _entries(cache)]
+    import shutil
+
+    shutil.rmtree(entry)
+    entry.mkdir()
+    (entry / "mine.txt").write_text("a user's file")
+    with caplog.at_level(logging.WARNING, logger="optimizer.compile.export_cache"):
+        _export(m, tmp_path / "b" / "a.onnx")  # the same graph (its key names the file)
+    assert "not a cache entry" in caplog.text
+    assert [p.name for p in entry.iterdir()] == ["mine.txt"]
+    assert not any(p.name.startswith(".tmp-") for p in cache.iterdir())

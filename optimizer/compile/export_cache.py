@@ -170,6 +170,9 @@ def store(k: str, name: str, graph: Path) -> None:
         if final.exists():
             if _sound(final, name):  # a concurrent compile published the same graph first
                 return
+            if not (final / "entry.json").is_file():  # not an entry this cache wrote: never delete it
+                log.warning("export cache: %s exists and is not a cache entry: not stored", final)
+                return
             shutil.rmtree(final, ignore_errors=True)  # the damaged entry fetch refused
         os.rename(tmp, final)
         log.info("export cache: stored %s", final)
