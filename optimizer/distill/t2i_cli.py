@@ -57,6 +57,44 @@ class T2IRun:
     demo: bool = False
 
 
+@dataclass
+class DemoJudgeSet:
+    """The demo's digit-and-colour judge with its fixed prompts, latents and real-image features:
+    made once, it scores any pipeline the same way (the final judging and every phase's)."""
+
+    judge: Any
+    examples: list[Any]
+    latents: Any
+    real_features: np.ndarray
+
+    @classmethod
+    def make(cls, n: int) -> DemoJudgeSet:
+        from optimizer.demo.t2i.classifier import load_judge
+        from optimizer.demo.t2i.data import evaluation_prompts
+        from optimizer.demo.t2i.evaluate import fixed_latents, real_images
+
+        judge = load_judge()
+        return cls(
+            judge,
+            evaluation_prompts(n, seed=1),
+            fixed_latents(n, seed=1),
+            judge(real_images(2000, seed=8)[0]),
+        )
+
+    def images(self, pipe, steps: int, guidance: float) -> np.ndarray:
+        from optimizer.demo.t2i.evaluate import sample_pipeline
+
+        return sample_pipeline(pipe, self.examples, self.latents, steps, guidance)
+
+    def score(self, imgs: np.ndarray) -> dict[str, Any]:
+        from optimizer.compile.quality import frechet_distance
+
+        return {
+            "adherence": self.judge.adherence(imgs, self.examples).to_dict(),
+            "fid": frechet_distance(self.judge(imgs), self.real_features),
+        }
+
+
 def judge_quality(
     teacher: TextToImageTeacher,
     student_pipe,
@@ -67,17 +105,10 @@ def judge_quality(
     """Adherence + FID with the demo's digit-and-colour judge: student, teacher-50 CFG, teacher at
     the student's steps with CFG; the same prompts and latents for all three. `student_guidance`:
     the scale the student samples at (default the teacher's; 1 for LCM-LoRA)."""
-    from optimizer.compile.quality import frechet_distance, paired_psnr
-    from optimizer.demo.t2i.classifier import load_judge
-    from optimizer.demo.t2i.data import evaluation_prompts
-    from optimizer.demo.t2i.evaluate import fixed_latents, real_images, sample_pipeline
+    from optimizer.compile.quality import paired_psnr
     from optimizer.demo.t2i.train import REFERENCE_STEPS
 
-    judge = load_judge()
-    ex = evaluation_prompts(n, seed=1)
-    lat = fixed_latents(n, seed=1)
-    real, _ = real_images(2000, seed=8)
-    real_f = judge(real)
+    js = DemoJudgeSet.make(n)
     s = cfg.eval_guidance
     log.info(
         "judging student, teacher-%d and teacher-%d at guidance %.1f on %d prompts",
@@ -87,15 +118,13 @@ def judge_quality(
         n,
     )
     imgs = {
-        "teacher_reference": sample_pipeline(teacher.pipe, ex, lat, REFERENCE_STEPS, s),
-        "teacher_at_student_steps": sample_pipeline(teacher.pipe, ex, lat, cfg.steps, s),
-        "student": sample_pipeline(
-            student_pipe, ex, lat, cfg.steps, s if student_guidance is None else student_guidance
-        ),
+        "teacher_reference": js.images(teacher.pipe, REFERENCE_STEPS, s),
+        "teacher_at_student_steps": js.images(teacher.pipe, cfg.steps, s),
+        "student": js.images(student_pipe, cfg.steps, s if student_guidance is None else student_guidance),
     }
     out: dict[str, Any] = {"n": n, "guidance_scale": s, "reference_steps": REFERENCE_STEPS}
     for k, v in imgs.items():
-        out[k] = {"adherence": judge.adherence(v, ex).to_dict(), "fid": frechet_distance(judge(v), real_f)}
+        out[k] = js.score(v)
     out["student"]["paired_psnr_to_teacher_db"] = paired_psnr(imgs["student"], imgs["teacher_reference"])
     out["fid_ratio_student_to_teacher"] = out["student"]["fid"] / max(out["teacher_reference"]["fid"], 1e-9)
     return out
@@ -156,27 +185,18 @@ def _grid_hook(
         g = torch.Generator().manual_seed(0)  # the LCM sampler's step noise, the same per phase
         return [(p[:18], sample_student(pipe, [p] * seeds, lat, steps, guidance, g)) for p in texts]
 
-    judged: dict[str, Any] = {}  # the judge, prompts, latents and real features, made once
+    judged: list[DemoJudgeSet] = []  # made at the first phase, reused by the others
 
     def quality(pipe, steps: int, guidance: float) -> dict[str, Any]:
-        """The phase's student judged like the final one (fewer prompts: every phase pays it)."""
-        from optimizer.compile.quality import frechet_distance
-        from optimizer.demo.t2i.classifier import load_judge
-        from optimizer.demo.t2i.evaluate import real_images, sample_pipeline
-
+        """The phase's student judged like the final one, at its own steps."""
         if not judged:
-            judged["judge"] = j = load_judge()
-            judged["ex"] = evaluation_prompts(phase_prompts, seed=1)
-            judged["lat"] = fixed_latents(phase_prompts, seed=1, shape=lat.shape[1:])
-            judged["real"] = j(real_images(2000, seed=8)[0])
-        j, ex = judged["judge"], judged["ex"]
-        imgs = sample_pipeline(pipe, ex, judged["lat"], steps, guidance)
+            judged.append(DemoJudgeSet.make(phase_prompts))
+        js = judged[0]
         return {
-            "n": len(ex),
+            "n": len(js.examples),
             "steps": steps,
             "guidance_scale": guidance,
-            "adherence": j.adherence(imgs, ex).to_dict(),
-            "fid": frechet_distance(j(imgs), judged["real"]),
+            **js.score(js.images(pipe, steps, guidance)),
         }
 
     def hook(d: T2IDistiller, student, rec: dict[str, Any]) -> dict[str, Any]:
