@@ -46,9 +46,10 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
-def _versions() -> dict[str, str]:
+def library_versions(libs: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
+    """Installed versions of `libs` (absent ones left out)."""
     out = {}
-    for lib in LIBRARIES:
+    for lib in libs:
         try:
             out[lib] = importlib.metadata.version(lib)
         except importlib.metadata.PackageNotFoundError:
@@ -108,7 +109,7 @@ def fingerprint(threads: int | None = None) -> dict[str, Any]:
         "gpus": _gpus(),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
-        "libraries": _versions(),
+        "libraries": library_versions(),
     }
 
 

@@ -25,7 +25,6 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +89,10 @@ def _source_files(model: torch.nn.Module) -> list[Path]:
     return sorted(files)
 
 
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in _LIBS:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+def _versions() -> dict[str, str]:
+    from optimizer.bench.fingerprint import library_versions
+
+    return library_versions(_LIBS)
 
 
 def key(model: torch.nn.Module, example: dict[str, torch.Tensor], describe: dict[str, Any]) -> str:
