@@ -50,6 +50,22 @@ def guidance_scale_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     return emb.astype(np.float32)
 
 
+def _strings(v: Any, what: str) -> list[str]:
+    items = [v] if isinstance(v, str) else list(v) if isinstance(v, list | tuple) else None
+    if not items or not all(isinstance(p, str) for p in items):
+        raise InputError(f"{what}: expected a string or a non-empty list of strings, got {type(v).__name__}")
+    return items
+
+
+def _int_or(v: Any, default: Any, what: str) -> int:
+    """`v` as a pixel size (None: the default); 0 or a non-integer is refused, not defaulted."""
+    if v is None:
+        return int(default)
+    if isinstance(v, bool) or not isinstance(v, int | np.integer):
+        raise InputError(f"{what}={v!r}: expected an integer")
+    return int(v)
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """VAE output NCHW in [-1, 1] -> uint8 NHWC, as diffusers' postprocess + numpy_to_pil."""
     x = np.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
@@ -189,28 +205,22 @@ class TextToImagePipeline:
     # -- input checks ------------------------------------------------------------------------
     @property
     def max_batch(self) -> int:
-        """Images per call: the UNet's batch range, halved when it was sized for CFG."""
+        """Images per chunk of a call: the UNet's batch range, halved when it was sized for CFG."""
         m = self.specs["unet"].dims["batch"].max
         return m // 2 if self.config.guidance == "cfg" else m
 
     def _prompts(
         self, prompt: str | list[str], negative_prompt: str | list[str] | None
     ) -> tuple[list[str], list[str]]:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InputError("prompt: expected a string or a non-empty list of strings")
+        prompts = _strings(prompt, "prompt")
         if negative_prompt is None:
             neg = [""] * len(prompts)
         elif isinstance(negative_prompt, str):
             neg = [negative_prompt] * len(prompts)
         else:
-            neg = list(negative_prompt)
+            neg = _strings(negative_prompt, "negative_prompt")
             if len(neg) != len(prompts):
                 raise InputError(f"negative_prompt: {len(neg)} prompts for {len(prompts)} prompts")
-        if len(prompts) > self.max_batch:
-            raise InputError(
-                f"prompt: batch of {len(prompts)} is over the pipeline's max batch {self.max_batch}"
-            )
         return prompts, neg
 
     def _size(self, height: int | None, width: int | None, latents: np.ndarray | None) -> tuple[int, int]:
@@ -218,8 +228,8 @@ class TextToImagePipeline:
         if isinstance(latents, np.ndarray) and latents.ndim == 4 and height is None and width is None:
             h, w = latents.shape[2] * k, latents.shape[3] * k  # diffusers would need height/width too
         else:
-            h = int(height or self.config.defaults["height"])
-            w = int(width or self.config.defaults["width"])
+            h = _int_or(height, self.config.defaults["height"], "height")
+            w = _int_or(width, self.config.defaults["width"], "width")
         dims = self.specs["unet"].dims
         for name, v, axis in (("height", h, "latent_height"), ("width", w, "latent_width")):
             r = dims[axis]
@@ -232,7 +242,10 @@ class TextToImagePipeline:
     def _guidance(self, guidance_scale: float | None) -> tuple[float, bool]:
         """(scale, run the CFG batch?) checked against the mode the engines were built for."""
         mode = self.config.guidance
-        g = float(self.config.defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+        g = self.config.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        if isinstance(g, bool) or not isinstance(g, int | float | np.integer | np.floating):
+            raise InputError(f"guidance_scale={g!r}: expected a number")
+        g = float(g)
         if not math.isfinite(g):
             raise InputError(f"guidance_scale={g}: must be a finite number")
         if mode == "none" and g > 1:
@@ -337,7 +350,25 @@ class TextToImagePipeline:
                 else type(latents).__name__
             )
             raise InputError(f"latents: got {got}, expected float32 {shape}")
-        return self._run(prompts, neg, rngs, latents, g, do_cfg, steps)
+        elif not np.isfinite(latents).all():
+            raise InputError("latents: contain NaN or Inf")
+        # any number of prompts: chunks of the compiled batch; per-seed draws keep each image
+        # independent of how the prompts are chunked
+        mb = self.max_batch
+        return np.concatenate(
+            [
+                self._run(
+                    prompts[i : i + mb],
+                    neg[i : i + mb],
+                    rngs[i : i + mb],
+                    latents[i : i + mb],
+                    g,
+                    do_cfg,
+                    steps,
+                )
+                for i in range(0, b, mb)
+            ]
+        )
 
     def _run(
         self,

@@ -272,6 +272,14 @@ def test_sd_runtime_matches_diffusers(sd_export):
         a = pipe(prompts[:2], seeds=[5, 6], num_inference_steps=3)
         b = pipe(prompts[1:2], seeds=[6], num_inference_steps=3)
         assert np.abs(a[1].astype(int) - b[0]).max() <= 1  # batch-size-dependent kernels: <= 1 level
+        # any number of prompts: chunked at the compiled batch (4), each image as if alone
+        many = pipe(
+            [prompts[i % len(prompts)] for i in range(9)], seeds=list(range(9)), num_inference_steps=3
+        )
+        assert many.shape[0] == 9
+        for i in (0, 4, 8):  # first of each chunk
+            one = pipe([prompts[i % len(prompts)]], seeds=[i], num_inference_steps=3)
+            assert np.abs(many[i].astype(int) - one[0]).max() <= 1
         # dynamic latent size: 24x32 pixels = 12x16 latents, vs diffusers at that size
         lat2 = np.random.default_rng(1).standard_normal((1, 4, 12, 16), dtype=np.float32)
         ours = pipe(prompts[:1], latents=lat2, guidance_scale=7.5, num_inference_steps=3)
@@ -300,8 +308,12 @@ def test_runtime_bad_inputs(sd_export, tmp_path):
             (dict(prompt=["a", "b"], latents=lat.astype(np.float64)), "latents: got float64"),
             (dict(prompt=["a"], height=13), "height=13: must be a multiple of 2 in"),
             (dict(prompt=["a"], width=34), r"width=34: must be a multiple of 2 in \[16, 32\]"),
-            (dict(prompt=["a"] * 5), "over the pipeline's max batch 4"),
             (dict(prompt=[]), "prompt: expected"),
+            (dict(prompt=123), "prompt: expected a string or a non-empty list of strings, got int"),
+            (dict(prompt="a", guidance_scale="abc"), "guidance_scale='abc': expected a number"),
+            (dict(prompt="a", height=0), r"height=0: must be a multiple of 2"),
+            (dict(prompt="a", width=16.5), "width=16.5: expected an integer"),
+            (dict(prompt=["a", "b"], latents=lat + np.nan), "latents: contain NaN or Inf"),
         ]
         for kw, msg in bad:
             with pytest.raises(InputError, match=msg) as e:
