@@ -30,69 +30,41 @@ without --enable-shared does not). .ci/setup-serve builds such a venv.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engines.errors import BackendError, BackendUnavailable
+# ServeConfig and load_model live in engines/deploy_common.py (serve_t2i.py uses them too)
+from engines.deploy_common import ServeConfig, load_model, runner_function, server_config
+from engines.errors import BackendUnavailable
 from engines.iospec import IOSpec
 from engines.manifest import Manifest
 from engines.runtime import SamplerPipeline, load
+from engines.serve_t2i import check_backend, serve_t2i
+from engines.triton import SAMPLER_MODEL, UNET_MODEL, TritonConfig, write_sampler_model
+from engines.triton_t2i import is_t2i_folder, open_t2i
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "dd_sampler"
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    host: str = "127.0.0.1"  # loopback by default; pass 0.0.0.0 deliberately to expose it
-    port: int = 8000  # HTTP
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    precision: str = "fp32"
-    backend: str = "onnxruntime"
-    max_queue_delay_us: int = 2000  # how long Triton may hold a request to fill a batch
-    threads: int | None = None  # onnxruntime intra-op / OpenVINO threads (None: the backend's default)
-    # serve an artifact the published run did not validate (or failed): a warning, not a refusal
-    allow_unvalidated: bool = False
-    # on SIGINT/SIGTERM, how long Triton lets in-flight requests finish (Triton's own default: 30)
-    exit_timeout_s: int = 30
+MODEL_NAME = SAMPLER_MODEL
+# frozen; a module-level default because ruff's B008 sees ServeConfig as immutable only in its own module
+DEFAULT_CONFIG = ServeConfig()
 
 
 def write_sampler_repo(manifest: Manifest, repo: Path, max_queue_delay_us: int) -> Path:
     """The dd_sampler model folder exactly as dd-triton writes it (config, model.py, dd_schedule.py,
     sampler.json), without the UNet: dd-serve binds that through PyTriton."""
-    from engines import triton
-
-    samp = repo / triton.SAMPLER_MODEL
-    (samp / "1").mkdir(parents=True)
-    cfg = triton.TritonConfig(max_queue_delay_us=max_queue_delay_us)
-    (samp / "config.pbtxt").write_text(triton.sampler_config(manifest, cfg))
-    shutil.copyfile(triton.SAMPLER_TEMPLATE, samp / "1" / "model.py")
-    shutil.copyfile(Path(triton.__file__).with_name("schedule.py"), samp / "1" / "dd_schedule.py")
-    (samp / "1" / "sampler.json").write_text(json.dumps(triton.sampler_settings(manifest), indent=2))
+    write_sampler_model(repo, manifest, TritonConfig(max_queue_delay_us=max_queue_delay_us))
     return repo
 
 
 def unet_function(pipe: SamplerPipeline) -> Any:
     """The callable PyTriton binds as dd_unet: one batch of UNet feeds -> its output."""
-    from pytriton.decorators import batch
-
-    spec: IOSpec = pipe.manifest.io_spec
-    flat = {t.name for t in spec.inputs if len(t.shape) == 1}  # [batch] tensors arrive as [B, 1]
-
-    @batch
-    def infer(**feeds: np.ndarray) -> dict[str, np.ndarray]:
-        return pipe.runner.infer({k: v.reshape(-1) if k in flat else v for k, v in feeds.items()})
-
-    return infer
+    return runner_function(pipe.runner, pipe.manifest.io_spec)
 
 
 def unet_tensors(spec: IOSpec) -> tuple[list[Any], list[Any]]:
@@ -105,37 +77,17 @@ def unet_tensors(spec: IOSpec) -> tuple[list[Any], list[Any]]:
     return [tensor(t) for t in spec.inputs], [tensor(t) for t in spec.outputs]
 
 
-def load_model(config: ServeConfig, access_token: str | None, name: str = MODEL_NAME) -> None:
-    """Ask the running server (explicit model control) to load `name` from the repository;
-    PyTriton restricts the model-control API to the token it generated."""
-    import tritonclient.http as http
-    from tritonclient.utils import InferenceServerException
-
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
-    try:
-        http.InferenceServerClient(f"{host}:{config.port}").load_model(
-            name, headers={"triton-access-token": access_token} if access_token else None
-        )
-    except InferenceServerException as e:
-        raise BackendError(f"Triton did not load {name}: {str(e).strip().splitlines()[0]}") from None
-
-
-def serve(out_dir: str | Path, config: ServeConfig = ServeConfig()) -> None:
+def serve(out_dir: str | Path, config: ServeConfig = DEFAULT_CONFIG) -> None:
     """Load the student (or the text-to-image pipeline) and serve it until SIGINT/SIGTERM."""
     try:
         from pytriton.model_config import DynamicBatcher, ModelConfig
-        from pytriton.triton import Triton, TritonConfig
+        from pytriton.triton import Triton
     except ImportError:
         raise BackendUnavailable(
             "PyTriton is not installed: run .ci/setup-serve (a Python 3.11 "
             "venv with a shared libpython and nvidia-pytriton)"
         ) from None
-    from engines.triton import UNET_MODEL
-    from engines.triton_t2i import is_t2i_folder, open_t2i
-
-    if is_t2i_folder(out_dir):
-        from engines.serve_t2i import check_backend, serve_t2i
-
+    if is_t2i_folder(out_dir):  # the manifest's meta.kind (or a bare export's t2i.json) picks the flow
         check_backend(config)
         opened = open_t2i(
             out_dir,
@@ -160,19 +112,8 @@ def serve(out_dir: str | Path, config: ServeConfig = ServeConfig()) -> None:
     try:
         repo = tmp / "repo"
         repo.mkdir()  # empty at start: dd_sampler is loaded once dd_unet is up, so ready means ready
-        triton_cfg = TritonConfig(
-            http_address=config.host,
-            http_port=config.port,
-            grpc_address=config.host,
-            grpc_port=config.grpc_port,
-            metrics_address=config.host,
-            metrics_port=config.metrics_port,
-            model_repository=repo,
-            exit_on_error=True,
-            exit_timeout_secs=config.exit_timeout_s,
-        )
         inputs, outputs = unet_tensors(pipe.manifest.io_spec)
-        with Triton(config=triton_cfg) as triton:
+        with Triton(config=server_config(config, repo)) as triton:
             triton.bind(
                 model_name=UNET_MODEL,
                 infer_func=unet_function(pipe),
@@ -186,7 +127,7 @@ def serve(out_dir: str | Path, config: ServeConfig = ServeConfig()) -> None:
             )
             triton.run()  # starts the server and waits for dd_unet
             write_sampler_repo(pipe.manifest, repo, config.max_queue_delay_us)
-            load_model(config, triton.get_access_token())
+            load_model(config, triton.get_access_token(), MODEL_NAME)
             log.info(
                 "serving %s (%s/%s, max batch %d) on http://%s:%d and grpc %s:%d",
                 out_dir,

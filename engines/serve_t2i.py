@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from engines.base import Runner
+from engines.deploy_common import ServeConfig, load_model, runner_function, server_config
 from engines.errors import InputError
 from engines.iospec import IOSpec
 from engines.t2i import COMPONENT_NAMES
@@ -34,6 +35,7 @@ from engines.triton_t2i import (
     PIPELINE_MODEL,
     OpenedT2I,
     T2ITritonConfig,
+    component_dims,
     write_pipeline_model,
 )
 
@@ -42,22 +44,12 @@ log = logging.getLogger(__name__)
 
 def component_function(runner: Runner) -> Any:
     """The callable PyTriton binds for one component: a batch of feeds -> its outputs."""
-    from pytriton.decorators import batch
-
-    flat = {t.name for t in runner.spec.inputs if len(t.shape) == 1}  # [batch] arrives as [B, 1]
-
-    @batch
-    def infer(**feeds: np.ndarray) -> dict[str, np.ndarray]:
-        return runner.infer({k: v.reshape(-1) if k in flat else v for k, v in feeds.items()})
-
-    return infer
+    return runner_function(runner, runner.spec)
 
 
 def component_tensors(spec: IOSpec) -> tuple[list[Any], list[Any]]:
     """PyTriton specs without the batch axis; dynamic axes (latent height/width) as -1."""
     from pytriton.model_config import Tensor
-
-    from engines.triton_t2i import component_dims
 
     def tensor(t: Any) -> Any:
         return Tensor(name=t.name, dtype=np.dtype(t.dtype), shape=tuple(component_dims(t, spec)) or (1,))
@@ -65,19 +57,17 @@ def component_tensors(spec: IOSpec) -> tuple[list[Any], list[Any]]:
     return [tensor(t) for t in spec.inputs], [tensor(t) for t in spec.outputs]
 
 
-def check_backend(config: Any) -> None:
+def check_backend(config: ServeConfig) -> None:
     if config.backend not in ("onnxruntime", "openvino"):
         raise InputError(
             f"--backend {config.backend}: a text-to-image pipeline serves on onnxruntime or openvino"
         )
 
 
-def serve_t2i(opened: OpenedT2I, source: Path, config: Any) -> None:
-    """Serve the opened pipeline until SIGINT/SIGTERM (`config`: engines.serve.ServeConfig)."""
+def serve_t2i(opened: OpenedT2I, source: Path, config: ServeConfig) -> None:
+    """Serve the opened pipeline until SIGINT/SIGTERM."""
     from pytriton.model_config import DynamicBatcher, ModelConfig
-    from pytriton.triton import Triton, TritonConfig
-
-    from engines.serve import load_model
+    from pytriton.triton import Triton
 
     pipe = opened.pipe
     tmp = Path(tempfile.mkdtemp(prefix="dd-serve-"))
@@ -85,18 +75,7 @@ def serve_t2i(opened: OpenedT2I, source: Path, config: Any) -> None:
         with pipe:
             repo = tmp / "repo"
             repo.mkdir()  # dd_t2i is loaded once the components are up, so ready means ready
-            triton_cfg = TritonConfig(
-                http_address=config.host,
-                http_port=config.port,
-                grpc_address=config.host,
-                grpc_port=config.grpc_port,
-                metrics_address=config.host,
-                metrics_port=config.metrics_port,
-                model_repository=repo,
-                exit_on_error=True,
-                exit_timeout_secs=config.exit_timeout_s,
-            )
-            with Triton(config=triton_cfg) as triton:
+            with Triton(config=server_config(config, repo)) as triton:
                 for name in COMPONENT_NAMES:
                     spec = pipe.specs[name]
                     inputs, outputs = component_tensors(spec)

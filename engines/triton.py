@@ -31,32 +31,24 @@ import json
 import logging
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engines.deploy_common import TRITON_DTYPES, parameters_text, swap_in
 from engines.errors import InputError
 from engines.fileio import sha256_file
 from engines.iospec import IOSpec, TensorSpec
 from engines.manifest import Artifact, Manifest
-from engines.outdir import check_target, claim, is_ours
+from engines.outdir import check_target, claim
 from engines.runtime import pick_artifact
+from engines.triton_t2i import is_t2i_folder, write_t2i_repo
 
 log = logging.getLogger(__name__)
 
 UNET_MODEL = "dd_unet"
 SAMPLER_MODEL = "dd_sampler"
 BACKENDS = ("onnxruntime", "tensorrt")
-# numpy dtype name -> Triton's DataType enum (model_config.proto)
-TRITON_DTYPES = {
-    "float32": "TYPE_FP32",
-    "float16": "TYPE_FP16",
-    "int64": "TYPE_INT64",
-    "int32": "TYPE_INT32",
-    "bool": "TYPE_BOOL",
-    "uint8": "TYPE_UINT8",
-}
 SAMPLER_TEMPLATE = Path(__file__).with_name("triton_sampler_model.py")
 
 
@@ -102,12 +94,6 @@ def _tensor_block(t: TensorSpec, batched: bool, optional: bool = False) -> str:
 def _io_blocks(kind: str, tensors: list[tuple[TensorSpec, bool]], batched: bool) -> str:
     body = ",\n".join(_tensor_block(t, batched, opt) for t, opt in tensors)
     return f"{kind} [\n{body}\n]\n"
-
-
-def _parameters(params: dict[str, str]) -> str:
-    return "".join(
-        f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n' for k, v in params.items()
-    )
 
 
 def preferred_batch_sizes(manifest: Manifest, max_batch: int, bench_json: Path | None) -> list[int]:
@@ -236,7 +222,7 @@ def unet_config(manifest: Manifest, art: Artifact, cfg: TritonConfig, name: str 
         )
     kind = "KIND_GPU" if trt else "KIND_AUTO"  # ORT: GPU where Triton sees one, else CPU
     text += f"instance_group [\n  {{ count: {cfg.unet_instances} kind: {kind} }}\n]\n"
-    return text + _parameters(params)
+    return text + parameters_text(params)
 
 
 def sampler_tensors(manifest: Manifest) -> tuple[list[tuple[TensorSpec, bool]], TensorSpec]:
@@ -282,6 +268,18 @@ def sampler_settings(manifest: Manifest, unet_name: str = UNET_MODEL) -> dict[st
         "unet_output": spec.output_names[0],
         "max_batch": spec.dims["batch"].max if "batch" in spec.dims else 0,
     }
+
+
+def write_sampler_model(repo: Path, manifest: Manifest, cfg: TritonConfig) -> Path:
+    """repo/dd_sampler: config, model.py, dd_schedule.py (a copy of engines/schedule.py) and
+    sampler.json. dd-serve writes this same folder (its UNet is bound through PyTriton instead)."""
+    samp = repo / SAMPLER_MODEL
+    (samp / "1").mkdir(parents=True)
+    (samp / "config.pbtxt").write_text(sampler_config(manifest, cfg))
+    shutil.copyfile(SAMPLER_TEMPLATE, samp / "1" / "model.py")
+    shutil.copyfile(Path(__file__).with_name("schedule.py"), samp / "1" / "dd_schedule.py")
+    (samp / "1" / "sampler.json").write_text(json.dumps(sampler_settings(manifest), indent=2))
+    return samp
 
 
 def readme(manifest: Manifest, art: Artifact, cfg: TritonConfig, repo_dir: Path) -> str:
@@ -378,8 +376,6 @@ def write_triton_repo(
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown Triton backend {backend!r}; choose from {list(BACKENDS)}")
-    from engines.triton_t2i import is_t2i_folder, write_t2i_repo
-
     if is_t2i_folder(out_dir):  # a text-to-image pipeline: its components + the dd_t2i model
         if backend != "onnxruntime":
             raise InputError(f"--backend {backend}: a text-to-image repository has onnxruntime models only")
@@ -418,42 +414,19 @@ def write_triton_repo(
         if ext.exists():  # external weights keep their recorded name
             shutil.copyfile(ext, unet / "1" / ext.name)
         (unet / "config.pbtxt").write_text(unet_config(manifest, art, cfg))
-        samp = tmp / SAMPLER_MODEL
-        (samp / "1").mkdir(parents=True)
-        (samp / "config.pbtxt").write_text(sampler_config(manifest, cfg))
-        shutil.copyfile(SAMPLER_TEMPLATE, samp / "1" / "model.py")
-        shutil.copyfile(Path(__file__).with_name("schedule.py"), samp / "1" / "dd_schedule.py")
-        (samp / "1" / "sampler.json").write_text(json.dumps(sampler_settings(manifest), indent=2))
+        write_sampler_model(tmp, manifest, cfg)
         (tmp / "README.md").write_text(readme(manifest, art, cfg, repo_dir))
         if sha256_file(dest) != art.sha256:
             raise InputError(f"{dest}: copy does not match the manifest's sha256")
         # the marker goes in before the swap: the repository never appears without it
         run_id = (manifest.run or {}).get("id") or art.sha256
         claim(tmp, "triton-repo", run_id, artifact=art.name, allow_unvalidated=unvalidated)
-        _swap_in(tmp, repo_dir, option)
+        swap_in(tmp, repo_dir, option)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     log.info("wrote Triton model repository %s (%s, %s)", repo_dir, backend, precision)
     return repo_dir
-
-
-def _swap_in(new: Path, repo_dir: Path, option: str) -> None:
-    """Rename `new` onto `repo_dir`. An existing repository is renamed away under a fresh name
-    (never onto anything that exists) and deleted only once the new one is in place."""
-    if not repo_dir.exists():
-        new.rename(repo_dir)
-        return
-    if repo_dir.is_dir() and not any(repo_dir.iterdir()):
-        repo_dir.rmdir()  # an empty folder holds nothing to lose
-        new.rename(repo_dir)
-        return
-    if not is_ours(repo_dir, "triton-repo"):  # changed since check_target: refuse, touch nothing
-        raise InputError(f"{option} {repo_dir}: no longer a dd-triton repository; nothing was replaced")
-    old = repo_dir.with_name(f".{repo_dir.name}.old-{uuid.uuid4().hex}")
-    repo_dir.rename(old)
-    new.rename(repo_dir)
-    shutil.rmtree(old)
 
 
 def main(argv: list[str] | None = None) -> None:

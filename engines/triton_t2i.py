@@ -34,7 +34,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from engines.deploy_common import TRITON_DTYPES, parameters_text, swap_in
 from engines.errors import InputError
+from engines.fileio import sha256_file
 from engines.iospec import IOSpec, TensorSpec
 from engines.outdir import check_target, claim
 from engines.t2i import COMPONENT_NAMES, T2I_FORMAT, TextToImagePipeline
@@ -48,7 +50,6 @@ MODEL_TEMPLATE = Path(__file__).with_name("triton_t2i_model.py")
 VENDORED = ("base.py", "errors.py", "iospec.py", "schedulers.py", "tokenizer.py", "t2i.py")
 LONG_PROMPTS = "refuse"
 TOKENIZER_PATH, SCHEDULER_PATH = "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"
-TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 
 
 @dataclass(frozen=True)
@@ -178,9 +179,7 @@ def component_config(name: str, spec: IOSpec, art_sha256: str, cfg: T2ITritonCon
     params = {"dd_artifact_sha256": art_sha256}
     if cfg.allow_unvalidated:
         params["dd_allow_unvalidated"] = "true"
-    return text + "".join(
-        f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n' for k, v in params.items()
-    )
+    return text + parameters_text(params)
 
 
 def pipeline_config(max_batch: int, image_shape: tuple[int, int, int], cfg: T2ITritonConfig) -> str:
@@ -288,9 +287,6 @@ def write_t2i_repo(
     option: str = "--repo",
 ) -> Path:
     """Write the Triton repository for the text-to-image output `out_dir` into `repo_dir`."""
-    from engines.fileio import sha256_file
-    from engines.triton import _swap_in
-
     repo_dir = check_target(repo_dir, "triton-repo", option, protect=[out_dir])
     # checks the description, the graphs and the tokenizer; runs nothing
     opened = open_t2i(out_dir, allow_unvalidated=allow_unvalidated)
@@ -317,7 +313,7 @@ def write_t2i_repo(
         claim(
             tmp, "triton-repo", shas["unet"], pipeline=PIPELINE_MODEL, allow_unvalidated=cfg.allow_unvalidated
         )
-        _swap_in(tmp, repo_dir, option)
+        swap_in(tmp, repo_dir, option)
     finally:
         pipe.close()  # engines.load hands back an active pipeline
         if tmp.exists():

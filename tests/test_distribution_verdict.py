@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from optimizer.bars import ParityBars
 from optimizer.compile.quality import load_digits_feature_extractor, load_digits_images
-from optimizer.compile.validate import ParityBars, distribution
+from optimizer.compile.validate import distribution
 
 
 @pytest.fixture(scope="module")

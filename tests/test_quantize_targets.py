@@ -9,9 +9,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import pytest
 
+from optimizer.bars import ParityBars
 from optimizer.cli import parse_bars
 from optimizer.compile.stages import CompileConfig
-from optimizer.compile.validate import ParityBars
 from optimizer.metrics import psnr_db
 from optimizer.quantize import Fp16Config, Int8Config, quantize_int8
 from optimizer.quantize.onnx_graph import run_model

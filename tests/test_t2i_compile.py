@@ -153,7 +153,7 @@ def test_vae_fp16_planted_overflow_keeps_fp32_islands(tmp_path):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     from engines.iospec import DimRange
-    from optimizer.compile.validate import ParityBars
+    from optimizer.bars import ParityBars
     from optimizer.metrics import rel_l2
     from optimizer.quantize.onnx_graph import run_model, toposort
     from optimizer.t2i.components import Profile, dummy_inputs, vae_decoder_spec
@@ -198,7 +198,7 @@ def test_clip_score_on_a_tiny_random_clip_model(tmp_path):
     import torch
     from transformers import CLIPConfig, CLIPModel
 
-    from optimizer.compile.validate import ParityBars
+    from optimizer.bars import ParityBars
     from optimizer.t2i.validate import judge
 
     tok = clip_tokenizer(tmp_path / "vocab")

@@ -6,12 +6,13 @@ runs INT8 very differently from a Zen 2 without it, TensorRT plans are tied to a
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 import shutil
 import subprocess
 from typing import Any
+
+from optimizer.versions import library_versions
 
 # ISA flags that decide which int8/fp16/bf16 kernels ORT and torch can use on x86.
 ISA_FLAGS = (
@@ -44,17 +45,6 @@ def _cpuinfo() -> tuple[str, set[str]]:
     except OSError:
         pass  # not Linux: model from platform, no flags
     return model, flags
-
-
-def library_versions(libs: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
-    """Installed versions of `libs` (absent ones left out)."""
-    out = {}
-    for lib in libs:
-        try:
-            out[lib] = importlib.metadata.version(lib)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
 
 
 def _gpus() -> list[dict[str, Any]]:
@@ -109,7 +99,7 @@ def fingerprint(threads: int | None = None) -> dict[str, Any]:
         "gpus": _gpus(),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
-        "libraries": library_versions(),
+        "libraries": library_versions(LIBRARIES),
     }
 
 

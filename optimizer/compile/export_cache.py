@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from engines.fileio import sha256_file
+from optimizer.versions import library_versions
 
 log = logging.getLogger(__name__)
 ENV = "DD_COMPILE_EXPORT_CACHE"
@@ -90,8 +91,6 @@ def _source_files(model: torch.nn.Module) -> list[Path]:
 
 
 def _versions() -> dict[str, str]:
-    from optimizer.bench.fingerprint import library_versions
-
     return library_versions(_LIBS)
 
 

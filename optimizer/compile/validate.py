@@ -14,34 +14,15 @@ import numpy as np
 
 from engines.base import Runner
 from engines.schedule import Sampler, SamplingSchedule
+
+# ParityBars lives in optimizer/bars.py (the quantizers need it and sit below compile/); re-exported here
+from optimizer.bars import ParityBars
 from optimizer.metrics import cosine, max_abs, psnr_db, rel_l2
 from optimizer.process import polygraphy_quiet
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ParityBars:
-    """Defaults from ARCHITECTURE.md; rel. L2 per call, PSNR (dB) per sample."""
-
-    # bf16 (OpenVINO's inference-precision hint on AVX512-BF16/AMX CPUs): 8 mantissa bits where
-    # fp16 has 11, so its bars lie between fp16's and int8's
-    call_rel_l2: dict[str, float] = field(
-        default_factory=lambda: {"fp32": 1e-5, "fp16": 1e-2, "bf16": 3e-2, "int8": 5e-2}
-    )
-    sample_psnr_db: dict[str, float] = field(
-        default_factory=lambda: {"fp32": 60.0, "fp16": 35.0, "bf16": 30.0, "int8": 25.0}
-    )
-    # polygraphy SimpleCompareFunc on the median element error; its 1e-5 default fails every
-    # correct FP16 graph, so the tolerances follow the precision.
-    polygraphy_atol: dict[str, float] = field(
-        default_factory=lambda: {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2, "int8": 5e-2}
-    )
-    polygraphy_rtol: dict[str, float] = field(
-        default_factory=lambda: {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1, "int8": 2e-1}
-    )
-    fid_margin: float = 1.5  # student FID <= margin x teacher reference FID
-    min_paired_psnr_db: float = 15.0  # student vs teacher from the same noise
+# frozen; a module-level default because ruff's B008 sees ParityBars as immutable only in its own module
+DEFAULT_BARS = ParityBars()
 
 
 @dataclass
@@ -110,7 +91,7 @@ def call_parity(
     candidate: Runner,
     feeds: list[dict[str, np.ndarray]],
     precision: str,
-    bars: ParityBars = ParityBars(),
+    bars: ParityBars = DEFAULT_BARS,
 ) -> CallParity:
     """Same inputs to both runners (inputs along the student's trajectory, all its timesteps)."""
     out_name = reference.spec.output_names[0]
@@ -153,7 +134,7 @@ def sample_parity(
     precision: str,
     cond: dict[str, np.ndarray] | None = None,
     max_batch: int | None = None,
-    bars: ParityBars = ParityBars(),
+    bars: ParityBars = DEFAULT_BARS,
 ) -> tuple[SampleParity, np.ndarray]:
     """Candidate's sampler vs the torch student's samples, from the same noise."""
     sampler = Sampler(schedule, candidate, output_name=candidate.spec.output_names[0], max_batch=max_batch)
@@ -195,7 +176,7 @@ def distribution(
     extractor: Any,
     real: np.ndarray | None,
     feature_space: str,
-    bars: ParityBars = ParityBars(),
+    bars: ParityBars = DEFAULT_BARS,
 ) -> Distribution:
     from optimizer.compile.quality import fid
 

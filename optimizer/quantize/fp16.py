@@ -34,7 +34,7 @@ from optimizer.quantize.onnx_graph import call_error, copy_metadata, module_path
 from optimizer.quantize.precision_result import KeptNode, PrecisionResult
 
 if TYPE_CHECKING:
-    from optimizer.compile.validate import ParityBars
+    from optimizer.bars import ParityBars
 
 log = logging.getLogger(__name__)
 

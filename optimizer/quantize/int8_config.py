@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engines.errors import InputError
-
-if TYPE_CHECKING:
-    from optimizer.compile.validate import ParityBars
+from optimizer.bars import ParityBars
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
@@ -73,8 +71,6 @@ class Int8Config:
         by (default: ParityBars()): call rel. L2 bar / `call_headroom`, sample PSNR bar +
         `psnr_margin_db`. Targets already set are kept."""
         if bars is None:
-            from optimizer.compile.validate import ParityBars
-
             bars = ParityBars()
         call = self.target_call_rel_l2
         psnr = self.min_psnr_db
