@@ -73,6 +73,19 @@ def import_ort() -> Any:
     return ort
 
 
+def check_providers(backend: str) -> set[str]:
+    """onnxruntime's available providers; BackendUnavailable when `backend`'s first one is missing."""
+    wanted = PROVIDERS[backend][0]
+    have = set(import_ort().get_available_providers())
+    if wanted not in have:
+        extra = "gpu" if "CUDA" in wanted or "Tensorrt" in wanted else "runtime"
+        raise BackendUnavailable(
+            f"{backend}: onnxruntime has no {wanted} here (available: {sorted(have)}); "
+            f"install dd-compile[{extra}] on a machine with a CUDA device"
+        )
+    return have
+
+
 def session_options(threads: int | None = None) -> Any:
     ort = import_ort()
     so = ort.SessionOptions()
@@ -111,13 +124,7 @@ class OnnxRuntimeRunner(Runner):
     def activate_impl(self) -> None:
         ort = import_ort()
         wanted = PROVIDERS[self.backend]
-        have = set(ort.get_available_providers())
-        if wanted[0] not in have:
-            extra = "gpu" if "CUDA" in wanted[0] or "Tensorrt" in wanted[0] else "runtime"
-            raise BackendUnavailable(
-                f"{self.backend}: onnxruntime has no {wanted[0]} here (available: {sorted(have)}); "
-                f"install dd-compile[{extra}] on a machine with a CUDA device"
-            )
+        have = check_providers(self.backend)
         providers = [(p, self.provider_options.get(p, {})) for p in wanted if p in have]
         for opts in self.provider_options.values():
             for key in ("trt_engine_cache_path", "trt_timing_cache_path"):

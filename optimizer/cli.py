@@ -41,10 +41,14 @@ def _csv(kind, convert, allowed=None):
     return cb
 
 
-def parse_bars(items: tuple[str, ...]):
+def parse_bars(items: tuple[str, ...], family=None):
+    """`--bar KEY=VALUE` items over the family's default bars (its sample-level bars differ:
+    uint8 images for pipelines, float samples for denoisers)."""
     from optimizer.compile.validate import ParityBars
 
     bars = ParityBars()
+    if family is not None:
+        bars = ParityBars(sample_psnr_db={**bars.sample_psnr_db, **family.sample_psnr_db})
     call, sample = dict(bars.call_rel_l2), dict(bars.sample_psnr_db)
     fid_margin, paired = bars.fid_margin, bars.min_paired_psnr_db
     for item in items:
@@ -92,6 +96,9 @@ def setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # importing torch (through diffusers) resets torch's loggers: import first, then set levels
+    import diffusers.utils.logging as dlog
+
     for noisy in (
         "onnx_ir",
         "onnxscript",
@@ -101,12 +108,16 @@ def setup_logging(verbose: bool) -> None:
         "diffusers",
         "matplotlib",
         "PIL",
+        "onnxruntime",  # its float16 converter logs whole node protos at INFO
+        "transformers",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
-    import diffusers.utils.logging as dlog
-
     dlog.set_verbosity_warning() if verbose else dlog.set_verbosity_error()
     dlog.disable_progress_bar()
+    import transformers.utils.logging as tlog  # "Loading weights" bars, torchvision notices
+
+    tlog.set_verbosity_warning() if verbose else tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
 
 
 def _echo_rows(rows: list[tuple[str, ...]]) -> None:
@@ -115,6 +126,19 @@ def _echo_rows(rows: list[tuple[str, ...]]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
         if i == 0:
             click.echo("  ".join("-" * w for w in widths))
+
+
+def _echo_threads(threads: dict | None, unit: str) -> None:
+    if not threads:
+        return
+    from optimizer.threads_grid import table_rows
+
+    click.echo(f"threads grid {threads['grid']} on {threads['cores']} cores ({unit}):")
+    _echo_rows(table_rows(threads))
+    for v in threads["verdicts"].values():
+        click.echo(f"  {v['verdict']}")
+    rec = threads["recommendation"]
+    click.echo(f"serves best: {rec['summary']}" if rec else "serves best: no passing, stable point")
 
 
 def print_table(report) -> None:
@@ -142,15 +166,7 @@ def print_table(report) -> None:
             )
         )
     _echo_rows(rows)
-    if report.threads:
-        from optimizer.threads_grid import table_rows
-
-        click.echo(f"threads grid {report.threads['grid']} on {report.threads['cores']} cores (per call):")
-        _echo_rows(table_rows(report.threads))
-        for v in report.threads["verdicts"].values():
-            click.echo(f"  {v['verdict']}")
-        rec = report.threads["recommendation"]
-        click.echo(f"serves best: {rec['summary']}" if rec else "serves best: no passing, stable point")
+    _echo_threads(report.threads, "per call")
     d = report.distribution
     if d:
         fids = ", ".join(
@@ -405,74 +421,61 @@ def main(
     """
     setup_logging(verbose)
     from optimizer.compile import export_cache
-    from optimizer.compile.build import TrtBuildConfig
-
-    click.get_current_context().with_resource(export_cache.using(export_cache_dir))
-    from optimizer.compile.speed import SpeedConfig
-    from optimizer.compile.stages import DEMO_DIR, CompileConfig, demo_source, run
-    from optimizer.quantize import Int8Config
+    from optimizer.compile.backends import require as require_backend
+    from optimizer.families.detect import family_of
 
     if (demo is not None) == (source is not None):
         raise click.UsageError("give exactly one of SOURCE or --demo")
-    from optimizer.t2i.source import is_t2i_source
-
     for opt, v in (("--samples", n_samples), ("--fid-samples", n_fid_samples)):
         if v is not None and v < 2:  # a covariance needs two samples; an FID of fewer means nothing
             raise click.BadParameter(f"{opt} must be >= 2")
-    if demo == "t2i" or (source is not None and is_t2i_source(source)):
-        if threads_grid is not None:
-            raise InputError("--threads-grid: pixel denoisers only (not yet for text-to-image pipelines)")
-        return _t2i_main(
-            (n_samples, n_fid_samples),
+    # every request is checked against the family before any work: an option, backend or
+    # precision it cannot honour is refused in one line, never dropped
+    family = family_of(source, demo)
+    _check_options(family, backend)
+    require_backend(backend)  # installed, with its device: else one line naming what is missing
+    family.check_backend(backend)
+    family.check_precisions(precisions, backend)
+    click.get_current_context().with_resource(export_cache.using(export_cache_dir))
+    common = dict(
+        out=out or Path("out"),
+        precisions=precisions,
+        backend=backend,
+        batch_sizes=batch_sizes or family.batch_sizes,
+        teacher=teacher,
+        require_teacher=require_teacher,
+        steps=steps,
+        seed=seed,
+        threads=threads,
+        n_samples=n_samples or family.n_samples,
+        n_fid_samples=n_fid_samples or family.n_fid_samples,
+        triton_repo=triton_repo,
+        bars=parse_bars(bars, family),
+    )
+    if family.flow == "pipeline":
+        return _pipeline_main(
             source,
-            out,
-            precisions,
-            batch_sizes,
-            teacher,
-            steps,
-            seed,
-            threads,
-            bars,
+            common,
             bench_seconds,
             size,
             resolutions,
             guidance_scale,
             clip_model,
+            _threads_grid(threads_grid),
             as_json,
-            triton_repo,
         )
-    t2i_only = {
-        "--size": size,
-        "--resolutions": resolutions,
-        "--guidance-scale": guidance_scale,
-        "--clip-model": clip_model,
-    }
-    for opt, v in t2i_only.items():
-        if v is not None:
-            raise InputError(
-                f"{opt}: only for text-to-image pipelines (a pipeline folder or t2i student.ckpt)"
-            )
-    batch_sizes = batch_sizes or (1, 16)
-    n_samples, n_fid_samples = n_samples or 64, n_fid_samples or 256
+    from optimizer.compile.build import TrtBuildConfig
+    from optimizer.compile.speed import SpeedConfig
+    from optimizer.compile.stages import DEMO_DIR, CompileConfig, demo_source, run
+    from optimizer.quantize import Int8Config
+
     if demo:
-        source, steps = demo_source()
-        teacher = teacher or DEMO_DIR / "teacher"  # wherever the package is installed
+        source, common["steps"] = demo_source()
+        common["teacher"] = teacher or DEMO_DIR / "teacher"  # wherever the package is installed
     cfg = CompileConfig(
-        out=out or Path("out"),
-        precisions=precisions,
-        backend=backend,
-        batch_sizes=batch_sizes,
-        teacher=teacher,
-        require_teacher=require_teacher,
-        seed=seed,
-        steps=steps,
-        threads=threads,
-        n_samples=n_samples,
-        n_fid_samples=n_fid_samples,
-        triton_repo=triton_repo,
+        **common,
         cond=cond,
         speed=SpeedConfig(max_seconds=bench_seconds, threads_grid=_threads_grid(threads_grid)),
-        bars=parse_bars(bars),
         int8=Int8Config(
             calibration=int8_calibration,
             sensitivity="single" if int8_selection == "sensitivity" else "none",
@@ -485,10 +488,6 @@ def main(
             version_compatible=trt_version_compatible,
         ),
     )
-    if n_samples < 2:
-        raise click.BadParameter("--samples must be >= 2")
-    if n_fid_samples < 2:  # a covariance needs two samples; an FID of fewer means nothing
-        raise click.BadParameter("--fid-samples must be >= 2")
     report = run(source, cfg)
     if as_json:
         click.echo(report.to_json())
@@ -504,30 +503,35 @@ def main(
         sys.exit(1)
 
 
+def _check_options(family, backend: str) -> None:
+    """Refuse (one line) every option given on the command line that `family` does not honour, and
+    the --trt-* options without --backend tensorrt."""
+    from click.core import ParameterSource
+
+    from optimizer.families import FAMILIES
+
+    ctx = click.get_current_context()
+    for p in ctx.command.params:
+        if ctx.get_parameter_source(p.name) in (None, ParameterSource.DEFAULT):
+            continue
+        opt = max(p.opts, key=len)
+        if not family.honours(p.name):
+            others = [f.title for f in FAMILIES.values() if f.honours(p.name)]
+            raise InputError(
+                f"{opt}: not for {family.title} (it applies to {', '.join(others) or 'no family'})"
+            )
+        if opt.startswith("--trt-") and backend != "tensorrt":
+            raise InputError(f"{opt}: only with --backend tensorrt (not {backend})")
+
+
 def _g(v) -> str:
     return f"{v:.1f}" if isinstance(v, float) else str(v)
 
 
-def _t2i_main(
-    samples,
-    source,
-    out,
-    precisions,
-    batch_sizes,
-    teacher,
-    steps,
-    seed,
-    threads,
-    bars,
-    bench_seconds,
-    size,
-    resolutions,
-    guidance_scale,
-    clip_model,
-    as_json,
-    triton_repo=None,
+def _pipeline_main(
+    source, common, bench_seconds, size, resolutions, guidance_scale, clip_model, threads_grid, as_json
 ):
-    """The text-to-image flow (optimizer/t2i/stages.py); same exit codes as the pixel flow."""
+    """A pipeline family (optimizer/t2i/stages.py); same exit codes as the pixel flow."""
     import json
 
     from optimizer.t2i.source import demo_source as t2i_demo
@@ -537,25 +541,14 @@ def _t2i_main(
 
     if source is None:
         source = t2i_demo()
-    if "bf16" in precisions:
-        raise InputError("--precision bf16: not built for text-to-image pipelines (fp32, fp16, int8)")
-    batch_sizes = batch_sizes or (1, 4)
+    batch_sizes = common["batch_sizes"]
     cfg = T2ICompileConfig(
-        out=out or Path("out"),
-        precisions=precisions,
-        batch_sizes=batch_sizes,
-        steps=steps,
+        **common,
         guidance_scale=guidance_scale,
-        teacher=teacher,
         size=parse_size(size) if size else None,
         resolutions=resolutions,
-        seed=seed,
-        threads=threads,
         clip_model=clip_model,
-        n_samples=samples[0] or 16,
-        n_fid_samples=samples[1] or 100,
-        triton_repo=triton_repo,
-        bars=parse_bars(bars),
+        threads_grid=threads_grid,
         speed=T2ISpeedConfig(
             batch_sizes=tuple(sorted(set(batch_sizes))), max_seconds=min(bench_seconds, 6.0)
         ),
@@ -567,8 +560,9 @@ def _t2i_main(
         for v in report["variants"]:
             comps = ", ".join(f"{k} {c['precision']}" for k, c in v["components"].items())
             click.echo(
-                f"{v['mix']}{' *' if v['mix'] == report.get('recommended') else ''}: {comps}; sample PSNR "
-                f"{v['sample_parity']['psnr_db']:.1f} dB; {'pass' if v['passed'] else 'FAIL'}"
+                f"{v['backend']} {v['mix']}{' *' if v['mix'] == report.get('recommended') else ''}: "
+                f"{comps}; sample PSNR {v['sample_parity']['psnr_db']:.1f} dB; "
+                f"{'pass' if v['passed'] else 'FAIL'}"
             )
         d = report.get("distribution") or {}
         if d:
@@ -578,10 +572,10 @@ def _t2i_main(
                 f"adherence {d.get('adherence_student')} vs {d.get('adherence_teacher')}; "
                 f"paired PSNR {d['paired_psnr_db']:.1f} dB"
             )
-        rows = table(report["timings"])
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+        _echo_rows(table(report["timings"]))
+        _echo_threads(report.get("threads"), "one whole generation per call")
+        for n in report.get("notes", []):
+            click.echo(f"note: {n}")
         where = f"report: {cfg.out / 'report.md'}  manifest: {cfg.out / 'manifest.json'}"
         click.echo(f"{where}  ({report['seconds']:.0f} s)")
     if not report["passed"]:

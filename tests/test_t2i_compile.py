@@ -312,7 +312,10 @@ def test_demo_t2i_passes_and_is_far_past_10x(tmp_path):
     assert d["fid_student"] <= 1.5 * d["fid_teacher"]
     best = next(v for v in rep["variants"] if v["mix"] == rep["recommended"])
     print(f"\ndemo speedups end to end: {best['speedup_end_to_end']}, {rep['seconds']:.0f} s")
-    assert min(best["speedup_end_to_end"].values()) >= 10.0
+    # a speedup is stated only between stable medians, over the teacher timed alone in a fresh process
+    stated = [x for x in best["speedup_end_to_end"].values() if x is not None]
+    assert stated and min(stated) >= 10.0, best["speedup_end_to_end"]
+    assert all(t["source"] == "fresh process" for t in rep["timings"]["teacher_baseline"].values())
 
 
 @pytest.mark.slow
@@ -381,7 +384,11 @@ def test_compile_t2i_student_ckpt(tiny, tmp_path):
 
 def test_sample_bars_default_per_mix_and_follow_bar():
     from optimizer.cli import parse_bars
+    from optimizer.families import FAMILIES
     from optimizer.t2i.validate import sample_bar
 
-    assert [sample_bar(m, parse_bars(())) for m in ("fp32", "fp16", "int8")] == [40.0, 30.0, 22.0]
-    assert sample_bar("fp16", parse_bars(("sample.fp16=33",))) == 33.0
+    sd = FAMILIES["sd"]
+    assert [sample_bar(m, parse_bars((), sd)) for m in ("fp32", "fp16", "int8")] == [40.0, 30.0, 22.0]
+    assert sample_bar("fp16", parse_bars(("sample.fp16=33",), sd)) == 33.0
+    # a bar equal to the pixel default is the user's bar too (it was silently replaced by 30 dB)
+    assert sample_bar("fp16", parse_bars(("sample.fp16=35",), sd)) == 35.0

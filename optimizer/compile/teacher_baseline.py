@@ -42,6 +42,11 @@ class BaselineRequest:
     e2e_rule: StopRule | None = None  # None: `rule` with one warm-up call
     seed: int = 0
     device: str = "cpu"
+    # pipeline families (optimizer/families): the diffusers pipeline end to end, prompt in, uint8 out
+    family: str = "denoiser"
+    prompts: list[str] | None = None
+    guidance_scale: float | None = None
+    size: list[int] | None = None  # (height, width) in pixels: the compiled size
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -64,6 +69,8 @@ def thread_grid(in_run: int) -> list[int]:
 
 def time_teacher(req: BaselineRequest) -> dict[str, Any]:
     """{"threads": {t: {level: {batch: Timing.to_dict()}}}}: what the fresh process measures."""
+    if req.family != "denoiser":
+        return _time_pipeline(req)
     import torch
 
     from engines.schedule import Sampler, draw_noise
@@ -101,6 +108,32 @@ def time_teacher(req: BaselineRequest) -> dict[str, Any]:
     return {"threads": out}
 
 
+def _time_pipeline(req: BaselineRequest) -> dict[str, Any]:
+    """The teacher as users run it: its diffusers pipeline at its reference steps and guidance,
+    prompts in, uint8 images out, at the compiled size (the same latents as the in-run figure)."""
+    import torch
+
+    from optimizer.t2i.load import load_pipeline
+    from optimizer.t2i.reference import diffusers_pipeline, images
+
+    if not req.prompts or req.size is None or req.guidance_scale is None:
+        raise ValueError("a pipeline teacher needs prompts, size and guidance_scale")
+    pipe = diffusers_pipeline(load_pipeline(Path(req.teacher)))
+    k, c = pipe.vae_scale_factor, int(pipe.unet.config.in_channels)
+    h, w = req.size
+    out: dict[str, Any] = {}
+    for t in req.threads:
+        torch.set_num_threads(t)
+        res: dict[str, dict[int, Any]] = {"end_to_end": {}}
+        for b in req.batch_sizes:
+            ps = (req.prompts * b)[:b]
+            lat = np.random.default_rng(req.seed).standard_normal((b, c, h // k, w // k), dtype=np.float32)
+            fn = lambda ps=ps, lat=lat: images(pipe, ps, lat, req.steps, req.guidance_scale)  # noqa: E731
+            res["end_to_end"][b] = time_until_stable({"t": fn}, req.rule).timings["t"].to_dict()
+        out[str(t)] = res
+    return {"threads": out}
+
+
 def fresh_teacher_timing(req: BaselineRequest, timeout: float = 900) -> tuple[dict[str, Any] | None, str]:
     """Run `time_teacher` in a fresh interpreter: (result with int keys, "") or (None, why not)."""
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
@@ -121,7 +154,7 @@ def fresh_teacher_timing(req: BaselineRequest, timeout: float = 900) -> tuple[di
         return None, f"fresh-process teacher timing failed: {last[:300]}"
     raw = json.loads(p.stdout.strip().splitlines()[-1])
     return {
-        int(t): {lvl: {int(b): d for b, d in res[lvl].items()} for lvl in LEVELS}
+        int(t): {lvl: {int(b): d for b, d in res.get(lvl, {}).items()} for lvl in LEVELS}
         for t, res in raw["threads"].items()
     }, ""
 

@@ -21,13 +21,13 @@ from engines.errors import InputError
 from engines.fileio import atomic_path, write_json_atomic
 from engines.iospec import IOSpec
 from optimizer.compile.export import ExportConfig, write_onnx
+from optimizer.families import FAMILIES
 from optimizer.t2i.components import COMPONENTS, PipelineSpec, dummy_inputs
 from optimizer.t2i.load import LoadedPipeline
 
 log = logging.getLogger(__name__)
 T2I_FORMAT = "dd-compile-t2i"
 T2I_VERSION = 1
-SCHEDULER_KINDS = {"DDIMScheduler": "ddim", "LCMScheduler": "lcm"}
 DEFAULT_EXPORT = ExportConfig()
 MAX_BATCH, MAX_LATENT = 4096, 512  # export-time bounds; the profile says what is validated
 
@@ -121,13 +121,10 @@ def write_tokenizer_json(tok_dir: Path, dest: Path) -> None:
             shutil.copyfile(made, tmp)
 
 
-def scheduler_kind(config: dict[str, Any]) -> str:
-    cls = config.get("_class_name", "DDIMScheduler")
-    kind = SCHEDULER_KINDS.get(cls)
-    if kind is None:
-        log.warning("scheduler %s: the runtime samples with DDIM from the same config", cls)
-        kind = "ddim"
-    return kind
+def scheduler_kind(config: dict[str, Any], where: str = "scheduler/scheduler_config.json") -> str:
+    """The runtime's scheduler for the config's class; one it does not implement is refused, never
+    sampled with another (the family table lists what the runtime implements)."""
+    return FAMILIES["sd"].scheduler_kind(str(config.get("_class_name", "DDIMScheduler")), where)
 
 
 def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict[str, Any]:

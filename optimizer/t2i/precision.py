@@ -16,15 +16,12 @@ from typing import Any
 import numpy as np
 
 from optimizer.compile.validate import ParityBars
+from optimizer.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
 # the mix named by the UNet's precision (it is where the time goes); the others follow
-MIXES = {
-    "fp32": {"text_encoder": "fp32", "unet": "fp32", "vae_decoder": "fp32"},
-    "fp16": {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp16"},
-    "int8": {"text_encoder": "fp16", "unet": "int8", "vae_decoder": "fp16"},
-}
+MIXES = FAMILIES["sd"].mixes  # precision name -> component -> graph precision (the family table)
 
 
 @dataclass

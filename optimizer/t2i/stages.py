@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from engines.outdir import check_target, claim, is_ours
 from optimizer.compile.compile_report import environment
 from optimizer.compile.publish import RunDir
 from optimizer.compile.validate import ParityBars
+from optimizer.families import FAMILIES
 from optimizer.process import process_state
 from optimizer.t2i import precision as prec
 from optimizer.t2i import validate as val
@@ -34,7 +35,9 @@ from optimizer.t2i.speed import T2ISpeedConfig, measure, speedups, table
 
 log = logging.getLogger(__name__)
 KIND = "text-to-image"
-COMPONENT_KINDS = ("text_encoder", "unet", "vae_decoder")
+GRID_BACKENDS = ("onnxruntime", "openvino")  # CPU runtimes whose thread count is a setting
+FAMILY = FAMILIES["sd"]
+COMPONENT_KINDS = FAMILY.components
 USER_PROMPTS = [
     "a photo of a cat",
     "a red car on a street",
@@ -48,7 +51,9 @@ USER_PROMPTS = [
 class T2ICompileConfig:
     out: Path
     precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    backend: str = "onnxruntime"  # engines/t2i.py's runners: validated and timed on this one
     batch_sizes: tuple[int, ...] = (1, 4)
+    require_teacher: bool = False  # no teacher: exit 2 instead of skipping the distribution level
     steps: int | None = None
     guidance_scale: float | None = None
     teacher: Path | None = None
@@ -60,8 +65,9 @@ class T2ICompileConfig:
     n_fid_samples: int = 100  # distribution: student vs teacher images
     calib_prompts: int = 4
     clip_model: Path | None = None
+    threads_grid: tuple[int, ...] | None = None  # None: 1 and every core; (): off
     triton_repo: Path | None = None  # --triton-repo: engines/triton_t2i.py's repository, after publish
-    bars: ParityBars = field(default_factory=ParityBars)
+    bars: ParityBars = field(default_factory=lambda: val.default_bars())
     speed: T2ISpeedConfig = field(default_factory=T2ISpeedConfig)
 
 
@@ -96,11 +102,8 @@ def _is_demo_teacher(p: Path | None) -> bool:
 
 def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
     """Every input checked (source, teacher, sizes, guidance, options) before the first write."""
-    for p in cfg.precisions:
-        if p not in prec.MIXES:
-            raise InputError(
-                f"--precision {p}: text-to-image pipelines build {', '.join(prec.MIXES)} (not {p})"
-            )
+    FAMILY.check_backend(cfg.backend)
+    FAMILY.check_precisions(cfg.precisions, cfg.backend)
     if cfg.clip_model is not None and not (Path(cfg.clip_model) / "config.json").exists():
         raise InputError(f"--clip-model {cfg.clip_model}: no config.json (a transformers CLIPModel folder)")
     src = resolve(
@@ -111,6 +114,14 @@ def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
         size=cfg.size,
         resolutions=cfg.resolutions,
         batch_sizes=cfg.batch_sizes,
+    )
+    if cfg.require_teacher and src.teacher is None:
+        raise InputError(
+            f"--require-teacher: {source} names no teacher pipeline (give --teacher PIPELINE_DIR)"
+        )
+    FAMILY.scheduler_kind(
+        str(src.student.spec.scheduler_config.get("_class_name")),
+        str(src.student.path / "scheduler" / "scheduler_config.json"),
     )
     protect = [source, src.student.path, *([src.teacher.path] if src.teacher else [])]
     out = check_target(cfg.out, "compile", "-o", protect=protect)
@@ -138,6 +149,8 @@ def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
         "steps": src.steps,
         "size": list(size),
         "batch_sizes": list(cfg.batch_sizes),
+        "backend": cfg.backend,
+        "family": FAMILY.name,
         "teacher": {
             "path": str(src.teacher.path.resolve()) if src.teacher else None,
             "reference_steps": src.teacher.reference_steps if src.teacher else None,
@@ -158,6 +171,8 @@ def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
         },
         "teacher": meta["teacher"],
         "size": list(size),
+        "backend": cfg.backend,
+        "family": FAMILY.name,
         "environment": environment(cfg.threads),
         "run_id": rundir.run_id,
         "notes": [],
@@ -256,11 +271,11 @@ def validate(
 ) -> None:
     """Call parity per component graph, sample parity per mix (engine vs diffusers student)."""
     from engines.iospec import IOSpec
-    from engines.onnxruntime_runner import OnnxRuntimeRunner
-    from engines.t2i import TextToImagePipeline
+    from engines.t2i import TextToImagePipeline, component_runner
     from optimizer.t2i.reference import images
 
     cfg = ctx.cfg
+    make = component_runner(cfg.backend, cfg.threads)
     vrec = record(ctx, pipe, 2, 1000)  # validation trajectories: other prompts and latents
     loaded = ctx.src.student
     calls: dict[str, Any] = {}
@@ -268,7 +283,7 @@ def validate(
         feeds = vrec.feeds(kind)
         refs = val.torch_outputs(kind, loaded.module(kind), feeds)
         spec = IOSpec.from_dict(loaded.spec.component(kind).io.to_dict())
-        with OnnxRuntimeRunner(g.path, spec, threads=cfg.threads, name=f"{kind}.{p}") as r:
+        with make(f"{kind}.{p}", g.path, spec) as r:
             cp = val.call_parity(kind, p, r, feeds, refs, cfg.bars)
         calls[f"{kind}.{p}"] = cp
         log.info("call %s %s: rel. L2 %.2e over %d calls", kind, p, cp.rel_l2, cp.calls)
@@ -281,7 +296,9 @@ def validate(
     ctx.report["samples"] = {"torch": want[:8]}
     variants = []
     for mix, comps in mixes.items():
-        with TextToImagePipeline(ctx.root, config=f"t2i.{mix}.json", threads=cfg.threads) as ep:
+        with TextToImagePipeline(
+            ctx.root, config=f"t2i.{mix}.json", backend=cfg.backend, threads=cfg.threads
+        ) as ep:
             got = _batched(ep, ps, lat, seeds, ctx.src.steps, ctx.src.guidance_scale)
         sp = val.sample_parity(mix, got, want, cfg.bars)
         ctx.report["samples"][mix] = got[:8]
@@ -294,6 +311,7 @@ def validate(
         variants.append(
             {
                 "mix": mix,
+                "backend": cfg.backend,
                 "components": {
                     k: {"precision": g.precision, "path": f"onnx/{g.path.name}", "why": g.why}
                     for k, g in comps.items()
@@ -372,20 +390,27 @@ def time_variants(ctx: T2IContext, teacher_pipe: Any | None) -> None:
     pipes = {}
     try:
         for v in ctx.report["variants"]:
-            p = TextToImagePipeline(ctx.root, config=f"t2i.{v['mix']}.json", threads=cfg.threads)
+            p = TextToImagePipeline(
+                ctx.root, config=f"t2i.{v['mix']}.json", backend=cfg.backend, threads=cfg.threads
+            )
             p.__enter__()
             pipes[v["mix"]] = p
         teacher = None
         if teacher_pipe is not None:
             teacher = (teacher_pipe, ctx.src.teacher.reference_steps, ctx.src.teacher.guidance_scale)
         variants = {m: (p, ctx.src.steps, ctx.src.guidance_scale) for m, p in pipes.items()}
-        timings = measure(teacher, variants, ps, cfg.speed)
+        timings = measure(teacher, variants, ps, cfg.speed, ctx.size)
     finally:
         for p in pipes.values():
             p.__exit__(None)
+    if teacher is not None:  # the honest baseline: the teacher alone, after the runtimes are gone
+        _fresh_teacher(ctx, timings, ps)
     ctx.report["timings"] = timings
     for v in ctx.report["variants"]:
         v["speedup_end_to_end"] = speedups(timings, v["mix"])
+        for b, why in timings.get("speedup_null_reason", {}).get(v["mix"], {}).items():
+            if why:
+                ctx.report["notes"].append(f"{v['mix']} b{b}: no speedup stated ({why})")
     passed = [v for v in ctx.report["variants"] if v["passed"]]
     best = (
         min(passed, key=lambda v: timings["end_to_end"][v["mix"]][max(cfg.batch_sizes)]["median_ms"])
@@ -395,6 +420,88 @@ def time_variants(ctx: T2IContext, teacher_pipe: Any | None) -> None:
     ctx.report["recommended"] = best["mix"] if best else None
     for row in table(timings):
         log.info("  ".join(row))
+
+
+class _Generation:
+    """One whole generation as a threads-grid "call": prompts in, images out."""
+
+    def __init__(self, pipe: Any, steps: int, g: float, prompts: list[str]):
+        self.pipe, self.steps, self.g, self.prompts = pipe, steps, g, prompts
+
+    def infer(self, feeds: dict[str, np.ndarray], check: bool = False) -> Any:
+        b = int(feeds["batch"])
+        ps = (self.prompts * b)[:b]
+        return self.pipe(ps, seeds=list(range(b)), guidance_scale=self.g, num_inference_steps=self.steps)
+
+    def deactivate(self) -> None:
+        self.pipe.close()
+
+
+def time_threads(ctx: T2IContext) -> None:
+    """Every mix end to end at each thread count of the grid (a pipeline per count), side by side;
+    the recommendation names mix, backend, threads and batch (optimizer/threads_grid.py)."""
+    from engines.t2i import TextToImagePipeline
+    from optimizer import threads_grid as tg
+    from optimizer.t2i.speed import _rule
+
+    cfg = ctx.cfg
+    grid = tg.default_grid() if cfg.threads_grid is None else cfg.threads_grid
+    if not grid or cfg.backend not in GRID_BACKENDS or not ctx.report["variants"]:
+        return
+    ps, _ = prompts(ctx, 4)
+    meta = {
+        f"{cfg.backend} {v['mix']}": {"backend": cfg.backend, "precision": v["mix"], "passed": v["passed"]}
+        for v in ctx.report["variants"]
+    }
+
+    def open_pipeline(name: str, threads: int) -> _Generation:
+        mix = meta[name]["precision"]
+        p = TextToImagePipeline(ctx.root, config=f"t2i.{mix}.json", backend=cfg.backend, threads=threads)
+        return _Generation(p.__enter__(), ctx.src.steps, ctx.src.guidance_scale, ps)
+
+    points = tg.time_grid(
+        open_pipeline,
+        meta,
+        grid,
+        cfg.speed.batch_sizes,
+        lambda b: {"batch": np.array(b)},
+        _rule(cfg.speed),
+    )
+    ctx.report["threads"] = tg.summary(points, tg.usable_cores(), grid)
+    rec = ctx.report["threads"]["recommendation"]
+    if rec:
+        log.info("recommended (threads grid): %s", rec["summary"])
+
+
+def _fresh_teacher(ctx: T2IContext, timings: dict[str, Any], ps: list[str]) -> None:
+    import torch
+
+    from optimizer.compile import teacher_baseline as tb
+    from optimizer.t2i.speed import _rule, fresh_baseline
+
+    t, threads = ctx.src.teacher, torch.get_num_threads()
+    grid = tb.thread_grid(threads)
+    req = tb.BaselineRequest(
+        teacher=str(t.path.resolve()),
+        batch_sizes=list(ctx.cfg.speed.batch_sizes),
+        steps=t.reference_steps,
+        threads=grid,
+        # the in-run budget shared over the grid, as the pixel flow's fresh teacher does
+        rule=_rule(replace(ctx.cfg.speed, max_seconds=ctx.cfg.speed.max_seconds / len(grid))),
+        family=FAMILY.name,
+        prompts=ps,
+        guidance_scale=t.guidance_scale,
+        size=list(ctx.size),
+    )
+    log.info("timing the teacher alone in a fresh process at %s threads", grid)
+    fresh_baseline(timings, req, threads)
+    for b, d in timings["teacher_baseline"].items():
+        if d.get("verdict") != "agree":
+            ctx.report["notes"].append(
+                f"teacher b{b}: in-run {d.get('in_run_median_ms', 0):.1f} ms vs fresh process "
+                f"{d.get('fresh_same_threads_median_ms') or float('nan'):.1f} ms ({d.get('verdict')}); "
+                f"speedups divide the {d.get('source')} figure"
+            )
 
 
 def write_report(ctx: T2IContext) -> None:
@@ -450,7 +557,7 @@ def publish(ctx: T2IContext, graphs: dict[tuple[str, str], prec.Graph]) -> Manif
             ctx.root / f"t2i.{v['mix']}.json",
             "pipeline",
             precision=v["mix"],
-            backend="onnxruntime",
+            backend=ctx.cfg.backend,
             input_sha256=ctx.source_sha,
             extra={"components": v["components"]},
         )
@@ -479,7 +586,7 @@ def _validation(ctx: T2IContext, passed: bool, failures: list[str]) -> dict[str,
         "student_sha256": ctx.source_sha,
         "passed": passed,
         "failures": failures,
-        "backend": "onnxruntime",
+        "backend": ctx.cfg.backend,
     }
 
 
@@ -506,6 +613,7 @@ def run(source: Path, cfg: T2ICompileConfig) -> dict[str, Any]:
             judge_distribution(ctx, pipe, teacher_pipe)
             log.info("stage: timing")
             time_variants(ctx, teacher_pipe)
+            time_threads(ctx)
             log.info("stage: report")
             write_report(ctx)
             publish(ctx, graphs)

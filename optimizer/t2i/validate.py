@@ -20,13 +20,12 @@ import numpy as np
 import torch
 
 from optimizer.compile.validate import ParityBars
+from optimizer.families import FAMILIES
 from optimizer.metrics import cosine, max_abs, psnr_db, rel_l2
 from optimizer.t2i.components import COMPONENTS
 
 log = logging.getLogger(__name__)
 
-# uint8 images: rounding alone costs a few tenths of a level, so fp32 sits near 45-60 dB
-SAMPLE_PSNR_DB = {"fp32": 40.0, "fp16": 30.0, "int8": 22.0}
 ADHERENCE_MARGIN = 0.05  # the student's digit/colour adherence may trail the teacher's by this
 
 
@@ -91,17 +90,22 @@ class SampleParity:
         return {**asdict(self), "passed": self.passed}
 
 
+def default_bars() -> ParityBars:
+    """The pixel flow's call bars with the family's uint8-image sample bars."""
+    bars = ParityBars()
+    return ParityBars(sample_psnr_db={**bars.sample_psnr_db, **FAMILIES["sd"].sample_psnr_db})
+
+
 def sample_bar(mix: str, bars: ParityBars) -> float:
-    """The uint8-image bar of a mix; a `--bar sample.<p>=DB` the user set (not the pixel default) wins."""
-    user = bars.sample_psnr_db.get(mix)
-    return user if user is not None and user != ParityBars().sample_psnr_db.get(mix) else SAMPLE_PSNR_DB[mix]
+    """The uint8-image bar of a mix: the bars the run was given (`--bar sample.<p>=DB` included)."""
+    return bars.sample_psnr_db[mix]
 
 
 def sample_parity(
     mix: str, engine_images: np.ndarray, torch_images: np.ndarray, bars: ParityBars | None = None
 ) -> SampleParity:
     p = psnr_db(engine_images.astype(np.float64), torch_images.astype(np.float64), data_range=255.0)
-    return SampleParity(mix, p, sample_bar(mix, bars or ParityBars()), len(engine_images))
+    return SampleParity(mix, p, sample_bar(mix, bars or default_bars()), len(engine_images))
 
 
 def to_pm1(images: np.ndarray) -> np.ndarray:

@@ -1,0 +1,162 @@
+"""The family table: one entry per kind of model dd-compile takes, read by every stage that needs it.
+
+A family says which components a source is made of (in call order), which tokenizers and
+schedulers it needs, which guidance modes, precisions (or per-component precision mixes) and
+backends it can be built and validated for, which family-specific options the CLI honours, and
+its default sizes and sample-level bars. The CLI refuses an option, backend or precision a family
+does not list (one line, exit 2) instead of dropping it; the stages read the components and mixes
+from here; nothing restates them. No torch, no heavy imports: the table is read before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from engines.errors import InputError
+
+GUIDANCE_MODES = ("cfg", "embedded", "none")
+# options every family's flow honours (click parameter names, as the CLI declares them)
+COMMON_OPTIONS = frozenset(
+    {
+        "source",
+        "demo",
+        "out",
+        "precisions",
+        "backend",
+        "batch_sizes",
+        "teacher",
+        "require_teacher",
+        "steps",
+        "seed",
+        "n_samples",
+        "n_fid_samples",
+        "threads",
+        "bars",
+        "bench_seconds",
+        "triton_repo",
+        "export_cache_dir",
+        "as_json",
+        "verbose",
+    }
+)
+TRT_OPTIONS = frozenset({"trt_opt_level", "trt_hardware_compat", "trt_version_compatible"})
+
+
+def _frozen(d: dict[str, Any]) -> MappingProxyType:
+    return MappingProxyType(dict(d))
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    title: str  # what a person calls it, in messages
+    flow: str  # the stage runner: "pixel" (optimizer/compile/stages.py) or "pipeline" (optimizer/t2i/)
+    components: tuple[str, ...]  # exported by default, in call order
+    tokenizers: tuple[str, ...]
+    # scheduler class (a diffusers _class_name, or the pixel student's sampler kinds) -> runtime kind
+    schedulers: MappingProxyType
+    guidance: tuple[str, ...]
+    precisions: tuple[str, ...]  # what --precision may name
+    # precision name -> component -> graph precision (one entry per component: a deployment mix)
+    mixes: MappingProxyType
+    backends: tuple[str, ...]  # --backend values this family's runtime validates and times
+    options: frozenset[str]  # family-specific CLI options honoured beyond COMMON_OPTIONS
+    batch_sizes: tuple[int, ...]  # default --batch-sizes
+    n_samples: int  # default --samples
+    n_fid_samples: int  # default --fid-samples
+    sample_psnr_db: MappingProxyType  # default sample-level bars (--bar sample.<p>= overrides)
+    tasks: MappingProxyType = field(default_factory=lambda: _frozen({}))  # task -> extra components
+
+    def honours(self, option: str) -> bool:
+        return option in COMMON_OPTIONS or option in self.options
+
+    def check_backend(self, backend: str) -> None:
+        if backend not in self.backends:
+            raise InputError(
+                f"--backend {backend}: {self.title} run on {', '.join(self.backends)} (not {backend})"
+            )
+
+    def check_precisions(self, precisions: tuple[str, ...], backend: str) -> None:
+        for p in precisions:
+            if p not in self.precisions:
+                raise InputError(
+                    f"--precision {p}: {self.title} build {', '.join(self.precisions)} (not {p})"
+                )
+        if "bf16" in precisions and backend != "openvino":
+            raise InputError(
+                f"--precision bf16: needs --backend openvino (OpenVINO's bf16 hint), not {backend}"
+            )
+
+    def scheduler_kind(self, class_name: str, where: str) -> str:
+        """The runtime scheduler for a scheduler class; one that is not implemented is refused."""
+        kind = self.schedulers.get(class_name)
+        if kind is None:
+            raise InputError(
+                f"{where}: scheduler {class_name!r} is not implemented by the runtime "
+                f"(supported: {', '.join(self.schedulers)})"
+            )
+        return kind
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        # UNet2DModel, UNet2DConditionModel with class labels or cross-attention, DiT: one network
+        # sampled by the student's own few-step schedule (optimizer/model_io.py: its IO spec)
+        Family(
+            name="denoiser",
+            title="pixel-space denoisers",
+            flow="pixel",
+            components=("denoiser",),
+            tokenizers=(),
+            schedulers=_frozen({"ddim": "ddim", "consistency": "consistency"}),
+            guidance=("none",),
+            precisions=("fp32", "fp16", "int8", "bf16"),
+            mixes=_frozen({p: {"denoiser": p} for p in ("fp32", "fp16", "int8", "bf16")}),
+            backends=("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "openvino"),
+            options=frozenset({"threads_grid", "int8_calibration", "int8_selection", "cond", *TRT_OPTIONS}),
+            batch_sizes=(1, 16),
+            n_samples=64,
+            n_fid_samples=256,
+            # float samples in [0, 1]
+            sample_psnr_db=_frozen({"fp32": 60.0, "fp16": 35.0, "bf16": 30.0, "int8": 25.0}),
+        ),
+        # StableDiffusionPipeline / LatentConsistencyModelPipeline (SD 1.x and its LCM students)
+        Family(
+            name="sd",
+            title="text-to-image pipelines (SD 1.x / LCM)",
+            flow="pipeline",
+            components=("text_encoder", "unet", "vae_decoder"),
+            tokenizers=("tokenizer",),
+            schedulers=_frozen({"DDIMScheduler": "ddim", "LCMScheduler": "lcm"}),
+            guidance=GUIDANCE_MODES,
+            precisions=("fp32", "fp16", "int8"),
+            mixes=_frozen(
+                {
+                    "fp32": {"text_encoder": "fp32", "unet": "fp32", "vae_decoder": "fp32"},
+                    "fp16": {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp16"},
+                    # the UNet runs once per step (most of the time); the VAE overflows int8 ranges
+                    "int8": {"text_encoder": "fp16", "unet": "int8", "vae_decoder": "fp16"},
+                }
+            ),
+            # engines/t2i.py's runners; TensorRT engines per component are not built for pipelines yet
+            backends=("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "openvino"),
+            options=frozenset({"size", "resolutions", "guidance_scale", "clip_model", "threads_grid"}),
+            batch_sizes=(1, 4),
+            n_samples=16,
+            n_fid_samples=100,
+            # uint8 images: rounding alone costs a few tenths of a level, so fp32 sits near 45-60 dB
+            sample_psnr_db=_frozen({"fp32": 40.0, "fp16": 30.0, "int8": 22.0}),
+            tasks=_frozen({"img2img": ("vae_encoder",)}),
+        ),
+    )
+}
+
+
+def family_named(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise InputError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})") from None
