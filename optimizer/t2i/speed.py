@@ -28,7 +28,23 @@ class T2ISpeedConfig:
     min_rounds: int = 3
 
 
-def _rule(cfg: T2ISpeedConfig) -> StopRule:
+class Generation:
+    """A compiled pipeline as a runner-like "call" of one whole generation (prompts in, images
+    out) for the threads grid and dd-bench: feeds {"batch": B} -> B images."""
+
+    def __init__(self, pipe: Any, steps: int, g: float, prompts: list[str]):
+        self.pipe, self.steps, self.g, self.prompts = pipe, steps, g, prompts
+
+    def infer(self, feeds: dict[str, np.ndarray], check: bool = False) -> Any:
+        b = int(feeds["batch"])
+        ps = (self.prompts * b)[:b]
+        return self.pipe(ps, seeds=list(range(b)), guidance_scale=self.g, num_inference_steps=self.steps)
+
+    def deactivate(self) -> None:
+        self.pipe.close()
+
+
+def stop_rule(cfg: T2ISpeedConfig) -> StopRule:
     return StopRule(warmup=1, min_rounds=cfg.min_rounds, max_seconds=cfg.max_seconds, min_samples=3)
 
 
@@ -62,7 +78,7 @@ def measure(
             fns[name] = lambda p=p, ps=ps, s=steps, g=g: p(
                 ps, seeds=list(range(len(ps))), guidance_scale=g, num_inference_steps=s
             )
-        run = time_until_stable(fns, _rule(cfg))
+        run = time_until_stable(fns, stop_rule(cfg))
         for name, t in run.timings.items():
             out["end_to_end"].setdefault(name, {})[b] = t.to_dict()
         if teacher is not None:
@@ -109,7 +125,7 @@ def _teacher_components(teacher: tuple[Any, int, float], b: int, cfg: T2ISpeedCo
     def vae() -> object:
         return pipe.vae.decode(z).sample
 
-    run = time_until_stable({"text_encoder": te, "unet": unet, "vae_decoder": vae}, _rule(cfg))
+    run = time_until_stable({"text_encoder": te, "unet": unet, "vae_decoder": vae}, stop_rule(cfg))
     m = {k: v.median_ms for k, v in run.timings.items()}
     return {
         "text_encoder_ms": n_text * m["text_encoder"],
@@ -145,7 +161,7 @@ def _engine_components(p: Any, b: int, steps: int, g: float, cfg: T2ISpeedConfig
             "unet": lambda: r["unet"].infer(feeds),
             "vae_decoder": lambda: r["vae_decoder"].infer({"latent_sample": z}),
         },
-        _rule(cfg),
+        stop_rule(cfg),
     )
     m = {k: v.median_ms for k, v in run.timings.items()}
     return {

@@ -422,27 +422,12 @@ def time_variants(ctx: T2IContext, teacher_pipe: Any | None) -> None:
         log.info("  ".join(row))
 
 
-class _Generation:
-    """One whole generation as a threads-grid "call": prompts in, images out."""
-
-    def __init__(self, pipe: Any, steps: int, g: float, prompts: list[str]):
-        self.pipe, self.steps, self.g, self.prompts = pipe, steps, g, prompts
-
-    def infer(self, feeds: dict[str, np.ndarray], check: bool = False) -> Any:
-        b = int(feeds["batch"])
-        ps = (self.prompts * b)[:b]
-        return self.pipe(ps, seeds=list(range(b)), guidance_scale=self.g, num_inference_steps=self.steps)
-
-    def deactivate(self) -> None:
-        self.pipe.close()
-
-
 def time_threads(ctx: T2IContext) -> None:
     """Every mix end to end at each thread count of the grid (a pipeline per count), side by side;
     the recommendation names mix, backend, threads and batch (optimizer/threads_grid.py)."""
     from engines.t2i import TextToImagePipeline
     from optimizer import threads_grid as tg
-    from optimizer.t2i.speed import _rule
+    from optimizer.t2i.speed import Generation, stop_rule
 
     cfg = ctx.cfg
     grid = tg.default_grid() if cfg.threads_grid is None else cfg.threads_grid
@@ -454,10 +439,10 @@ def time_threads(ctx: T2IContext) -> None:
         for v in ctx.report["variants"]
     }
 
-    def open_pipeline(name: str, threads: int) -> _Generation:
+    def open_pipeline(name: str, threads: int) -> Generation:
         mix = meta[name]["precision"]
         p = TextToImagePipeline(ctx.root, config=f"t2i.{mix}.json", backend=cfg.backend, threads=threads)
-        return _Generation(p.__enter__(), ctx.src.steps, ctx.src.guidance_scale, ps)
+        return Generation(p.__enter__(), ctx.src.steps, ctx.src.guidance_scale, ps)
 
     points = tg.time_grid(
         open_pipeline,
@@ -465,7 +450,7 @@ def time_threads(ctx: T2IContext) -> None:
         grid,
         cfg.speed.batch_sizes,
         lambda b: {"batch": np.array(b)},
-        _rule(cfg.speed),
+        stop_rule(cfg.speed),
     )
     ctx.report["threads"] = tg.summary(points, tg.usable_cores(), grid)
     rec = ctx.report["threads"]["recommendation"]
@@ -477,7 +462,7 @@ def _fresh_teacher(ctx: T2IContext, timings: dict[str, Any], ps: list[str]) -> N
     import torch
 
     from optimizer.compile import teacher_baseline as tb
-    from optimizer.t2i.speed import _rule, fresh_baseline
+    from optimizer.t2i.speed import fresh_baseline, stop_rule
 
     t, threads = ctx.src.teacher, torch.get_num_threads()
     grid = tb.thread_grid(threads)
@@ -487,7 +472,7 @@ def _fresh_teacher(ctx: T2IContext, timings: dict[str, Any], ps: list[str]) -> N
         steps=t.reference_steps,
         threads=grid,
         # the in-run budget shared over the grid, as the pixel flow's fresh teacher does
-        rule=_rule(replace(ctx.cfg.speed, max_seconds=ctx.cfg.speed.max_seconds / len(grid))),
+        rule=stop_rule(replace(ctx.cfg.speed, max_seconds=ctx.cfg.speed.max_seconds / len(grid))),
         family=FAMILY.name,
         prompts=ps,
         guidance_scale=t.guidance_scale,
