@@ -273,7 +273,7 @@ def external_data(path: Path) -> Path | None:
 
 def fp16_project(name: str, fp32: Path, out: Path, calib: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """The t2i compile flow's own fp16 step (measured FP32 islands, verified on `calib`)."""
-    from optimizer.compile.validate import ParityBars
+    from optimizer.bars import ParityBars
     from optimizer.t2i.precision import quantize_component
 
     g = quantize_component(KIND[name], "fp16", fp32, out, calib, ParityBars())

@@ -44,7 +44,7 @@ def _csv(kind, convert, allowed=None):
 def parse_bars(items: tuple[str, ...], family=None):
     """`--bar KEY=VALUE` items over the family's default bars (its sample-level bars differ:
     uint8 images for pipelines, float samples for denoisers)."""
-    from optimizer.compile.validate import ParityBars
+    from optimizer.bars import ParityBars
 
     bars = ParityBars()
     if family is not None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from optimizer.compile.validate import ParityBars
+from optimizer.bars import ParityBars
 from optimizer.families import FAMILIES
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ from engines.errors import InputError
 from engines.fileio import sha256_file, write_json_atomic, write_text_atomic
 from engines.manifest import Manifest
 from engines.outdir import check_target, claim, is_ours
+from optimizer.bars import ParityBars
 from optimizer.compile.compile_report import environment
 from optimizer.compile.publish import RunDir
-from optimizer.compile.validate import ParityBars
 from optimizer.families import FAMILIES
 from optimizer.process import process_state
 from optimizer.t2i import precision as prec

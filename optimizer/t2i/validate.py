@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from optimizer.compile.validate import ParityBars
+from optimizer.bars import ParityBars
 from optimizer.families import FAMILIES
 from optimizer.metrics import cosine, max_abs, psnr_db, rel_l2
 from optimizer.t2i.components import COMPONENTS
