@@ -68,6 +68,8 @@ class Manifest:
         self.artifacts: dict[str, Artifact] = {}
         # the run that published this manifest: {"id", "student_sha256", "report", "passed", ...}
         self.run: dict[str, Any] | None = None
+        # a later run that failed and so did not replace `run` (same fields; its report is kept)
+        self.last_run: dict[str, Any] | None = None
         self.version = MANIFEST_VERSION  # as read from the file (1: nothing in it was validated)
 
     @property
@@ -202,10 +204,11 @@ class Manifest:
 
     # -- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "run": self.run}
+        if self.last_run is not None:  # written only when set: most manifests read as before
+            d["last_run"] = self.last_run
         return {
-            "format": MANIFEST_FORMAT,
-            "version": MANIFEST_VERSION,
-            "run": self.run,
+            **d,
             "meta": self.meta,
             "io_spec": self.io_spec.to_dict() if self.io_spec else None,
             "schedule": self.schedule.to_dict() if self.schedule else None,
@@ -243,6 +246,7 @@ class Manifest:
             check.check_io_spec(p, d["io_spec"])
         arts = check.check_artifacts(p, d["artifacts"])
         run = check.check_run(p, d["run"]) if d.get("run") is not None else None
+        last = check.check_run(p, d["last_run"], "last_run") if d.get("last_run") is not None else None
         try:
             spec = IOSpec.from_dict(d["io_spec"]) if d.get("io_spec") else None
         except (KeyError, TypeError, ValueError) as e:
@@ -252,7 +256,7 @@ class Manifest:
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{p}: schedule: {type(e).__name__}: {e}") from None
         m = cls(p.parent, spec, schedule, d.get("meta") or {})
-        m.version, m.run = version, run
+        m.version, m.run, m.last_run = version, run, last
         for a in arts:
             m.artifacts[a["name"]] = Artifact(**a)
         return m

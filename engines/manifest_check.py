@@ -13,7 +13,8 @@ from typing import Any
 
 from engines.errors import InputError
 
-TOP_LEVEL = ("format", "version", "run", "meta", "io_spec", "schedule", "artifacts")
+# last_run: a failed run that did not replace the served one (optimizer/compile/publish.py)
+TOP_LEVEL = ("format", "version", "run", "last_run", "meta", "io_spec", "schedule", "artifacts")
 _NONE = type(None)
 # field -> accepted JSON types; bool is excluded from numbers below (it is an int in Python)
 ARTIFACT_FIELDS: dict[str, tuple[type, ...]] = {
@@ -103,8 +104,9 @@ def _check_fields(
     return d
 
 
-def check_run(path: Path, d: Any) -> dict[str, Any]:
-    where = f"{path}: run"
+def check_run(path: Path, d: Any, field: str = "run") -> dict[str, Any]:
+    """A run record ("run", or "last_run": the same fields) with its report path inside the folder."""
+    where = f"{path}: {field}"
     run = _check_fields(d, RUN_FIELDS, RUN_REQUIRED, where)
     resolve_inside(path.parent, run["report"], f"{where}.report")
     return run
@@ -180,5 +182,6 @@ def check_top_level(path: Path, d: dict[str, Any], version: int) -> None:
         isinstance(shape, list) and shape and all(type(x) is int and x >= 1 for x in shape)
     ):
         raise InputError(f"{path}: meta.sample_shape: {shape!r} is not a list of sizes >= 1 ([C, H, W])")
-    if version < 2 and d.get("run") is not None:
-        raise InputError(f"{path}: a version-{version} manifest has no 'run' field")
+    for key in ("run", "last_run"):
+        if version < 2 and d.get(key) is not None:
+            raise InputError(f"{path}: a version-{version} manifest has no {key!r} field")

@@ -9,6 +9,7 @@ images = pipe(seeds=[0, 1, 2, 3])      # numpy [B, C, H, W] in [0, 1]
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,10 @@ import numpy as np
 
 from engines.base import Runner
 from engines.errors import InputError
-from engines.manifest import Artifact, Manifest
+from engines.manifest import MANIFEST_NAME, Artifact, Manifest
 from engines.schedule import Sampler, check_sampler_inputs, draw_noise, to_images
+
+log = logging.getLogger(__name__)
 
 ORT_BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt")
 
@@ -111,7 +114,8 @@ def load_t2i(
     manifest: Manifest, precision: str | None, backend: str, allow_unvalidated: bool, **runner_kw: Any
 ) -> Any:
     """The TextToImagePipeline of a text-to-image output: the mix `precision` (default: the
-    recommended one), its description and every graph it names checked (validated, sha256)."""
+    recommended one), its description, every graph it names and every asset of its run (tokenizer,
+    scheduler config, t2i.json) checked (validated, sha256) before anything is constructed."""
     import json
 
     from engines.t2i import BACKENDS, TextToImagePipeline
@@ -136,8 +140,32 @@ def load_t2i(
             raise InputError(f"{path}: component {kind} graph {c['path']} is not in the manifest")
         manifest.require_servable(g, allow_unvalidated, backend)
         manifest.verify(g)
+    # the files the pipeline reads besides the graphs: each must be one the manifest hashed
+    assets = {a.path: a for a in manifest.find("asset") if a.path.startswith(f"{run_dir}/")}
+    reads = {
+        "tokenizer": (desc.get("tokenizer") or {}).get("path"),
+        "scheduler": (desc.get("scheduler") or {}).get("config"),
+    }
+    for what, rel in reads.items():
+        if not isinstance(rel, str) or f"{run_dir}/{rel}" not in assets:
+            raise InputError(
+                f"{path}: the {what} file {rel!r} is not in the manifest (nothing to verify it by)"
+            )
+    for a in assets.values():
+        manifest.verify(a)
     pipe = TextToImagePipeline(path.parent, backend=backend, config=path.name, **runner_kw)
     return pipe.__enter__()  # ready to call, as SamplerPipeline; `with` still closes it
+
+
+def _manifest_identity(out_dir: str | Path) -> tuple[int, ...] | None:
+    """What changes when manifest.json is replaced (a new inode) or rewritten; None if absent."""
+    p = Path(out_dir)
+    p = p / MANIFEST_NAME if p.is_dir() else p
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def load(
@@ -153,7 +181,23 @@ def load(
 
     Only an artifact that the published run validated (and passed) is loaded; anything else is
     refused with one line unless `allow_unvalidated=True` (then a warning is logged).
+
+    A dd-compile re-run may publish while this reads: if loading fails and manifest.json was
+    replaced meanwhile (a file it named may be gone), the new manifest is read and loaded once more.
     """
+    before = _manifest_identity(out_dir)
+    try:
+        return _load(out_dir, precision, backend, allow_unvalidated, **runner_kw)
+    except Exception as e:  # any failure: a vanished file is IntegrityError, OSError or ORT's NoSuchFile
+        if _manifest_identity(out_dir) == before:
+            raise  # nothing was published meanwhile: the failure stands
+        log.info("%s: a new run was published while loading (%s); loading it", out_dir, type(e).__name__)
+    return _load(out_dir, precision, backend, allow_unvalidated, **runner_kw)
+
+
+def _load(
+    out_dir: str | Path, precision: str | None, backend: str, allow_unvalidated: bool, **runner_kw: Any
+) -> Any:
     manifest = Manifest.load(out_dir)
     if manifest.meta.get("kind") == T2I_KIND:
         return load_t2i(manifest, precision, backend, allow_unvalidated, **runner_kw)

@@ -84,7 +84,8 @@ def test_kill_9_at_each_stage_of_a_rerun_leaves_the_old_result(stage, students, 
     assert res.exit_code == 0, res.output
     new = published(out)
     assert new.run["id"] != old.run["id"] and new.run["student_sha256"] != old.run["student_sha256"]
-    assert [p.name for p in (out / "runs").iterdir()] == [new.run["id"]]
+    # the killed run's folder went; the run served before stays one publish (a reader may be opening it)
+    assert {p.name for p in (out / "runs").iterdir()} == {new.run["id"], old.run["id"]}
     assert not any(out.glob(".staging-*"))
 
 
@@ -100,7 +101,7 @@ def test_another_student_with_fewer_precisions_replaces_the_listing(students, fi
     assert {a.name for a in new.artifacts.values() if a.kind == "onnx"} == {"onnx/fp32"}
     assert new.run["passed"] is True and new.artifacts["onnx/fp32"].validation["passed"] is True
     assert new.run["student_sha256"] != old.run["student_sha256"]
-    assert not (out / "runs" / old.run["id"]).exists()  # A's fp16/int8 graphs went with its folder
+    assert (out / "runs" / old.run["id"]).is_dir()  # served just before: kept until the next publish
     assert json.loads((out / "report.json").read_text())["run_id"] == new.run["id"]
 
 
