@@ -34,7 +34,8 @@ from optimizer.compile.compile_report import CompileReport, VariantResult, envir
 from optimizer.compile.export import ExportConfig, export_onnx
 from optimizer.compile.publish import RunDir
 from optimizer.compile.speed import SpeedConfig, measure, speedups
-from optimizer.compile.validate import ParityBars, call_parity, distribution, sample_parity
+from optimizer.bars import ParityBars
+from optimizer.compile.validate import call_parity, distribution, sample_parity
 from optimizer.conditioning import load_conditioning, n_classes
 from optimizer.model_io import conditioning_feeds, io_spec_for, sample_shape
 from optimizer.models import Denoiser, Teacher, load_teacher, teacher_reference_samples

@@ -15,7 +15,7 @@ import numpy as np
 from engines.base import Runner
 from engines.schedule import Sampler, SamplingSchedule
 
-# ParityBars lives in optimizer/bars.py (the quantizers need it and sit below compile/); re-exported here
+# ParityBars lives in optimizer/bars.py: the quantizers need it and sit below compile/
 from optimizer.bars import ParityBars
 from optimizer.metrics import cosine, max_abs, psnr_db, rel_l2
 from optimizer.process import polygraphy_quiet
