@@ -27,6 +27,7 @@ from engines.manifest import Manifest
 from engines.outdir import check_target, claim, is_ours
 from engines.schedule import Sampler, draw_noise
 from engines.torch_runner import TorchRunner
+from optimizer.bars import ParityBars
 from optimizer.checkpoint import StudentCheckpoint, TeacherRef, check_teacher, load_checkpoint
 from optimizer.compile.batching import BatchWindow, check_batch_memory
 from optimizer.compile.build import TrtBuildConfig
@@ -34,7 +35,6 @@ from optimizer.compile.compile_report import CompileReport, VariantResult, envir
 from optimizer.compile.export import ExportConfig, export_onnx
 from optimizer.compile.publish import RunDir
 from optimizer.compile.speed import SpeedConfig, measure, speedups
-from optimizer.bars import ParityBars
 from optimizer.compile.validate import call_parity, distribution, sample_parity
 from optimizer.conditioning import load_conditioning, n_classes
 from optimizer.model_io import conditioning_feeds, io_spec_for, sample_shape
