@@ -69,8 +69,6 @@ def thread_grid(in_run: int) -> list[int]:
 
 def time_teacher(req: BaselineRequest) -> dict[str, Any]:
     """{"threads": {t: {level: {batch: Timing.to_dict()}}}}: what the fresh process measures."""
-    if req.family != "denoiser":
-        return _time_pipeline(req)
     import torch
 
     from engines.schedule import Sampler, draw_noise
@@ -108,40 +106,17 @@ def time_teacher(req: BaselineRequest) -> dict[str, Any]:
     return {"threads": out}
 
 
-def _time_pipeline(req: BaselineRequest) -> dict[str, Any]:
-    """The teacher as users run it: its diffusers pipeline at its reference steps and guidance,
-    prompts in, uint8 images out, at the compiled size (the same latents as the in-run figure)."""
-    import torch
-
-    from optimizer.t2i.load import load_pipeline
-    from optimizer.t2i.reference import diffusers_pipeline, images
-
-    if not req.prompts or req.size is None or req.guidance_scale is None:
-        raise ValueError("a pipeline teacher needs prompts, size and guidance_scale")
-    pipe = diffusers_pipeline(load_pipeline(Path(req.teacher)))
-    k, c = pipe.vae_scale_factor, int(pipe.unet.config.in_channels)
-    h, w = req.size
-    out: dict[str, Any] = {}
-    for t in req.threads:
-        torch.set_num_threads(t)
-        res: dict[str, dict[int, Any]] = {"end_to_end": {}}
-        for b in req.batch_sizes:
-            ps = (req.prompts * b)[:b]
-            lat = np.random.default_rng(req.seed).standard_normal((b, c, h // k, w // k), dtype=np.float32)
-            fn = lambda ps=ps, lat=lat: images(pipe, ps, lat, req.steps, req.guidance_scale)  # noqa: E731
-            res["end_to_end"][b] = time_until_stable({"t": fn}, req.rule).timings["t"].to_dict()
-        out[str(t)] = res
-    return {"threads": out}
-
-
-def fresh_teacher_timing(req: BaselineRequest, timeout: float = 900) -> tuple[dict[str, Any] | None, str]:
-    """Run `time_teacher` in a fresh interpreter: (result with int keys, "") or (None, why not)."""
+def fresh_teacher_timing(
+    req: BaselineRequest, timeout: float = 900, module: str = "optimizer.compile.teacher_baseline"
+) -> tuple[dict[str, Any] | None, str]:
+    """Run `python -m module REQUEST_JSON` in a fresh interpreter (this module's `time_teacher`, or a
+    family's own, e.g. optimizer.t2i.teacher_timing): (result with int keys, "") or (None, why not)."""
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     try:
         p = subprocess.run(
-            [sys.executable, "-m", "optimizer.compile.teacher_baseline", req.to_json()],
+            [sys.executable, "-m", module, req.to_json()],
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -185,7 +185,9 @@ def fresh_baseline(timings: dict[str, Any], req: Any, in_run_threads: int) -> No
     from optimizer.compile import teacher_baseline as tb
 
     in_run = {"end_to_end": timings["end_to_end"]["teacher"]}
-    fresh, why = tb.fresh_teacher_timing(req)
+    from optimizer.t2i.teacher_timing import MODULE
+
+    fresh, why = tb.fresh_teacher_timing(req, module=MODULE)
     timings["teacher_baseline"] = tb.judge(in_run, fresh, in_run_threads, why)["end_to_end"]
 
 
