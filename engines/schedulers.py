@@ -17,6 +17,8 @@ import numpy as np
 from engines.errors import InputError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# the diffusers scheduler classes the runtime samples exactly (make_scheduler kinds); others are refused
+SCHEDULER_CLASSES = {"DDIMScheduler": "ddim", "LCMScheduler": "lcm"}
 SPACINGS = ("leading", "trailing", "linspace")
 
 

@@ -1,7 +1,10 @@
 """Load a diffusers text-to-image pipeline folder (save_pretrained layout, model_index.json).
 
 Checks the layout before loading anything, so a bad folder is one line naming what is wrong.
-Weights load from .safetensors only (nothing is unpickled).
+Weights load from .safetensors only (nothing is unpickled); a component saved only as a variant
+(`model.fp16.safetensors`, a common hub layout) loads that variant, upcast to float32. Every
+problem with a folder's files (JSON, weights, configs that do not match them, tokenizer, scheduler)
+is an InputError naming the file or folder, raised here, before anything is exported.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.errors import InputError
+from engines.schedulers import SCHEDULER_CLASSES
 from optimizer.t2i.components import (
     ComponentSpec,
     PipelineSpec,
@@ -28,8 +32,12 @@ REQUIRED = {
     "tokenizer": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast")),
     "unet": ("diffusers", ("UNet2DConditionModel",)),
     "vae": ("diffusers", ("AutoencoderKL",)),
-    "scheduler": ("diffusers", None),  # any diffusers scheduler: its config drives the numpy one
+    "scheduler": ("diffusers", None),  # checked by check_scheduler: the runtime samples only some
 }
+WEIGHTS_STEM = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
+# what from_pretrained raises on files that do not fit (OSError: unreadable; ValueError/RuntimeError:
+# config vs weights; KeyError/TypeError: configs with missing or mistyped fields)
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
 
 
 @dataclass
@@ -45,11 +53,20 @@ class LoadedPipeline:
         return {"text_encoder": self.text_encoder, "unet": self.unet}.get(kind, self.vae)
 
 
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object (every file read here is one: configs, model_index.json, teacher.json)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not readable JSON ({e})") from None
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not readable JSON ({_one_line(e)})") from None
+    if not isinstance(d, dict):
+        raise InputError(f"{path}: expected a JSON object, got a {type(d).__name__}")
+    return d
 
 
 def check_layout(path: Path) -> dict[str, Any]:
@@ -92,6 +109,161 @@ def check_layout(path: Path) -> dict[str, Any]:
     return index
 
 
+def weights_files(folder: Path, stem: str) -> tuple[list[Path], str | None]:
+    """The component's .safetensors file(s) and the diffusers variant they are saved as.
+
+    `<stem>.safetensors` (or its sharded index) first; else a variant (`<stem>.fp16.safetensors`,
+    a hub layout that ships half-precision weights only), fp16 preferred when there are several."""
+
+    def shards(index: Path) -> list[Path]:
+        wm = _read_json(index).get("weight_map")
+        names = sorted(set(wm.values())) if isinstance(wm, dict) and wm else None
+        if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise InputError(f"{index}: weight_map must map tensor names to shard files in {folder}")
+        return [folder / n for n in names]
+
+    plain, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    if plain.exists() or plain.is_symlink():
+        return [plain], None
+    if index.exists():
+        return shards(index), None
+    found: dict[str, list[Path]] = {}
+    for f in folder.glob(f"{stem}.*.safetensors"):
+        v = f.name[len(stem) + 1 : -len(".safetensors")]
+        if v and "." not in v:
+            found[v] = [f]
+    for f in folder.glob(f"{stem}.safetensors.index.*.json"):
+        v = f.name[len(f"{stem}.safetensors.index.") : -len(".json")]
+        if v and "." not in v:
+            found[v] = shards(f)
+    if not found:
+        raise InputError(
+            f"{folder}: no {stem}.safetensors (nor a variant such as {stem}.fp16.safetensors); "
+            "dd-compile does not unpickle .bin files"
+        )
+    if "fp16" in found or len(found) == 1:
+        v = "fp16" if "fp16" in found else next(iter(found))
+        return found[v], v
+    raise InputError(f"{folder}: no {stem}.safetensors and several variants ({', '.join(sorted(found))})")
+
+
+def check_safetensors(f: Path) -> None:
+    """The header parses and its tensors cover the file exactly (truncated, garbage, lying headers
+    are refused here, not inside from_pretrained); a symlink is followed and its target named."""
+    from safetensors import SafetensorError, safe_open
+
+    where = f"{f} (a symlink to {f.resolve()})" if f.is_symlink() else str(f)
+    if f.is_symlink() and not f.exists():
+        raise InputError(f"{where}: broken symlink")
+    if not f.is_file():
+        raise InputError(f"{where}: weights file missing")
+    try:
+        with safe_open(str(f), framework="np") as h:
+            n = len(list(h.keys()))
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{where}: not a readable safetensors file ({_one_line(e)})") from None
+    if n == 0:
+        raise InputError(f"{where}: holds no tensors")
+
+
+def check_weights(path: Path) -> dict[str, tuple[list[Path], str | None]]:
+    """Every weights file of the pipeline's text encoder, UNet and VAE, header-checked."""
+    out = {}
+    for name, stem in WEIGHTS_STEM.items():
+        files, variant = out[name] = weights_files(path / name, stem)
+        for f in files:
+            check_safetensors(f)
+    return out
+
+
+def check_scheduler(config: dict[str, Any], where: str) -> Any:
+    """The numpy scheduler the runtime samples with; any other diffusers class is refused (the runtime
+    would sample it as something else)."""
+    from engines.schedulers import make_scheduler
+
+    cls = config.get("_class_name")
+    kind = SCHEDULER_CLASSES.get(cls) if isinstance(cls, str) else None
+    if kind is None:
+        raise InputError(
+            f"{where}: _class_name {cls!r} is not supported: the runtime samples "
+            f"{' and '.join(SCHEDULER_CLASSES)} (save the pipeline with one of them)"
+        )
+    try:
+        return make_scheduler(kind, config, where=where)
+    except (TypeError, ValueError, OverflowError) as e:  # fields of the wrong type or range
+        raise InputError(f"{where}: {_one_line(e)}") from None
+
+
+def check_steps(scheduler: Any, steps: Any, option: str, where: str) -> int:
+    """A step count the scheduler can sample (DDIM: 1..num_train_timesteps; LCM: 1..original steps)."""
+    import copy
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError(f"{option} {steps!r}: must be an integer >= 1")
+    try:
+        copy.deepcopy(scheduler).set_timesteps(steps)
+    except InputError as e:
+        raise InputError(f"{option} {steps}: not possible with {where} ({e})") from None
+    return steps
+
+
+def check_tokenizer(tok_dir: Path) -> int:
+    """The tokenizer loads and encodes (tokenizer.json as the runtime reads it, else vocab.json +
+    merges.txt as export converts them); returns its vocabulary size."""
+    try:
+        if (tok_dir / "tokenizer.json").exists():
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+            tok.encode("a photo")
+            return int(tok.get_vocab_size())
+        from transformers import CLIPTokenizer
+
+        slow = CLIPTokenizer.from_pretrained(tok_dir)
+        slow("a photo")
+        return len(slow)
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise InputError(f"{tok_dir}: the tokenizer does not load ({_one_line(e)})") from None
+
+
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def sample_size(unet_config: dict[str, Any], where: str | Path) -> tuple[int, int] | None:
+    """The UNet's latent (height, width) from sample_size; None when the config has none."""
+    s = unet_config.get("sample_size")
+    if s is None:
+        return None
+    if _pos_int(s):
+        return (s, s)
+    if isinstance(s, list | tuple) and len(s) == 2 and all(_pos_int(v) for v in s):
+        return (int(s[0]), int(s[1]))
+    raise InputError(f"{where}: sample_size {s!r}: expected a positive integer or [height, width]")
+
+
+def check_configs(configs: dict[str, dict[str, Any]], where: dict[str, str]) -> None:
+    """The config fields the IO specs read, with their types (a missing one is a bug report otherwise)."""
+
+    def need(kind: str, key: str, ok: bool, what: str) -> None:
+        if not ok:
+            raise InputError(f"{where[kind]}: {key} {configs[kind].get(key)!r}: expected {what}")
+
+    te, unet, vae = configs["text_encoder"], configs["unet"], configs["vae_decoder"]
+    need("text_encoder", "hidden_size", _pos_int(te.get("hidden_size")), "a positive integer")
+    for kind, cfg in (("unet", unet), ("vae_decoder", vae)):
+        boc = cfg.get("block_out_channels")
+        ok = isinstance(boc, list | tuple) and len(boc) > 0 and all(_pos_int(c) for c in boc)
+        need(kind, "block_out_channels", ok, "a non-empty list of positive integers")
+    cad = unet.get("cross_attention_dim")
+    ok = _pos_int(cad) or (isinstance(cad, list | tuple) and len(cad) > 0 and all(_pos_int(c) for c in cad))
+    need("unet", "cross_attention_dim", ok, "a positive integer (or a list of them)")
+    for key in ("in_channels", "out_channels", "time_cond_proj_dim"):
+        need("unet", key, unet.get(key) is None or _pos_int(unet.get(key)), "a positive integer")
+    need("vae_decoder", "latent_channels", _pos_int(vae.get("latent_channels")), "a positive integer")
+    sample_size(unet, where["unet"])
+
+
 def tokenizer_spec(tok_dir: Path) -> TokenizerSpec:
     cfg_path = tok_dir / "tokenizer_config.json"
     cfg = _read_json(cfg_path) if cfg_path.exists() else {}
@@ -128,13 +300,23 @@ def pipeline_spec(
     if mode != "embedded" and unet_cfg.get("time_cond_proj_dim"):
         raise InputError(f"{where}: the UNet has time_cond_proj_dim (embedded guidance), not {mode!r}")
     tok = tokenizer_spec(path / "tokenizer")
+    positions = configs["text_encoder"].get("max_position_embeddings", 77)
+    if isinstance(positions, int) and tok.model_max_length > positions:
+        raise InputError(
+            f"{path / 'tokenizer'}: model_max_length {tok.model_max_length} exceeds the text encoder's "
+            f"max_position_embeddings {positions}"
+        )
     k = vae_scale_factor(vae_cfg)
-    size = unet_cfg.get("sample_size") or 64
-    lh, lw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    native = sample_size(unet_cfg, where)
     if profile is None:
         from engines.iospec import DimRange
 
+        if native is None:
+            raise InputError(f"{where}: config.json has no sample_size (the default image size)")
+        lh, lw = native
         profile = Profile(latent_height=DimRange(lh, lh, lh), latent_width=DimRange(lw, lw, lw))
+    else:  # no sample_size: the size the profile is built for (--size / --resolutions)
+        lh, lw = native or (profile.latent_height.opt, profile.latent_width.opt)
     profile = Profile(profile.batch, profile.latent_height, profile.latent_width, tok.model_max_length)
     specs = build_specs(configs, profile, mode)
     return PipelineSpec(
@@ -151,35 +333,85 @@ def pipeline_spec(
 
 
 def component_configs(path: Path) -> dict[str, dict[str, Any]]:
-    return {
-        "text_encoder": _read_json(path / "text_encoder" / "config.json"),
-        "unet": _read_json(path / "unet" / "config.json"),
-        "vae_decoder": _read_json(path / "vae" / "config.json"),
+    files = {
+        "text_encoder": path / "text_encoder" / "config.json",
+        "unet": path / "unet" / "config.json",
+        "vae_decoder": path / "vae" / "config.json",
     }
+    configs = {k: _read_json(f) for k, f in files.items()}
+    check_configs(configs, {k: str(f) for k, f in files.items()})
+    return configs
+
+
+def load_component(kind: str, folder: Path) -> Any:
+    """A text_encoder / unet / vae module in float32; any mismatch between config.json and the
+    weights (missing, unexpected or misshapen tensors) is refused naming the folder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors import SafetensorError
+    from transformers import CLIPTextModel
+
+    cls = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}[kind]
+    files, variant = weights_files(folder, WEIGHTS_STEM[kind])
+    for f in files:
+        check_safetensors(f)
+    try:
+        model, info = cls.from_pretrained(
+            folder, use_safetensors=True, variant=variant, output_loading_info=True
+        )
+    except (*LOAD_ERRORS, SafetensorError) as e:
+        # diffusers appends advice to overwrite the weights with random ones: not ours to give
+        why = _one_line(e, 400).split(" If you want to instead")[0][:260]
+        raise InputError(f"{folder}: config.json and weights do not load together ({why})") from None
+    # transformers reports a non-persistent buffer an older save kept (position_ids) as unexpected
+    buffers = {n.rsplit(".", 1)[-1] for n, _ in model.named_buffers()}
+    problems = {
+        "missing": sorted(info.get("missing_keys") or []),
+        "unexpected": sorted(
+            k for k in info.get("unexpected_keys") or [] if k.rsplit(".", 1)[-1] not in buffers
+        ),
+        "misshapen": sorted(
+            str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []
+        ),
+    }
+    for what, keys in problems.items():
+        if keys:
+            raise InputError(
+                f"{folder}: config.json does not match the weights: {len(keys)} {what} tensor(s) "
+                f"({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+            )
+    # a half-precision variant is upcast: every stage exports and compares in float32
+    return model.float().eval()
+
+
+def check_tokenizer_fits(path: Path, text_encoder_config: dict[str, Any]) -> None:
+    """Token ids must index the text encoder's embedding table."""
+    n = check_tokenizer(path / "tokenizer")
+    vocab = text_encoder_config.get("vocab_size")
+    if _pos_int(vocab) and n > vocab:
+        raise InputError(
+            f"{path / 'tokenizer'}: {n} tokens, more than the text encoder's vocab_size {vocab} "
+            f"({path / 'text_encoder' / 'config.json'})"
+        )
 
 
 def load_pipeline(
     path: str | Path, *, profile: Profile | None = None, guidance: str | None = None
 ) -> LoadedPipeline:
     """The pipeline's torch modules and its PipelineSpec (IO specs sized for `profile` and the mode)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     path = Path(path)
     index = check_layout(path)
-    spec = pipeline_spec(
-        path,
-        index["_class_name"],
-        component_configs(path),
-        _read_json(path / "scheduler" / "scheduler_config.json"),
-        profile=profile,
-        guidance=guidance,
-    )
+    check_weights(path)  # headers of every component first: one line before any module loads
+    configs = component_configs(path)
+    # the scheduler class is checked where the runtime will sample it (source.resolve): a teacher
+    # loaded here for the diffusers baseline may have any diffusers scheduler
+    sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json")
+    check_tokenizer_fits(path, configs["text_encoder"])
+    spec = pipeline_spec(path, index["_class_name"], configs, sched_cfg, profile=profile, guidance=guidance)
     return LoadedPipeline(
         path=path,
         spec=spec,
-        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True).eval(),
-        unet=UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True).eval(),
-        vae=AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True).eval(),
+        text_encoder=load_component("text_encoder", path / "text_encoder"),
+        unet=load_component("unet", path / "unet"),
+        vae=load_component("vae", path / "vae"),
         tokenizer_dir=path / "tokenizer",
     )

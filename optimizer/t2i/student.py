@@ -28,8 +28,13 @@ from optimizer.t2i.components import GUIDANCE_MODES, Profile
 from optimizer.t2i.load import (
     LoadedPipeline,
     _read_json,
+    check_configs,
     check_layout,
+    check_scheduler,
+    check_tokenizer_fits,
+    check_weights,
     component_configs,
+    load_component,
     pipeline_spec,
 )
 
@@ -122,15 +127,59 @@ def teacher_dir_of(ckpt_path: Path, recorded: str) -> Path:
     return beside if beside.is_dir() else p
 
 
+def recorded_teacher(record_path: Path, record: dict[str, Any]) -> Path | None:
+    """The teacher folder a dd-distill student folder's distill.json names, its files checked
+    against the sha256 recorded at distillation (as load_t2i_student checks a format-2 checkpoint).
+
+    A relative path is relative to the folder holding distill.json, never to the cwd."""
+    teacher = record.get("teacher")
+    if teacher is None:
+        return None
+    rec_path = teacher.get("path") if isinstance(teacher, dict) else None
+    if not isinstance(rec_path, str) or not rec_path:
+        raise InputError(f"{record_path}: teacher.path must be the teacher pipeline folder (a string)")
+    p = Path(rec_path)
+    folder = p if p.is_absolute() else (record_path.parent / p).resolve()
+    if not folder.is_dir():
+        raise InputError(
+            f"{record_path}: teacher {rec_path!r} not found ({folder}); give --teacher DIR to compare "
+            "against another pipeline"
+        )
+    hashes = teacher.get("components_sha256")
+    if hashes is None:
+        return folder
+    if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
+        raise InputError(f"{record_path}: teacher.components_sha256 must map files to sha256 strings")
+    recorded: dict[str, dict[str, str]] = {}
+    for rel, sha in hashes.items():
+        comp, sep, name = rel.partition("/")
+        if comp not in PIPELINE_COMPONENTS or not sep or not name or Path(name).name != name:
+            raise InputError(f"{record_path}: teacher.components_sha256: {rel!r} is not <component>/<file>")
+        recorded.setdefault(comp, {})[name] = sha
+    for comp in PIPELINE_COMPONENTS:
+        if comp not in recorded:
+            continue  # dd-distill records every reused component; an older record may not have all
+        d = folder / comp
+        now = {f.name: f for f in sorted(d.glob("*")) if f.is_file()} if d.is_dir() else {}
+        for name in sorted(set(now) | set(recorded[comp])):
+            want, f = recorded[comp].get(name), now.get(name)
+            got = sha256_file(f) if f is not None else None
+            if got != want:
+                what = "added" if want is None else "removed" if got is None else "changed"
+                raise InputError(
+                    f"{record_path}: teacher component {comp!r} in {d} changed since distillation "
+                    f"({comp}/{name} {what}"
+                    + (f": sha256 {got[:12]}..., recorded {want[:12]}...)" if got and want else ")")
+                )
+    return folder
+
+
 def load_t2i_student(
     path: str | Path, *, profile: Profile | None = None, guidance: str | None = None
 ) -> LoadedPipeline:
     """The teacher's text encoder, tokenizer and VAE with the student's UNet and scheduler.
 
     A teacher component whose sha256 differs from the recorded one is refused, naming both."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
-
     from optimizer.models import model_from_config
 
     path = Path(path)
@@ -155,14 +204,19 @@ def load_t2i_student(
                 f"was saved (sha256 {now[name][:12]}..., recorded {rec['components'][name][:12]}...)"
             )
     where = f"{path} (student UNet)"
+    check_weights(teacher)
+    configs = component_configs(teacher)
+    configs["unet"] = dict(ckpt.model_config)
+    te_where, vae_where = str(teacher / "text_encoder" / "config.json"), str(teacher / "vae" / "config.json")
+    check_configs(configs, {"text_encoder": te_where, "unet": where, "vae_decoder": vae_where})
+    sched_cfg = {"_class_name": ckpt.scheduler_class, **ckpt.scheduler_config}
+    check_scheduler(sched_cfg, f"{path} (scheduler)")
+    check_tokenizer_fits(teacher, configs["text_encoder"])
     try:
         unet = model_from_config(UNET_CLASS, ckpt.model_config)
         unet.load_state_dict(ckpt.state_dict or {}, strict=True)
     except Exception as e:  # a config diffusers refuses, missing/unexpected/misshapen tensors
         raise InputError(f"{where}: does not load ({type(e).__name__}: {str(e)[:200]})") from None
-    configs = component_configs(teacher)
-    configs["unet"] = dict(ckpt.model_config)
-    sched_cfg = {"_class_name": ckpt.scheduler_class, **ckpt.scheduler_config}
     pipeline_class = PIPELINE_FOR_SCHEDULER.get(ckpt.scheduler_class, index["_class_name"])
     spec = pipeline_spec(
         teacher,
@@ -176,8 +230,8 @@ def load_t2i_student(
     return LoadedPipeline(
         path=teacher,
         spec=spec,
-        text_encoder=CLIPTextModel.from_pretrained(teacher / "text_encoder", use_safetensors=True).eval(),
+        text_encoder=load_component("text_encoder", teacher / "text_encoder"),
         unet=unet.eval(),
-        vae=AutoencoderKL.from_pretrained(teacher / "vae", use_safetensors=True).eval(),
+        vae=load_component("vae", teacher / "vae"),
         tokenizer_dir=teacher / "tokenizer",
     )
