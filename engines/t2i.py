@@ -29,7 +29,7 @@ from engines.tokenizer import ClipTokenizer
 log = logging.getLogger(__name__)
 T2I_FORMAT = "dd-compile-t2i"
 COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder")
-BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "openvino")
+BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "openvino", "tensorrt")
 # A prompt over the tokenizer's limit: "truncate" (diffusers: cut, keep EOS, log a warning) or
 # "refuse" (one-line InputError naming the token count; what dd-serve does)
 LONG_PROMPT_POLICIES = ("truncate", "refuse")
@@ -129,6 +129,10 @@ def component_runner(backend: str, threads: int | None = None) -> RunnerFactory:
     def make(name: str, path: Path, spec: IOSpec) -> Runner:
         if not path.exists():
             raise InputError(f"{path}: {name} graph not found")
+        if backend == "tensorrt":  # the description names each component's engine (.plan)
+            from engines.tensorrt_runner import TensorRTRunner
+
+            return TensorRTRunner(path, spec, name=name)
         if backend == "openvino":
             from engines.openvino_runner import OpenVINORunner
 

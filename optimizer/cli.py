@@ -452,19 +452,32 @@ def main(
         triton_repo=triton_repo,
         bars=parse_bars(bars, family),
     )
+    from optimizer.compile.build import TrtBuildConfig
+
+    trt = TrtBuildConfig(
+        builder_optimization_level=trt_opt_level,
+        hardware_compatibility_level=trt_hardware_compat,
+        version_compatible=trt_version_compatible,
+    )
     if family.flow == "pipeline":
+        from optimizer.t2i.source import parse_size
+        from optimizer.t2i.speed import T2ISpeedConfig
+
+        bs = common["batch_sizes"]
         return _pipeline_main(
             source,
-            common,
-            bench_seconds,
-            size,
-            resolutions,
-            guidance_scale,
-            clip_model,
-            _threads_grid(threads_grid),
+            dict(
+                common,
+                guidance_scale=guidance_scale,
+                size=parse_size(size) if size else None,
+                resolutions=resolutions,
+                clip_model=clip_model,
+                threads_grid=_threads_grid(threads_grid),
+                trt=trt,
+                speed=T2ISpeedConfig(batch_sizes=tuple(sorted(set(bs))), max_seconds=min(bench_seconds, 6.0)),
+            ),
             as_json,
         )
-    from optimizer.compile.build import TrtBuildConfig
     from optimizer.compile.speed import SpeedConfig
     from optimizer.compile.stages import DEMO_DIR, CompileConfig, demo_source, run
     from optimizer.quantize import Int8Config
@@ -482,11 +495,7 @@ def main(
             # Q/DQ placement chosen by ORT CPU timings only where ORT CPU is the target
             placement="measure" if backend == "onnxruntime" else "fixed",
         ),
-        trt=TrtBuildConfig(
-            builder_optimization_level=trt_opt_level,
-            hardware_compatibility_level=trt_hardware_compat,
-            version_compatible=trt_version_compatible,
-        ),
+        trt=trt,
     )
     report = run(source, cfg)
     if as_json:
@@ -528,31 +537,17 @@ def _g(v) -> str:
     return f"{v:.1f}" if isinstance(v, float) else str(v)
 
 
-def _pipeline_main(
-    source, common, bench_seconds, size, resolutions, guidance_scale, clip_model, threads_grid, as_json
-):
-    """A pipeline family (optimizer/t2i/stages.py); same exit codes as the pixel flow."""
+def _pipeline_main(source: Path | None, options: dict, as_json: bool) -> None:
+    """A pipeline family (optimizer/t2i/stages.py) with the T2ICompileConfig fields in `options`;
+    same exit codes as the pixel flow."""
     import json
 
     from optimizer.t2i.source import demo_source as t2i_demo
-    from optimizer.t2i.source import parse_size
-    from optimizer.t2i.speed import T2ISpeedConfig, table
+    from optimizer.t2i.speed import table
     from optimizer.t2i.stages import T2ICompileConfig, run
 
-    if source is None:
-        source = t2i_demo()
-    batch_sizes = common["batch_sizes"]
-    cfg = T2ICompileConfig(
-        **common,
-        guidance_scale=guidance_scale,
-        size=parse_size(size) if size else None,
-        resolutions=resolutions,
-        clip_model=clip_model,
-        threads_grid=threads_grid,
-        speed=T2ISpeedConfig(
-            batch_sizes=tuple(sorted(set(batch_sizes))), max_seconds=min(bench_seconds, 6.0)
-        ),
-    )
+    cfg = T2ICompileConfig(**options)
+    source = t2i_demo() if source is None else source
     report = run(source, cfg)
     if as_json:
         click.echo(json.dumps(report, default=str))

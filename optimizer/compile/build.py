@@ -133,9 +133,10 @@ def engine_artifact_name(precision: str, target: TrtTarget) -> str:
     return f"engine/tensorrt/{precision}/{target.key}"
 
 
-def engine_path_for(out: Path, precision: str, target: TrtTarget) -> Path:
-    """A directory -> <dir>/student.<precision>.<target>.plan; a file path is kept."""
-    return out / f"student.{precision}.{target.key}.plan" if out.suffix != ".plan" else out
+def engine_path_for(out: Path, precision: str, target: TrtTarget, stem: str = "student") -> Path:
+    """A directory -> <dir>/<stem>.<precision>.<target>.plan; a file path is kept. A pipeline's
+    engines are named by component (unet.int8.<target>.plan)."""
+    return out / f"{stem}.{precision}.{target.key}.plan" if out.suffix != ".plan" else out
 
 
 def build_engine(
@@ -145,6 +146,7 @@ def build_engine(
     config: TrtBuildConfig,
     *,
     precision: str | None = None,
+    stem: str = "student",
 ) -> EngineResult:
     """Build a strongly typed engine from `onnx_path`; write it atomically to `out_path` (a .plan
     file, or a folder in which it is named student.<precision>.<target>.plan)."""
@@ -162,7 +164,7 @@ def build_engine(
     )
 
     target = build_target(config)
-    out_path = engine_path_for(out_path, precision, target)
+    out_path = engine_path_for(out_path, precision, target, stem)
     profiles = profiles_from_spec(spec, config.batch_sizes, config.profile_mode)
 
     if config.memory_check:

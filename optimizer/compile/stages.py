@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +39,7 @@ from optimizer.conditioning import load_conditioning, n_classes
 from optimizer.model_io import conditioning_feeds, io_spec_for, sample_shape
 from optimizer.models import Denoiser, Teacher, load_teacher, teacher_reference_samples
 from optimizer.process import process_state
+from optimizer.progress import Stages, fault_at
 from optimizer.quantize import Int8Config
 from optimizer.seeds import SeedPlan
 
@@ -50,10 +50,6 @@ PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 RUNTIME_PRECISIONS = ("bf16",)
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "openvino")
 DEMO_DIR = Path(__file__).parents[1] / "demo"
-# Test hook: `DD_COMPILE_FAULT_AT=<stage>` kills the process with SIGKILL as it enters that stage
-# (export, quantize-fp16, quantize-int8, validate, timing, report, publish), so tests can check
-# that a run killed anywhere leaves the previous publication intact.
-FAULT_ENV = "DD_COMPILE_FAULT_AT"
 
 
 @dataclass
@@ -148,21 +144,17 @@ class ValidationSet:
         return self.noise[:n], self.step_noise[:, :n], cond
 
 
-def _stage(name: str) -> None:
-    log.info("stage: %s", name)
-    if os.environ.get(FAULT_ENV) == name:  # test hook (see FAULT_ENV)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def run(source: Path, cfg: CompileConfig) -> CompileReport:
     """Compile, validate and publish; the report says pass/fail (the CLI makes it an exit code)."""
     with process_state(cfg.threads, cfg.seed):
         ctx = prepare(Path(source), cfg)  # every input checked before any work
+        quantized = [p for p in cfg.precisions if p != "fp32" and p not in RUNTIME_PRECISIONS]
+        _stage = Stages(["export", *(f"quantize-{p}" for p in quantized), "validate", "timing", "report"])
         try:
             _stage("export")
             graphs = {"fp32": export(ctx)}
             calib = calibrate(ctx)
-            for p in (p for p in cfg.precisions if p != "fp32" and p not in RUNTIME_PRECISIONS):
+            for p in quantized:
                 _stage(f"quantize-{p}")
                 graphs[p] = quantize(ctx, p, calib)
             for p in (p for p in cfg.precisions if p in RUNTIME_PRECISIONS):
@@ -787,7 +779,7 @@ def publish(ctx: CompileContext) -> Manifest:
         "passed": ctx.report.passed,
         "allow_unvalidated": False,
     }
-    return ctx.run.publish(ctx.manifest, run, fault=_stage)
+    return ctx.run.publish(ctx.manifest, run, fault=fault_at)
 
 
 def _distribution(student, t_ref, t_low, shape, cfg: CompileConfig):
@@ -806,7 +798,6 @@ def _distribution(student, t_ref, t_low, shape, cfg: CompileConfig):
 
 
 def _check_writable(out: Path) -> None:
-    import os
 
     probe = out
     while not probe.exists():

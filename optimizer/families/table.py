@@ -141,9 +141,11 @@ FAMILIES: dict[str, Family] = {
                     "int8": {"text_encoder": "fp16", "unet": "int8", "vae_decoder": "fp16"},
                 }
             ),
-            # engines/t2i.py's runners; TensorRT engines per component are not built for pipelines yet
-            backends=("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "openvino"),
-            options=frozenset({"size", "resolutions", "guidance_scale", "clip_model", "threads_grid"}),
+            # engines/t2i.py's runners; tensorrt: one engine per component (optimizer/t2i/trt_build.py)
+            backends=("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "openvino"),
+            options=frozenset(
+                {"size", "resolutions", "guidance_scale", "clip_model", "threads_grid", *TRT_OPTIONS}
+            ),
             batch_sizes=(1, 4),
             n_samples=16,
             n_fid_samples=100,

@@ -26,8 +26,10 @@ from engines.outdir import check_target, claim, is_ours
 from optimizer.bars import ParityBars
 from optimizer.compile.compile_report import environment
 from optimizer.compile.publish import RunDir
+from optimizer.compile.trt_profiles import TrtBuildConfig
 from optimizer.families import FAMILIES
 from optimizer.process import process_state
+from optimizer.progress import Stages, fault_at
 from optimizer.t2i import precision as prec
 from optimizer.t2i import validate as val
 from optimizer.t2i.source import DEMO_T2I, T2ISource, resolve
@@ -66,6 +68,7 @@ class T2ICompileConfig:
     calib_prompts: int = 4
     clip_model: Path | None = None
     threads_grid: tuple[int, ...] | None = None  # None: 1 and every core; (): off
+    trt: TrtBuildConfig = field(default_factory=TrtBuildConfig)  # --backend tensorrt (--trt-*)
     triton_repo: Path | None = None  # --triton-repo: engines/triton_t2i.py's repository, after publish
     bars: ParityBars = field(default_factory=lambda: val.default_bars())
     speed: T2ISpeedConfig = field(default_factory=T2ISpeedConfig)
@@ -82,6 +85,7 @@ class T2IContext:
     demo_judge: bool
     size: tuple[int, int]
     t_start: float = field(default_factory=time.perf_counter)
+    engines: dict[tuple[str, str], Any] = field(default_factory=dict)  # (component, p) -> EngineResult
 
     @property
     def root(self) -> Path:
@@ -104,6 +108,14 @@ def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
     """Every input checked (source, teacher, sizes, guidance, options) before the first write."""
     FAMILY.check_backend(cfg.backend)
     FAMILY.check_precisions(cfg.precisions, cfg.backend)
+    from optimizer.compile.backends import require
+
+    require(cfg.backend)  # installed, with its device: one line naming what is missing
+    if cfg.backend == "tensorrt" and cfg.triton_repo is not None:
+        raise InputError(
+            "--triton-repo: the pipeline's Triton repository serves ONNX Runtime models; "
+            "not with --backend tensorrt yet"
+        )
     if cfg.clip_model is not None and not (Path(cfg.clip_model) / "config.json").exists():
         raise InputError(f"--clip-model {cfg.clip_model}: no config.json (a transformers CLIPModel folder)")
     src = resolve(
@@ -242,6 +254,22 @@ def quantize(
     return graphs
 
 
+def build(ctx: T2IContext, graphs: dict[tuple[str, str], prec.Graph]) -> None:
+    """--backend tensorrt: one engine per component graph (optimizer/t2i/trt_build.py)."""
+    from optimizer.t2i.trt_build import build_component_engines
+
+    specs = {c.kind: c.io for c in ctx.src.student.spec.components}
+    paths = {k: g.path for k, g in graphs.items()}
+    ctx.engines = build_component_engines(ctx.root, paths, specs, ctx.cfg.trt)
+
+
+def _runnable(ctx: T2IContext, kind: str, g: prec.Graph) -> str:
+    """What the runtime runs for a component graph, relative to the run folder: its engine under
+    --backend tensorrt, else the graph itself."""
+    eng = ctx.engines.get((kind, g.precision))
+    return eng.path.relative_to(ctx.root).as_posix() if eng else f"onnx/{g.path.name}"
+
+
 def write_mixes(
     ctx: T2IContext, graphs: dict[tuple[str, str], prec.Graph]
 ) -> dict[str, dict[str, prec.Graph]]:
@@ -254,7 +282,7 @@ def write_mixes(
         comps = prec.resolve_mix(mix, graphs)
         d = json.loads(json.dumps(base))
         for kind, g in comps.items():
-            d["components"][kind].update(path=f"onnx/{g.path.name}", precision=g.precision)
+            d["components"][kind].update(path=_runnable(ctx, kind, g), precision=g.precision)
         d["defaults"].update(
             num_inference_steps=ctx.src.steps,
             guidance_scale=ctx.src.guidance_scale,
@@ -283,7 +311,7 @@ def validate(
         feeds = vrec.feeds(kind)
         refs = val.torch_outputs(kind, loaded.module(kind), feeds)
         spec = IOSpec.from_dict(loaded.spec.component(kind).io.to_dict())
-        with make(f"{kind}.{p}", g.path, spec) as r:
+        with make(f"{kind}.{p}", ctx.root / _runnable(ctx, kind, g), spec) as r:
             cp = val.call_parity(kind, p, r, feeds, refs, cfg.bars)
         calls[f"{kind}.{p}"] = cp
         log.info("call %s %s: rel. L2 %.2e over %d calls", kind, p, cp.rel_l2, cp.calls)
@@ -303,9 +331,7 @@ def validate(
         sp = val.sample_parity(mix, got, want, cfg.bars)
         ctx.report["samples"][mix] = got[:8]
         bad = [calls[f"{k}.{g.precision}"] for k, g in comps.items()]
-        failures = [
-            f"call {c.kind}.{c.precision}: rel. L2 {c.rel_l2:.2e} > {c.bar:g}" for c in bad if not c.passed
-        ]
+        failures = [f for c in bad for f in c.failures()]
         if not sp.passed:
             failures.append(f"sample {mix}: PSNR {sp.psnr_db:.1f} dB < {sp.bar:g} dB vs the torch student")
         variants.append(
@@ -534,8 +560,17 @@ def publish(ctx: T2IContext, graphs: dict[tuple[str, str], prec.Graph]) -> Manif
             input_sha256=ctx.source_sha,
             extra={"component": kind, **{k: v for k, v in g.info.items() if k in ("counts", "passed")}},
         )
-        fails = [] if cp["passed"] else [f"call rel. L2 {cp['rel_l2']:.3g} > {cp['bar']:g}"]
-        art.validation = _validation(ctx, not fails, fails)
+        fails = [] if cp["passed"] else [f"call rel. L2 {cp['rel_l2']:.3g} > {cp['bar']:g} or non-finite"]
+        eng = ctx.engines.get((kind, p))
+        if eng is None:
+            art.validation = _validation(ctx, not fails, fails)
+            continue
+        # the engine is what ran: it carries the verdict; the graph was not run here (as pixel runs)
+        art.validation = _validation(ctx, False, ["not run here: validated as the tensorrt engine"])
+        from optimizer.t2i.trt_build import engine_artifact
+
+        e = m.add(**engine_artifact(kind, eng))
+        e.validation = _validation(ctx, not fails, fails)
     for v in ctx.report["variants"]:
         art = m.add(
             f"pipeline/{v['mix']}",
@@ -562,7 +597,7 @@ def publish(ctx: T2IContext, graphs: dict[tuple[str, str], prec.Graph]) -> Manif
         "passed": ctx.report["passed"],
         "allow_unvalidated": False,
     }
-    return ctx.run.publish(m, run)
+    return ctx.run.publish(m, run, fault=fault_at)
 
 
 def _validation(ctx: T2IContext, passed: bool, failures: list[str]) -> dict[str, Any]:
@@ -582,24 +617,32 @@ def run(source: Path, cfg: T2ICompileConfig) -> dict[str, Any]:
 
     with process_state(cfg.threads, cfg.seed):
         ctx = prepare(Path(source), cfg)
+        stage = Stages(
+            ["export", "quantize", *(["build"] if cfg.backend == "tensorrt" else []), "validate"]
+            + ["distribution", "timing", "report"]
+        )
         try:
-            log.info("stage: export")
+            stage("export")
             graphs = export(ctx)
             pipe = diffusers_pipeline(ctx.src.student)
             calib = record(ctx, pipe, cfg.calib_prompts, 0)
-            log.info("stage: quantize")
+            stage("quantize")
             graphs = quantize(ctx, graphs, calib)
+            if cfg.backend == "tensorrt":
+                stage("build")
+                build(ctx, graphs)
             mixes = write_mixes(ctx, graphs)
-            log.info("stage: validate")
+            stage("validate")
             validate(ctx, graphs, mixes, pipe)
             teacher_pipe = None
             if ctx.src.teacher is not None:
                 teacher_pipe = diffusers_pipeline(load_pipeline(ctx.src.teacher.path))
+            stage("distribution")
             judge_distribution(ctx, pipe, teacher_pipe)
-            log.info("stage: timing")
+            stage("timing")
             time_variants(ctx, teacher_pipe)
             time_threads(ctx)
-            log.info("stage: report")
+            stage("report")
             write_report(ctx)
             publish(ctx, graphs)
         except BaseException:
