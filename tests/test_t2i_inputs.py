@@ -187,15 +187,14 @@ def test_cli_refuses_before_export(tiny, tmp_path):
         assert not out.exists()
 
 
-def test_batch_size_one_covers_the_validation_batch(tiny):
-    """--batch-sizes 1 under CFG: the graphs' ranges hold what validation runs (2 prompts, CFG 2x)."""
-    from optimizer.t2i.source import VALIDATION_BATCH
-
+def test_batch_size_one_is_the_profile_asked_for(tiny):
+    """--batch-sizes 1 under CFG: the graphs take exactly that (the UNet both CFG halves at once);
+    validation records at a batch the profile holds (tests/test_t2i_publish.py compiles it)."""
     spec = _resolve(tiny, batch_sizes=(1,)).student.spec
     assert spec.guidance == "cfg"
     te, unet = spec.component("text_encoder").io.dims["batch"], spec.component("unet").io.dims["batch"]
-    assert (te.min, te.max) == (1, VALIDATION_BATCH)
-    assert (unet.min, unet.max) == (1, 2 * VALIDATION_BATCH)
+    assert (te.min, te.max) == (1, 1)
+    assert (unet.min, unet.max) == (1, 2)
     _refused(tiny, "--batch-sizes 0", batch_sizes=(0,))
 
 

@@ -99,13 +99,21 @@ def call_parity(
     for f in feeds:
         refs.append(reference.infer(f)[out_name])
         outs.append(candidate.infer(f)[out_name].astype(np.float32))
+    return compare_calls(refs, outs, precision, bars)
+
+
+def compare_calls(
+    refs: list[np.ndarray], outs: list[np.ndarray], precision: str, bars: ParityBars = DEFAULT_BARS
+) -> CallParity:
+    """Candidate outputs vs reference outputs of the same calls: rel. L2, max abs, cosine, the
+    non-finite count and Polygraphy's verdict, against the precision's bars (every family)."""
     ref, out = np.concatenate([r.ravel() for r in refs]), np.concatenate([o.ravel() for o in outs])
     nonfinite = int((~np.isfinite(out)).sum())
     err, mx, cos = rel_l2(out, ref), max_abs(out, ref), cosine(out, ref)  # inf, inf, nan if nonfinite
     pg = _polygraphy_compare(refs, outs, bars.polygraphy_atol[precision], bars.polygraphy_rtol[precision])
     bar = bars.call_rel_l2[precision]
     return CallParity(
-        err, mx, cos, nonfinite, len(feeds), pg, bar, passed=nonfinite == 0 and err <= bar and pg["passed"]
+        err, mx, cos, nonfinite, len(outs), pg, bar, passed=nonfinite == 0 and err <= bar and pg["passed"]
     )
 
 

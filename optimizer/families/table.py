@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from engines.errors import InputError
+from engines.schedulers import SCHEDULER_CLASSES
 
 GUIDANCE_MODES = ("cfg", "embedded", "none")
 # options every family's flow honours (click parameter names, as the CLI declares them)
@@ -130,7 +131,7 @@ FAMILIES: dict[str, Family] = {
             flow="pipeline",
             components=("text_encoder", "unet", "vae_decoder"),
             tokenizers=("tokenizer",),
-            schedulers=_frozen({"DDIMScheduler": "ddim", "LCMScheduler": "lcm"}),
+            schedulers=_frozen(SCHEDULER_CLASSES),  # what engines/schedulers.py implements
             guidance=GUIDANCE_MODES,
             precisions=("fp32", "fp16", "int8"),
             mixes=_frozen(

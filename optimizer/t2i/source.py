@@ -36,8 +36,6 @@ from optimizer.t2i.load import (
 DEMO_T2I = Path(__file__).parents[1] / "demo" / "t2i"
 # the largest --size / --resolutions side in pixels: SD's 512-latent export bound at VAE factor 8
 MAX_SIDE = 4096
-# prompts per batch in the validation stage's recorded calls (optimizer/t2i/stages.py validate)
-VALIDATION_BATCH = 2
 
 
 @dataclass
@@ -140,10 +138,7 @@ def make_profile(
     def lat(r: tuple[int, int], v: int) -> DimRange:
         return DimRange(r[0] // k, v // k, r[1] // k)
 
-    # validation (stages.validate) records its call-parity inputs VALIDATION_BATCH prompts at a time
-    # (the UNet at twice that under CFG): the graphs' declared range must hold what was validated
-    hi_b = max(*batch_sizes, VALIDATION_BATCH)
-    batch = DimRange(min(batch_sizes), min(batch_sizes), hi_b)
+    batch = DimRange(min(batch_sizes), min(batch_sizes), max(batch_sizes))
     return Profile(batch, lat(rng_h, size[0]), lat(rng_w, size[1])), size
 
 

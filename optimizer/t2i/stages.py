@@ -304,7 +304,8 @@ def validate(
 
     cfg = ctx.cfg
     make = component_runner(cfg.backend, cfg.threads)
-    vrec = record(ctx, pipe, 2, 1000)  # validation trajectories: other prompts and latents
+    # validation trajectories (other prompts and latents), recorded at a batch the profile holds
+    vrec = record(ctx, pipe, min(2, max(cfg.batch_sizes)), 1000)
     loaded = ctx.src.student
     calls: dict[str, Any] = {}
     for (kind, p), g in sorted(graphs.items()):

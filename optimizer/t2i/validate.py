@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from optimizer.bars import ParityBars
+from optimizer.compile.validate import compare_calls
 from optimizer.families import FAMILIES
-from optimizer.metrics import cosine, max_abs, psnr_db, rel_l2
+from optimizer.metrics import psnr_db
 from optimizer.t2i.components import COMPONENTS
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ ADHERENCE_MARGIN = 0.05  # the student's digit/colour adherence may trail the te
 
 @dataclass
 class ComponentParity:
+    """One component graph's call parity: the pixel flow's CallParity (rel. L2, non-finite count,
+    Polygraphy) named by component and precision."""
+
     kind: str
     precision: str
     calls: int
@@ -38,10 +42,26 @@ class ComponentParity:
     max_abs: float
     cosine: float
     bar: float
+    nonfinite: int = 0
+    polygraphy: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return bool(np.isfinite(self.rel_l2) and self.rel_l2 <= self.bar)
+        return bool(
+            np.isfinite(self.rel_l2)
+            and self.rel_l2 <= self.bar
+            and self.nonfinite == 0
+            and self.polygraphy.get("passed", True)
+        )
+
+    def failures(self) -> list[str]:
+        if self.passed:
+            return []
+        pg = "pass" if self.polygraphy.get("passed", True) else "fail"
+        return [
+            f"call {self.kind}.{self.precision}: rel. L2 {self.rel_l2:.2e} (bar {self.bar:g}), "
+            f"polygraphy {pg}, {self.nonfinite} non-finite"
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "passed": self.passed}
@@ -62,16 +82,18 @@ def call_parity(
     bars: ParityBars,
 ) -> ComponentParity:
     out_name = runner.spec.output_names[0]
-    got = np.concatenate([runner.infer(f)[out_name].astype(np.float32).ravel() for f in feeds])
-    want = np.concatenate([r.ravel() for r in refs])
+    outs = [runner.infer(f)[out_name].astype(np.float32) for f in feeds]
+    cp = compare_calls(refs, outs, precision, bars)
     return ComponentParity(
         kind,
         precision,
         len(feeds),
-        rel_l2(got, want),
-        max_abs(got, want),
-        cosine(got, want),
-        bars.call_rel_l2[precision],
+        cp.rel_l2,
+        cp.max_abs,
+        cp.cosine,
+        cp.bar_rel_l2,
+        cp.nonfinite,
+        cp.polygraphy,
     )
 
 
