@@ -132,14 +132,24 @@ def load_t2i(
     manifest.require_servable(art, allow_unvalidated, backend)
     path = manifest.verify(art)
     desc = json.loads(path.read_text())
-    by_path = {a.path: a for a in manifest.find("onnx")}
+    # a mix built for TensorRT names each component's engine; the others its ONNX graph
+    by_path = {a.path: a for a in [*manifest.find("onnx"), *manifest.find("engine")]}
     run_dir = art.path.rsplit("/", 1)[0]
     for kind, c in desc["components"].items():
         g = by_path.get(f"{run_dir}/{c['path']}")
         if g is None:
             raise InputError(f"{path}: component {kind} graph {c['path']} is not in the manifest")
+        if (g.kind == "engine") != (backend == "tensorrt"):
+            what, use = (
+                ("a TensorRT engine", "tensorrt") if g.kind == "engine" else ("an ONNX graph", "onnxruntime")
+            )
+            raise InputError(f"{path}: component {kind} is {what}; load this mix with backend={use!r}")
         manifest.require_servable(g, allow_unvalidated, backend)
         manifest.verify(g)
+        if g.kind == "engine":
+            from engines.trt_target import check_engine_compatible
+
+            check_engine_compatible(g)
     # the files the pipeline reads besides the graphs: each must be one the manifest hashed
     assets = {a.path: a for a in manifest.find("asset") if a.path.startswith(f"{run_dir}/")}
     reads = {
