@@ -120,6 +120,23 @@ def test_a_failed_rerun_keeps_the_last_passing_run_served(tmp_path):
     assert kept_note(out, d.run_id) is None and kept_note(out, c.run_id) is None
 
 
+@pytest.mark.parametrize(
+    "last_run, match",
+    [
+        ({"id": "x", "report": "../report.json", "passed": False}, r"last_run.report: .* climbs out"),
+        ({"id": "x", "report": "runs/x/report.json", "passed": "no"}, r"last_run: field 'passed' is str"),
+        ({"id": "x", "report": "runs/x/report.json", "passed": False, "why": 1}, r"last_run: unknown field"),
+    ],
+)
+def test_a_malformed_last_run_record_is_refused(last_run, match, tmp_path):
+    out = tmp_path / "out"
+    publish_pixel(out)
+    d = json.loads((out / "manifest.json").read_text())
+    write_json_atomic(out / "manifest.json", {**d, "last_run": last_run})
+    with pytest.raises(InputError, match=match):
+        Manifest.load(out)
+
+
 def test_a_failed_first_run_is_published_and_refused_by_readers(tmp_path):
     out = tmp_path / "out"
     b = publish_pixel(out, passed=False)

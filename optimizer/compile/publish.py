@@ -120,7 +120,7 @@ class RunDir:
         self.run_id = run_id or uuid.uuid4().hex
         self.staging = self.out / f"{STAGING_PREFIX}{self.run_id}"
         self.final = self.out / RUNS / self.run_id
-        self.previous = self._load_previous()
+        self.previous: Manifest | None = None  # read by begin(), under the lock
         self.kept_previous: str | None = None
         self._lock: weakref.finalize | None = None  # releases the lock, also if this object is dropped
 
@@ -175,7 +175,7 @@ class RunDir:
         """Lock `out` (InputError naming the holder if another run has it), then create staging."""
         self._acquire()
         try:
-            self.previous = self._load_previous()  # under the lock: what this run will replace
+            self.previous = self._load_previous()  # under the lock: what this run reuses and replaces
             self.staging.mkdir(parents=True, exist_ok=False)
             write_json_atomic(self.staging / RUN_MARKER, {"run_id": self.run_id, "created_by": "dd-compile"})
         except BaseException:
