@@ -16,6 +16,10 @@ from engines.manifest import Manifest
 from engines.outdir import check_target, claim
 
 log = logging.getLogger("optimizer.bench")
+PIXEL_BACKENDS = frozenset({"onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt"})
+# text-to-image pipelines: engines/t2i.py's runners (OpenVINO included; no TensorRT plans)
+PIPELINE_BACKENDS = frozenset({"onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "openvino"})
+PIPELINE_KIND = "text-to-image"  # manifest meta.kind of a text-to-image output
 
 
 def _ints(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -93,7 +97,8 @@ def _threads_grid(text: str | None) -> tuple[int, ...] | None:
 @click.option(
     "--backends",
     default=None,
-    help="Comma-separated subset of onnxruntime,onnxruntime-cuda,tensorrt (default: all usable).",
+    help="Comma-separated subset of onnxruntime,onnxruntime-cuda,tensorrt; text-to-image outputs: "
+    "onnxruntime,onnxruntime-cuda,onnxruntime-trt,openvino (default: all usable).",
 )
 @click.option(
     "--teacher",
@@ -144,15 +149,22 @@ def run(
     no_progress: bool,
     allow_unvalidated: bool,
 ) -> None:
-    """Bench OUT_DIR (a dd-compile output folder)."""
+    """Bench OUT_DIR (a dd-compile output folder; a text-to-image output: optimizer/bench/pipeline.py)."""
     from optimizer.bench.bench_report import terminal_table, to_markdown
     from optimizer.bench.measure import BenchConfig, run_bench
     from optimizer.bench.plots import plot_latency, plot_speedup
 
-    known = {"onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt"}
     be = tuple(b.strip() for b in backends.split(",")) if backends else None
+    try:
+        # read once: meta.kind picks the bench (one network + sampler, or a text-to-image pipeline)
+        manifest = Manifest.load(out_dir)
+    except DDCompileError as e:
+        _fail(e)
+    pipeline = manifest.meta.get("kind") == PIPELINE_KIND
+    known = PIPELINE_BACKENDS if pipeline else PIXEL_BACKENDS
     if be and set(be) - known:
-        _fail(ValueError(f"--backends: unknown {sorted(set(be) - known)}; choose from {sorted(known)}"))
+        what = " for text-to-image outputs" if pipeline else ""
+        _fail(ValueError(f"--backends: unknown {sorted(set(be) - known)}{what}; choose from {sorted(known)}"))
     cfg = BenchConfig(
         batch_sizes=batch_sizes,
         seconds=seconds,
@@ -168,8 +180,15 @@ def run(
         target=target,
     )
     try:
-        dest, unvalidated = _check_before_work(out_dir, output, be, allow_unvalidated)
-        bench = run_bench(out_dir, cfg)
+        dest, unvalidated = _check_before_work(
+            manifest, output or out_dir / "bench", be, allow_unvalidated, pipeline
+        )
+        if pipeline:
+            from optimizer.bench.pipeline import run_pipeline_bench
+
+            bench = run_pipeline_bench(out_dir, cfg, allow_unvalidated=allow_unvalidated)
+        else:
+            bench = run_bench(out_dir, cfg)
     except DDCompileError as e:
         _fail(e)
     if unvalidated:
@@ -185,16 +204,24 @@ def run(
 
 
 def _check_before_work(
-    out_dir: Path, output: Path | None, backends: tuple[str, ...] | None, allow_unvalidated: bool
+    manifest: Manifest,
+    output: Path,
+    backends: tuple[str, ...] | None,
+    allow_unvalidated: bool,
+    pipeline: bool = False,
 ) -> tuple[Path, dict[str, str]]:
-    """-o (default OUT_DIR/bench) is new, empty or an earlier dd-bench folder and holds none of the
-    compiled output; every artifact to bench was validated by the published run (or is allowed)."""
-    manifest = Manifest.load(out_dir)
+    """`output` (-o, default OUT_DIR/bench) is new, empty or an earlier dd-bench folder and holds none of the
+    compiled output; every artifact to bench was validated by the published run (or is allowed).
+    A text-to-image output: every published mix ("pipeline/<mix>") and every component graph it
+    runs, whatever the backend (each backend runs the same graphs)."""
     protect = [manifest.path, *(manifest.file(a) for a in manifest.artifacts.values())]
-    dest = check_target(output or out_dir / "bench", "bench", "-o", protect=protect)
-    ort = backends is None or any(b.startswith("onnxruntime") for b in backends)
-    trt = backends is None or "tensorrt" in backends
-    arts = [*(manifest.find("onnx") if ort else []), *(manifest.find("engine") if trt else [])]
+    dest = check_target(output, "bench", "-o", protect=protect)
+    if pipeline:
+        arts = [*manifest.find("pipeline"), *manifest.find("onnx")]
+    else:
+        ort = backends is None or any(b.startswith("onnxruntime") for b in backends)
+        trt = backends is None or "tensorrt" in backends
+        arts = [*(manifest.find("onnx") if ort else []), *(manifest.find("engine") if trt else [])]
     unvalidated = {}
     for art in arts:
         why = manifest.require_servable(art, allow_unvalidated)

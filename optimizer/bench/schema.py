@@ -42,6 +42,29 @@ FLOPs as counts per image per model call (one UNet evaluation).
               serving_images_per_s}], verdicts: {variant: {vs_fp32: {threads: {batch: ratio}},
               batch, verdict}}, recommendation: {...point, rule, summary} | null} | null
               (optimizer/threads_grid.py: per call, one session per thread count, side by side)
+
+Text-to-image outputs (manifest meta.kind "text-to-image"; optimizer/bench/pipeline.py) use the same
+keys, read as follows, and add a few:
+
+    source.kind            "text-to-image" (absent in a pixel bench)
+    source.sample_shape    [H, W, 3]: one uint8 image
+    source.schedule        {kind: the runtime scheduler of the recommended mix, steps: the manifest's}
+    source.pipeline        {family, mixes, guidance, guidance_scale, size, steps, prompts}
+    source.teacher         adds guidance_scale (the teacher's reference guidance)
+    variants[].artifact    "pipeline/<mix>" (engines.load(out, precision=mix, backend=...))
+    variants[].unvalidated why the pipeline is not servable (only with --allow-unvalidated)
+    variants[].memory      {method: "not probed: ..."}: no per-pipeline memory probe
+    results[].phase        "e2e": one whole generation, prompts in, uint8 images out, steps = the
+                           manifest's steps (text encoder, UNet calls, VAE); "call": one UNet
+                           evaluation through the pipeline's own runner
+    results[].unet_batch   the UNet's batch in that phase (2 x batch under CFG with guidance > 1)
+    flops                  {student: null, teacher: null, method: why not counted}
+    teacher row            e2e only (its diffusers pipeline at its reference steps and guidance),
+                           timed alone in a fresh process; baseline.verdict "unchecked: ..." and
+                           in_run_* null (no in-run figure is taken); call results carry
+                           speedup_vs_teacher null with that reason
+    teacher_baseline.verdict  "unchecked"
+    threads                adds unit: "generation" and note: each point is one whole generation
 """
 
 from __future__ import annotations
