@@ -506,10 +506,7 @@ def main(
             f"report: {cfg.out / 'report.md'}  manifest: {cfg.out / 'manifest.json'}  "
             f"({report.seconds:.0f} s)"
         )
-    if not report.passed:
-        for f in report.failures:
-            click.echo(f"FAILED {f}", err=True)
-        sys.exit(1)
+    _exit(report.passed, report.failures, cfg.out, report.run_id)
 
 
 def _check_options(family, backend: str) -> None:
@@ -573,10 +570,21 @@ def _pipeline_main(source: Path | None, options: dict, as_json: bool) -> None:
             click.echo(f"note: {n}")
         where = f"report: {cfg.out / 'report.md'}  manifest: {cfg.out / 'manifest.json'}"
         click.echo(f"{where}  ({report['seconds']:.0f} s)")
-    if not report["passed"]:
-        for f in report["failures"]:
-            click.echo(f"FAILED {f}", err=True)
-        sys.exit(1)
+    _exit(report["passed"], report["failures"], cfg.out, report["run_id"])
+
+
+def _exit(passed: bool, failures: list[str], out: Path, run_id: str | None) -> None:
+    """Exit 1 naming each failure, and whether the folder still serves an earlier passing run."""
+    if passed:
+        return
+    from optimizer.compile.publish import kept_note
+
+    for f in failures:
+        click.echo(f"FAILED {f}", err=True)
+    note = kept_note(out, run_id) if run_id else None
+    if note:
+        click.echo(note, err=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

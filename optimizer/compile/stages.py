@@ -186,6 +186,11 @@ def _write_triton_repo(ctx: CompileContext) -> None:
     still exits 1 with its report: a failed parity check is not bad input)."""
     from engines.triton import write_triton_repo
 
+    if ctx.run.kept_previous:  # this run failed and is not the served one: nothing of it to package
+        log.warning(
+            "--triton-repo %s: not written: this run did not replace the served one", ctx.cfg.triton_repo
+        )
+        return
     best = next((v for v in ctx.report.variants if v.recommended), None)
     if best is None:
         log.warning("--triton-repo %s: not written: no variant passed validation", ctx.cfg.triton_repo)

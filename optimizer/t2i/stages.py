@@ -658,6 +658,11 @@ def write_triton_repo(ctx: T2IContext, out: Path) -> None:
     """--triton-repo: the published pipeline (its recommended mix) as a Triton repository."""
     from engines.triton import write_triton_repo as write
 
+    if ctx.run.kept_previous:  # this run failed and is not the served one: nothing of it to package
+        log.warning(
+            "--triton-repo %s: not written: this run did not replace the served one", ctx.cfg.triton_repo
+        )
+        return
     if not ctx.report.get("recommended"):
         log.warning("--triton-repo %s: not written: no mix passed validation", ctx.cfg.triton_repo)
         return
