@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-PHASE_TITLE = {"call": "Per call (one model evaluation)", "e2e": "End to end (noise -> sample)"}
+PHASE_TITLE = {
+    "call": "Per call (one model evaluation)",
+    "e2e": "End to end (noise -> sample; pipelines: prompts -> images)",
+}
 
 
 def _fmt(x: Any, spec: str = ".2f", none: str = "-") -> str:
@@ -91,7 +94,8 @@ def _threads_lines(bench: dict[str, Any], markdown: bool = False) -> list[str]:
     if not s:
         return []
     r = table_rows(s)
-    title = f"Per call at threads {s['grid']} ({s['cores']} cores; ~ = median not stable)"
+    unit = "One whole generation" if s.get("unit") == "generation" else "Per call"
+    title = f"{unit} at threads {s['grid']} ({s['cores']} cores; ~ = median not stable)"
     if markdown:
         out = ["", f"## {title}", "", "| " + " | ".join(r[0]) + " |", "|" + "---|" * len(r[0])]
         out += ["| " + " | ".join(c) + " |" for c in r[1:]]
