@@ -46,12 +46,10 @@ from optimizer.bench.measure import (
     _resolve,
     _timing_dict,
     _usable_cores,
-    _which_fails,
-    time_until_stable,
+    run_group,
 )
 from optimizer.bench.schema import BENCH_FORMAT, BENCH_VERSION
 from optimizer.bench.variants import VariantSpec, cuda_available, ort_has
-from optimizer.timing import TimingRun
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +358,7 @@ def time_variants(s: PipelineSetup, cfg: BenchConfig) -> dict[str, list[dict[str
             fns[v.name] = lambda r=unet, f=feeds: r.infer(f)
         if not fns:
             continue
-        g = _run_group(fns, budget, cfg, phase, b, s)
+        g = run_group(fns, budget, cfg, phase, b, s.variants, s.skipped, s.runners, e2e_warmup=1)
         for name, t in g.timings.items():
             results[name].append(
                 {
@@ -374,39 +372,6 @@ def time_variants(s: PipelineSetup, cfg: BenchConfig) -> dict[str, list[dict[str
             )
         log.info("%s b=%d: %d rounds in %.1f s (budget %.1f s)", phase, b, g.rounds, g.seconds, budget)
     return results
-
-
-def _run_group(
-    fns: dict[str, Callable[[], object]],
-    budget: float,
-    cfg: BenchConfig,
-    phase: str,
-    b: int,
-    s: PipelineSetup,
-) -> TimingRun:
-    """Time one (phase, batch) group; a pipeline that raises is dropped with its error, not fatal
-    (as measure._run_group, but an e2e group is warmed too: a pipeline's text encoder and VAE
-    first run there, where a pixel sampler reuses the sessions its call group warmed)."""
-    while True:
-        try:
-            return time_until_stable(
-                fns,
-                budget,
-                cfg,
-                warmup=cfg.warmup if phase == "call" else 1,
-                desc=f"{phase} b={b}",
-                min_rounds=cfg.min_rounds if phase == "call" else 2,
-            )
-        except (DDCompileError, RuntimeError, OSError, ValueError) as e:
-            bad = _which_fails(fns)
-            if bad is None:
-                raise
-            log.warning("%s failed at %s b=%d, dropped: %s", bad, phase, b, e)
-            v = next(v for v in s.variants if v.name == bad)
-            s.variants.remove(v)
-            s.skipped.append((v, f"failed at {phase} b={b}: {str(e).splitlines()[0][:300]}"))
-            s.runners.pop(bad).deactivate()
-            fns = {k: f for k, f in fns.items() if k != bad}
 
 
 def time_threads(s: PipelineSetup, cfg: BenchConfig, allow_unvalidated: bool) -> dict[str, Any] | None:
