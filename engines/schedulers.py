@@ -1,5 +1,11 @@
 """DDIM and LCM schedulers in numpy, from a diffusers scheduler_config.json.
 
+Every scheduler has one interface, which the runtime's denoising loop (engines/t2i.py) calls:
+`set_timesteps(n)` -> the timesteps fed to the model, `init_noise_sigma`,
+`scale_model_input(sample, i)` (the model's input at the i-th step), `step(model_output, i, sample,
+noise=None)` -> (prev_sample, denoised), and `stochastic` (True: `step` takes N(0, 1) `noise` of
+the sample's shape at every step but the last, drawn by the caller per image seed).
+
 They reproduce diffusers' DDIMScheduler (eta = 0) and LCMScheduler: the same beta schedules,
 alphas_cumprod (float32 values, cumulated in double as torch does on CPU), timestep spacings
 ("leading" + steps_offset, "trailing", "linspace"), set_alpha_to_one, prediction types and x0
@@ -134,16 +140,24 @@ class DDIMScheduler:
         self.num_inference_steps, self.timesteps = n, ts
         return ts
 
-    def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray, **_: Any) -> np.ndarray:
+    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
+        return sample
+
+    def step(
+        self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(prev_sample, prev_sample): DDIM with eta = 0 draws nothing and its last step is the sample."""
         cfg = self.cfg
         assert self.num_inference_steps is not None, "call set_timesteps first"
+        timestep = int(self.timesteps[step_index])
         prev = timestep - cfg.num_train_timesteps // self.num_inference_steps  # diffusers' rule, any spacing
         a = self.alphas_cumprod[timestep]
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
         x0, eps = _x0(cfg, model_output, sample, a)
         if cfg.clip_sample:
             x0 = np.clip(x0, -cfg.clip_sample_range, cfg.clip_sample_range)
-        return (a_prev**0.5 * x0 + (np.float32(1) - a_prev) ** 0.5 * eps).astype(np.float32)
+        x = (a_prev**0.5 * x0 + (np.float32(1) - a_prev) ** 0.5 * eps).astype(np.float32)
+        return x, x
 
 
 class LCMScheduler:
@@ -172,6 +186,9 @@ class LCMScheduler:
         idx = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
         self.num_inference_steps, self.timesteps = n, origin[idx].astype(np.int64)
         return self.timesteps
+
+    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
+        return sample
 
     def scalings(self, timestep: int) -> tuple[float, float]:
         """Boundary-condition c_skip, c_out (diffusers' get_scalings_for_boundary_condition_discrete)."""

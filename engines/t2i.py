@@ -397,8 +397,10 @@ class TextToImagePipeline:
             w = np.full((b,), g - 1, dtype=np.float32)
             feeds_extra["timestep_cond"] = guidance_scale_embedding(w, int(cfg.time_cond_proj_dim))
         denoised = x
+        last = len(timesteps) - 1
         for i, t in enumerate(timesteps):
-            xin = np.concatenate([x, x]) if do_cfg else x
+            xi = sched.scale_model_input(x, i)
+            xin = np.concatenate([xi, xi]) if do_cfg else xi
             feeds = {
                 "sample": xin,
                 "timestep": np.full((xin.shape[0],), t, np.float32),
@@ -409,15 +411,9 @@ class TextToImagePipeline:
             if do_cfg:
                 u, c = out[:b], out[b:]
                 out = u + np.float32(g) * (c - u)
-            if sched.stochastic:
-                last = i == len(timesteps) - 1
-                noise = (
-                    None
-                    if last
-                    else np.stack([r.standard_normal(x.shape[1:], dtype=np.float32) for r in rngs])
-                )
-                x, denoised = sched.step(out, i, x, noise)
-            else:
-                x = sched.step(out, int(t), x)
-                denoised = x
+            # per-image draws from each seed's generator, so an image does not depend on its batch
+            noise = None
+            if sched.stochastic and i < last:
+                noise = np.stack([r.standard_normal(x.shape[1:], dtype=np.float32) for r in rngs])
+            x, denoised = sched.step(out, i, x, noise)
         return to_uint8(self.decode(denoised))
