@@ -4,7 +4,8 @@
 loaded modules (the student UNet included); `Recorder` captures every component's inputs along a
 run (text encoder ids, each UNet call with both CFG halves, the VAE's final latents), the real
 inputs call parity and calibration use; `images` runs it from given latents with the runtime's
-LCM re-noising draws, so engine and torch images are comparable pixel for pixel.
+per-step draws for a stochastic scheduler (LCM's re-noising, Euler ancestral's noise), so engine
+and torch images are comparable pixel for pixel.
 """
 
 from __future__ import annotations
@@ -101,32 +102,39 @@ def recording(pipe: Any) -> Iterator[Recorder]:
         vae.decode = decode
 
 
-def step_noise(seeds: list[int], shape: tuple[int, ...], steps: int) -> list[np.ndarray]:
-    """The LCM re-noising draws engines/t2i.py makes with `latents=` given: fresh per-seed
-    generators, one draw per step but the last."""
-    rngs = [np.random.default_rng(s) for s in seeds]
-    return [np.stack([r.standard_normal(shape, dtype=np.float32) for r in rngs]) for _ in range(steps - 1)]
+# stochastic schedulers -> the diffusers module whose randn_tensor draws their per-step noise
+NOISE_MODULES = {
+    "LCMScheduler": "diffusers.schedulers.scheduling_lcm",
+    "EulerAncestralDiscreteScheduler": "diffusers.schedulers.scheduling_euler_ancestral_discrete",
+}
 
 
 @contextlib.contextmanager
-def lcm_noise(noises: list[np.ndarray]) -> Iterator[None]:
-    """diffusers' LCMScheduler draws its re-noising with randn_tensor: hand it ours, in order."""
-    import diffusers.schedulers.scheduling_lcm as lcm
+def scheduler_noise(
+    seeds: list[int], module: str = NOISE_MODULES["LCMScheduler"]
+) -> Iterator[list[np.ndarray]]:
+    """The scheduler module's randn_tensor draws as engines/t2i.py does with `latents=` given: from
+    fresh per-seed generators, one draw per call (the count follows the scheduler's own steps; Euler
+    ancestral's last draw, which engines/t2i.py skips, is multiplied by sigma_up = 0). Yields the
+    draws made."""
+    import importlib
 
-    queue = list(noises)
-    orig = lcm.randn_tensor
+    mod = importlib.import_module(module)
+    rngs = [np.random.default_rng(s) for s in seeds]
+    made: list[np.ndarray] = []
+    orig = mod.randn_tensor
 
     def ours(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, **_: Any) -> Any:
-        x = torch.from_numpy(queue.pop(0))
-        if tuple(x.shape) != tuple(shape):
-            raise RuntimeError(f"LCM noise shape {tuple(x.shape)} != {tuple(shape)}")
-        return x.to(dtype=dtype or torch.float32)
+        if tuple(shape)[0] != len(rngs):
+            raise RuntimeError(f"scheduler noise for {tuple(shape)}: {len(rngs)} seeds")
+        made.append(np.stack([r.standard_normal(tuple(shape)[1:], dtype=np.float32) for r in rngs]))
+        return torch.from_numpy(made[-1]).to(dtype=dtype or torch.float32)
 
-    lcm.randn_tensor = ours
+    mod.randn_tensor = ours
     try:
-        yield
+        yield made
     finally:
-        lcm.randn_tensor = orig
+        mod.randn_tensor = orig
 
 
 @torch.no_grad()
@@ -138,13 +146,14 @@ def images(
     guidance_scale: float,
     seeds: list[int] | None = None,
 ) -> np.ndarray:
-    """uint8 [B, H, W, 3] from diffusers, from `latents`, with the runtime's re-noising draws."""
+    """uint8 [B, H, W, 3] from diffusers, from `latents`, with the runtime's per-step draws."""
     k = pipe.vae_scale_factor
     h, w = latents.shape[2] * k, latents.shape[3] * k
     seeds = list(range(len(prompts))) if seeds is None else seeds
     ctx: Any = contextlib.nullcontext()
-    if type(pipe.scheduler).__name__ == "LCMScheduler":
-        ctx = lcm_noise(step_noise(seeds, latents.shape[1:], steps))
+    module = NOISE_MODULES.get(type(pipe.scheduler).__name__)
+    if module is not None:
+        ctx = scheduler_noise(seeds, module)
     with ctx:
         out = pipe(
             prompts,
