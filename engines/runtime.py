@@ -18,7 +18,8 @@ import numpy as np
 from engines.base import Runner
 from engines.errors import InputError
 from engines.manifest import MANIFEST_NAME, Artifact, Manifest
-from engines.schedule import Sampler, check_sampler_inputs, draw_noise, to_images
+from engines.pipeline import CompiledPipeline, Parts
+from engines.schedule import StudentScheduler, check_sampler_inputs
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +65,31 @@ def make_runner(manifest: Manifest, art: Artifact, backend: str, **kw: Any) -> R
     raise InputError(f"unknown backend {backend!r}; choose from {[*ORT_BACKENDS, 'tensorrt', 'openvino']}")
 
 
-class SamplerPipeline:
-    """A runner and the student's sampler; call with seeds or noise."""
+class SamplerPipeline(CompiledPipeline):
+    """A denoiser family's runtime: the student's runner and its own schedule (one component, no
+    text encoder, no VAE); `pipe(seeds=...)` or `pipe(noise=...)` -> images [B, C, H, W] in [0, 1]."""
 
     def __init__(self, manifest: Manifest, runner: Runner):
         self.manifest, self.runner = manifest, runner
         self.schedule = manifest.schedule
         self.sample_shape = tuple(manifest.meta["sample_shape"])  # (C, H, W)
-        self.max_batch = manifest.io_spec.dims["batch"].max if "batch" in manifest.io_spec.dims else None
-        self.sampler = Sampler(
-            self.schedule, runner, output_name=manifest.io_spec.output_names[0], max_batch=self.max_batch
+        spec = manifest.io_spec
+        c, h, w = self.sample_shape
+        super().__init__(
+            Parts(
+                runners={"denoiser": runner},
+                specs={"denoiser": spec},
+                denoiser="denoiser",
+                scheduler=StudentScheduler(self.schedule),
+                guidance="none",
+                sample_channels=c,
+                defaults={"num_inference_steps": self.schedule.steps, "height": h, "width": w},
+                cond_names=tuple(n for n in spec.input_names if n not in ("sample", "timestep")),
+            )
         )
         runner.activate()
 
-    def __call__(
+    def __call__(  # type: ignore[override]  # the denoiser's own argument order, kept for callers
         self,
         seeds: list[int] | None = None,
         noise: np.ndarray | None = None,
@@ -85,26 +97,15 @@ class SamplerPipeline:
         cond: dict[str, np.ndarray] | None = None,
         output: str = "images",
     ) -> np.ndarray:
-        if (seeds is None) == (noise is None):
-            raise InputError("pass exactly one of seeds= or noise=")
         check_sampler_inputs(seeds, noise, step_noise, cond, self.sample_shape, self.schedule)
-        if noise is None:
-            noise, step_noise = draw_noise(list(seeds), self.sample_shape, self.schedule.steps)
-        elif self.schedule.kind == "consistency" and step_noise is None and self.schedule.steps > 1:
-            raise InputError("a consistency student needs step_noise with noise= (or pass seeds=)")
-        if tuple(noise.shape[1:]) != self.sample_shape:
-            raise InputError(f"noise shape {noise.shape[1:]} != sample shape {self.sample_shape}")
-        samples = self.sampler(noise, step_noise, cond)
-        return to_images(samples) if output == "images" else samples
-
-    def close(self) -> None:
-        self.runner.deactivate()
-
-    def __enter__(self) -> SamplerPipeline:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+        latents = None if noise is None else noise.astype(np.float32)
+        return super().__call__(
+            seeds=None if seeds is None else list(seeds),
+            latents=latents,
+            step_noise=step_noise,
+            cond=cond,
+            output_type=output,
+        )
 
 
 T2I_KIND = "text-to-image"

@@ -153,8 +153,53 @@ def _check_array(name: str, a: Any, shape: tuple[int | None, ...]) -> int:
     return int(a.shape[0])
 
 
+class StudentScheduler:
+    """A student's own SamplingSchedule behind the runtime scheduler interface (engines/schedulers.py):
+    DDIM (eta = 0) or consistency multistep, at exactly its distilled timesteps."""
+
+    init_noise_sigma = 1.0
+
+    def __init__(self, schedule: SamplingSchedule):
+        self.schedule = schedule
+        self.stochastic = schedule.kind == "consistency"  # fresh noise at every step but the last
+        self._alphas = [*schedule.alphas_cumprod, schedule.final_alpha_cumprod]
+
+    def set_timesteps(self, num_inference_steps: int | None = None) -> np.ndarray:
+        from engines.errors import InputError
+
+        n = self.schedule.steps
+        if num_inference_steps is not None and num_inference_steps != n:
+            raise InputError(f"num_inference_steps={num_inference_steps}: this student was distilled for {n}")
+        return np.asarray(self.schedule.timesteps, dtype=np.int64)
+
+    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
+        return sample
+
+    def step(
+        self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        sch, i, x = self.schedule, step_index, sample
+        t, a, a_next = sch.timesteps[i], self._alphas[i], self._alphas[i + 1]
+        x0, eps = predict_x0_eps(x, model_output, a, sch.prediction_type)
+        if sch.clip_sample is not None:
+            x0 = np.clip(x0, -sch.clip_sample, sch.clip_sample)
+        last = i == sch.steps - 1
+        if sch.kind == "ddim":  # DDIM, eta = 0 (Song et al. 2021, eq. 12)
+            x = x0 if last else np.sqrt(a_next) * x0 + np.sqrt(1 - a_next) * eps
+        else:  # consistency multistep (Song et al. 2023, Alg. 1; LCM boundary scalings)
+            c = (t * sch.timestep_scaling) ** 2
+            c_skip = sch.sigma_data**2 / (c + sch.sigma_data**2)
+            c_out = np.sqrt(c) / np.sqrt(c + sch.sigma_data**2)
+            denoised = c_skip * x + c_out * x0
+            x = denoised if last else np.sqrt(a_next) * denoised + np.sqrt(1 - a_next) * noise
+        x = x.astype(np.float32)
+        return x, x
+
+
 class Sampler:
-    """Noise -> samples in the model's data space, with any runner exposing `infer(feeds)`."""
+    """Noise -> samples in the model's data space, with any runner exposing `infer(feeds)` (the
+    compile stages' torch reference and engine checks, the Triton sampler model); the step math is
+    StudentScheduler's, the runtime pipeline's too."""
 
     def __init__(
         self,
@@ -186,24 +231,12 @@ class Sampler:
         sch, cond = self.schedule, cond or {}
         if sch.kind == "consistency" and sch.steps > 1 and step_noise is None:
             raise ValueError("a consistency sampler needs step_noise [steps-1, B, ...] (see draw_noise)")
+        sched = StudentScheduler(sch)
         x = noise.astype(np.float32)
-        alphas = [*sch.alphas_cumprod, sch.final_alpha_cumprod]
         for i, t in enumerate(sch.timesteps):
-            a, a_next = alphas[i], alphas[i + 1]
             out = self._model(x, t, cond)
-            x0, eps = predict_x0_eps(x, out, a, sch.prediction_type)
-            if sch.clip_sample is not None:
-                x0 = np.clip(x0, -sch.clip_sample, sch.clip_sample)
             last = i == sch.steps - 1
-            if sch.kind == "ddim":  # DDIM, eta = 0 (Song et al. 2021, eq. 12)
-                x = x0 if last else np.sqrt(a_next) * x0 + np.sqrt(1 - a_next) * eps
-            else:  # consistency multistep (Song et al. 2023, Alg. 1; LCM boundary scalings)
-                c = (t * sch.timestep_scaling) ** 2
-                c_skip = sch.sigma_data**2 / (c + sch.sigma_data**2)
-                c_out = np.sqrt(c) / np.sqrt(c + sch.sigma_data**2)
-                denoised = c_skip * x + c_out * x0
-                x = denoised if last else np.sqrt(a_next) * denoised + np.sqrt(1 - a_next) * step_noise[i]
-            x = x.astype(np.float32)
+            x, _ = sched.step(out, i, x, None if last or step_noise is None else step_noise[i])
         return x
 
     def from_seeds(

@@ -47,7 +47,16 @@ PIPELINE_MODEL = "dd_t2i"
 COMPONENT_MODELS = {n: f"dd_{n}" for n in COMPONENT_NAMES}
 MODEL_TEMPLATE = Path(__file__).with_name("triton_t2i_model.py")
 # What the pipeline model imports: numpy + tokenizers, nothing of onnxruntime or the manifest code.
-VENDORED = ("base.py", "errors.py", "iospec.py", "schedulers.py", "tokenizer.py", "t2i.py")
+VENDORED = (
+    "base.py",
+    "errors.py",
+    "iospec.py",
+    "schedule.py",
+    "schedulers.py",
+    "tokenizer.py",
+    "pipeline.py",
+    "t2i.py",
+)
 LONG_PROMPTS = "refuse"
 TOKENIZER_PATH, SCHEDULER_PATH = "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"
 

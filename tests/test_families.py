@@ -109,5 +109,6 @@ def test_bars_start_from_the_family_and_the_user_wins(name):
 def test_schedulers_the_runtime_lacks_are_refused():
     sd = FAMILIES["sd"]
     assert sd.scheduler_kind("LCMScheduler", "x") == "lcm"
-    with pytest.raises(InputError, match=r"^s/scheduler_config.json: scheduler 'PNDMScheduler' is not"):
-        sd.scheduler_kind("PNDMScheduler", "s/scheduler_config.json")
+    assert sd.scheduler_kind("PNDMScheduler", "x") == "pndm"
+    with pytest.raises(InputError, match=r"^s/sched.json: scheduler 'HeunDiscreteScheduler' is not"):
+        sd.scheduler_kind("HeunDiscreteScheduler", "s/sched.json")

@@ -220,7 +220,9 @@ def test_pixel_pipeline_index_stays_pixel(tmp_path):
     assert not is_t2i_source(pipe)
 
 
-@pytest.mark.parametrize("cls", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler"])
+@pytest.mark.parametrize(
+    "cls", ["HeunDiscreteScheduler", "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"]
+)
 def test_schedulers_the_runtime_does_not_sample_are_refused(tiny, tmp_path, cls):
     pipe = _copy(tiny, tmp_path / cls)
     _edit_json(pipe / "scheduler" / "scheduler_config.json", _class_name=cls)
@@ -299,3 +301,11 @@ def test_demo_resolves_from_any_cwd(tmp_path, monkeypatch):
     r = _resolve(src, steps=None, batch_sizes=(1,))
     assert r.teacher.path.resolve() == (DEMO_T2I / "teacher").resolve()
     assert r.steps == 4
+
+
+def test_an_lcm_pipeline_with_another_scheduler_is_refused(tiny_lcm, tmp_path):
+    """diffusers' LatentConsistencyModelPipeline decodes LCM's x0: with another scheduler it would not
+    sample what the runtime samples (or crash), so the folder is refused by name."""
+    pipe = _copy(tiny_lcm, tmp_path / "lcm")
+    _edit_json(pipe / "model_index.json", scheduler=["diffusers", "EulerDiscreteScheduler"])
+    _refused(pipe, "model_index.json: a LatentConsistencyModelPipeline samples with LCMScheduler, not")

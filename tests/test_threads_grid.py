@@ -94,11 +94,8 @@ def test_cli_grid_option():
 def test_cli_bad_grid_exits_2(tmp_path):
     from optimizer.cli import main
 
-    for demo in ("pixel", "t2i"):  # a bad grid, and a grid where it does not apply
-        r = CliRunner().invoke(
-            main,
-            ["--demo", demo, "-o", str(tmp_path / "o"), "--threads-grid", "x" if demo == "pixel" else "1"],
-        )
+    for demo in ("pixel", "t2i"):  # both families take a grid (tests/test_families.py): a bad one is refused
+        r = CliRunner().invoke(main, ["--demo", demo, "-o", str(tmp_path / "o"), "--threads-grid", "x"])
         assert r.exit_code == 2 and "--threads-grid" in r.output, r.output
         assert not (tmp_path / "o").exists()
 

@@ -92,6 +92,12 @@ def check_layout(path: Path) -> dict[str, Any]:
             raise InputError(f"{index_path}: {name} class {entry[1]!r}: not supported ({', '.join(classes)})")
         if not (path / name).is_dir():
             raise InputError(f"{path}: component {name!r} is missing (no {name}/ folder)")
+    if cls == "LatentConsistencyModelPipeline":  # its call decodes LCM's x0: another scheduler breaks it
+        sched = (index["scheduler"][1], path / "scheduler" / "scheduler_config.json")
+        if sched[0] != "LCMScheduler":
+            raise InputError(
+                f"{index_path}: a LatentConsistencyModelPipeline samples with LCMScheduler, not {sched[0]!r}"
+            )
     for name in ("text_encoder", "unet", "vae"):
         if not (path / name / "config.json").exists():
             raise InputError(f"{path / name}: no config.json")
@@ -186,7 +192,7 @@ def check_scheduler(config: dict[str, Any], where: str) -> Any:
     if kind is None:
         raise InputError(
             f"{where}: _class_name {cls!r} is not supported: the runtime samples "
-            f"{' and '.join(SCHEDULER_CLASSES)} (save the pipeline with one of them)"
+            f"{', '.join(SCHEDULER_CLASSES)} (save the pipeline with one of them)"
         )
     try:
         return make_scheduler(kind, config, where=where)

@@ -1,0 +1,411 @@
+"""One runtime pipeline for every family, without torch: `CompiledPipeline`.
+
+Its `__call__` follows diffusers' pipelines step by step over the components a family has:
+
+1. check inputs (one line per problem, before any component runs);
+2. encode the conditioning: the text encoder if the family has one, else the caller's `cond`;
+3. prepare the timesteps (the family's scheduler, engines/schedulers.py's interface);
+4. prepare latents or noise, drawn per seed so an image never depends on its batch;
+5. the denoising loop, with the family's guidance policy (cfg: both halves in one call; embedded:
+   a w-embedding feed; none);
+6. decode with the VAE if the family has one, else the samples are the images.
+
+Any number of requests is taken: generations run in chunks of the compiled batch. A subclass only
+reads its description into `Parts`: engines/t2i.py's TextToImagePipeline (a pipeline family's
+t2i.json) and engines/runtime.py's SamplerPipeline (a denoiser's manifest).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engines.base import Runner
+from engines.errors import InputError
+from engines.iospec import IOSpec
+from engines.schedule import MAX_SEED, check_sampler_inputs, to_images
+
+# A prompt over the tokenizer's limit: "truncate" (diffusers: cut, keep EOS, log a warning) or
+# "refuse" (one-line InputError naming the token count; what dd-serve does)
+LONG_PROMPT_POLICIES = ("truncate", "refuse")
+
+
+@dataclass(frozen=True)
+class TextParts:
+    tokenizer: Any  # engines/tokenizer.ClipTokenizer: prompts -> int64 ids [B, tokens]
+    encoder: str = "text_encoder"  # its runner
+    output: str = "last_hidden_state"
+    long_prompts: str = "truncate"
+
+
+@dataclass(frozen=True)
+class VaeParts:
+    scaling_factor: float  # latents / scaling_factor go into the decoder (diffusers' vae.decode)
+    scale_factor: int  # pixels per latent cell
+    decoder: str = "vae_decoder"
+
+
+@dataclass
+class Parts:
+    """What a family's runtime is made of; `CompiledPipeline` runs whichever parts are present."""
+
+    runners: dict[str, Runner]
+    specs: dict[str, IOSpec]
+    denoiser: str  # the runner called at every step ("unet", or "denoiser" for a pixel student)
+    scheduler: Any  # engines/schedulers.py interface
+    guidance: str  # "cfg" | "embedded" | "none"
+    sample_channels: int  # latent channels (VAE families) or image channels
+    defaults: dict[str, Any]  # num_inference_steps, guidance_scale, height, width (model space)
+    text: TextParts | None = None
+    vae: VaeParts | None = None
+    time_cond_proj_dim: int | None = None  # embedded guidance: the w-embedding's size
+    # what a denoiser takes besides sample and timestep, given by the caller per image (class labels,
+    # encoder_hidden_states); empty for text families, whose conditioning comes from the encoder
+    cond_names: tuple[str, ...] = field(default_factory=tuple)
+
+
+def guidance_scale_embedding(w: np.ndarray, dim: int) -> np.ndarray:
+    """diffusers' get_guidance_scale_embedding (VDM's sinusoidal embedding of 1000 w), float32."""
+    w = w.astype(np.float32) * np.float32(1000.0)
+    half = dim // 2
+    step = np.log(np.float32(10000.0)) / np.float32(half - 1)  # float32 throughout, as torch computes it
+    freq = np.exp((np.arange(half, dtype=np.float32) * -step).astype(np.float64)).astype(np.float32)
+    emb = w[:, None] * freq[None, :]
+    emb = np.concatenate([np.sin(emb), np.cos(emb)], axis=1)
+    if dim % 2 == 1:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb.astype(np.float32)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """VAE output NCHW in [-1, 1] -> uint8 NHWC, as diffusers' postprocess + numpy_to_pil."""
+    x = np.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return (x * 255).round().astype(np.uint8)
+
+
+def _strings(v: Any, what: str) -> list[str]:
+    items = [v] if isinstance(v, str) else list(v) if isinstance(v, list | tuple) else None
+    if not items or not all(isinstance(p, str) for p in items):
+        raise InputError(f"{what}: expected a string or a non-empty list of strings, got {type(v).__name__}")
+    return items
+
+
+def _int_or(v: Any, default: Any, what: str) -> int:
+    """`v` as a pixel size (None: the default); 0 or a non-integer is refused, not defaulted."""
+    if v is None:
+        return int(default)
+    if isinstance(v, bool) or not isinstance(v, int | np.integer):
+        raise InputError(f"{what}={v!r}: expected an integer")
+    return int(v)
+
+
+@dataclass(frozen=True)
+class T2IRequest:
+    """One checked call: what `__call__` runs, and what a server merges across requests."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    guidance_scale: float
+    num_inference_steps: int
+
+
+class CompiledPipeline:
+    def __init__(self, parts: Parts):
+        if parts.text is not None and parts.text.long_prompts not in LONG_PROMPT_POLICIES:
+            raise InputError(
+                f"long_prompts={parts.text.long_prompts!r}: choose from {list(LONG_PROMPT_POLICIES)}"
+            )
+        self.parts = parts
+        self.runners, self.specs, self.scheduler = parts.runners, parts.specs, parts.scheduler
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> CompiledPipeline:
+        for r in self.runners.values():
+            r.activate()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            r.deactivate()
+
+    @property
+    def long_prompts(self) -> str:
+        return self.parts.text.long_prompts if self.parts.text else "truncate"
+
+    @property
+    def max_batch(self) -> int:
+        """Images per chunk of a call: the denoiser's batch range, halved when it was sized for CFG."""
+        spec = self.specs[self.parts.denoiser]
+        if "batch" not in spec.dims:
+            return 1 << 30
+        m = spec.dims["batch"].max
+        return m // 2 if self.parts.guidance == "cfg" else m
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, 3) at the default size."""
+        return int(self.parts.defaults["height"]), int(self.parts.defaults["width"]), 3
+
+    # -- 1. check inputs ---------------------------------------------------------------------
+    def _prompts(
+        self, prompt: str | list[str] | None, negative_prompt: str | list[str] | None
+    ) -> tuple[list[str], list[str]]:
+        prompts = _strings(prompt, "prompt")
+        if negative_prompt is None:
+            neg = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            neg = [negative_prompt] * len(prompts)
+        else:
+            neg = _strings(negative_prompt, "negative_prompt")
+            if len(neg) != len(prompts):
+                raise InputError(f"negative_prompt: {len(neg)} prompts for {len(prompts)} prompts")
+        return prompts, neg
+
+    def _size(self, height: Any, width: Any, latents: Any) -> tuple[int, int]:
+        """(height, width) in model-space pixels, inside the denoiser's profile."""
+        k = self.parts.vae.scale_factor if self.parts.vae else 1
+        d = self.parts.defaults
+        if isinstance(latents, np.ndarray) and latents.ndim == 4 and height is None and width is None:
+            h, w = latents.shape[2] * k, latents.shape[3] * k  # diffusers would need height/width too
+        else:
+            h, w = _int_or(height, d["height"], "height"), _int_or(width, d["width"], "width")
+        dims = self.specs[self.parts.denoiser].dims
+        axes = ("latent_height", "latent_width") if self.parts.vae else ("height", "width")
+        for name, v, axis in zip(("height", "width"), (h, w), axes, strict=True):
+            r = dims.get(axis)
+            lo, hi = (r.min, r.max) if r is not None else (v // k, v // k)
+            if r is None and v != d[name]:  # a static axis: only the compiled size
+                raise InputError(f"{name}={v}: this pipeline was compiled for {d[name]} only")
+            if v % k or not (lo <= v // k <= hi):
+                raise InputError(
+                    f"{name}={v}: must be a multiple of {k} in [{lo * k}, {hi * k}] (the profile)"
+                )
+        return h, w
+
+    def _guidance(self, guidance_scale: Any) -> tuple[float, bool]:
+        """(scale, run the CFG batch?) checked against the mode the engines were built for."""
+        mode = self.parts.guidance
+        g = self.parts.defaults.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+        if isinstance(g, bool) or not isinstance(g, int | float | np.integer | np.floating):
+            raise InputError(f"guidance_scale={g!r}: expected a number")
+        g = float(g)
+        if not math.isfinite(g):
+            raise InputError(f"guidance_scale={g}: must be a finite number")
+        if mode == "none" and g > 1:
+            raise InputError(
+                f"guidance_scale={g}: the pipeline was built without guidance (mode 'none'): use <= 1"
+            )
+        return g, (mode == "cfg" and g > 1)
+
+    def _steps(self, num_inference_steps: Any) -> int:
+        n = self.parts.defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        if isinstance(n, bool) or not isinstance(n, int | np.integer):
+            raise InputError(f"num_inference_steps={n!r}: expected an integer")
+        copy.deepcopy(self.scheduler).set_timesteps(int(n))  # the scheduler's own range check
+        return int(n)
+
+    def _seeds(self, seeds: Any, b: int) -> list[int]:
+        if seeds is None:
+            return list(range(b))
+        seeds = [seeds] if isinstance(seeds, int | np.integer) else list(seeds)
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, int | np.integer) or not 0 <= s <= MAX_SEED:
+                raise InputError(f"seeds: {s!r} is not an integer in [0, 2^63 - 1]")
+        if len(seeds) != b:
+            raise InputError(f"seeds: {len(seeds)} seeds for {b} prompts")
+        return [int(s) for s in seeds]
+
+    def tokenize(self, prompts: list[str], what: str = "prompt") -> np.ndarray:
+        """int64 ids [B, tokens]; a prompt over the limit is cut (truncate) or refused (refuse)."""
+        return self.parts.text.tokenizer(prompts, truncate=self.long_prompts == "truncate", what=what)
+
+    def _check_tokens(self, prompts: list[str], neg: list[str]) -> None:
+        self.tokenize(prompts)
+        self.tokenize(neg, "negative_prompt")
+
+    def check(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        seeds: list[int] | None = None,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+    ) -> T2IRequest:
+        """Every check of a prompted call at the default size, before any component runs."""
+        prompts, neg = self._prompts(prompt, negative_prompt)
+        seeds = self._seeds(seeds, len(prompts))
+        g, _ = self._guidance(guidance_scale)
+        steps = self._steps(num_inference_steps)
+        self._check_tokens(prompts, neg)
+        return T2IRequest(prompts, neg, seeds, g, steps)
+
+    def run(self, request: T2IRequest) -> np.ndarray:
+        """The images of a checked request at the default size (seeded latents)."""
+        return self(
+            request.prompts,
+            request.negative_prompts,
+            request.seeds,
+            guidance_scale=request.guidance_scale,
+            num_inference_steps=request.num_inference_steps,
+        )
+
+    # -- components --------------------------------------------------------------------------
+    def encode(self, prompts: list[str]) -> np.ndarray:
+        t = self.parts.text
+        ids = self.tokenize(prompts)
+        return self.runners[t.encoder].infer({"input_ids": ids})[t.output].astype(np.float32)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        v = self.parts.vae
+        z = (latents / np.float32(v.scaling_factor)).astype(np.float32)
+        return self.runners[v.decoder].infer({"latent_sample": z})["sample"]
+
+    # -- the call ----------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        seeds: list[int] | None = None,
+        latents: np.ndarray | None = None,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        *,
+        step_noise: np.ndarray | None = None,
+        cond: dict[str, np.ndarray] | None = None,
+        output_type: str = "images",
+    ) -> np.ndarray:
+        """Images: uint8 [B, H, W, 3] for families with a VAE, floats [B, C, H, W] in [0, 1] for
+        pixel students (`output_type="samples"`: their model-space samples)."""
+        p = self.parts
+        # 1. Check inputs
+        if p.text is not None:
+            prompts, neg = self._prompts(prompt, negative_prompt)
+            b = len(prompts)
+            seeds = self._seeds(seeds, b)
+        else:
+            if prompt is not None or negative_prompt is not None:
+                raise InputError("prompt: this pipeline has no text encoder (pass seeds= or latents=)")
+            prompts = neg = []
+            check_sampler_inputs(seeds, latents, step_noise, cond, self._shape(), self._schedule())
+            b = len(seeds) if seeds is not None else int(latents.shape[0])
+        g, do_cfg = self._guidance(guidance_scale)
+        h, w = self._size(height, width, latents)
+        k = p.vae.scale_factor if p.vae else 1
+        shape = (b, p.sample_channels, h // k, w // k)
+        steps = self._steps(num_inference_steps)
+        if p.text is not None and self.long_prompts == "refuse":
+            self._check_tokens(prompts, neg)  # refuse before any component runs
+        if latents is not None:
+            if not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != shape:
+                got = (
+                    f"{latents.dtype} {latents.shape}"
+                    if isinstance(latents, np.ndarray)
+                    else type(latents).__name__
+                )
+                raise InputError(f"latents: got {got}, expected float32 {shape}")
+            if not np.isfinite(latents).all():
+                raise InputError("latents: contain NaN or Inf")
+        if (
+            self.scheduler.stochastic
+            and steps > 1
+            and latents is not None
+            and seeds is None
+            and step_noise is None
+        ):
+            raise InputError("a consistency student needs step_noise with noise= (or pass seeds=)")
+        # any number of images: chunks of the compiled batch
+        mb = self.max_batch
+        chunks = []
+        for i in range(0, b, mb):
+            sl = slice(i, i + mb)
+            chunks.append(
+                self._generate(
+                    prompts[sl],
+                    neg[sl],
+                    None if seeds is None else seeds[sl],
+                    None if latents is None else latents[sl],
+                    None if step_noise is None else step_noise[:, sl],
+                    {k_: v[sl] for k_, v in (cond or {}).items()},
+                    shape[1:],
+                    g,
+                    do_cfg,
+                    steps,
+                )
+            )
+        out = np.concatenate(chunks)
+        if p.vae is not None:
+            return to_uint8(out)
+        return to_images(out) if output_type == "images" else out
+
+    def _generate(
+        self,
+        prompts: list[str],
+        neg: list[str],
+        seeds: list[int] | None,
+        latents: np.ndarray | None,
+        step_noise: np.ndarray | None,
+        cond: dict[str, np.ndarray],
+        sample_shape: tuple[int, ...],
+        g: float,
+        do_cfg: bool,
+        steps: int,
+    ) -> np.ndarray:
+        p, sched = self.parts, self.scheduler
+        # 2. Encode the conditioning: diffusers' cat([negative, positive]) under CFG, one text-encoder
+        # call each (its profile is sized for B); else the caller's per-image inputs
+        if p.text is not None:
+            emb = self.encode(prompts)
+            feeds_c = {"encoder_hidden_states": np.concatenate([self.encode(neg), emb]) if do_cfg else emb}
+        else:
+            feeds_c = dict(cond)
+        b = len(prompts) if p.text is not None else len(seeds if seeds is not None else latents)
+        if p.guidance == "embedded":  # Imagen's w; the LCM pipelines embed w - 1
+            w = np.full((b,), g - 1, dtype=np.float32)
+            feeds_c["timestep_cond"] = guidance_scale_embedding(w, int(p.time_cond_proj_dim))
+        # 3. Prepare timesteps
+        timesteps = sched.set_timesteps(steps)
+        # 4. Prepare latents (or noise) and the per-step draws, per seed: init first, then one draw
+        # per re-noising step, from each image's own generator
+        rngs = [np.random.default_rng(s) for s in seeds] if seeds is not None else []
+        if latents is None:
+            latents = np.stack([r.standard_normal(sample_shape, dtype=np.float32) for r in rngs])
+        x = (latents * np.float32(sched.init_noise_sigma)).astype(np.float32)
+        # 5. Denoising loop
+        out_name = self.specs[p.denoiser].output_names[0]
+        denoised, last = x, len(timesteps) - 1
+        for i, t in enumerate(timesteps):
+            xi = sched.scale_model_input(x, i)
+            xin = np.concatenate([xi, xi]) if do_cfg else xi
+            feeds = {"sample": xin, "timestep": np.full((xin.shape[0],), t, np.float32), **feeds_c}
+            out = self.runners[p.denoiser].infer(feeds)[out_name].astype(np.float32)
+            if do_cfg:
+                u, c = out[:b], out[b:]
+                out = u + np.float32(g) * (c - u)
+            noise = None
+            if sched.stochastic and i < last:
+                noise = (
+                    step_noise[i]
+                    if step_noise is not None
+                    else np.stack([r.standard_normal(x.shape[1:], dtype=np.float32) for r in rngs])
+                )
+            x, denoised = sched.step(out, i, x, noise)
+        # 6. Decode
+        return self.decode(denoised) if p.vae is not None else denoised
+
+    # pixel students: the sample shape and the schedule their inputs are checked against
+    def _shape(self) -> tuple[int, ...]:
+        d = self.parts.defaults
+        return (self.parts.sample_channels, int(d["height"]), int(d["width"]))
+
+    def _schedule(self) -> Any:
+        return getattr(self.scheduler, "schedule", None)
