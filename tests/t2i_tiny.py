@@ -1,4 +1,5 @@
-"""A tiny random-weight StableDiffusionPipeline (and LCM variant) with an offline CLIP BPE tokenizer."""
+"""A tiny random-weight StableDiffusionPipeline (LCM and SD 2.x variants) with an offline CLIP BPE
+tokenizer."""
 
 from __future__ import annotations
 
@@ -37,15 +38,99 @@ def write_clip_vocab(d: Path) -> Path:
     return d
 
 
-def clip_tokenizer(d: Path):
+def clip_tokenizer(d: Path, pad_token: str | None = None):
+    """CLIP's BPE on the tiny vocabulary; `pad_token` "!" as SD 2.x's OpenCLIP tokenizer (id 0 here
+    too), else CLIPTokenizer's default <|endoftext|> (SD 1.x)."""
     from transformers import CLIPTokenizer
 
     write_clip_vocab(d)
-    return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77)
+    kw = {} if pad_token is None else {"pad_token": pad_token}
+    return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77, **kw)
 
 
-def make_tiny_pipeline(path: Path, *, lcm: bool = False, seed: int = 0) -> Path:
-    """save_pretrained layout: text_encoder, tokenizer, unet, vae, scheduler, model_index.json."""
+# SD 2.x's scheduler_config.json as shipped (stable-diffusion-2 / 2-1: the 768-v models), whatever the
+# class: keys another class does not take (skip_prk_steps, clip_sample, ...) are kept, as on the hub
+SD2_SCHEDULER = dict(
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    clip_sample=False,
+    num_train_timesteps=1000,
+    prediction_type="v_prediction",
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    trained_betas=None,
+)
+
+
+def _sd2_modules(tok, seed: int):
+    """SD 2.x's shapes, tiny: the OpenCLIP ViT-H text tower as CLIPTextModel (gelu, an odd layer count
+    as ViT-H's 23, its config's bos/eos/pad ids 0/2/1 as shipped, wider than any UNet block, as 1024 is
+    there), a UNet with linear projections, a per-block head count list and upcast attention."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=12,  # not the SD 1.x tiny's 8, as 96 (768 px) is not 64
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        cross_attention_dim=48,
+        attention_head_dim=[2, 4],  # diffusers reads it as heads per block (SD 2.x: [5, 10, 20, 20])
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=24,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=48,
+            intermediate_size=192,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=512,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    )
+    return unet, vae, text
+
+
+def make_tiny_pipeline(
+    path: Path,
+    *,
+    lcm: bool = False,
+    seed: int = 0,
+    sd2: bool = False,
+    scheduler: str = "DDIMScheduler",
+    prediction_type: str = "v_prediction",
+) -> Path:
+    """save_pretrained layout: text_encoder, tokenizer, unet, vae, scheduler, model_index.json.
+
+    `sd2`: SD 2.x's shapes (see _sd2_modules), its tokenizer's "!" padding, and its scheduler config
+    as shipped (SD2_SCHEDULER) under the diffusers class `scheduler`, with `prediction_type`
+    (v_prediction: the 768-v models; epsilon: the 512 base models)."""
+    if sd2:
+        return _make_sd2(path, seed, scheduler, prediction_type)
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -123,4 +208,28 @@ def make_tiny_pipeline(path: Path, *, lcm: bool = False, seed: int = 0) -> Path:
             requires_safety_checker=False,
         )
     pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _make_sd2(path: Path, seed: int, scheduler: str, prediction_type: str) -> Path:
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    tok = clip_tokenizer(path.parent / f"{path.name}_vocab", pad_token="!")
+    unet, vae, text = _sd2_modules(tok, seed)
+    shipped = {**SD2_SCHEDULER, "prediction_type": prediction_type}
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=getattr(diffusers, scheduler).from_config(shipped),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    # the file as shipped, not as diffusers rewrites it (every default filled in, foreign keys dropped)
+    cfg = {"_class_name": scheduler, "_diffusers_version": "0.8.0", **shipped}
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg, indent=2))
     return path
