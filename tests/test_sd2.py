@@ -116,6 +116,57 @@ def test_sd2_runtime_matches_diffusers(root, tmp_path, scheduler, prediction):
     assert wrong < 30.0, wrong
 
 
+@pytest.mark.slow
+def test_sd2_fp16_attention_overflow_kept_fp32(root, tmp_path):
+    """What upcast_attention is for: SD 2.1's attention scores overflow fp16. diffusers' SDPA processor
+    (what export traces) ignores the flag, so the exported fp16 UNet must find it by measurement:
+    with one self-attention's q and k scaled by 1e3 (scores ~1e6 > 65504), naive fp16 gives NaN, and
+    dd-compile's fp16 keeps that attention's QK^T MatMul and Softmax in fp32, finite, near fp32."""
+    import onnx
+    import torch
+    from onnx.reference import ReferenceEvaluator
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from optimizer.bars import ParityBars
+    from optimizer.metrics import rel_l2
+    from optimizer.quantize.onnx_graph import run_model, toposort
+    from optimizer.t2i.components import dummy_inputs
+    from optimizer.t2i.export import export_component
+    from optimizer.t2i.load import load_pipeline
+    from optimizer.t2i.precision import quantize_component
+
+    loaded = load_pipeline(_pipeline(root, "DDIMScheduler"))
+    attn = loaded.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    with torch.no_grad():
+        attn.to_q.weight.mul_(1e3)
+        attn.to_k.weight.mul_(1e3)
+    comp = loaded.spec.component("unet")
+    src = export_component("unet", loaded.unet, comp.io, comp.config, tmp_path / "unet.fp32.onnx")
+    calib = [dummy_inputs(comp.io, np.random.default_rng(i), "min") for i in range(2)]
+    ref = run_model(src, calib, "out_sample")
+    assert all(np.isfinite(r).all() for r in ref)
+
+    def fp16_run(model, feeds=calib):  # every fp16 op computed in fp16, as a GPU does (ORT CPU upcasts)
+        ev = ReferenceEvaluator(model)
+        return [ev.run(["out_sample"], f)[0] for f in feeds]
+
+    naive = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    toposort(naive)
+    with np.errstate(all="ignore"):
+        assert not np.isfinite(fp16_run(naive, calib[:1])[0]).all(), "naive fp16 should overflow"
+    g = quantize_component("unet", "fp16", src, tmp_path / "unet.fp16.onnx", calib, ParityBars())
+    print(f"\nplanted SD2 attention: {g.why}")
+    assert g.info["passed"], g.why
+    islands = {(k["op_type"], k["module"]) for k in g.info["kept_float"] if k["reason"] == "range"}
+    where = "model.down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    assert islands == {("MatMul", where), ("Softmax", where)}, islands
+    got = fp16_run(str(g.path))
+    assert all(np.isfinite(o).all() for o in got)
+    err = rel_l2(np.concatenate(got), np.concatenate(ref))
+    print(f"fp16 UNet (fp16 compute) rel. L2 vs fp32: {err:.2e}")
+    assert err <= 1e-2, err
+
+
 def _cli(args):
     from optimizer.cli import main
 
