@@ -5,7 +5,9 @@ Its `__call__` follows diffusers' pipelines step by step over the components a f
 1. check inputs (one line per problem, before any component runs);
 2. encode the conditioning: the text encoder if the family has one, else the caller's `cond`;
 3. prepare the timesteps (the family's scheduler, engines/schedulers.py's interface);
-4. prepare latents or noise, drawn per seed so an image never depends on its batch;
+4. prepare latents or noise, drawn per seed so an image never depends on its batch; with `image=`
+   (image-to-image, diffusers' StableDiffusionImg2ImgPipeline) the VAE encoder's latent of the
+   image, noised to the first timestep that `strength` keeps;
 5. the denoising loop, with the family's guidance policy (cfg: both halves in one call; embedded:
    a w-embedding feed; none);
 6. decode with the VAE if the family has one, else the samples are the images.
@@ -47,6 +49,7 @@ class VaeParts:
     scaling_factor: float  # latents / scaling_factor go into the decoder (diffusers' vae.decode)
     scale_factor: int  # pixels per latent cell
     decoder: str = "vae_decoder"
+    encoder: str | None = None  # its runner (image-to-image); None: an output compiled without one
 
 
 @dataclass
@@ -85,6 +88,57 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     """VAE output NCHW in [-1, 1] -> uint8 NHWC, as diffusers' postprocess + numpy_to_pil."""
     x = np.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
     return (x * 255).round().astype(np.uint8)
+
+
+def preprocess(images: Any, b: int, channels: int) -> np.ndarray:
+    """uint8 HWC, a batch NHWC or a list of HWC -> float32 NCHW in [-1, 1], as diffusers'
+    VaeImageProcessor.preprocess does with a PIL image (/ 255, then 2x - 1); one per prompt."""
+    if isinstance(images, list | tuple):
+        if not images or not all(isinstance(x, np.ndarray) and x.ndim == 3 for x in images):
+            raise InputError("image: a list must hold uint8 HWC numpy arrays")
+        if len({x.shape for x in images}) > 1:
+            raise InputError(
+                f"image: the list's images differ in shape ({sorted({x.shape for x in images})})"
+            )
+        if len({x.dtype for x in images}) > 1 or images[0].dtype != np.uint8:
+            raise InputError(f"image: expected uint8 images, got {sorted({str(x.dtype) for x in images})}")
+        x = np.stack(images)
+    elif isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise InputError(f"image: expected uint8 (HWC or NHWC), got {images.dtype}")
+        if images.ndim not in (3, 4):
+            raise InputError(f"image: expected HWC or NHWC, got shape {images.shape}")
+        x = images[None] if images.ndim == 3 else images
+    else:
+        raise InputError(
+            f"image: expected a uint8 numpy array or a list of them, got {type(images).__name__}"
+        )
+    if x.shape[-1] != channels:
+        raise InputError(f"image: {x.shape[-1]} channels, expected {channels} (HWC, RGB)")
+    if x.shape[0] != b:
+        raise InputError(f"image: {x.shape[0]} image(s) for {b} prompt(s) (one image per prompt)")
+    x = x.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    return (np.float32(2.0) * x - np.float32(1.0)).astype(np.float32)
+
+
+def check_strength(strength: Any, steps: int | None) -> int:
+    """The first kept step index, as diffusers' img2img get_timesteps (every runtime scheduler has
+    order 1): init = min(int(steps * strength), steps), t_start = steps - init (steps None: the range
+    check only)."""
+    if isinstance(strength, bool) or not isinstance(strength, int | float | np.integer | np.floating):
+        raise InputError(f"strength={strength!r}: expected a number in (0, 1]")
+    s = float(strength)
+    if not (0.0 < s <= 1.0):
+        raise InputError(f"strength={s}: must be in (0, 1]")
+    if steps is None:
+        return 0
+    init = min(int(steps * s), steps)
+    if init == 0:
+        raise InputError(
+            f"strength={s} with num_inference_steps={steps}: no step left (int(steps * strength) = 0); "
+            "raise either"
+        )
+    return max(steps - init, 0)
 
 
 def _strings(v: Any, what: str) -> list[str]:
@@ -263,6 +317,47 @@ class CompiledPipeline:
         ids = self.tokenize(prompts)
         return self.runners[t.encoder].infer({"input_ids": ids})[t.output].astype(np.float32)
 
+    def encode_image(self, pixels: np.ndarray, rngs: list[np.random.Generator]) -> np.ndarray:
+        """diffusers' retrieve_latents(vae.encode(image), generator) * scaling_factor: the posterior
+        (mean, log-variance clamped to [-30, 20]) sampled as mean + std * eps, eps from each rng."""
+        v = self.parts.vae
+        params = self.runners[v.encoder].infer({"sample": pixels})["latent_parameters"].astype(np.float32)
+        c = params.shape[1] // 2
+        mean, logvar = params[:, :c], np.clip(params[:, c:], -30.0, 20.0)
+        std = np.exp(np.float32(0.5) * logvar).astype(np.float32)
+        eps = np.stack([r.standard_normal(mean.shape[1:], dtype=np.float32) for r in rngs])
+        return ((mean + std * eps) * np.float32(v.scaling_factor)).astype(np.float32)
+
+    def _image(
+        self, image: Any, b: int, latents: Any, height: Any, width: Any, strength: Any, steps: Any
+    ) -> tuple[np.ndarray, int]:
+        """Image-to-image's checks: (pixels NCHW in [-1, 1], first kept step index: -1 for a
+        scheduler that shortens its schedule itself, LCM)."""
+        v = self.parts.vae
+        if v is None or v.encoder is None:
+            raise InputError(
+                "image: this output has no vae_encoder component (compiled for text-to-image only; "
+                "recompile it with this dd-compile for image-to-image)"
+            )
+        if latents is not None:
+            raise InputError("image: pass image= or latents=, not both (image-to-image draws its own)")
+        spec = self.specs[v.encoder]
+        pixels = preprocess(image, b, int(spec.inputs[0].shape[1]))
+        ih, iw = pixels.shape[2], pixels.shape[3]
+        for name, given, got in (("height", height, ih), ("width", width, iw)):
+            if given is not None and given != got:
+                raise InputError(f"{name}={given}: image-to-image takes the image's size ({got})")
+        try:
+            self._size(ih, iw, None)
+        except InputError as e:
+            raise InputError(f"image {ih}x{iw}: {e}") from None
+        s, n = 0.8 if strength is None else strength, self._steps(steps)
+        if getattr(self.scheduler, "strength_in_set_timesteps", False):  # LCM: a shorter schedule
+            check_strength(s, None)
+            copy.deepcopy(self.scheduler).set_timesteps(n, strength=float(s))
+            return pixels, -1
+        return pixels, check_strength(s, n)
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
         v = self.parts.vae
         z = (latents / np.float32(v.scaling_factor)).astype(np.float32)
@@ -283,9 +378,18 @@ class CompiledPipeline:
         step_noise: np.ndarray | None = None,
         cond: dict[str, np.ndarray] | None = None,
         output_type: str = "images",
+        image: Any = None,
+        strength: float | None = None,
     ) -> np.ndarray:
         """Images: uint8 [B, H, W, 3] for families with a VAE, floats [B, C, H, W] in [0, 1] for
-        pixel students (`output_type="samples"`: their model-space samples)."""
+        pixel students (`output_type="samples"`: their model-space samples).
+
+        `image` (uint8 HWC, NHWC or a list of HWC; one per prompt) makes it image-to-image, as
+        diffusers' StableDiffusionImg2ImgPipeline: the image size is the output size and `strength`
+        (0, 1], default 0.8, keeps the last int(steps * strength) steps. Per seed, the image's
+        generator draws the VAE posterior's eps first (latent = mean + std * eps, times
+        scaling_factor), then the noise added at the first kept timestep, then the scheduler's
+        per-step draws (Euler ancestral, LCM)."""
         p = self.parts
         # 1. Check inputs
         if p.text is not None:
@@ -299,6 +403,12 @@ class CompiledPipeline:
             check_sampler_inputs(seeds, latents, step_noise, cond, self._shape(), self._schedule())
             b = len(seeds) if seeds is not None else int(latents.shape[0])
         g, do_cfg = self._guidance(guidance_scale)
+        pixels, begin = None, 0
+        if image is not None:
+            pixels, begin = self._image(image, b, latents, height, width, strength, num_inference_steps)
+            height, width = pixels.shape[2], pixels.shape[3]
+        elif strength is not None:
+            raise InputError("strength: only with image= (image-to-image)")
         h, w = self._size(height, width, latents)
         k = p.vae.scale_factor if p.vae else 1
         shape = (b, p.sample_channels, h // k, w // k)
@@ -340,6 +450,9 @@ class CompiledPipeline:
                     g,
                     do_cfg,
                     steps,
+                    None if pixels is None else pixels[sl],
+                    begin,
+                    0.8 if strength is None else float(strength),
                 )
             )
         out = np.concatenate(chunks)
@@ -359,6 +472,9 @@ class CompiledPipeline:
         g: float,
         do_cfg: bool,
         steps: int,
+        pixels: np.ndarray | None = None,
+        begin: int = 0,
+        strength: float = 1.0,
     ) -> np.ndarray:
         p, sched = self.parts, self.scheduler
         # 2. Encode the conditioning: diffusers' cat([negative, positive]) under CFG, one text-encoder
@@ -373,17 +489,27 @@ class CompiledPipeline:
             w = np.full((b,), g - 1, dtype=np.float32)
             feeds_c["timestep_cond"] = guidance_scale_embedding(w, int(p.time_cond_proj_dim))
         # 3. Prepare timesteps
-        timesteps = sched.set_timesteps(steps)
+        if begin < 0:  # LCM image-to-image: strength shortens the schedule, which starts at 0
+            timesteps, begin = sched.set_timesteps(steps, strength=strength), 0
+        else:
+            timesteps = sched.set_timesteps(steps)
         # 4. Prepare latents (or noise) and the per-step draws, per seed: init first, then one draw
         # per re-noising step, from each image's own generator
         rngs = [np.random.default_rng(s) for s in seeds] if seeds is not None else []
-        if latents is None:
-            latents = np.stack([r.standard_normal(sample_shape, dtype=np.float32) for r in rngs])
-        x = (latents * np.float32(sched.init_noise_sigma)).astype(np.float32)
+        if pixels is not None:  # image-to-image: the image's latent noised to the first kept step
+            sched.set_begin_index(begin)
+            x = self.encode_image(pixels, rngs)
+            noise = np.stack([r.standard_normal(x.shape[1:], dtype=np.float32) for r in rngs])
+            x = sched.add_noise(x, noise, begin)
+        else:
+            if latents is None:
+                latents = np.stack([r.standard_normal(sample_shape, dtype=np.float32) for r in rngs])
+            x = (latents * np.float32(sched.init_noise_sigma)).astype(np.float32)
         # 5. Denoising loop
         out_name = self.specs[p.denoiser].output_names[0]
         denoised, last = x, len(timesteps) - 1
-        for i, t in enumerate(timesteps):
+        for i in range(begin, len(timesteps)):
+            t = timesteps[i]
             xi = sched.scale_model_input(x, i)
             xin = np.concatenate([xi, xi]) if do_cfg else xi
             feeds = {"sample": xin, "timestep": np.full((xin.shape[0],), t, np.float32), **feeds_c}

@@ -6,6 +6,13 @@ Every scheduler has one interface, which the runtime's denoising loop (engines/t
 noise=None)` -> (prev_sample, denoised), and `stochastic` (True: `step` takes N(0, 1) `noise` of
 the sample's shape at every step but the last, drawn by the caller per image seed). `denoised` is
 what the pipeline decodes after the last step (LCM: the consistency prediction; others: the sample).
+Image-to-image (diffusers' StableDiffusionImg2ImgPipeline) adds two: `add_noise(original, noise,
+step_index)`, the forward process to the step_index-th timestep (DDIM, LCM, PNDM: sqrt(alpha_bar) x +
+sqrt(1 - alpha_bar) noise; Euler, Euler ancestral: x + sigma noise, not scaled by init_noise_sigma, as
+diffusers' img2img leaves it; DPM-Solver++: alpha_t x + sigma_t noise), and `set_begin_index(i)`: the
+loop starts at step i (a multistep scheduler starts its history there; set_timesteps resets it to 0).
+LCM shortens its schedule itself (`set_timesteps(n, strength=)`, `strength_in_set_timesteps`), as
+diffusers' LatentConsistencyModelImg2ImgPipeline does.
 
 They reproduce diffusers' DDIMScheduler (eta = 0), LCMScheduler, EulerDiscreteScheduler,
 EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler (dpmsolver++), PNDMScheduler and
@@ -138,6 +145,12 @@ def _x0(cfg: SchedulerConfig, out: np.ndarray, x: np.ndarray, a: np.float32) -> 
     return a**0.5 * x - b**0.5 * out, a**0.5 * out + b**0.5 * x
 
 
+def _alpha_noise(ac: np.ndarray, timestep: int, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """The forward process at a training timestep, float32 as diffusers' add_noise computes it."""
+    a = ac[timestep]
+    return (a**0.5 * original + (np.float32(1) - a) ** 0.5 * noise).astype(np.float32)
+
+
 class DDIMScheduler:
     """diffusers.DDIMScheduler with eta = 0 (deterministic)."""
 
@@ -168,6 +181,13 @@ class DDIMScheduler:
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return sample
+
+    def set_begin_index(self, step_index: int) -> None:
+        """Nothing to do: each step reads only its own timestep."""
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        """diffusers' add_noise at the step_index-th timestep: sqrt(a) x + sqrt(1 - a) noise."""
+        return _alpha_noise(self.alphas_cumprod, int(self.timesteps[step_index]), original, noise)
 
     def step(
         self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None
@@ -200,21 +220,38 @@ class LCMScheduler:
         self.num_inference_steps: int | None = None
         self.timesteps = np.arange(cfg.num_train_timesteps)[::-1].copy()
 
+    # image-to-image: `strength` shortens the schedule inside set_timesteps (diffusers' LCM img2img
+    # pipeline), not by skipping its first steps
+    strength_in_set_timesteps = True
+
     def set_timesteps(
-        self, num_inference_steps: int, original_inference_steps: int | None = None
+        self, num_inference_steps: int, original_inference_steps: int | None = None, strength: float = 1.0
     ) -> np.ndarray:
         cfg, n = self.cfg, num_inference_steps
         orig = original_inference_steps or cfg.original_inference_steps
         if not 1 <= n <= orig:
             raise InputError(f"num_inference_steps={n}: an LCM samples with 1..{orig} steps")
         k = cfg.num_train_timesteps // orig
-        origin = (np.arange(1, orig + 1) * k - 1)[::-1].copy()
+        kept = int(orig * strength)  # strength 1: all of them
+        if kept // n < 1:
+            raise InputError(
+                f"strength={strength} with num_inference_steps={n}: an LCM keeps int({orig} x strength) = "
+                f"{kept} of its original steps, fewer than the steps asked"
+            )
+        origin = (np.arange(1, kept + 1) * k - 1)[::-1].copy()
         idx = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
         self.num_inference_steps, self.timesteps = n, origin[idx].astype(np.int64)
         return self.timesteps
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return sample
+
+    def set_begin_index(self, step_index: int) -> None:
+        """Nothing to do: each step reads only its own timestep."""
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        """diffusers' add_noise at the step_index-th timestep: sqrt(a) x + sqrt(1 - a) noise."""
+        return _alpha_noise(self.alphas_cumprod, int(self.timesteps[step_index]), original, noise)
 
     def scalings(self, timestep: int) -> tuple[float, float]:
         """Boundary-condition c_skip, c_out (diffusers' get_scalings_for_boundary_condition_discrete)."""
@@ -431,9 +468,13 @@ class _Sequential:
     """State of a multistep scheduler: steps must come in order from 0 (a new run starts at 0)."""
 
     _next = 0
+    _begin = 0  # the loop's first step (image-to-image: set_begin_index)
+
+    def set_begin_index(self, step_index: int) -> None:
+        self._begin = int(step_index)
 
     def _advance(self, step_index: int) -> None:
-        if step_index == 0:
+        if step_index == self._begin:
             self._reset()
         elif step_index != self._next:
             raise ValueError(f"{type(self).__name__}: step {step_index} after step {self._next - 1}")
@@ -491,6 +532,13 @@ class EulerScheduler:
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         s = self.sigmas[step_index]
         return (sample / np.sqrt(s * s + np.float32(1))).astype(np.float32)
+
+    def set_begin_index(self, step_index: int) -> None:
+        """Nothing to do: each step reads only its own sigmas."""
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        """diffusers' add_noise with the begin index: original + noise * sigma (no init_noise_sigma)."""
+        return (original + noise * self.sigmas[step_index]).astype(np.float32)
 
     def _x0(self, out: np.ndarray, x: np.ndarray, s: np.float32) -> np.ndarray:
         p = self.o["prediction_type"]
@@ -603,8 +651,13 @@ class DPMSolverMultistepScheduler(_Sequential):
             sigmas = np.interp(ts, np.arange(0, len(train)), train)
         self.sigmas = np.concatenate([sigmas, [_sigma_last(o, self.ac)]]).astype(np.float32)
         self.timesteps = ts.astype(np.int64)
-        self._outputs, self._next = [], 0
+        self._outputs, self._next, self._begin = [], 0, 0
         return self.timesteps
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        """diffusers' add_noise with the begin index: alpha_t x + sigma_t noise at the step's sigma."""
+        alpha, sigma = self._alpha_sigma(self.sigmas[step_index])
+        return (alpha * original + sigma * noise).astype(np.float32)
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return sample
@@ -639,7 +692,7 @@ class DPMSolverMultistepScheduler(_Sequential):
         else:
             x0 = model_output
         self._outputs = [*self._outputs, x0][-order:]
-        done = min(i, order)  # diffusers' lower_order_nums before this step
+        done = min(i - self._begin, order)  # diffusers' lower_order_nums before this step
         alpha_t, sigma_t, lam_t = self._lambda(i + 1)
         h = lam_t - lam_s
         em1 = _expf(-h) - np.float32(1)
@@ -712,8 +765,12 @@ class PNDMScheduler(_Sequential):
         self.num_inference_steps = n
         self.timesteps = np.concatenate([self.prk_timesteps, plms]).astype(np.int64)
         self._reset()
-        self._next = 0
+        self._next, self._begin = 0, 0
         return self.timesteps
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        """diffusers' add_noise at the step_index-th timestep: sqrt(a) x + sqrt(1 - a) noise."""
+        return _alpha_noise(self.ac, int(self.timesteps[step_index]), original, noise)
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return sample

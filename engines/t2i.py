@@ -1,4 +1,5 @@
-"""Text-to-image pipeline on exported graphs, without torch: prompt in, uint8 [B, H, W, 3] out.
+"""Text-to-image pipeline on exported graphs, without torch: prompt in, uint8 [B, H, W, 3] out
+(and image-to-image, `image=` and `strength=`, when the output has a VAE encoder).
 
 Follows diffusers' StableDiffusionPipeline / LatentConsistencyModelPipeline step by step
 (encode_prompt, prepare_latents, the denoising loop with CFG or the guidance-scale embedding,
@@ -35,6 +36,8 @@ from engines.tokenizer import ClipTokenizer
 log = logging.getLogger(__name__)
 T2I_FORMAT = "dd-compile-t2i"
 COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder")
+# image-to-image's VAE encoder: outputs compiled before it have none and run text-to-image only
+OPTIONAL_COMPONENTS = ("vae_encoder",)
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "openvino", "tensorrt")
 RunnerFactory = Callable[[str, Path, IOSpec], Runner]
 
@@ -132,10 +135,14 @@ class TextToImagePipeline(CompiledPipeline):
         if long_prompts not in LONG_PROMPT_POLICIES:
             raise InputError(f"long_prompts={long_prompts!r}: choose from {list(LONG_PROMPT_POLICIES)}")
         self.config = cfg = T2IConfig.load(folder, config)
-        specs = {n: IOSpec.from_dict(cfg.components[n]["io"]) for n in COMPONENT_NAMES}
+        # a custom runner factory (the Triton model's BLS runners) serves text-to-image only for now
+        names = COMPONENT_NAMES + tuple(
+            n for n in OPTIONAL_COMPONENTS if n in cfg.components and runner_factory is None
+        )
+        specs = {n: IOSpec.from_dict(cfg.components[n]["io"]) for n in names}
         make = runner_factory or component_runner(backend, threads)
         self.backend = backend if runner_factory is None else "custom"
-        runners = {n: make(n, cfg.root / cfg.components[n]["path"], specs[n]) for n in COMPONENT_NAMES}
+        runners = {n: make(n, cfg.root / cfg.components[n]["path"], specs[n]) for n in names}
         tok = cfg.tokenizer
         self.tokenizer = ClipTokenizer(cfg.root / tok["path"], int(tok["model_max_length"]), tok["pad_token"])
         scheduler = make_scheduler(
@@ -151,7 +158,11 @@ class TextToImagePipeline(CompiledPipeline):
                 sample_channels=cfg.latent_channels,
                 defaults=cfg.defaults,
                 text=TextParts(self.tokenizer, long_prompts=long_prompts),
-                vae=VaeParts(cfg.vae_scaling_factor, cfg.vae_scale_factor),
+                vae=VaeParts(
+                    cfg.vae_scaling_factor,
+                    cfg.vae_scale_factor,
+                    encoder="vae_encoder" if "vae_encoder" in runners else None,
+                ),
                 time_cond_proj_dim=cfg.time_cond_proj_dim,
             )
         )

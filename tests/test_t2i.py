@@ -243,6 +243,7 @@ def test_sd_runtime_matches_diffusers(sd_export):
         "text_encoder.fp32.onnx",
         "unet.fp32.onnx",
         "vae_decoder.fp32.onnx",
+        "vae_encoder.fp32.onnx",
     ]
     assert (out / "tokenizer" / "tokenizer.json").exists() and (
         out / "scheduler" / "scheduler_config.json"

@@ -183,7 +183,7 @@ def test_vae_fp16_planted_overflow_keeps_fp32_islands(tmp_path):
     kept = g.info["kept_float"]
     assert any(k["reason"] == "range" for k in kept), kept  # the range check saw the overflow
     fp32 = Graph("vae_decoder", "fp32", src, {"passed": True})
-    graphs = {(k, "fp32"): fp32 for k in ("text_encoder", "unet", "vae_decoder")}
+    graphs = {(k, "fp32"): fp32 for k in ("text_encoder", "unet", "vae_decoder", "vae_encoder")}
     deployed = resolve_mix("fp16", {**graphs, ("vae_decoder", "fp16"): g})["vae_decoder"]
     if g.info["passed"]:  # fp16 with fp32 islands: finite where naive fp16 is not
         assert deployed.precision == "fp16" and "overflow" in g.why
@@ -263,7 +263,7 @@ def test_compile_tiny_pipeline_end_to_end(tiny, tmp_path):
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["call_parity"]) == {
-        f"{k}.{p}" for k in ("text_encoder", "unet", "vae_decoder") for p in ("fp32", "fp16")
+        f"{k}.{p}" for k in ("text_encoder", "unet", "vae_decoder", "vae_encoder") for p in ("fp32", "fp16")
     }
     assert all(c["passed"] for c in rep["call_parity"].values())
     assert rep["call_parity"]["unet.fp32"]["rel_l2"] <= 1e-5

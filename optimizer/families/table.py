@@ -54,7 +54,7 @@ class Family:
     name: str
     title: str  # what a person calls it, in messages
     flow: str  # the stage runner: "pixel" (optimizer/compile/stages.py) or "pipeline" (optimizer/t2i/)
-    components: tuple[str, ...]  # exported by default, in call order
+    components: tuple[str, ...]  # every output has them, in call order (text-to-image)
     tokenizers: tuple[str, ...]
     # scheduler class (a diffusers _class_name, or the pixel student's sampler kinds) -> runtime kind
     schedulers: MappingProxyType
@@ -69,6 +69,14 @@ class Family:
     n_fid_samples: int  # default --fid-samples
     sample_psnr_db: MappingProxyType  # default sample-level bars (--bar sample.<p>= overrides)
     tasks: MappingProxyType = field(default_factory=lambda: _frozen({}))  # task -> extra components
+    default_tasks: tuple[str, ...] = ()  # tasks every output is built for: their components join it
+
+    @property
+    def exported(self) -> tuple[str, ...]:
+        """What dd-compile exports, quantizes, validates and publishes: the components, then the
+        default tasks' extra components (the mixes give each one a precision)."""
+        extra = [c for t in self.default_tasks for c in self.tasks[t] if c not in self.components]
+        return (*self.components, *dict.fromkeys(extra))
 
     def honours(self, option: str) -> bool:
         return option in COMMON_OPTIONS or option in self.options
@@ -136,10 +144,25 @@ FAMILIES: dict[str, Family] = {
             precisions=("fp32", "fp16", "int8"),
             mixes=_frozen(
                 {
-                    "fp32": {"text_encoder": "fp32", "unet": "fp32", "vae_decoder": "fp32"},
-                    "fp16": {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp16"},
+                    "fp32": {
+                        "text_encoder": "fp32",
+                        "unet": "fp32",
+                        "vae_decoder": "fp32",
+                        "vae_encoder": "fp32",
+                    },
+                    "fp16": {
+                        "text_encoder": "fp16",
+                        "unet": "fp16",
+                        "vae_decoder": "fp16",
+                        "vae_encoder": "fp16",
+                    },
                     # the UNet runs once per step (most of the time); the VAE overflows int8 ranges
-                    "int8": {"text_encoder": "fp16", "unet": "int8", "vae_decoder": "fp16"},
+                    "int8": {
+                        "text_encoder": "fp16",
+                        "unet": "int8",
+                        "vae_decoder": "fp16",
+                        "vae_encoder": "fp16",
+                    },
                 }
             ),
             # engines/t2i.py's runners; tensorrt: one engine per component (optimizer/t2i/trt_build.py)
@@ -152,7 +175,9 @@ FAMILIES: dict[str, Family] = {
             n_fid_samples=100,
             # uint8 images: rounding alone costs a few tenths of a level, so fp32 sits near 45-60 dB
             sample_psnr_db=_frozen({"fp32": 40.0, "fp16": 30.0, "int8": 22.0}),
+            # image-to-image (engines/pipeline.py: image=, strength=): every output has a VAE encoder
             tasks=_frozen({"img2img": ("vae_encoder",)}),
+            default_tasks=("img2img",),
         ),
     )
 }

@@ -272,7 +272,6 @@ COMPONENTS: dict[str, ComponentKind] = {
             PrecisionPolicy(
                 "fp32", ("fp32", "fp16"), "image-to-image only; same overflow risk as the decoder"
             ),
-            exported_by_default=False,
         ),
     )
 }

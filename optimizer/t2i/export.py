@@ -135,9 +135,11 @@ def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict
         "version": T2I_VERSION,
         "pipeline_class": spec.pipeline_class,
         "guidance": spec.guidance,
+        # a component without a graph is left out (no vae_encoder: a text-to-image-only description)
         "components": {
             c.kind: {"path": paths[c.kind], "precision": "fp32", "io": c.io.to_dict()}
             for c in spec.components
+            if c.kind in paths
         },
         "tokenizer": {**spec.tokenizer.to_dict(), "vocab_size": vocab_size},
         "scheduler": {

@@ -346,6 +346,7 @@ def component_configs(path: Path) -> dict[str, dict[str, Any]]:
     }
     configs = {k: _read_json(f) for k, f in files.items()}
     check_configs(configs, {k: str(f) for k, f in files.items()})
+    configs["vae_encoder"] = configs["vae_decoder"]  # image-to-image: the same AutoencoderKL
     return configs
 
 

@@ -1,9 +1,9 @@
 """Per-component precision: each component's graphs and the mixes a deployment is made of.
 
-text encoder fp32 | fp16, UNet fp32 | fp16 | int8, VAE decoder fp32 | fp16 after its range check:
-optimizer/quantize/fp16.py keeps FP32 islands where the measured activations would overflow
-fp16; if the converted decoder still misses its target (or the islands grow past the budget)
-the decoder stays fp32. Every choice is recorded with its reason for the report.
+text encoder fp32 | fp16, UNet fp32 | fp16 | int8, VAE decoder and encoder (image-to-image) fp32 |
+fp16 after their range check: optimizer/quantize/fp16.py keeps FP32 islands where the measured
+activations would overflow fp16; if a converted VAE graph still misses its target (or the islands
+grow past the budget) it stays fp32. Every choice is recorded with its reason for the report.
 """
 
 from __future__ import annotations

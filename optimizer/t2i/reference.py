@@ -2,10 +2,13 @@
 
 `diffusers_pipeline` builds a StableDiffusionPipeline / LatentConsistencyModelPipeline from the
 loaded modules (the student UNet included); `Recorder` captures every component's inputs along a
-run (text encoder ids, each UNet call with both CFG halves, the VAE's final latents), the real
-inputs call parity and calibration use; `images` runs it from given latents with the runtime's
-per-step draws for a stochastic scheduler (LCM's re-noising, Euler ancestral's noise), so engine
-and torch images are comparable pixel for pixel.
+run (text encoder ids, each UNet call with both CFG halves, the VAE's final latents, and the images
+the VAE decodes from them, on the uint8 grid, as the VAE encoder's inputs), the real inputs call
+parity and calibration use; `images` runs it from given latents with the runtime's per-step draws
+for a stochastic scheduler (LCM's re-noising, Euler ancestral's noise), and `img2img_images` runs
+diffusers' StableDiffusionImg2ImgPipeline (LCM: LatentConsistencyModelImg2ImgPipeline) with the
+runtime's per-seed draws (the VAE posterior's eps, the added noise, the scheduler's), so engine and
+torch images are comparable pixel for pixel.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class Recorder:
     text_encoder: list[dict[str, np.ndarray]] = field(default_factory=list)
     unet: list[dict[str, np.ndarray]] = field(default_factory=list)
     vae_decoder: list[dict[str, np.ndarray]] = field(default_factory=list)
+    vae_encoder: list[dict[str, np.ndarray]] = field(default_factory=list)  # the decoded images
 
     def feeds(self, kind: str) -> list[dict[str, np.ndarray]]:
         return getattr(self, kind)
@@ -87,7 +91,12 @@ def recording(pipe: Any) -> Iterator[Recorder]:
 
     def recorded_decode(z: torch.Tensor, *a: Any, **kw: Any) -> Any:
         rec.vae_decoder.append({"latent_sample": _np(z).astype(np.float32)})
-        return decode(z, *a, **kw)
+        out = decode(z, *a, **kw)
+        x = out[0] if isinstance(out, tuple) else out.sample
+        # real images for the encoder: the decoded ones, rounded to uint8 as a saved image is
+        u8 = ((x.detach().float() / 2 + 0.5).clamp(0, 1) * 255).round()
+        rec.vae_encoder.append({"sample": _np(u8 / 127.5 - 1).astype(np.float32)})
+        return out
 
     hooks = [
         pipe.text_encoder.register_forward_pre_hook(te_hook, with_kwargs=True),
@@ -111,18 +120,18 @@ NOISE_MODULES = {
 
 @contextlib.contextmanager
 def scheduler_noise(
-    seeds: list[int], module: str = NOISE_MODULES["LCMScheduler"]
+    seeds: list[int], module: str | tuple[str, ...] = NOISE_MODULES["LCMScheduler"]
 ) -> Iterator[list[np.ndarray]]:
     """The scheduler module's randn_tensor draws as engines/t2i.py does with `latents=` given: from
     fresh per-seed generators, one draw per call (the count follows the scheduler's own steps; Euler
-    ancestral's last draw, which engines/t2i.py skips, is multiplied by sigma_up = 0). Yields the
-    draws made."""
+    ancestral's last draw, which engines/t2i.py skips, is multiplied by sigma_up = 0). Several
+    modules share the generators, in call order (image-to-image: the VAE's, the pipeline's, the
+    scheduler's). Yields the draws made."""
     import importlib
 
-    mod = importlib.import_module(module)
+    mods = [importlib.import_module(m) for m in ((module,) if isinstance(module, str) else module)]
     rngs = [np.random.default_rng(s) for s in seeds]
     made: list[np.ndarray] = []
-    orig = mod.randn_tensor
 
     def ours(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, **_: Any) -> Any:
         if tuple(shape)[0] != len(rngs):
@@ -130,11 +139,14 @@ def scheduler_noise(
         made.append(np.stack([r.standard_normal(tuple(shape)[1:], dtype=np.float32) for r in rngs]))
         return torch.from_numpy(made[-1]).to(dtype=dtype or torch.float32)
 
-    mod.randn_tensor = ours
+    origs = [m.randn_tensor for m in mods]
+    for m in mods:
+        m.randn_tensor = ours
     try:
         yield made
     finally:
-        mod.randn_tensor = orig
+        for m, o in zip(mods, origs, strict=True):
+            m.randn_tensor = o
 
 
 @torch.no_grad()
@@ -162,6 +174,63 @@ def images(
             guidance_scale=guidance_scale,
             height=h,
             width=w,
+            output_type="np",
+        ).images
+    return (out * 255).round().astype(np.uint8)
+
+
+# image-to-image's draws besides the scheduler's, in order: the VAE posterior's sample (the first
+# module), then the noise added at the first kept timestep (the img2img pipeline's module)
+VAE_MODULE = "diffusers.models.autoencoders.vae"
+IMG2IMG_PIPELINES = {  # text-to-image pipeline class -> (img2img class, the module drawing its noise)
+    "StableDiffusionPipeline": (
+        "StableDiffusionImg2ImgPipeline",
+        "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
+    ),
+    "LatentConsistencyModelPipeline": (
+        "LatentConsistencyModelImg2ImgPipeline",
+        "diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_img2img",
+    ),
+}
+
+
+def img2img_pipeline(pipe: Any) -> Any:
+    """diffusers' img2img pipeline (StableDiffusionImg2ImgPipeline, or LatentConsistencyModel-
+    Img2ImgPipeline for an LCM pipeline) over a text-to-image pipeline's modules."""
+    import diffusers
+
+    cls = getattr(diffusers, IMG2IMG_PIPELINES[type(pipe).__name__][0])
+    comps = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
+    i2i = cls(**{**comps, "requires_safety_checker": False})
+    i2i.set_progress_bar_config(disable=True)
+    return i2i
+
+
+@torch.no_grad()
+def img2img_images(
+    pipe: Any,
+    prompts: list[str],
+    image: np.ndarray,
+    strength: float,
+    steps: int,
+    guidance_scale: float,
+    seeds: list[int],
+) -> np.ndarray:
+    """uint8 [B, H, W, 3] from diffusers' img2img pipeline (`pipe`: img2img_pipeline) for uint8
+    NHWC `image` (as PIL images), with the runtime's per-seed draws in its order: the VAE
+    posterior's eps, the noise added at the first kept timestep, the scheduler's per-step draws."""
+    from PIL import Image
+
+    noise_module = {cls: module for cls, module in IMG2IMG_PIPELINES.values()}
+    mods = (VAE_MODULE, noise_module[type(pipe).__name__])
+    extra = NOISE_MODULES.get(type(pipe.scheduler).__name__)
+    with scheduler_noise(seeds, (*mods, *([extra] if extra else []))):
+        out = pipe(
+            prompts,
+            image=[Image.fromarray(x) for x in image],
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
             output_type="np",
         ).images
     return (out * 255).round().astype(np.uint8)

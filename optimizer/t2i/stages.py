@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 KIND = "text-to-image"
 GRID_BACKENDS = ("onnxruntime", "openvino")  # CPU runtimes whose thread count is a setting
 FAMILY = FAMILIES["sd"]
-COMPONENT_KINDS = FAMILY.components
+COMPONENT_KINDS = FAMILY.exported  # the VAE encoder included: every output serves image-to-image
 USER_PROMPTS = [
     "a photo of a cat",
     "a red car on a street",
