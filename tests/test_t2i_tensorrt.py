@@ -64,7 +64,7 @@ def test_compile_tiny_pipeline_on_tensorrt(tmp_path):
     res = CliRunner().invoke(main, [*args, "--bench-seconds", "0.5", "--samples", "4", "--fid-samples", "8"])
     assert res.exit_code == 0, res.output
     m = json.loads((out / "manifest.json").read_text())
-    eng = {a["extra"]["component"] for n, a in m["artifacts"].items() if n.startswith("engine/")}
+    eng = {a["extra"]["component"] for a in m["artifacts"] if a["name"].startswith("engine/")}
     assert eng == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     rep = json.loads((out / "report.json").read_text())
     assert rep["backend"] == "tensorrt" and all(v["passed"] for v in rep["variants"])
