@@ -508,6 +508,10 @@ def _fresh_teacher(ctx: T2IContext, timings: dict[str, Any], ps: list[str]) -> N
     )
     log.info("timing the teacher alone in a fresh process at %s threads", grid)
     fresh_baseline(timings, req, threads)
+    ctx.report["notes"].append(
+        f"teacher: end to end from a fresh process (its best thread count); its per-component "
+        f"columns are in-run figures at {threads} threads"
+    )
     for b, d in timings["teacher_baseline"].items():
         if d.get("verdict") != "agree":
             ctx.report["notes"].append(
