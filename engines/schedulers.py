@@ -25,6 +25,7 @@ not implemented is refused by name (InputError), never sampled as something else
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, fields
 from typing import Any
@@ -464,7 +465,7 @@ def _sigma_last(o: _Options, ac: np.ndarray) -> np.float32:
     return np.float32(0)
 
 
-class _Sequential:
+class _Sequential(abc.ABC):
     """State of a multistep scheduler: steps must come in order from 0 (a new run starts at 0)."""
 
     _next = 0
@@ -480,8 +481,9 @@ class _Sequential:
             raise ValueError(f"{type(self).__name__}: step {step_index} after step {self._next - 1}")
         self._next = step_index + 1
 
+    @abc.abstractmethod
     def _reset(self) -> None:
-        raise NotImplementedError
+        """Forget the previous steps' model outputs (each scheduler keeps its own)."""
 
 
 class EulerScheduler:
