@@ -64,12 +64,28 @@ SD2_SCHEDULER = dict(
 )
 
 
+def tiny_vae(sample_size: int):
+    """The tiny AutoencoderKL every test pipeline uses (scale factor 2, 4 latent channels)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size,
+    )
+
+
 def _sd2_modules(tok, seed: int):
     """SD 2.x's shapes, tiny: the OpenCLIP ViT-H text tower as CLIPTextModel (gelu, an odd layer count
     as ViT-H's 23, its config's bos/eos/pad ids 0/2/1 as shipped, wider than any UNet block, as 1024 is
     there), a UNet with linear projections, a per-block head count list and upcast attention."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -87,16 +103,7 @@ def _sd2_modules(tok, seed: int):
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=24,
-    )
+    vae = tiny_vae(24)
     text = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tok),
@@ -133,7 +140,6 @@ def make_tiny_pipeline(
         return _make_sd2(path, seed, scheduler, prediction_type)
     import torch
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         LatentConsistencyModelPipeline,
         LCMScheduler,
@@ -157,16 +163,7 @@ def make_tiny_pipeline(
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         time_cond_proj_dim=16 if lcm else None,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
+    vae = tiny_vae(16)
     text = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tok),
