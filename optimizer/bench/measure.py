@@ -522,18 +522,11 @@ def assemble(
     rows += [{**v.to_dict(), "skipped": why, "memory": None, "results": []} for v, why in s.skipped]
     _derive(rows, s.flops, peak, cfg.min_samples)
     sch, teacher_path = s.manifest.schedule, s.ctx.teacher_path
+    head = bench_head(cfg, s.fingerprint, s.device, s.manifest)
     return {
-        "format": BENCH_FORMAT,
-        "version": BENCH_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "target": {
-            "name": cfg.target or target_name(s.fingerprint, s.device),
-            "device": s.device,
-            "fingerprint": s.fingerprint,
-        },
+        **head,
         "source": {
-            "manifest": str(s.manifest.path.resolve()),
-            "manifest_sha256": sha256_file(s.manifest.path),
+            **head["source"],
             "sample_shape": list(s.ctx.sample_shape),
             "schedule": {"kind": sch.kind, "steps": sch.steps},
             "teacher": {"path": str(teacher_path), "reference_steps": s.ctx.reference_steps}
@@ -551,6 +544,24 @@ def assemble(
         "teacher_baseline": baseline,
         "variants": rows,
         "best": _best(rows),
+    }
+
+
+def bench_head(
+    cfg: BenchConfig, fingerprint: dict[str, Any], device: str, manifest: Manifest
+) -> dict[str, Any]:
+    """What every bench JSON opens with (optimizer/bench/schema.py): format, version, when, the
+    target and the manifest it measured; each kind of output adds its own source keys."""
+    return {
+        "format": BENCH_FORMAT,
+        "version": BENCH_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "target": {
+            "name": cfg.target or target_name(fingerprint, device),
+            "device": device,
+            "fingerprint": fingerprint,
+        },
+        "source": {"manifest": str(manifest.path.resolve()), "manifest_sha256": sha256_file(manifest.path)},
     }
 
 

@@ -26,16 +26,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engines.errors import BackendError, DDCompileError, InputError
-from engines.fileio import sha256_file
 from engines.manifest import Manifest
-from optimizer.bench.fingerprint import fingerprint, target_name
+from optimizer.bench.fingerprint import fingerprint
 from optimizer.bench.flops import matmul_peak_gflops
 from optimizer.bench.measure import (
     _PROVENANCE,
@@ -46,9 +44,9 @@ from optimizer.bench.measure import (
     _resolve,
     _timing_dict,
     _usable_cores,
+    bench_head,
     run_group,
 )
-from optimizer.bench.schema import BENCH_FORMAT, BENCH_VERSION
 from optimizer.bench.variants import VariantSpec, cuda_available, ort_has
 
 log = logging.getLogger(__name__)
@@ -516,18 +514,11 @@ def assemble(
             if x.get("phase") == "call" and x.get("p50_ms"):
                 x["speedup_null_reason"] = CALL_NO_TEACHER
     info, t = s.info, s.teacher
+    head = bench_head(cfg, s.fingerprint, s.device, s.manifest)
     return {
-        "format": BENCH_FORMAT,
-        "version": BENCH_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "target": {
-            "name": cfg.target or target_name(s.fingerprint, s.device),
-            "device": s.device,
-            "fingerprint": s.fingerprint,
-        },
+        **head,
         "source": {
-            "manifest": str(s.manifest.path.resolve()),
-            "manifest_sha256": sha256_file(s.manifest.path),
+            **head["source"],
             "kind": KIND,
             "sample_shape": [info.size[0], info.size[1], 3],  # uint8 H x W x RGB per image
             "schedule": {"kind": _scheduler_kind(s.manifest), "steps": info.steps},
