@@ -303,11 +303,7 @@ def setup_bench(out_dir: str | Path, cfg: BenchConfig) -> BenchSetup:
     root = manifest.root
     if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
         raise InputError(f"batch sizes must be >= 1, got {list(cfg.batch_sizes)}")
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if cuda_available() else "cpu"
-    elif device.startswith("cuda") and not cuda_available():
-        raise InputError("--device cuda: no CUDA device is visible to torch")
+    device = resolve_device(cfg.device)
     threads = cfg.threads or _usable_cores()
     teacher_path = None
     if cfg.teacher:
@@ -545,6 +541,15 @@ def assemble(
         "variants": rows,
         "best": _best(rows),
     }
+
+
+def resolve_device(device: str) -> str:
+    """--device auto|cpu|cuda: auto picks CUDA when torch sees a device; cuda without one is refused."""
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device.startswith("cuda") and not cuda_available():
+        raise InputError("--device cuda: no CUDA device is visible to torch")
+    return device
 
 
 def bench_head(

@@ -45,9 +45,10 @@ from optimizer.bench.measure import (
     _timing_dict,
     _usable_cores,
     bench_head,
+    resolve_device,
     run_group,
 )
-from optimizer.bench.variants import VariantSpec, cuda_available, ort_has
+from optimizer.bench.variants import VariantSpec, ort_has
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +228,7 @@ def setup(out_dir: str | Path, cfg: BenchConfig, allow_unvalidated: bool = False
     # sha256 before any session opens: a changed file refuses the bench (exit 2), whichever backend
     for art in (*m.find("pipeline"), *m.find("onnx"), *m.find("asset")):
         m.verify(art)
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if cuda_available() else "cpu"
-    elif device.startswith("cuda") and not cuda_available():
-        raise InputError("--device cuda: no CUDA device is visible to torch")
+    device = resolve_device(cfg.device)
     threads = cfg.threads or _usable_cores()
     s = PipelineSetup(
         manifest=m,
