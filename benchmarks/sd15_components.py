@@ -362,7 +362,7 @@ def run_component(name: str, cfg: BenchConfig, work: Path) -> dict[str, Any]:
     import torch
 
     from optimizer.metrics import max_abs, rel_l2
-    from optimizer.t2i.components import COMPONENTS
+    from optimizer.t2i.components import wrap
     from optimizer.t2i.export import export_component
 
     torch.set_num_threads(cfg.threads)
@@ -392,7 +392,7 @@ def run_component(name: str, cfg: BenchConfig, work: Path) -> dict[str, Any]:
     feeds = inputs(name, config, cfg.scale, SEED)
     res["inputs"] = {k: list(v.shape) for k, v in feeds.items()}
     t0 = time.perf_counter()
-    wrapped = COMPONENTS[KIND[name]].wrapper(module).eval()
+    wrapped = wrap(KIND[name], module, spec)
     tfeeds = {k: torch.from_numpy(v) for k, v in feeds.items()}
     with torch.no_grad():
         ref = wrapped(**tfeeds).numpy()

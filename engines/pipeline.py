@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from engines.base import Runner
+from engines.conditioning import RECIPES
 from engines.errors import InputError
 from engines.iospec import IOSpec
 from engines.schedule import MAX_SEED, check_sampler_inputs, to_images
@@ -42,6 +43,9 @@ class TextParts:
     encoder: str = "text_encoder"  # its runner
     output: str = "last_hidden_state"
     long_prompts: str = "truncate"
+    recipe: str = "sd"  # engines/conditioning.py: how the encoders' outputs become the UNet's feeds
+    more: tuple[tuple[str, Any], ...] = ()  # further (encoder runner, tokenizer): SDXL's second
+    zero_negative: bool = False  # SDXL's force_zeros_for_empty_prompt
 
 
 @dataclass(frozen=True)
@@ -162,7 +166,7 @@ class T2IRequest:
     """One checked call: what `__call__` runs, and what a server merges across requests."""
 
     prompts: list[str]
-    negative_prompts: list[str]
+    negative_prompts: list[str | None]  # None: not given
     seeds: list[int]
     guidance_scale: float
     num_inference_steps: int
@@ -210,15 +214,24 @@ class CompiledPipeline:
 
     # -- 1. check inputs ---------------------------------------------------------------------
     def _prompts(
-        self, prompt: str | list[str] | None, negative_prompt: str | list[str] | None
-    ) -> tuple[list[str], list[str]]:
+        self, prompt: str | list[str] | None, negative_prompt: str | list[str | None] | None
+    ) -> tuple[list[str], list[str | None]]:
+        """Prompts and negatives; a negative of None is "not given" (SD: "", SDXL: zeros when its
+        pipeline says force_zeros_for_empty_prompt, as diffusers does)."""
         prompts = _strings(prompt, "prompt")
+        neg: list[str | None]
         if negative_prompt is None:
-            neg = [""] * len(prompts)
+            neg = [None] * len(prompts)
         elif isinstance(negative_prompt, str):
             neg = [negative_prompt] * len(prompts)
         else:
-            neg = _strings(negative_prompt, "negative_prompt")
+            items = negative_prompt if isinstance(negative_prompt, list | tuple) else None
+            if not items or not all(n is None or isinstance(n, str) for n in items):
+                raise InputError(
+                    "negative_prompt: expected a string or a non-empty list of strings (None: not "
+                    f"given), got {type(negative_prompt).__name__}"
+                )
+            neg = list(items)
             if len(neg) != len(prompts):
                 raise InputError(f"negative_prompt: {len(neg)} prompts for {len(prompts)} prompts")
         return prompts, neg
@@ -277,13 +290,16 @@ class CompiledPipeline:
             raise InputError(f"seeds: {len(seeds)} seeds for {b} prompts")
         return [int(s) for s in seeds]
 
-    def tokenize(self, prompts: list[str], what: str = "prompt") -> np.ndarray:
+    def tokenize(self, prompts: list[str], what: str = "prompt", tokenizer: Any = None) -> np.ndarray:
         """int64 ids [B, tokens]; a prompt over the limit is cut (truncate) or refused (refuse)."""
-        return self.parts.text.tokenizer(prompts, truncate=self.long_prompts == "truncate", what=what)
+        tok = tokenizer or self.parts.text.tokenizer
+        return tok(prompts, truncate=self.long_prompts == "truncate", what=what)
 
-    def _check_tokens(self, prompts: list[str], neg: list[str]) -> None:
-        self.tokenize(prompts)
-        self.tokenize(neg, "negative_prompt")
+    def _check_tokens(self, prompts: list[str], neg: list[str | None]) -> None:
+        t = self.parts.text
+        for tok in (t.tokenizer, *(tk for _, tk in t.more)):
+            self.tokenize(prompts, tokenizer=tok)
+            self.tokenize(["" if n is None else n for n in neg], "negative_prompt", tok)
 
     def check(
         self,
@@ -312,10 +328,23 @@ class CompiledPipeline:
         )
 
     # -- components --------------------------------------------------------------------------
+    def _encode_with(
+        self, runner: str, tokenizer: Any, prompts: list[str], what: str
+    ) -> dict[str, np.ndarray]:
+        ids = self.tokenize(prompts, what, tokenizer)
+        return {k: v.astype(np.float32) for k, v in self.runners[runner].infer({"input_ids": ids}).items()}
+
     def encode(self, prompts: list[str]) -> np.ndarray:
+        """The first text encoder's states for the prompts (what SD's UNet attends to)."""
         t = self.parts.text
-        ids = self.tokenize(prompts)
-        return self.runners[t.encoder].infer({"input_ids": ids})[t.output].astype(np.float32)
+        return self._encode_with(t.encoder, t.tokenizer, prompts, "prompt")[t.output]
+
+    def conditioning(
+        self, prompts: list[str], neg: list[str | None], do_cfg: bool, size: tuple[int, int]
+    ) -> dict[str, np.ndarray]:
+        """The UNet's text conditioning feeds by the family's recipe (engines/conditioning.py)."""
+        t = self.parts.text
+        return RECIPES[t.recipe](t, self._encode_with, prompts, neg, do_cfg, size)
 
     def encode_image(self, pixels: np.ndarray, rngs: list[np.random.Generator]) -> np.ndarray:
         """diffusers' retrieve_latents(vae.encode(image), generator) * scaling_factor: the posterior
@@ -463,7 +492,7 @@ class CompiledPipeline:
     def _generate(
         self,
         prompts: list[str],
-        neg: list[str],
+        neg: list[str | None],
         seeds: list[int] | None,
         latents: np.ndarray | None,
         step_noise: np.ndarray | None,
@@ -480,8 +509,8 @@ class CompiledPipeline:
         # 2. Encode the conditioning: diffusers' cat([negative, positive]) under CFG, one text-encoder
         # call each (its profile is sized for B); else the caller's per-image inputs
         if p.text is not None:
-            emb = self.encode(prompts)
-            feeds_c = {"encoder_hidden_states": np.concatenate([self.encode(neg), emb]) if do_cfg else emb}
+            k = p.vae.scale_factor if p.vae else 1
+            feeds_c = self.conditioning(prompts, neg, do_cfg, (sample_shape[1] * k, sample_shape[2] * k))
         else:
             feeds_c = dict(cond)
         b = len(prompts) if p.text is not None else len(seeds if seeds is not None else latents)

@@ -35,9 +35,11 @@ from engines.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 T2I_FORMAT = "dd-compile-t2i"
-COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder")
-# image-to-image's VAE encoder: outputs compiled before it have none and run text-to-image only
+COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder")  # every family's output has them
+# image-to-image's VAE encoder (outputs compiled before it have none and run text-to-image only);
+# SDXL's second text encoder (its description's family says whether it is required)
 OPTIONAL_COMPONENTS = ("vae_encoder",)
+FAMILY_COMPONENTS = {"sd": COMPONENT_NAMES, "sdxl": ("text_encoder", "text_encoder_2", "unet", "vae_decoder")}
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "openvino", "tensorrt")
 RunnerFactory = Callable[[str, Path, IOSpec], Runner]
 
@@ -56,6 +58,13 @@ class T2IConfig:
     latent_channels: int
     time_cond_proj_dim: int | None
     defaults: dict[str, Any]
+    family: str = "sd"  # outputs written before families were recorded are SD's
+    tokenizer_2: dict[str, Any] | None = None
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return FAMILY_COMPONENTS[self.family]
 
     @classmethod
     def load(cls, folder: str | Path, name: str = "t2i.json") -> T2IConfig:
@@ -69,7 +78,14 @@ class T2IConfig:
             raise InputError(f"{path}: not valid JSON ({e})") from None
         if d.get("format") != T2I_FORMAT:
             raise InputError(f"{path}: format {d.get('format')!r}, expected {T2I_FORMAT!r}")
-        missing = [c for c in COMPONENT_NAMES if c not in d.get("components", {})]
+        family = d.get("family", "sd")
+        if family not in FAMILY_COMPONENTS:
+            raise InputError(
+                f"{path}: family {family!r} is not one this runtime runs ({', '.join(FAMILY_COMPONENTS)})"
+            )
+        if family == "sdxl" and not isinstance(d.get("tokenizer_2"), dict):
+            raise InputError(f"{path}: an sdxl description needs tokenizer_2")
+        missing = [c for c in FAMILY_COMPONENTS[family] if c not in d.get("components", {})]
         if missing:
             raise InputError(f"{path}: component(s) {missing} missing")
         sched_path = root / d["scheduler"]["config"]
@@ -88,6 +104,9 @@ class T2IConfig:
             latent_channels=int(d["latent_channels"]),
             time_cond_proj_dim=d.get("time_cond_proj_dim"),
             defaults=d["defaults"],
+            family=family,
+            tokenizer_2=d.get("tokenizer_2"),
+            force_zeros_for_empty_prompt=bool(d.get("force_zeros_for_empty_prompt", False)),
         )
 
 
@@ -116,6 +135,10 @@ def component_runner(backend: str, threads: int | None = None) -> RunnerFactory:
     return make
 
 
+def _tokenizer(root: Path, tok: dict[str, Any]) -> ClipTokenizer:
+    return ClipTokenizer(root / tok["path"], int(tok["model_max_length"]), tok["pad_token"])
+
+
 class TextToImagePipeline(CompiledPipeline):
     """A pipeline family's runtime from its description (t2i.json): `pipe(prompt, ...)` -> uint8
     [B, H, W, 3]; runners are ONNX Runtime sessions (CPU by default), OpenVINO or TensorRT engines
@@ -136,15 +159,17 @@ class TextToImagePipeline(CompiledPipeline):
             raise InputError(f"long_prompts={long_prompts!r}: choose from {list(LONG_PROMPT_POLICIES)}")
         self.config = cfg = T2IConfig.load(folder, config)
         # a custom runner factory (the Triton model's BLS runners) serves text-to-image only for now
-        names = COMPONENT_NAMES + tuple(
+        names = cfg.required + tuple(
             n for n in OPTIONAL_COMPONENTS if n in cfg.components and runner_factory is None
         )
         specs = {n: IOSpec.from_dict(cfg.components[n]["io"]) for n in names}
         make = runner_factory or component_runner(backend, threads)
         self.backend = backend if runner_factory is None else "custom"
         runners = {n: make(n, cfg.root / cfg.components[n]["path"], specs[n]) for n in names}
-        tok = cfg.tokenizer
-        self.tokenizer = ClipTokenizer(cfg.root / tok["path"], int(tok["model_max_length"]), tok["pad_token"])
+        self.tokenizer = _tokenizer(cfg.root, cfg.tokenizer)
+        more = ()
+        if cfg.tokenizer_2 is not None:
+            more = (("text_encoder_2", _tokenizer(cfg.root, cfg.tokenizer_2)),)
         scheduler = make_scheduler(
             cfg.scheduler_kind, cfg.scheduler_config, where=str(cfg.root / "scheduler")
         )
@@ -157,7 +182,14 @@ class TextToImagePipeline(CompiledPipeline):
                 guidance=cfg.guidance,
                 sample_channels=cfg.latent_channels,
                 defaults=cfg.defaults,
-                text=TextParts(self.tokenizer, long_prompts=long_prompts),
+                text=TextParts(
+                    self.tokenizer,
+                    output="penultimate_hidden_state" if cfg.family == "sdxl" else "last_hidden_state",
+                    long_prompts=long_prompts,
+                    recipe=cfg.family,
+                    more=more,
+                    zero_negative=cfg.force_zeros_for_empty_prompt,
+                ),
                 vae=VaeParts(
                     cfg.vae_scaling_factor,
                     cfg.vae_scale_factor,

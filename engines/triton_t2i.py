@@ -54,6 +54,7 @@ VENDORED = (
     "schedule.py",
     "schedulers.py",
     "tokenizer.py",
+    "conditioning.py",
     "pipeline.py",
     "t2i.py",
 )
@@ -117,9 +118,21 @@ def open_t2i(
         art = m.get(f"pipeline/{precision or m.meta.get('recommended') or 'fp32'}")
         unvalidated = art is None or m.servable(art, backend) is not None
         pipe = load(out, precision, backend, allow_unvalidated=allow_unvalidated, **kw)
-        return OpenedT2I(pipe, unvalidated)
+        return _served_family(OpenedT2I(pipe, unvalidated), out)
     require_validated(out, allow_unvalidated)
-    return OpenedT2I(TextToImagePipeline(out, backend=backend, **kw), True)
+    return _served_family(OpenedT2I(TextToImagePipeline(out, backend=backend, **kw), True), out)
+
+
+def _served_family(opened: OpenedT2I, out: Path) -> OpenedT2I:
+    """The Triton pipeline model (dd-triton, dd-serve) serves SD 1.x/2.x outputs: one text encoder
+    model. Another family is refused in one line, not served with a part missing."""
+    family = opened.pipe.config.family
+    if family != "sd":
+        raise InputError(
+            f"{out}: a {family} pipeline; the Triton repository and dd-serve serve SD 1.x/2.x pipelines "
+            "for now (run it with engines.load)"
+        )
+    return opened
 
 
 def description(pipe: TextToImagePipeline) -> dict:

@@ -230,3 +230,100 @@ def _make_sd2(path: Path, seed: int, scheduler: str, prediction_type: str) -> Pa
     cfg = {"_class_name": scheduler, "_diffusers_version": "0.8.0", **shipped}
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg, indent=2))
     return path
+
+
+# SDXL base's scheduler_config.json as shipped (EulerDiscreteScheduler, leading spacing)
+SDXL_SCHEDULER = dict(
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    interpolation_type="linear",
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+    steps_offset=1,
+    timestep_spacing="leading",
+    trained_betas=None,
+    use_karras_sigmas=False,
+)
+
+
+def make_tiny_sdxl(
+    path: Path, *, seed: int = 0, lcm: bool = False, force_zeros: bool = True, hot_vae: bool = False
+) -> Path:
+    """A tiny random StableDiffusionXLPipeline, shaped as diffusers' own SDXL pipeline tests build it
+    (get_dummy_components): CLIPTextModel + CLIPTextModelWithProjection (hidden 32 each, projection
+    32), a UNet with text_time added conditioning (addition_time_embed_dim 8: 6 x 8 + 32 = 80) and
+    cross-attention width 64 (both encoders), the tokenizer_2 padding with "!" as SDXL's OpenCLIP
+    one, Euler as shipped; `lcm`: a time_cond_proj_dim UNet with LCMScheduler (LCM-SDXL); `hot_vae`:
+    SDXL's VAE fp16 trap planted (force_upcast, the decoder's first conv x 1e5: activations past
+    65504 that fp32 shrugs off)."""
+    import diffusers
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tok = clip_tokenizer(path.parent / f"{path.name}_vocab")
+    tok2 = clip_tokenizer(path.parent / f"{path.name}_vocab2", pad_token="!")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+        time_cond_proj_dim=16 if lcm else None,
+    )
+    vae = tiny_vae(16)
+    if hot_vae:
+        with torch.no_grad():
+            vae.decoder.conv_in.weight.mul_(1e5)
+            vae.decoder.conv_in.bias.mul_(1e5)
+    te_cfg = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=32,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **te_cfg,
+        )
+    )
+    text_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(vocab_size=len(tok2), bos_token_id=0, eos_token_id=2, pad_token_id=1, **te_cfg)
+    )
+    sched = (
+        diffusers.LCMScheduler.from_config({**SDXL_SCHEDULER, "original_inference_steps": 50})
+        if lcm
+        else diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text,
+        text_encoder_2=text_2,
+        tokenizer=tok,
+        tokenizer_2=tok2,
+        unet=unet,
+        scheduler=sched,
+        force_zeros_for_empty_prompt=force_zeros,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

@@ -12,11 +12,11 @@ from optimizer.cli import main, parse_bars
 from optimizer.families import FAMILIES
 from optimizer.families.detect import family_of
 from tests.conftest import make_tiny_teacher
-from tests.t2i_tiny import make_tiny_pipeline
+from tests.t2i_tiny import make_tiny_pipeline, make_tiny_sdxl
 
 # one tiny diffusers folder per family (diffusers' get_dummy_components habit): a family added to
 # the table without one here fails test_every_family_has_a_tiny_fixture
-TINY = {"denoiser": make_tiny_teacher, "sd": make_tiny_pipeline}
+TINY = {"denoiser": make_tiny_teacher, "sd": make_tiny_pipeline, "sdxl": make_tiny_sdxl}
 # an accepted value per family-specific option (what a user would type)
 OPTION_ARGS = {
     "threads_grid": ["--threads-grid", "1"],
@@ -56,8 +56,9 @@ def _run(args, tmp_path):
     [(f, o) for f in sorted(FAMILIES) for o in sorted(OPTION_ARGS) if not FAMILIES[f].honours(o)],
 )
 def test_options_a_family_does_not_honour_are_refused(family, opt, tmp_path):
-    demo = "t2i" if family == "sd" else "pixel"
-    res, secs = _run(["--demo", demo, *OPTION_ARGS[opt]], tmp_path)
+    demos = {"sd": ["--demo", "t2i"], "denoiser": ["--demo", "pixel"]}
+    source = demos.get(family) or [str(TINY[family](tmp_path / family))]  # no bundled demo: its tiny
+    res, secs = _run([*source, *OPTION_ARGS[opt]], tmp_path)
     assert res.exit_code == 2, res.output
     flag = OPTION_ARGS[opt][0]
     assert f"{flag}: not for {FAMILIES[family].title}" in res.output

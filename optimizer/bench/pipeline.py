@@ -314,6 +314,11 @@ def unet_feeds(gen: Any, info: PipelineInfo, b: int, rng: np.random.Generator) -
     if c.guidance == "embedded":
         w = np.full((ub,), info.guidance_scale - 1, np.float32)  # the LCM pipelines embed w - 1
         feeds["timestep_cond"] = guidance_scale_embedding(w, int(c.time_cond_proj_dim))
+    ins = {t.name: t for t in specs["unet"].inputs}
+    if "time_ids" in ins:  # SDXL: the pooled text embedding and the size/crop ids at this size
+        h, w_ = info.size
+        feeds["time_ids"] = np.tile(np.array([[h, w_, 0, 0, h, w_]], np.float32), (ub, 1))
+        feeds["text_embeds"] = rng.standard_normal((ub, int(ins["text_embeds"].shape[1])), np.float32)
     return feeds
 
 

@@ -70,6 +70,9 @@ class Family:
     sample_psnr_db: MappingProxyType  # default sample-level bars (--bar sample.<p>= overrides)
     tasks: MappingProxyType = field(default_factory=lambda: _frozen({}))  # task -> extra components
     default_tasks: tuple[str, ...] = ()  # tasks every output is built for: their components join it
+    pipeline_classes: tuple[str, ...] = ()  # model_index.json _class_name values it takes
+    # how prompts become the denoiser's conditioning (engines/conditioning.py: one recipe per name)
+    conditioning: str = ""
 
     @property
     def exported(self) -> tuple[str, ...]:
@@ -109,6 +112,26 @@ class Family:
         return kind
 
 
+def _pipeline_mixes(
+    text_encoders: tuple[str, ...], vae: tuple[str, ...] = ("vae_decoder", "vae_encoder")
+) -> MappingProxyType:
+    """fp32, fp16 and int8 deployment mixes of a latent text-to-image pipeline: the UNet runs once
+    per step (most of the time) so int8 goes there; the VAE overflows int8 ranges and stays fp16
+    (optimizer/quantize/fp16.py keeps fp32 islands where its activations pass fp16's range)."""
+    return _frozen(
+        {
+            "fp32": {c: "fp32" for c in (*text_encoders, "unet", *vae)},
+            "fp16": {c: "fp16" for c in (*text_encoders, "unet", *vae)},
+            "int8": {**{c: "fp16" for c in text_encoders}, "unet": "int8", **{c: "fp16" for c in vae}},
+        }
+    )
+
+
+PIPELINE_BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "openvino")
+PIPELINE_OPTIONS = frozenset(
+    {"size", "resolutions", "guidance_scale", "clip_model", "threads_grid", *TRT_OPTIONS}
+)
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -142,34 +165,10 @@ FAMILIES: dict[str, Family] = {
             schedulers=_frozen(SCHEDULER_CLASSES),  # what engines/schedulers.py implements
             guidance=GUIDANCE_MODES,
             precisions=("fp32", "fp16", "int8"),
-            mixes=_frozen(
-                {
-                    "fp32": {
-                        "text_encoder": "fp32",
-                        "unet": "fp32",
-                        "vae_decoder": "fp32",
-                        "vae_encoder": "fp32",
-                    },
-                    "fp16": {
-                        "text_encoder": "fp16",
-                        "unet": "fp16",
-                        "vae_decoder": "fp16",
-                        "vae_encoder": "fp16",
-                    },
-                    # the UNet runs once per step (most of the time); the VAE overflows int8 ranges
-                    "int8": {
-                        "text_encoder": "fp16",
-                        "unet": "int8",
-                        "vae_decoder": "fp16",
-                        "vae_encoder": "fp16",
-                    },
-                }
-            ),
+            mixes=_pipeline_mixes(("text_encoder",)),
             # engines/t2i.py's runners; tensorrt: one engine per component (optimizer/t2i/trt_build.py)
-            backends=("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "openvino"),
-            options=frozenset(
-                {"size", "resolutions", "guidance_scale", "clip_model", "threads_grid", *TRT_OPTIONS}
-            ),
+            backends=PIPELINE_BACKENDS,
+            options=PIPELINE_OPTIONS,
             batch_sizes=(1, 4),
             n_samples=16,
             n_fid_samples=100,
@@ -178,9 +177,48 @@ FAMILIES: dict[str, Family] = {
             # image-to-image (engines/pipeline.py: image=, strength=): every output has a VAE encoder
             tasks=_frozen({"img2img": ("vae_encoder",)}),
             default_tasks=("img2img",),
+            pipeline_classes=("StableDiffusionPipeline", "LatentConsistencyModelPipeline"),
+            conditioning="sd",
+        ),
+        # StableDiffusionXLPipeline (SDXL base and its LCM / Turbo / Lightning students): two CLIP
+        # encoders (penultimate states concatenated, encoder 2's pooled embedding) and the UNet's
+        # text_time conditioning (pooled embedding + size/crop ids)
+        Family(
+            name="sdxl",
+            title="SDXL pipelines",
+            flow="pipeline",
+            components=("text_encoder", "text_encoder_2", "unet", "vae_decoder"),
+            tokenizers=("tokenizer", "tokenizer_2"),
+            schedulers=_frozen(SCHEDULER_CLASSES),
+            guidance=GUIDANCE_MODES,
+            precisions=("fp32", "fp16", "int8"),
+            mixes=_pipeline_mixes(("text_encoder", "text_encoder_2"), ("vae_decoder",)),
+            backends=PIPELINE_BACKENDS,
+            options=PIPELINE_OPTIONS,
+            batch_sizes=(1, 4),
+            n_samples=16,
+            n_fid_samples=100,
+            sample_psnr_db=_frozen({"fp32": 40.0, "fp16": 30.0, "int8": 22.0}),
+            # image-to-image (StableDiffusionXLImg2ImgPipeline's aesthetic/time ids) is not built yet
+            tasks=_frozen({}),
+            default_tasks=(),
+            pipeline_classes=("StableDiffusionXLPipeline",),
+            conditioning="sdxl",
         ),
     )
 }
+
+
+def family_of_pipeline(class_name: Any) -> Family | None:
+    """The family whose pipelines have this model_index.json _class_name (None: no family)."""
+    for f in FAMILIES.values():
+        if class_name in f.pipeline_classes:
+            return f
+    return None
+
+
+def pipeline_classes() -> tuple[str, ...]:
+    return tuple(c for f in FAMILIES.values() for c in f.pipeline_classes)
 
 
 def family_named(name: str) -> Family:

@@ -48,14 +48,41 @@ def _scaled(r: DimRange, k: int) -> DimRange:
 
 
 # -- IO specs -------------------------------------------------------------------------------
-def text_encoder_spec(config: dict[str, Any], profile: Profile, batch: DimRange) -> IOSpec:
+# what a CLIP text encoder's graph may output: SD 1.x/2.x read the last (final-layer-normed) hidden
+# state; SDXL the penultimate one of each encoder, plus encoder 2's projected pooled embedding
+TEXT_OUTPUTS = ("last_hidden_state", "penultimate_hidden_state", "text_embeds")
+
+
+def text_encoder_spec(
+    config: dict[str, Any],
+    profile: Profile,
+    batch: DimRange,
+    outputs: tuple[str, ...] = ("last_hidden_state",),
+) -> IOSpec:
     hidden = int(config["hidden_size"])
+    shapes = {
+        "last_hidden_state": ("batch", "tokens", hidden),
+        "penultimate_hidden_state": ("batch", "tokens", hidden),
+        "text_embeds": ("batch", int(config.get("projection_dim") or hidden)),
+    }
     return IOSpec(
         "clip_text",
         (TensorSpec("input_ids", "int64", ("batch", "tokens")),),
-        (TensorSpec("last_hidden_state", "float32", ("batch", "tokens", hidden)),),
+        tuple(TensorSpec(o, "float32", shapes[o]) for o in outputs),
         {"batch": batch, "tokens": DimRange(profile.tokens, profile.tokens, profile.tokens)},
     )
+
+
+def text_time_dims(config: dict[str, Any]) -> tuple[int, int] | None:
+    """SDXL's added conditioning (addition_embed_type "text_time"): (pooled text width, number of
+    time ids); the add embedding takes time_ids * addition_time_embed_dim + the pooled width."""
+    if config.get("addition_embed_type") != "text_time":
+        return None
+    n_ids = 6  # original size, crop top-left, target size (the refiner's aesthetic score: 5)
+    pooled = int(config["projection_class_embeddings_input_dim"]) - n_ids * int(
+        config["addition_time_embed_dim"]
+    )
+    return pooled, n_ids
 
 
 def unet_spec(config: dict[str, Any], profile: Profile, batch: DimRange) -> IOSpec:
@@ -70,6 +97,10 @@ def unet_spec(config: dict[str, Any], profile: Profile, batch: DimRange) -> IOSp
     ]
     if config.get("time_cond_proj_dim"):  # embedded guidance (LCM): w-embedding at batch B
         inputs.append(TensorSpec("timestep_cond", "float32", ("batch", int(config["time_cond_proj_dim"]))))
+    added = text_time_dims(config)
+    if added is not None:  # SDXL: pooled text embedding and size/crop ids, both halves under CFG
+        inputs.append(TensorSpec("text_embeds", "float32", ("batch", added[0])))
+        inputs.append(TensorSpec("time_ids", "float32", ("batch", added[1])))
     out = TensorSpec("out_sample", "float32", ("batch", c_out, "latent_height", "latent_width"))
     dims = {
         "batch": batch,
@@ -126,23 +157,33 @@ def vae_encoder_spec(config: dict[str, Any], profile: Profile, batch: DimRange) 
     )
 
 
-# -- export wrappers (plain tensors in, one tensor out; parameter names = IO spec input names) --
-def text_encoder_wrapper(model: Any) -> Any:
+# -- export wrappers (plain tensors in, the IO spec's outputs out; parameter names = input names) --
+def text_encoder_wrapper(model: Any, outputs: tuple[str, ...] = ("last_hidden_state",)) -> Any:
     import torch
+
+    hidden = "penultimate_hidden_state" in outputs
 
     class TextEncoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            # diffusers' encode_prompt: text_encoder(ids)[0], no attention mask for CLIP
-            return self.model(input_ids, return_dict=False)[0]
+        def forward(self, input_ids: torch.Tensor) -> Any:
+            # diffusers' encode_prompt: text_encoder(ids), no attention mask for CLIP; SDXL reads
+            # hidden_states[-2] (clip_skip None) of each encoder and encoder 2's text_embeds
+            out = self.model(input_ids, output_hidden_states=hidden, return_dict=True)
+            got = {
+                "last_hidden_state": lambda: out.last_hidden_state,
+                "penultimate_hidden_state": lambda: out.hidden_states[-2],
+                "text_embeds": lambda: out.text_embeds,
+            }
+            res = tuple(got[o]() for o in outputs)
+            return res[0] if len(res) == 1 else res
 
     return TextEncoder()
 
 
-def unet_wrapper(model: Any) -> Any:
+def unet_wrapper(model: Any, outputs: tuple[str, ...] = ()) -> Any:
     import torch
 
     class UNet(torch.nn.Module):
@@ -156,19 +197,23 @@ def unet_wrapper(model: Any) -> Any:
             timestep: torch.Tensor,
             encoder_hidden_states: torch.Tensor,
             timestep_cond: torch.Tensor | None = None,
+            text_embeds: torch.Tensor | None = None,
+            time_ids: torch.Tensor | None = None,
         ) -> torch.Tensor:
+            added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
             return self.model(
                 sample,
                 timestep,
                 encoder_hidden_states=encoder_hidden_states,
                 timestep_cond=timestep_cond,
+                added_cond_kwargs=added,
                 return_dict=False,
             )[0]
 
     return UNet()
 
 
-def vae_decoder_wrapper(model: Any) -> Any:
+def vae_decoder_wrapper(model: Any, outputs: tuple[str, ...] = ()) -> Any:
     import torch
 
     class VaeDecoder(torch.nn.Module):
@@ -183,7 +228,7 @@ def vae_decoder_wrapper(model: Any) -> Any:
     return VaeDecoder()
 
 
-def vae_encoder_wrapper(model: Any) -> Any:
+def vae_encoder_wrapper(model: Any, outputs: tuple[str, ...] = ()) -> Any:
     import torch
 
     class VaeEncoder(torch.nn.Module):
@@ -222,10 +267,14 @@ class ComponentKind:
     subfolder: str  # its folder in a diffusers pipeline (save_pretrained layout)
     library: str  # "transformers" or "diffusers"
     classes: tuple[str, ...]  # accepted model classes
-    io_spec: Callable[[dict[str, Any], Profile, DimRange], IOSpec]
-    wrapper: Callable[[Any], Any]
+    io_spec: Callable[..., IOSpec]  # (config, profile, batch[, outputs]) -> IOSpec
+    wrapper: Callable[..., Any]  # (module, output names) -> torch module with the spec's signature
     precision: PrecisionPolicy
     exported_by_default: bool = True
+
+    @property
+    def weights_stem(self) -> str:
+        return "model" if self.library == "transformers" else "diffusion_pytorch_model"
 
 
 COMPONENTS: dict[str, ComponentKind] = {
@@ -236,6 +285,15 @@ COMPONENTS: dict[str, ComponentKind] = {
             "text_encoder",
             "transformers",
             ("CLIPTextModel",),
+            text_encoder_spec,
+            text_encoder_wrapper,
+            PrecisionPolicy("fp16", ("fp32", "fp16", "int8"), "runs once per prompt; fp16 is safe for CLIP"),
+        ),
+        ComponentKind(  # SDXL's second (OpenCLIP bigG) encoder: penultimate states + pooled projection
+            "text_encoder_2",
+            "text_encoder_2",
+            "transformers",
+            ("CLIPTextModelWithProjection",),
             text_encoder_spec,
             text_encoder_wrapper,
             PrecisionPolicy("fp16", ("fp32", "fp16", "int8"), "runs once per prompt; fp16 is safe for CLIP"),
@@ -307,6 +365,10 @@ class PipelineSpec:
     vae_scale_factor: int
     default_size: tuple[int, int]  # (height, width) in pixels: the UNet's sample_size x vae factor
     profile: Profile = field(default_factory=Profile)
+    family: str = "sd"  # optimizer/families/table.py: its components and conditioning recipe
+    tokenizer_2: TokenizerSpec | None = None  # SDXL's second tokenizer (its text_encoder_2's)
+    # SDXL: no negative prompt given -> zero negative embeddings (the pipeline's config flag)
+    force_zeros_for_empty_prompt: bool = False
 
     def __post_init__(self) -> None:
         if self.guidance not in GUIDANCE_MODES:
@@ -319,12 +381,33 @@ class PipelineSpec:
         raise KeyError(kind)
 
 
-def build_specs(configs: dict[str, dict[str, Any]], profile: Profile, guidance: str) -> dict[str, IOSpec]:
+# the outputs each text encoder's graph gives, per family's conditioning (the family table names it)
+TEXT_ENCODER_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "sd": {"text_encoder": ("last_hidden_state",)},
+    "sdxl": {
+        "text_encoder": ("penultimate_hidden_state",),
+        "text_encoder_2": ("penultimate_hidden_state", "text_embeds"),
+    },
+}
+
+
+def build_specs(
+    configs: dict[str, dict[str, Any]], profile: Profile, guidance: str, conditioning: str = "sd"
+) -> dict[str, IOSpec]:
     """IO spec per component; the UNet's batch range doubles under CFG (both halves in one call)."""
     out = {}
+    text_outputs = TEXT_ENCODER_OUTPUTS[conditioning]
     for name, cfg in configs.items():
         batch = profile.batch
         if name == "unet" and guidance == "cfg":  # min stays B: guidance <= 1 runs the UNet at B
             batch = DimRange(profile.batch.min, 2 * profile.batch.opt, 2 * profile.batch.max)
-        out[name] = COMPONENTS[name].io_spec(cfg, profile, batch)
+        if name in text_outputs:
+            out[name] = COMPONENTS[name].io_spec(cfg, profile, batch, text_outputs[name])
+        else:
+            out[name] = COMPONENTS[name].io_spec(cfg, profile, batch)
     return out
+
+
+def wrap(kind: str, module: Any, io: IOSpec) -> Any:
+    """The component's torch module with its graph's signature (inputs and outputs as `io` names)."""
+    return COMPONENTS[kind].wrapper(module, tuple(io.output_names)).eval()

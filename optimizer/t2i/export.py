@@ -22,7 +22,7 @@ from engines.fileio import atomic_path, write_json_atomic
 from engines.iospec import IOSpec
 from optimizer.compile.export import ExportConfig, write_onnx
 from optimizer.families import FAMILIES
-from optimizer.t2i.components import COMPONENTS, PipelineSpec, dummy_inputs
+from optimizer.t2i.components import PipelineSpec, dummy_inputs, wrap
 from optimizer.t2i.load import LoadedPipeline
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def export_component(
 ) -> Path:
     """Export one component (wrapped per the table) to `out_path`, written atomically."""
     out_path = Path(out_path)
-    model = COMPONENTS[kind].wrapper(module.eval().float()).eval()
+    model = wrap(kind, module.eval().float(), spec)
     kwargs = _example(kind, spec, config, vocab_size)
     tdims = _torch_dims(kind, spec, config)
     dynamic_shapes = {
@@ -121,18 +121,32 @@ def write_tokenizer_json(tok_dir: Path, dest: Path) -> None:
             shutil.copyfile(made, tmp)
 
 
-def scheduler_kind(config: dict[str, Any], where: str = "scheduler/scheduler_config.json") -> str:
+def scheduler_kind(
+    config: dict[str, Any], where: str = "scheduler/scheduler_config.json", family: str = "sd"
+) -> str:
     """The runtime's scheduler for the config's class; one it does not implement is refused, never
     sampled with another (the family table lists what the runtime implements)."""
-    return FAMILIES["sd"].scheduler_kind(str(config.get("_class_name", "DDIMScheduler")), where)
+    return FAMILIES[family].scheduler_kind(str(config.get("_class_name", "DDIMScheduler")), where)
+
+
+def _vocab_size(spec: PipelineSpec, encoder: str) -> int:
+    return int(spec.component(encoder).config["vocab_size"])
 
 
 def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict[str, Any]:
     unet_cfg = spec.component("unet").config
-    lcm = scheduler_kind(spec.scheduler_config) == "lcm"
+    kind = scheduler_kind(spec.scheduler_config, family=spec.family)
+    lcm = kind == "lcm"
+    text: dict[str, Any] = {}
+    if spec.tokenizer_2 is not None:  # SDXL: engines/conditioning.py reads these
+        text = {
+            "tokenizer_2": {**spec.tokenizer_2.to_dict(), "vocab_size": _vocab_size(spec, "text_encoder_2")},
+            "force_zeros_for_empty_prompt": spec.force_zeros_for_empty_prompt,
+        }
     return {
         "format": T2I_FORMAT,
         "version": T2I_VERSION,
+        "family": spec.family,
         "pipeline_class": spec.pipeline_class,
         "guidance": spec.guidance,
         # a component without a graph is left out (no vae_encoder: a text-to-image-only description)
@@ -142,8 +156,9 @@ def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict
             if c.kind in paths
         },
         "tokenizer": {**spec.tokenizer.to_dict(), "vocab_size": vocab_size},
+        **text,
         "scheduler": {
-            "kind": scheduler_kind(spec.scheduler_config),
+            "kind": kind,
             "config": "scheduler/scheduler_config.json",
         },
         "vae": {"scaling_factor": spec.vae_scaling_factor, "scale_factor": spec.vae_scale_factor},
@@ -167,7 +182,7 @@ def export_pipeline(
     """Write out_dir/{onnx/*.fp32.onnx, tokenizer/tokenizer.json, scheduler/, t2i.json}."""
     out = Path(out_dir)
     spec = loaded.spec
-    vocab_size = int(spec.component("text_encoder").config["vocab_size"])
+    vocab_size = _vocab_size(spec, "text_encoder")
     paths = {}
     for comp in spec.components:
         rel = f"onnx/{comp.kind}.fp32.onnx"
@@ -177,11 +192,13 @@ def export_pipeline(
             comp.io,
             comp.config,
             out / rel,
-            vocab_size=vocab_size,
+            vocab_size=int(comp.config.get("vocab_size", vocab_size)),
             export_config=export_config,
         )
         paths[comp.kind] = rel
-    write_tokenizer_json(loaded.tokenizer_dir, out / spec.tokenizer.path)
+    for name, tok in (("tokenizer", spec.tokenizer), ("tokenizer_2", spec.tokenizer_2)):
+        if tok is not None:
+            write_tokenizer_json(loaded.tokenizer_dirs[name], out / tok.path)
     write_json_atomic(out / "scheduler" / "scheduler_config.json", spec.scheduler_config)
     write_json_atomic(out / "t2i.json", t2i_json(spec, paths, vocab_size))
     return out

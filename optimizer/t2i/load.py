@@ -16,41 +16,74 @@ from typing import Any
 
 from engines.errors import InputError
 from engines.schedulers import SCHEDULER_CLASSES
+from optimizer.families import Family, family_of_pipeline, pipeline_classes
 from optimizer.t2i.components import (
+    COMPONENTS,
+    ComponentKind,
     ComponentSpec,
     PipelineSpec,
     Profile,
     TokenizerSpec,
     build_specs,
+    text_time_dims,
     vae_scale_factor,
 )
 
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "LatentConsistencyModelPipeline")
-# model_index.json entries that a text-to-image run needs; others (safety_checker, ...) are ignored
-REQUIRED = {
-    "text_encoder": ("transformers", ("CLIPTextModel",)),
-    "tokenizer": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast")),
-    "unet": ("diffusers", ("UNet2DConditionModel",)),
-    "vae": ("diffusers", ("AutoencoderKL",)),
-    "scheduler": ("diffusers", None),  # checked by check_scheduler: the runtime samples only some
-}
-WEIGHTS_STEM = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
+PIPELINE_CLASSES = pipeline_classes()  # every pipeline family's classes (optimizer/families)
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
 # what from_pretrained raises on files that do not fit (OSError: unreadable; ValueError/RuntimeError:
 # config vs weights; KeyError/TypeError: configs with missing or mistyped fields)
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
+
+
+def module_folders(family: Family) -> tuple[str, ...]:
+    """The pipeline's subfolders holding torch modules, in call order (the VAE once)."""
+    return tuple(dict.fromkeys(COMPONENTS[c].subfolder for c in family.exported))
+
+
+def _kind_of_folder(folder: str) -> ComponentKind:
+    return next(k for k in COMPONENTS.values() if k.subfolder == folder)
+
+
+def required_entries(family: Family) -> dict[str, tuple[str, tuple[str, ...] | None]]:
+    """model_index.json entries a family's run needs: its modules, tokenizers and scheduler (others,
+    such as safety_checker or SDXL's image_encoder, are ignored)."""
+    out: dict[str, tuple[str, tuple[str, ...] | None]] = {}
+    for folder in module_folders(family):
+        k = _kind_of_folder(folder)
+        out[folder] = (k.library, k.classes)
+    for tok in family.tokenizers:
+        out[tok] = ("transformers", TOKENIZER_CLASSES)
+    out["scheduler"] = ("diffusers", None)  # check_scheduler: the runtime samples only some
+    return out
 
 
 @dataclass
 class LoadedPipeline:
     path: Path
     spec: PipelineSpec
-    text_encoder: Any
-    unet: Any
-    vae: Any
-    tokenizer_dir: Path
+    modules: dict[str, Any]  # subfolder (text_encoder, text_encoder_2, unet, vae) -> torch module
+    tokenizer_dirs: dict[str, Path]  # tokenizer, tokenizer_2 -> folder
 
     def module(self, kind: str) -> Any:
-        return {"text_encoder": self.text_encoder, "unet": self.unet}.get(kind, self.vae)
+        """The torch module behind a component (both VAE components: the one AutoencoderKL)."""
+        return self.modules[COMPONENTS[kind].subfolder]
+
+    @property
+    def text_encoder(self) -> Any:
+        return self.modules["text_encoder"]
+
+    @property
+    def unet(self) -> Any:
+        return self.modules["unet"]
+
+    @property
+    def vae(self) -> Any:
+        return self.modules["vae"]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.tokenizer_dirs["tokenizer"]
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:
@@ -69,6 +102,17 @@ def _read_json(path: Path) -> dict[str, Any]:
     return d
 
 
+def index_family(index: dict[str, Any], index_path: Path) -> Family:
+    """The family of a model_index.json's pipeline class; another class is refused naming them all."""
+    cls = index.get("_class_name")
+    family = family_of_pipeline(cls)
+    if family is None:
+        raise InputError(
+            f"{index_path}: pipeline class {cls!r} is not supported ({', '.join(PIPELINE_CLASSES)})"
+        )
+    return family
+
+
 def check_layout(path: Path) -> dict[str, Any]:
     """model_index.json, every required component with a supported class, weights, tokenizer files."""
     if not path.is_dir():
@@ -79,12 +123,8 @@ def check_layout(path: Path) -> dict[str, Any]:
             f"{path}: no model_index.json (a diffusers save_pretrained pipeline folder is expected)"
         )
     index = _read_json(index_path)
-    cls = index.get("_class_name")
-    if cls not in PIPELINE_CLASSES:
-        raise InputError(
-            f"{index_path}: pipeline class {cls!r} is not supported ({', '.join(PIPELINE_CLASSES)})"
-        )
-    for name, (_, classes) in REQUIRED.items():
+    family = index_family(index, index_path)
+    for name, (_, classes) in required_entries(family).items():
         entry = index.get(name)
         if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
             raise InputError(f"{index_path}: component {name!r} is missing")
@@ -92,27 +132,33 @@ def check_layout(path: Path) -> dict[str, Any]:
             raise InputError(f"{index_path}: {name} class {entry[1]!r}: not supported ({', '.join(classes)})")
         if not (path / name).is_dir():
             raise InputError(f"{path}: component {name!r} is missing (no {name}/ folder)")
-    if cls == "LatentConsistencyModelPipeline":  # its call decodes LCM's x0: another scheduler breaks it
+    if index["_class_name"] == "LatentConsistencyModelPipeline":  # its call decodes LCM's x0
         sched = (index["scheduler"][1], path / "scheduler" / "scheduler_config.json")
         if sched[0] != "LCMScheduler":
             raise InputError(
                 f"{index_path}: a LatentConsistencyModelPipeline samples with LCMScheduler, not {sched[0]!r}"
             )
-    for name in ("text_encoder", "unet", "vae"):
+    for name in module_folders(family):
         if not (path / name / "config.json").exists():
             raise InputError(f"{path / name}: no config.json")
         if not any((path / name).glob("*.safetensors")):
             raise InputError(
                 f"{path / name}: no .safetensors weights (dd-compile does not unpickle .bin files)"
             )
-    tok = path / "tokenizer"
-    if not (tok / "tokenizer.json").exists() and not (
-        (tok / "vocab.json").exists() and (tok / "merges.txt").exists()
-    ):
-        raise InputError(f"{tok}: no tokenizer.json and no vocab.json + merges.txt")
+    for name in family.tokenizers:
+        tok = path / name
+        if not (tok / "tokenizer.json").exists() and not (
+            (tok / "vocab.json").exists() and (tok / "merges.txt").exists()
+        ):
+            raise InputError(f"{tok}: no tokenizer.json and no vocab.json + merges.txt")
     if not (path / "scheduler" / "scheduler_config.json").exists():
         raise InputError(f"{path / 'scheduler'}: no scheduler_config.json")
     return index
+
+
+def family_of_folder(path: Path) -> Family:
+    """The family of a pipeline folder (its layout checked)."""
+    return index_family(check_layout(path), path / "model_index.json")
 
 
 def weights_files(folder: Path, stem: str) -> tuple[list[Path], str | None]:
@@ -173,10 +219,10 @@ def check_safetensors(f: Path) -> None:
 
 
 def check_weights(path: Path) -> dict[str, tuple[list[Path], str | None]]:
-    """Every weights file of the pipeline's text encoder, UNet and VAE, header-checked."""
+    """Every weights file of the pipeline's modules (text encoders, UNet, VAE), header-checked."""
     out = {}
-    for name, stem in WEIGHTS_STEM.items():
-        files, variant = out[name] = weights_files(path / name, stem)
+    for name in module_folders(family_of_folder(path)):
+        files, variant = out[name] = weights_files(path / name, _kind_of_folder(name).weights_stem)
         for f in files:
             check_safetensors(f)
     return out
@@ -249,14 +295,18 @@ def sample_size(unet_config: dict[str, Any], where: str | Path) -> tuple[int, in
 
 
 def check_configs(configs: dict[str, dict[str, Any]], where: dict[str, str]) -> None:
-    """The config fields the IO specs read, with their types (a missing one is a bug report otherwise)."""
+    """The config fields the IO specs read, with their types (a missing one is a bug report otherwise);
+    SDXL's: the UNet's cross-attention width is both encoders' widths, its text_time embedding takes
+    text_encoder_2's pooled projection and six size/crop ids."""
 
     def need(kind: str, key: str, ok: bool, what: str) -> None:
         if not ok:
             raise InputError(f"{where[kind]}: {key} {configs[kind].get(key)!r}: expected {what}")
 
-    te, unet, vae = configs["text_encoder"], configs["unet"], configs["vae_decoder"]
-    need("text_encoder", "hidden_size", _pos_int(te.get("hidden_size")), "a positive integer")
+    unet, vae = configs["unet"], configs["vae_decoder"]
+    encoders = [k for k in ("text_encoder", "text_encoder_2") if k in configs]
+    for te in encoders:
+        need(te, "hidden_size", _pos_int(configs[te].get("hidden_size")), "a positive integer")
     for kind, cfg in (("unet", unet), ("vae_decoder", vae)):
         boc = cfg.get("block_out_channels")
         ok = isinstance(boc, list | tuple) and len(boc) > 0 and all(_pos_int(c) for c in boc)
@@ -268,9 +318,33 @@ def check_configs(configs: dict[str, dict[str, Any]], where: dict[str, str]) -> 
         need("unet", key, unet.get(key) is None or _pos_int(unet.get(key)), "a positive integer")
     need("vae_decoder", "latent_channels", _pos_int(vae.get("latent_channels")), "a positive integer")
     sample_size(unet, where["unet"])
+    if "text_encoder_2" not in configs:
+        if unet.get("addition_embed_type") is not None:
+            need("unet", "addition_embed_type", False, "none (this family has no added conditioning)")
+        return
+    # SDXL
+    te2 = configs["text_encoder_2"]
+    need("text_encoder_2", "projection_dim", _pos_int(te2.get("projection_dim")), "a positive integer")
+    need("unet", "addition_embed_type", unet.get("addition_embed_type") == "text_time", "'text_time'")
+    for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        need("unet", key, _pos_int(unet.get(key)), "a positive integer")
+    pooled, n_ids = text_time_dims(unet)
+    need(
+        "unet",
+        "projection_class_embeddings_input_dim",
+        pooled == te2["projection_dim"],
+        f"{n_ids} x addition_time_embed_dim + text_encoder_2's projection_dim {te2['projection_dim']} "
+        "(SDXL base's six size/crop ids; a refiner's aesthetic score is not supported)",
+    )
+    width = sum(int(configs[te]["hidden_size"]) for te in encoders)
+    first = cad[0] if isinstance(cad, list | tuple) else cad
+    need("unet", "cross_attention_dim", first == width, f"{width} (the two encoders' widths together)")
+    if vae.get("latents_mean") is not None:
+        need("vae_decoder", "latents_mean", False, "none (latent statistics are not supported yet)")
 
 
 def tokenizer_spec(tok_dir: Path) -> TokenizerSpec:
+    """Where the runtime reads it (<name>/tokenizer.json), its length and its pad token."""
     cfg_path = tok_dir / "tokenizer_config.json"
     cfg = _read_json(cfg_path) if cfg_path.exists() else {}
     pad = cfg.get("pad_token") or "<|endoftext|>"
@@ -279,7 +353,7 @@ def tokenizer_spec(tok_dir: Path) -> TokenizerSpec:
     max_len = int(cfg.get("model_max_length") or 77)
     if max_len > 10_000:  # transformers' "no limit" sentinel: CLIP's position table says 77
         max_len = 77
-    return TokenizerSpec("tokenizer/tokenizer.json", max_len, str(pad))
+    return TokenizerSpec(f"{tok_dir.name}/tokenizer.json", max_len, str(pad))
 
 
 def default_guidance(unet_config: dict[str, Any]) -> str:
@@ -295,9 +369,14 @@ def pipeline_spec(
     profile: Profile | None = None,
     guidance: str | None = None,
     unet_where: Path | str | None = None,
+    index: dict[str, Any] | None = None,
 ) -> PipelineSpec:
-    """The PipelineSpec of a pipeline folder's tokenizer with these component configs (IO specs
-    sized for `profile` and the guidance mode; `unet_where` names the UNet in errors)."""
+    """The PipelineSpec of a pipeline folder's tokenizer(s) with these component configs (IO specs
+    sized for `profile` and the guidance mode; `unet_where` names the UNet in errors; `index`: the
+    folder's model_index.json, for its pipeline flags)."""
+    family = family_of_pipeline(pipeline_class)
+    if family is None:
+        raise InputError(f"{path}: pipeline class {pipeline_class!r} is not supported")
     unet_cfg, vae_cfg = configs["unet"], configs["vae_decoder"]
     where = unet_where or path / "unet"
     mode = guidance or default_guidance(unet_cfg)
@@ -323,8 +402,14 @@ def pipeline_spec(
         profile = Profile(latent_height=DimRange(lh, lh, lh), latent_width=DimRange(lw, lw, lw))
     else:  # no sample_size: the size the profile is built for (--size / --resolutions)
         lh, lw = native or (profile.latent_height.opt, profile.latent_width.opt)
+    tok2 = tokenizer_spec(path / "tokenizer_2") if "tokenizer_2" in family.tokenizers else None
+    if tok2 is not None and tok2.model_max_length != tok.model_max_length:
+        raise InputError(
+            f"{path / 'tokenizer_2'}: model_max_length {tok2.model_max_length}, not tokenizer's "
+            f"{tok.model_max_length} (the encoders' states are concatenated token by token)"
+        )
     profile = Profile(profile.batch, profile.latent_height, profile.latent_width, tok.model_max_length)
-    specs = build_specs(configs, profile, mode)
+    specs = build_specs(configs, profile, mode, family.conditioning)
     return PipelineSpec(
         pipeline_class=pipeline_class,
         components=tuple(ComponentSpec(n, configs[n], specs[n]) for n in configs),
@@ -335,30 +420,40 @@ def pipeline_spec(
         vae_scale_factor=k,
         default_size=(lh * k, lw * k),
         profile=profile,
+        family=family.name,
+        tokenizer_2=tok2,
+        force_zeros_for_empty_prompt=bool((index or {}).get("force_zeros_for_empty_prompt", False))
+        and family.name == "sdxl",
     )
 
 
 def component_configs(path: Path) -> dict[str, dict[str, Any]]:
-    files = {
-        "text_encoder": path / "text_encoder" / "config.json",
-        "unet": path / "unet" / "config.json",
-        "vae_decoder": path / "vae" / "config.json",
-    }
-    configs = {k: _read_json(f) for k, f in files.items()}
+    """config.json of each component the folder's family exports (the VAE's for both VAE parts)."""
+    family = family_of_folder(path)
+    files = {c: path / COMPONENTS[c].subfolder / "config.json" for c in family.exported}
+    configs = {k: _read_json(f) for k, f in files.items() if k != "vae_encoder"}
     check_configs(configs, {k: str(f) for k, f in files.items()})
-    configs["vae_encoder"] = configs["vae_decoder"]  # image-to-image: the same AutoencoderKL
+    if "vae_encoder" in files:
+        configs["vae_encoder"] = configs["vae_decoder"]  # image-to-image: the same AutoencoderKL
     return configs
 
 
-def load_component(kind: str, folder: Path) -> Any:
-    """A text_encoder / unet / vae module in float32; any mismatch between config.json and the
-    weights (missing, unexpected or misshapen tensors) is refused naming the folder."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors import SafetensorError
-    from transformers import CLIPTextModel
+def _module_class(folder: str) -> Any:
+    import diffusers
+    import transformers
 
-    cls = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}[kind]
-    files, variant = weights_files(folder, WEIGHTS_STEM[kind])
+    k = _kind_of_folder(folder)
+    return getattr(diffusers if k.library == "diffusers" else transformers, k.classes[0])
+
+
+def load_component(kind: str, folder: Path) -> Any:
+    """A text encoder / unet / vae module (`kind`: its pipeline subfolder name) in float32; any
+    mismatch between config.json and the weights (missing, unexpected or misshapen tensors) is
+    refused naming the folder."""
+    from safetensors import SafetensorError
+
+    cls = _module_class(kind)
+    files, variant = weights_files(folder, _kind_of_folder(kind).weights_stem)
     for f in files:
         check_safetensors(f)
     try:
@@ -390,15 +485,21 @@ def load_component(kind: str, folder: Path) -> Any:
     return model.float().eval()
 
 
-def check_tokenizer_fits(path: Path, text_encoder_config: dict[str, Any]) -> None:
-    """Token ids must index the text encoder's embedding table."""
-    n = check_tokenizer(path / "tokenizer")
-    vocab = text_encoder_config.get("vocab_size")
-    if _pos_int(vocab) and n > vocab:
-        raise InputError(
-            f"{path / 'tokenizer'}: {n} tokens, more than the text encoder's vocab_size {vocab} "
-            f"({path / 'text_encoder' / 'config.json'})"
-        )
+TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
+def check_tokenizer_fits(path: Path, configs: dict[str, dict[str, Any]]) -> None:
+    """Token ids must index each text encoder's embedding table (`configs`: component configs)."""
+    for te, tok in TOKENIZER_OF.items():
+        if te not in configs:
+            continue
+        n = check_tokenizer(path / tok)
+        vocab = configs[te].get("vocab_size")
+        if _pos_int(vocab) and n > vocab:
+            raise InputError(
+                f"{path / tok}: {n} tokens, more than the text encoder's vocab_size {vocab} "
+                f"({path / te / 'config.json'})"
+            )
 
 
 def load_pipeline(
@@ -412,13 +513,14 @@ def load_pipeline(
     # the scheduler class is checked where the runtime will sample it (source.resolve): a teacher
     # loaded here for the diffusers baseline may have any diffusers scheduler
     sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json")
-    check_tokenizer_fits(path, configs["text_encoder"])
-    spec = pipeline_spec(path, index["_class_name"], configs, sched_cfg, profile=profile, guidance=guidance)
+    check_tokenizer_fits(path, configs)
+    spec = pipeline_spec(
+        path, index["_class_name"], configs, sched_cfg, profile=profile, guidance=guidance, index=index
+    )
+    family = family_of_pipeline(index["_class_name"])
     return LoadedPipeline(
         path=path,
         spec=spec,
-        text_encoder=load_component("text_encoder", path / "text_encoder"),
-        unet=load_component("unet", path / "unet"),
-        vae=load_component("vae", path / "vae"),
-        tokenizer_dir=path / "tokenizer",
+        modules={f: load_component(f, path / f) for f in module_folders(family)},
+        tokenizer_dirs={t: path / t for t in family.tokenizers},
     )

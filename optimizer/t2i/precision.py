@@ -9,6 +9,7 @@ grow past the budget) it stays fp32. Every choice is recorded with its reason fo
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from optimizer.families import FAMILIES
 log = logging.getLogger(__name__)
 
 # the mix named by the UNet's precision (it is where the time goes); the others follow
-MIXES = FAMILIES["sd"].mixes  # precision name -> component -> graph precision (the family table)
+MIXES = FAMILIES["sd"].mixes  # precision name -> component -> graph precision (SD's; each family has its own)
 
 
 @dataclass
@@ -64,10 +65,11 @@ def quantize_component(
     return g
 
 
-def resolve_mix(mix: str, graphs: dict[tuple[str, str], Graph]) -> dict[str, Graph]:
-    """The component graphs of a mix: the asked precision where it was built and passed, else fp32."""
+def resolve_mix(mix: str | Mapping[str, str], graphs: dict[tuple[str, str], Graph]) -> dict[str, Graph]:
+    """The component graphs of a mix (a name of SD's, or the family's component -> precision map):
+    the asked precision where it was built and passed, else fp32."""
     out = {}
-    for kind, p in MIXES[mix].items():
+    for kind, p in (MIXES[mix] if isinstance(mix, str) else mix).items():
         g = graphs.get((kind, p))
         if g is None or not g.info.get("passed", True):
             fb = graphs[(kind, "fp32")]

@@ -31,18 +31,13 @@ def diffusers_pipeline(loaded: LoadedPipeline) -> Any:
     spec = loaded.spec
     sched_cls = getattr(diffusers, spec.scheduler_config.get("_class_name", "DDIMScheduler"))
     scheduler = sched_cls.from_config(spec.scheduler_config)
-    tokenizer = CLIPTokenizerFast.from_pretrained(loaded.tokenizer_dir)
+    tokenizers = {n: CLIPTokenizerFast.from_pretrained(d) for n, d in loaded.tokenizer_dirs.items()}
     cls = getattr(diffusers, spec.pipeline_class)
-    kw = dict(
-        vae=loaded.vae,
-        text_encoder=loaded.text_encoder,
-        tokenizer=tokenizer,
-        unet=loaded.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    kw: dict[str, Any] = dict(loaded.modules, scheduler=scheduler, **tokenizers)
+    if spec.family == "sdxl":  # no invisible watermark: the runtime compares pixels, not marks
+        kw.update(force_zeros_for_empty_prompt=spec.force_zeros_for_empty_prompt, add_watermarker=False)
+    else:
+        kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = cls(**kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -57,6 +52,7 @@ class Recorder:
     """Component inputs seen while a diffusers pipeline runs (feeds named as in the IO specs)."""
 
     text_encoder: list[dict[str, np.ndarray]] = field(default_factory=list)
+    text_encoder_2: list[dict[str, np.ndarray]] = field(default_factory=list)  # SDXL
     unet: list[dict[str, np.ndarray]] = field(default_factory=list)
     vae_decoder: list[dict[str, np.ndarray]] = field(default_factory=list)
     vae_encoder: list[dict[str, np.ndarray]] = field(default_factory=list)  # the decoded images
@@ -69,9 +65,12 @@ class Recorder:
 def recording(pipe: Any) -> Iterator[Recorder]:
     rec = Recorder()
 
-    def te_hook(_m: Any, args: tuple, kwargs: dict) -> None:
-        ids = args[0] if args else kwargs["input_ids"]
-        rec.text_encoder.append({"input_ids": _np(ids).astype(np.int64)})
+    def te_hook(into: list[dict[str, np.ndarray]]) -> Any:
+        def hook(_m: Any, args: tuple, kwargs: dict) -> None:
+            ids = args[0] if args else kwargs["input_ids"]
+            into.append({"input_ids": _np(ids).astype(np.int64)})
+
+        return hook
 
     def unet_hook(_m: Any, args: tuple, kwargs: dict) -> None:
         sample = args[0]
@@ -84,6 +83,8 @@ def recording(pipe: Any) -> Iterator[Recorder]:
         }
         if kwargs.get("timestep_cond") is not None:
             feeds["timestep_cond"] = _np(kwargs["timestep_cond"]).astype(np.float32)
+        for k, v in (kwargs.get("added_cond_kwargs") or {}).items():  # SDXL: text_embeds, time_ids
+            feeds[k] = _np(v).astype(np.float32)
         rec.unet.append(feeds)
 
     vae = pipe.vae
@@ -99,9 +100,11 @@ def recording(pipe: Any) -> Iterator[Recorder]:
         return out
 
     hooks = [
-        pipe.text_encoder.register_forward_pre_hook(te_hook, with_kwargs=True),
-        pipe.unet.register_forward_pre_hook(unet_hook, with_kwargs=True),
+        getattr(pipe, name).register_forward_pre_hook(te_hook(rec.feeds(name)), with_kwargs=True)
+        for name in ("text_encoder", "text_encoder_2")
+        if getattr(pipe, name, None) is not None
     ]
+    hooks.append(pipe.unet.register_forward_pre_hook(unet_hook, with_kwargs=True))
     vae.decode = recorded_decode
     try:
         yield rec

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from engines.iospec import DimRange, IOSpec
+from optimizer.t2i.components import dummy_inputs
 from optimizer.timing import StopRule, comparable, time_until_stable
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ def measure(
         for name, t in run.timings.items():
             out["end_to_end"].setdefault(name, {})[b] = t.to_dict()
         if teacher is not None:
-            out["per_component"].setdefault("teacher", {})[b] = _teacher_components(teacher, b, cfg)
+            out["per_component"].setdefault("teacher", {})[b] = _teacher_components(teacher, b, cfg, size)
         for name, (p, steps, g) in variants.items():
             out["per_component"].setdefault(name, {})[b] = _engine_components(p, b, steps, g, cfg)
     if teacher is not None:
@@ -101,76 +103,79 @@ def _calls(_cfg: Any, mode: str, steps: int, g: float) -> dict[str, int]:
     }
 
 
-def _teacher_components(teacher: tuple[Any, int, float], b: int, cfg: T2ISpeedConfig) -> dict[str, float]:
-    pipe, steps, g = teacher
-    do_cfg = g > 1 and pipe.unet.config.get("time_cond_proj_dim") is None
-    n_text = 2 if do_cfg else 1
-    ub = 2 * b if do_cfg else b
-    ids = torch.zeros((b, pipe.tokenizer.model_max_length), dtype=torch.long)
-    c, s = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    x = torch.randn(ub, c, s, s)
-    t = torch.full((ub,), 500.0)
-    emb = torch.randn(ub, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
-    z = torch.randn(b, c, s, s)
+def _feeds(
+    specs: dict[str, IOSpec], b: int, ub: int, lat: tuple[int, int]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Random inputs per component at batch b (the UNet's: ub) and latent size `lat`, from the IO specs
+    (each family's inputs: SDXL's pooled embedding and time ids included)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, spec in specs.items():
+        if name == "vae_encoder":  # image-to-image only: not part of a text-to-image generation
+            continue
+        sizes = {k: r.opt for k, r in spec.dims.items()}
+        sizes.update(batch=ub if name == "unet" else b, latent_height=lat[0], latent_width=lat[1])
+        fixed = IOSpec(
+            spec.family, spec.inputs, spec.outputs, {k: DimRange(v, v, v) for k, v in sizes.items()}
+        )
+        out[name] = dummy_inputs(fixed, rng, "opt")
+    return out
 
-    @torch.no_grad()
-    def te() -> object:
-        return pipe.text_encoder(ids)[0]
 
-    @torch.no_grad()
-    def unet() -> object:
-        return pipe.unet(x, t, encoder_hidden_states=emb).sample
-
-    @torch.no_grad()
-    def vae() -> object:
-        return pipe.vae.decode(z).sample
-
-    run = time_until_stable({"text_encoder": te, "unet": unet, "vae_decoder": vae}, stop_rule(cfg))
-    m = {k: v.median_ms for k, v in run.timings.items()}
+def _per_component(m: dict[str, float], steps: int, n_text: int, ub: int) -> dict[str, float]:
+    text = [k for k in m if k.startswith("text_encoder")]
     return {
-        "text_encoder_ms": n_text * m["text_encoder"],
+        "text_encoder_ms": n_text * sum(m[k] for k in text),  # every text encoder, both CFG halves
         "unet_call_ms": m["unet"],
         "unet_total_ms": steps * m["unet"],
         "vae_decoder_ms": m["vae_decoder"],
         "unet_batch": ub,
     }
+
+
+def _teacher_components(
+    teacher: tuple[Any, int, float], b: int, cfg: T2ISpeedConfig, size: tuple[int, int] | None
+) -> dict[str, float]:
+    """The diffusers teacher's modules, each called alone as in its pipeline (in-run figures)."""
+    from optimizer.families import family_of_pipeline
+    from optimizer.t2i.components import COMPONENTS, Profile, build_specs, wrap
+
+    pipe, steps, g = teacher
+    family = family_of_pipeline(type(pipe).__name__)
+    embedded = pipe.unet.config.get("time_cond_proj_dim") is not None
+    do_cfg = g > 1 and not embedded
+    ub = 2 * b if do_cfg else b
+    k = pipe.vae_scale_factor
+    s = pipe.unet.config.sample_size * k
+    h, w = size or (s, s)
+    modules = {c: getattr(pipe, COMPONENTS[c].subfolder) for c in family.components}
+    configs = {
+        c: dict(m.config.to_dict() if hasattr(m.config, "to_dict") else m.config) for c, m in modules.items()
+    }
+    profile = Profile(tokens=pipe.tokenizer.model_max_length)
+    specs = build_specs(configs, profile, "embedded" if embedded else "cfg", family.conditioning)
+    feeds = _feeds(specs, b, ub, (h // k, w // k))
+    fns = {}
+    for c, m in modules.items():
+        wrapped = wrap(c, m, specs[c])
+        tf = {n: torch.from_numpy(v) for n, v in feeds[c].items()}
+        fns[c] = torch.no_grad()(lambda wrapped=wrapped, tf=tf: wrapped(**tf))
+    run = time_until_stable(fns, stop_rule(cfg))
+    return _per_component({c: t.median_ms for c, t in run.timings.items()}, steps, 2 if do_cfg else 1, ub)
 
 
 def _engine_components(p: Any, b: int, steps: int, g: float, cfg: T2ISpeedConfig) -> dict[str, float]:
     specs = p.specs
     do_cfg = p.config.guidance == "cfg" and g > 1
     ub = 2 * b if do_cfg else b
-    rng = np.random.default_rng(0)
-    tokens = specs["text_encoder"].dims["tokens"].opt
-    lh, lw = specs["unet"].dims["latent_height"].opt, specs["unet"].dims["latent_width"].opt
-    c = p.config.latent_channels
-    ids = np.zeros((b, tokens), np.int64)
-    hidden = specs["unet"].inputs[2].shape[2]
-    feeds = {
-        "sample": rng.standard_normal((ub, c, lh, lw), dtype=np.float32),
-        "timestep": np.full((ub,), 500.0, np.float32),
-        "encoder_hidden_states": rng.standard_normal((ub, tokens, hidden), dtype=np.float32),
-    }
-    if p.config.guidance == "embedded":
-        feeds["timestep_cond"] = rng.standard_normal((ub, int(p.config.time_cond_proj_dim)), dtype=np.float32)
-    z = rng.standard_normal((b, c, lh, lw), dtype=np.float32)
+    lat = specs["unet"].dims["latent_height"].opt, specs["unet"].dims["latent_width"].opt
+    feeds = _feeds({n: specs[n] for n in p.config.required}, b, ub, lat)
     r = p.runners
     run = time_until_stable(
-        {
-            "text_encoder": lambda: r["text_encoder"].infer({"input_ids": ids}),
-            "unet": lambda: r["unet"].infer(feeds),
-            "vae_decoder": lambda: r["vae_decoder"].infer({"latent_sample": z}),
-        },
+        {n: (lambda n=n: r[n].infer(feeds[n])) for n in feeds},
         stop_rule(cfg),
     )
-    m = {k: v.median_ms for k, v in run.timings.items()}
-    return {
-        "text_encoder_ms": (2 if do_cfg else 1) * m["text_encoder"],
-        "unet_call_ms": m["unet"],
-        "unet_total_ms": steps * m["unet"],
-        "vae_decoder_ms": m["vae_decoder"],
-        "unet_batch": ub,
-    }
+    return _per_component({n: t.median_ms for n, t in run.timings.items()}, steps, 2 if do_cfg else 1, ub)
 
 
 def baseline(timings: dict[str, Any]) -> dict[int, dict[str, Any]]:

@@ -27,7 +27,7 @@ from optimizer.bars import ParityBars
 from optimizer.compile.compile_report import environment
 from optimizer.compile.publish import RunDir
 from optimizer.compile.trt_profiles import TrtBuildConfig
-from optimizer.families import FAMILIES
+from optimizer.families import FAMILIES, Family
 from optimizer.process import process_state
 from optimizer.progress import Stages, fault_at
 from optimizer.t2i import precision as prec
@@ -38,8 +38,6 @@ from optimizer.t2i.speed import T2ISpeedConfig, measure, speedups, table
 log = logging.getLogger(__name__)
 KIND = "text-to-image"
 GRID_BACKENDS = ("onnxruntime", "openvino")  # CPU runtimes whose thread count is a setting
-FAMILY = FAMILIES["sd"]
-COMPONENT_KINDS = FAMILY.exported  # the VAE encoder included: every output serves image-to-image
 USER_PROMPTS = [
     "a photo of a cat",
     "a red car on a street",
@@ -91,6 +89,11 @@ class T2IContext:
     def root(self) -> Path:
         return self.manifest.root
 
+    @property
+    def family(self) -> Family:
+        """The source's family (optimizer/families/table.py): its components and mixes."""
+        return FAMILIES[self.src.student.spec.family]
+
 
 def _source_sha(path: Path) -> str:
     if path.is_file():
@@ -106,8 +109,11 @@ def _is_demo_teacher(p: Path | None) -> bool:
 
 def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
     """Every input checked (source, teacher, sizes, guidance, options) before the first write."""
-    FAMILY.check_backend(cfg.backend)
-    FAMILY.check_precisions(cfg.precisions, cfg.backend)
+    from optimizer.families.detect import family_of
+
+    family = family_of(source)
+    family.check_backend(cfg.backend)
+    family.check_precisions(cfg.precisions, cfg.backend)
     from optimizer.compile.backends import require
 
     require(cfg.backend)  # installed, with its device: one line naming what is missing
@@ -115,6 +121,10 @@ def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
         raise InputError(
             "--triton-repo: the pipeline's Triton repository serves ONNX Runtime models; "
             "not with --backend tensorrt yet"
+        )
+    if cfg.triton_repo is not None and family.name != "sd":
+        raise InputError(
+            f"--triton-repo: the Triton repository serves SD 1.x/2.x pipelines; not {family.title} yet"
         )
     if cfg.clip_model is not None and not (Path(cfg.clip_model) / "config.json").exists():
         raise InputError(f"--clip-model {cfg.clip_model}: no config.json (a transformers CLIPModel folder)")
@@ -131,7 +141,7 @@ def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
         raise InputError(
             f"--require-teacher: {source} names no teacher pipeline (give --teacher PIPELINE_DIR)"
         )
-    FAMILY.scheduler_kind(
+    family.scheduler_kind(
         str(src.student.spec.scheduler_config.get("_class_name")),
         str(src.student.path / "scheduler" / "scheduler_config.json"),
     )
@@ -162,7 +172,7 @@ def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
         "size": list(size),
         "batch_sizes": list(cfg.batch_sizes),
         "backend": cfg.backend,
-        "family": FAMILY.name,
+        "family": family.name,
         "teacher": {
             "path": str(src.teacher.path.resolve()) if src.teacher else None,
             "reference_steps": src.teacher.reference_steps if src.teacher else None,
@@ -184,7 +194,7 @@ def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
         "teacher": meta["teacher"],
         "size": list(size),
         "backend": cfg.backend,
-        "family": FAMILY.name,
+        "family": family.name,
         "environment": environment(cfg.threads),
         "run_id": rundir.run_id,
         "notes": [],
@@ -202,7 +212,7 @@ def export(ctx: T2IContext) -> dict[tuple[str, str], prec.Graph]:
     export_pipeline(ctx.src.student, ctx.root)
     return {
         (k, "fp32"): prec.Graph(k, "fp32", ctx.root / f"onnx/{k}.fp32.onnx", {"passed": True}, "fp32 export")
-        for k in COMPONENT_KINDS
+        for k in ctx.family.exported  # SD: the VAE encoder too, every output serves image-to-image
     }
 
 
@@ -240,7 +250,7 @@ def record(ctx: T2IContext, pipe: Any, n: int, offset: int) -> Any:
 def quantize(
     ctx: T2IContext, graphs: dict[tuple[str, str], prec.Graph], calib: Any
 ) -> dict[tuple[str, str], prec.Graph]:
-    wanted = {(k, p) for mix in ctx.cfg.precisions for k, p in prec.MIXES[mix].items() if p != "fp32"}
+    wanted = {(k, p) for mix in ctx.cfg.precisions for k, p in ctx.family.mixes[mix].items() if p != "fp32"}
     for kind, p in sorted(wanted):
         log.info("quantize %s %s", kind, p)
         graphs[(kind, p)] = prec.quantize_component(
@@ -279,7 +289,7 @@ def write_mixes(
     base = json.loads((ctx.root / "t2i.json").read_text())
     mixes = {}
     for mix in ctx.cfg.precisions:
-        comps = prec.resolve_mix(mix, graphs)
+        comps = prec.resolve_mix(ctx.family.mixes[mix], graphs)
         d = json.loads(json.dumps(base))
         for kind, g in comps.items():
             d["components"][kind].update(path=_runnable(ctx, kind, g), precision=g.precision)
@@ -310,8 +320,8 @@ def validate(
     calls: dict[str, Any] = {}
     for (kind, p), g in sorted(graphs.items()):
         feeds = vrec.feeds(kind)
-        refs = val.torch_outputs(kind, loaded.module(kind), feeds)
         spec = IOSpec.from_dict(loaded.spec.component(kind).io.to_dict())
+        refs = val.torch_outputs(kind, loaded.module(kind), feeds, spec)
         with make(f"{kind}.{p}", ctx.root / _runnable(ctx, kind, g), spec) as r:
             cp = val.call_parity(kind, p, r, feeds, refs, cfg.bars)
         calls[f"{kind}.{p}"] = cp
@@ -501,7 +511,7 @@ def _fresh_teacher(ctx: T2IContext, timings: dict[str, Any], ps: list[str]) -> N
         # the in-run budget at each thread count: a teacher generation takes most of a second, so a
         # shared budget leaves too few repeats for a stable median (it stops early once stable)
         rule=stop_rule(ctx.cfg.speed),
-        family=FAMILY.name,
+        family=ctx.family.name,
         prompts=ps,
         guidance_scale=t.guidance_scale,
         size=list(ctx.size),

@@ -24,6 +24,7 @@ from optimizer.checkpoint import (
     read_metadata,
     save_checkpoint,
 )
+from optimizer.families import FAMILIES
 from optimizer.t2i.components import GUIDANCE_MODES, Profile
 from optimizer.t2i.load import (
     LoadedPipeline,
@@ -196,6 +197,11 @@ def load_t2i_student(
         index = check_layout(teacher)
     except InputError as e:
         raise InputError(f"{path}: its teacher pipeline: {e}") from None
+    if index.get("_class_name") not in FAMILIES["sd"].pipeline_classes:
+        raise InputError(
+            f"{path}: its teacher {teacher} is a {index.get('_class_name')}; student checkpoints "
+            "take SD 1.x/2.x teachers (give another family's student as a pipeline folder)"
+        )
     now = component_hashes(teacher)
     for name in PIPELINE_COMPONENTS:
         if now[name] != rec["components"][name]:
@@ -211,7 +217,7 @@ def load_t2i_student(
     check_configs(configs, {"text_encoder": te_where, "unet": where, "vae_decoder": vae_where})
     sched_cfg = {"_class_name": ckpt.scheduler_class, **ckpt.scheduler_config}
     check_scheduler(sched_cfg, f"{path} (scheduler)")
-    check_tokenizer_fits(teacher, configs["text_encoder"])
+    check_tokenizer_fits(teacher, configs)
     try:
         unet = model_from_config(UNET_CLASS, ckpt.model_config)
         unet.load_state_dict(ckpt.state_dict or {}, strict=True)
@@ -226,12 +232,15 @@ def load_t2i_student(
         profile=profile,
         guidance=guidance or rec["guidance"],
         unet_where=where,
+        index=index,
     )
     return LoadedPipeline(
         path=teacher,
         spec=spec,
-        text_encoder=load_component("text_encoder", teacher / "text_encoder"),
-        unet=unet.eval(),
-        vae=load_component("vae", teacher / "vae"),
-        tokenizer_dir=teacher / "tokenizer",
+        modules={
+            "text_encoder": load_component("text_encoder", teacher / "text_encoder"),
+            "unet": unet.eval(),
+            "vae": load_component("vae", teacher / "vae"),
+        },
+        tokenizer_dirs={"tokenizer": teacher / "tokenizer"},
     )

@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from engines.iospec import IOSpec
 from optimizer.bars import ParityBars
 from optimizer.compile.validate import compare_calls
 from optimizer.families import FAMILIES
 from optimizer.metrics import psnr_db
-from optimizer.t2i.components import COMPONENTS
+from optimizer.t2i.components import wrap
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,18 @@ class ComponentParity:
         return {**asdict(self), "passed": self.passed}
 
 
-def torch_outputs(kind: str, module: Any, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    wrapped = COMPONENTS[kind].wrapper(module).eval()
+def _flat(outs: Any) -> np.ndarray:
+    """One call's outputs as one float32 vector (a graph with several outputs, SDXL's text encoder 2,
+    is compared over all of them at once, in the IO spec's order)."""
+    parts = outs if isinstance(outs, tuple | list) else (outs,)
+    return np.concatenate([np.asarray(o, dtype=np.float32).ravel() for o in parts])
+
+
+def torch_outputs(kind: str, module: Any, feeds: list[dict[str, np.ndarray]], io: IOSpec) -> list[np.ndarray]:
+    wrapped = wrap(kind, module, io)
     with torch.no_grad():
-        return [wrapped(**{k: torch.from_numpy(v) for k, v in f.items()}).numpy() for f in feeds]
+        res = [wrapped(**{k: torch.from_numpy(v) for k, v in f.items()}) for f in feeds]
+    return [_flat(tuple(t.numpy() for t in r) if isinstance(r, tuple) else r.numpy()) for r in res]
 
 
 def call_parity(
@@ -81,8 +90,8 @@ def call_parity(
     refs: list[np.ndarray],
     bars: ParityBars,
 ) -> ComponentParity:
-    out_name = runner.spec.output_names[0]
-    outs = [runner.infer(f)[out_name].astype(np.float32) for f in feeds]
+    names = runner.spec.output_names
+    outs = [_flat([o[n] for n in names]) for o in (runner.infer(f) for f in feeds)]
     cp = compare_calls(refs, outs, precision, bars)
     return ComponentParity(
         kind,
@@ -115,7 +124,7 @@ class SampleParity:
 def default_bars() -> ParityBars:
     """The pixel flow's call bars with the family's uint8-image sample bars."""
     bars = ParityBars()
-    return ParityBars(sample_psnr_db={**bars.sample_psnr_db, **FAMILIES["sd"].sample_psnr_db})
+    return ParityBars(sample_psnr_db={**bars.sample_psnr_db, **FAMILIES["sd"].sample_psnr_db})  # sdxl: same
 
 
 def sample_bar(mix: str, bars: ParityBars) -> float:

@@ -1,0 +1,72 @@
+"""How prompts become the denoiser's conditioning: one recipe per family (the family table's
+`conditioning`), each following its diffusers pipeline's `encode_prompt` and added conditioning.
+
+A recipe takes the pipeline's text parts, the prompts and negative prompts of one chunk (a negative
+of None: none was given), whether the CFG batch runs, and the image size, and returns the UNet's
+conditioning feeds at batch B (2B under CFG: negatives first, as diffusers concatenates them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+Encode = Callable[[str, Any, list[str], str], dict[str, np.ndarray]]  # (runner, tokenizer, prompts, what)
+
+
+def _texts(prompts: Sequence[str | None]) -> list[str]:
+    return ["" if p is None else p for p in prompts]
+
+
+def sd(
+    text: Any, encode: Encode, prompts: list[str], neg: list[str | None], do_cfg: bool, size: tuple[int, int]
+) -> dict[str, np.ndarray]:
+    """StableDiffusionPipeline: the text encoder's last hidden state; under CFG the negative
+    prompts' ("" when none was given) before the prompts'."""
+    emb = encode(text.encoder, text.tokenizer, prompts, "prompt")[text.output]
+    if do_cfg:
+        neg_emb = encode(text.encoder, text.tokenizer, _texts(neg), "negative_prompt")[text.output]
+        emb = np.concatenate([neg_emb, emb])
+    return {"encoder_hidden_states": emb.astype(np.float32)}
+
+
+def _sdxl_embeddings(
+    text: Any, encode: Encode, prompts: list[str], what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both encoders' penultimate states concatenated on the channel axis; encoder 2's pooled one."""
+    out1 = encode(text.encoder, text.tokenizer, prompts, what)
+    ((enc2, tok2),) = text.more
+    out2 = encode(enc2, tok2, prompts, what)
+    states = np.concatenate([out1["penultimate_hidden_state"], out2["penultimate_hidden_state"]], axis=-1)
+    return states.astype(np.float32), out2["text_embeds"].astype(np.float32)
+
+
+def sdxl(
+    text: Any, encode: Encode, prompts: list[str], neg: list[str | None], do_cfg: bool, size: tuple[int, int]
+) -> dict[str, np.ndarray]:
+    """StableDiffusionXLPipeline (clip_skip None, prompt_2 = prompt): prompt_embeds, the pooled
+    `text_embeds` and `time_ids` = original size + crop (0, 0) + target size, all the image size.
+    With force_zeros_for_empty_prompt, an image whose negative prompt was not given gets zero
+    negative embeddings (diffusers zeroes when the call's negative_prompt is None)."""
+    states, pooled = _sdxl_embeddings(text, encode, prompts, "prompt")
+    b = len(prompts)
+    h, w = size
+    time_ids = np.tile(np.array([[h, w, 0, 0, h, w]], dtype=np.float32), (b, 1))
+    if not do_cfg:
+        return {"encoder_hidden_states": states, "text_embeds": pooled, "time_ids": time_ids}
+    zero = np.array([n is None and text.zero_negative for n in neg])
+    neg_states, neg_pooled = np.zeros_like(states), np.zeros_like(pooled)
+    if not zero.all():
+        idx = np.flatnonzero(~zero)
+        s, p = _sdxl_embeddings(text, encode, [_texts(neg)[i] for i in idx], "negative_prompt")
+        neg_states[idx], neg_pooled[idx] = s, p
+    return {
+        "encoder_hidden_states": np.concatenate([neg_states, states]),
+        "text_embeds": np.concatenate([neg_pooled, pooled]),
+        "time_ids": np.concatenate([time_ids, time_ids]),
+    }
+
+
+RECIPES = {"sd": sd, "sdxl": sdxl}
