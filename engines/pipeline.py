@@ -5,7 +5,9 @@ Its `__call__` follows diffusers' pipelines step by step over the components a f
 1. check inputs (one line per problem, before any component runs);
 2. encode the conditioning: the text encoder if the family has one, else the caller's `cond`;
 3. prepare the timesteps (the family's scheduler, engines/schedulers.py's interface);
-4. prepare latents or noise, drawn per seed so an image never depends on its batch; with `image=`
+4. prepare latents or noise, drawn per seed so an image never depends on its batch (latent
+   pipelines draw what torch.Generator().manual_seed(seed) draws on CPU, engines/torch_rng.py, so a
+   seed gives diffusers' image for that seed's generator); with `image=`
    (image-to-image, diffusers' StableDiffusionImg2ImgPipeline) the VAE encoder's latent of the
    image, noised to the first timestep that `strength` keeps;
 5. the denoising loop, with the family's guidance policy (cfg: both halves in one call; embedded:
@@ -73,6 +75,18 @@ class Parts:
     # what a denoiser takes besides sample and timestep, given by the caller per image (class labels,
     # encoder_hidden_states); empty for text families, whose conditioning comes from the encoder
     cond_names: tuple[str, ...] = field(default_factory=tuple)
+    # per-seed draws: "torch" (torch's CPU randn, engines/torch_rng.py: diffusers' images from the
+    # same seeds) or "numpy" (np.random.default_rng: the pixel students' validated convention)
+    noise: str = "numpy"
+
+
+def seed_generator(kind: str, seed: int) -> Any:
+    """A per-image noise source with numpy's `standard_normal(shape, dtype=np.float32)`."""
+    if kind == "torch":
+        from engines.torch_rng import TorchGenerator
+
+        return TorchGenerator(seed)
+    return np.random.default_rng(seed)
 
 
 def guidance_scale_embedding(w: np.ndarray, dim: int) -> np.ndarray:
@@ -524,7 +538,7 @@ class CompiledPipeline:
             timesteps = sched.set_timesteps(steps)
         # 4. Prepare latents (or noise) and the per-step draws, per seed: init first, then one draw
         # per re-noising step, from each image's own generator
-        rngs = [np.random.default_rng(s) for s in seeds] if seeds is not None else []
+        rngs = [seed_generator(p.noise, s) for s in seeds] if seeds is not None else []
         if pixels is not None:  # image-to-image: the image's latent noised to the first kept step
             sched.set_begin_index(begin)
             x = self.encode_image(pixels, rngs)

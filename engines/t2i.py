@@ -196,5 +196,6 @@ class TextToImagePipeline(CompiledPipeline):
                     encoder="vae_encoder" if "vae_encoder" in runners else None,
                 ),
                 time_cond_proj_dim=cfg.time_cond_proj_dim,
+                noise="torch",  # seeds reproduce diffusers' torch.Generator draws
             )
         )

@@ -196,3 +196,9 @@ class TorchGenerator:
             # draws 16 fresh ones and recomputes the last 16 elements from them
             out[n - 16 :] = _box_muller_16(self._uniform_float(16))
         return out.reshape(shape)
+
+    def standard_normal(self, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+        """`randn` under numpy Generator's name, so either serves as a per-seed noise source."""
+        if np.dtype(dtype) != np.float32:
+            raise TypeError("TorchGenerator draws float32 only (torch.randn's default dtype)")
+        return self.randn(shape)

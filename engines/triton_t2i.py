@@ -55,6 +55,7 @@ VENDORED = (
     "schedulers.py",
     "tokenizer.py",
     "conditioning.py",
+    "torch_rng.py",
     "pipeline.py",
     "t2i.py",
 )
@@ -142,6 +143,7 @@ def description(pipe: TextToImagePipeline) -> dict:
     return {
         "format": T2I_FORMAT,
         "version": 1,
+        "family": c.family,
         "pipeline_class": c.pipeline_class,
         "guidance": c.guidance,
         "components": c.components,

@@ -71,7 +71,8 @@ def test_sdxl_folder_loads_as_its_family(root):
     unet = {t.name: t.shape for t in spec.component("unet").io.inputs}
     assert unet["encoder_hidden_states"] == ("batch", "tokens", 64)  # 32 + 32: both encoders
     assert unet["text_embeds"] == ("batch", 32) and unet["time_ids"] == ("batch", 6)
-    assert [c.kind for c in spec.components] == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    kinds = [c.kind for c in spec.components]
+    assert kinds == ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]  # img2img
 
 
 @pytest.mark.parametrize(
@@ -187,3 +188,45 @@ def test_triton_and_serve_refuse_sdxl_in_one_line(root, tmp_path):
     with pytest.raises(InputError, match=r"a sdxl pipeline; the Triton repository and dd-serve") as e:
         write_t2i_repo(out, tmp_path / "repo", allow_unvalidated=True)
     assert "\n" not in str(e.value) and not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("name,kw", [("base", {}), ("lcm", {"lcm": True})])
+def test_seeds_reproduce_diffusers_generators(root, name, kw):
+    """`seeds=[s]` draws what torch.Generator().manual_seed(s) draws on CPU (engines/torch_rng.py):
+    the latents and, for LCM, every re-noising step, so the runtime's image from a seed is
+    diffusers' own image from that seed's generator, nothing patched on the diffusers side."""
+    import torch
+
+    from engines.t2i import TextToImagePipeline
+    from optimizer.t2i.load import load_pipeline
+    from optimizer.t2i.reference import diffusers_pipeline
+
+    src, out = _exported(root, name, **kw)
+    seeds, steps, g = [11, 2**40 + 3], 4, (8.5 if kw else 5.0)
+    pipe = diffusers_pipeline(load_pipeline(src))
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    want = pipe(PROMPTS, generator=gens, num_inference_steps=steps, guidance_scale=g, output_type="np").images
+    want = (want * 255).round().astype(np.uint8)
+    with TextToImagePipeline(out) as ep:
+        got = ep(PROMPTS, seeds=seeds, num_inference_steps=steps, guidance_scale=g)
+    assert psnr(got, want) >= 40.0, psnr(got, want)
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_sdxl_img2img_reproduces_diffusers(root, strength):
+    """image= on an SDXL output: StableDiffusionXLImg2ImgPipeline's images (base model's time ids at
+    the image's size, the VAE posterior's sample and the added noise from each seed)."""
+    from engines.t2i import TextToImagePipeline
+    from optimizer.t2i.load import load_pipeline
+    from optimizer.t2i.reference import diffusers_pipeline, img2img_images, img2img_pipeline
+    from tests.test_img2img import test_images
+
+    src, out = _exported(root, "base")
+    image = test_images(2, 16, 16, seed=4)
+    kw = dict(strength=strength, num_inference_steps=5, guidance_scale=5.0)
+    i2i = img2img_pipeline(diffusers_pipeline(load_pipeline(src)))
+    want = img2img_images(i2i, PROMPTS, image, kw["strength"], 5, 5.0, seeds=[1, 2])
+    with TextToImagePipeline(out) as pipe:
+        assert "vae_encoder" in pipe.runners
+        got = pipe(PROMPTS, image=image, seeds=[1, 2], **kw)
+    assert psnr(got, want) >= 40.0, psnr(got, want)

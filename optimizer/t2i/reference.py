@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engines.torch_rng import TorchGenerator
 from optimizer.t2i.load import LoadedPipeline
 
 
@@ -133,7 +134,7 @@ def scheduler_noise(
     import importlib
 
     mods = [importlib.import_module(m) for m in ((module,) if isinstance(module, str) else module)]
-    rngs = [np.random.default_rng(s) for s in seeds]
+    rngs = [TorchGenerator(s) for s in seeds]  # what the runtime draws from each seed
     made: list[np.ndarray] = []
 
     def ours(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, **_: Any) -> Any:
@@ -194,17 +195,30 @@ IMG2IMG_PIPELINES = {  # text-to-image pipeline class -> (img2img class, the mod
         "LatentConsistencyModelImg2ImgPipeline",
         "diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_img2img",
     ),
+    "StableDiffusionXLPipeline": (
+        "StableDiffusionXLImg2ImgPipeline",
+        "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img",
+    ),
 }
 
 
 def img2img_pipeline(pipe: Any) -> Any:
-    """diffusers' img2img pipeline (StableDiffusionImg2ImgPipeline, or LatentConsistencyModel-
-    Img2ImgPipeline for an LCM pipeline) over a text-to-image pipeline's modules."""
+    """diffusers' img2img pipeline (StableDiffusionImg2ImgPipeline, LatentConsistencyModel-
+    Img2ImgPipeline for an LCM pipeline, StableDiffusionXLImg2ImgPipeline for SDXL) over a
+    text-to-image pipeline's modules."""
     import diffusers
 
     cls = getattr(diffusers, IMG2IMG_PIPELINES[type(pipe).__name__][0])
     comps = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
-    i2i = cls(**{**comps, "requires_safety_checker": False})
+    if "text_encoder_2" in comps:  # SDXL: the base model's ids (no aesthetic score), no watermark
+        flags = dict(
+            requires_aesthetics_score=False,
+            force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
+    else:
+        flags = dict(requires_safety_checker=False)
+    i2i = cls(**comps, **flags)
     i2i.set_progress_bar_config(disable=True)
     return i2i
 

@@ -38,6 +38,7 @@ from optimizer.t2i.speed import T2ISpeedConfig, measure, speedups, table
 log = logging.getLogger(__name__)
 KIND = "text-to-image"
 GRID_BACKENDS = ("onnxruntime", "openvino")  # CPU runtimes whose thread count is a setting
+STEP_SEED_OFFSET = 1 << 20  # per-step noise seeds apart from the latents seeds (mt19937 takes 32 bits)
 USER_PROMPTS = [
     "a photo of a cat",
     "a red car on a street",
@@ -226,15 +227,23 @@ def prompts(ctx: T2IContext, n: int, offset: int = 0) -> tuple[list[str], list[A
 
 
 def latents(ctx: T2IContext, n: int, seed_offset: int = 0) -> np.ndarray:
-    """Per-index latents (seed + i), as the runtime draws them from seeds."""
+    """Per-index latents (seed + i), as the runtime draws them from seeds (torch's CPU randn)."""
+    from engines.torch_rng import TorchGenerator
+
     spec = ctx.src.student.spec
     k = spec.vae_scale_factor
     c = int(spec.component("unet").config.get("in_channels", 4))
     shape = (c, ctx.size[0] // k, ctx.size[1] // k)
     base = ctx.cfg.seed + seed_offset
     return np.stack(
-        [np.random.default_rng(base + i).standard_normal(shape, dtype=np.float32) for i in range(n)]
+        [TorchGenerator(base + i).randn(shape) for i in range(n)]
     )
+
+
+def step_seeds(ctx: T2IContext, start: int, stop: int) -> list[int]:
+    """Seeds of a stochastic scheduler's per-step draws beside `latents(ctx, ...)`: disjoint from the
+    latents' seeds, else the first re-noising draw would repeat the image's initial noise."""
+    return [ctx.cfg.seed + STEP_SEED_OFFSET + i for i in range(start, stop)]
 
 
 def record(ctx: T2IContext, pipe: Any, n: int, offset: int) -> Any:
@@ -330,7 +339,7 @@ def validate(
     n = cfg.n_samples
     ps, _ = prompts(ctx, n, 2000)
     lat = latents(ctx, n, 2000)
-    seeds = list(range(n))
+    seeds = step_seeds(ctx, 0, n)
     want = images(pipe, ps, lat, ctx.src.steps, ctx.src.guidance_scale, seeds)
     ctx.report["samples"] = {"torch": want[:8]}
     variants = []
@@ -396,7 +405,7 @@ def judge_distribution(ctx: T2IContext, pipe: Any, teacher_pipe: Any | None) -> 
                 lat[i : i + 50],
                 ctx.src.steps,
                 ctx.src.guidance_scale,
-                list(range(i, min(n, i + 50))),
+                step_seeds(ctx, i, min(n, i + 50)),
             )
             for i in range(0, n, 50)
         ]
