@@ -69,4 +69,33 @@ def sdxl(
     }
 
 
-RECIPES = {"sd": sd, "sdxl": sdxl}
+def _sd3_embeddings(
+    text: Any, encode: Encode, prompts: list[str], what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """StableDiffusion3Pipeline.encode_prompt (clip_skip None, prompt_2 = prompt_3 = prompt): both
+    CLIP encoders' penultimate states concatenated on channels, zero-padded to T5's width, then T5's
+    states after them on the sequence axis; pooled = both CLIP projections concatenated."""
+    (enc2, tok2), (enc3, tok3) = text.more
+    o1 = encode(text.encoder, text.tokenizer, prompts, what)
+    o2 = encode(enc2, tok2, prompts, what)
+    t5 = encode(enc3, tok3, prompts, what)["last_hidden_state"]
+    clip = np.concatenate([o1["penultimate_hidden_state"], o2["penultimate_hidden_state"]], axis=-1)
+    clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
+    states = np.concatenate([clip, t5], axis=1)
+    pooled = np.concatenate([o1["text_embeds"], o2["text_embeds"]], axis=-1)
+    return states.astype(np.float32), pooled.astype(np.float32)
+
+
+def sd3(
+    text: Any, encode: Encode, prompts: list[str], neg: list[str | None], do_cfg: bool, size: tuple[int, int]
+) -> dict[str, np.ndarray]:
+    """SD3's joint sequence and pooled projections; under CFG the negatives' ("" when none was
+    given: SD3 has no zeroing flag) first."""
+    states, pooled = _sd3_embeddings(text, encode, prompts, "prompt")
+    if do_cfg:
+        s, p = _sd3_embeddings(text, encode, _texts(neg), "negative_prompt")
+        states, pooled = np.concatenate([s, states]), np.concatenate([p, pooled])
+    return {"encoder_hidden_states": states, "pooled_projections": pooled}
+
+
+RECIPES = {"sd": sd, "sdxl": sdxl, "sd3": sd3}

@@ -56,6 +56,7 @@ class VaeParts:
     scale_factor: int  # pixels per latent cell
     decoder: str = "vae_decoder"
     encoder: str | None = None  # its runner (image-to-image); None: an output compiled without one
+    shift_factor: float = 0.0  # SD3: the decoder sees latents / scaling_factor + shift_factor
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Parts:
     # per-seed draws: "torch" (torch's CPU randn, engines/torch_rng.py: diffusers' images from the
     # same seeds) or "numpy" (np.random.default_rng: the pixel students' validated convention)
     noise: str = "numpy"
+    patch_size: int = 1  # a DiT's latent patch: sizes are multiples of it; its token count sets mu
 
 
 def seed_generator(kind: str, seed: int) -> Any:
@@ -253,6 +255,7 @@ class CompiledPipeline:
     def _size(self, height: Any, width: Any, latents: Any) -> tuple[int, int]:
         """(height, width) in model-space pixels, inside the denoiser's profile."""
         k = self.parts.vae.scale_factor if self.parts.vae else 1
+        m = k * self.parts.patch_size  # a DiT takes whole patches of latents
         d = self.parts.defaults
         if isinstance(latents, np.ndarray) and latents.ndim == 4 and height is None and width is None:
             h, w = latents.shape[2] * k, latents.shape[3] * k  # diffusers would need height/width too
@@ -265,9 +268,9 @@ class CompiledPipeline:
             lo, hi = (r.min, r.max) if r is not None else (v // k, v // k)
             if r is None and v != d[name]:  # a static axis: only the compiled size
                 raise InputError(f"{name}={v}: this pipeline was compiled for {d[name]} only")
-            if v % k or not (lo <= v // k <= hi):
+            if v % m or not (lo <= v // k <= hi):
                 raise InputError(
-                    f"{name}={v}: must be a multiple of {k} in [{lo * k}, {hi * k}] (the profile)"
+                    f"{name}={v}: must be a multiple of {m} in [{lo * k}, {hi * k}] (the profile)"
                 )
         return h, w
 
@@ -290,7 +293,9 @@ class CompiledPipeline:
         n = self.parts.defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         if isinstance(n, bool) or not isinstance(n, int | np.integer):
             raise InputError(f"num_inference_steps={n!r}: expected an integer")
-        copy.deepcopy(self.scheduler).set_timesteps(int(n))  # the scheduler's own range check
+        # the scheduler's own range check (a dynamically shifted schedule: any mu checks the count)
+        mu = {"mu": 1.0} if getattr(self.scheduler, "dynamic_shifting", False) else {}
+        copy.deepcopy(self.scheduler).set_timesteps(int(n), **mu)
         return int(n)
 
     def _seeds(self, seeds: Any, b: int) -> list[int]:
@@ -369,7 +374,9 @@ class CompiledPipeline:
         mean, logvar = params[:, :c], np.clip(params[:, c:], -30.0, 20.0)
         std = np.exp(np.float32(0.5) * logvar).astype(np.float32)
         eps = np.stack([r.standard_normal(mean.shape[1:], dtype=np.float32) for r in rngs])
-        return ((mean + std * eps) * np.float32(v.scaling_factor)).astype(np.float32)
+        return (((mean + std * eps) - np.float32(v.shift_factor)) * np.float32(v.scaling_factor)).astype(
+            np.float32
+        )
 
     def _image(
         self, image: Any, b: int, latents: Any, height: Any, width: Any, strength: Any, steps: Any
@@ -403,7 +410,7 @@ class CompiledPipeline:
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         v = self.parts.vae
-        z = (latents / np.float32(v.scaling_factor)).astype(np.float32)
+        z = (latents / np.float32(v.scaling_factor) + np.float32(v.shift_factor)).astype(np.float32)
         return self.runners[v.decoder].infer({"latent_sample": z})["sample"]
 
     # -- the call ----------------------------------------------------------------------------
@@ -534,6 +541,10 @@ class CompiledPipeline:
         # 3. Prepare timesteps
         if begin < 0:  # LCM image-to-image: strength shortens the schedule, which starts at 0
             timesteps, begin = sched.set_timesteps(steps, strength=strength), 0
+        elif getattr(sched, "dynamic_shifting", False):
+            # FlowMatch with dynamic shifting: mu from the image's token count, at run time
+            seq = (sample_shape[1] // p.patch_size) * (sample_shape[2] // p.patch_size)
+            timesteps = sched.set_timesteps(steps, mu=sched.mu_for(seq))
         else:
             timesteps = sched.set_timesteps(steps)
         # 4. Prepare latents (or noise) and the per-step draws, per seed: init first, then one draw

@@ -864,6 +864,11 @@ class FlowMatchEulerScheduler:
         self.sigma_min, self.sigma_max = sigmas[-1].item(), sigmas[0].item()
         self.sigmas, self.timesteps = sigmas, sigmas * np.float32(n_train)
 
+    @property
+    def dynamic_shifting(self) -> bool:
+        """set_timesteps needs mu (mu_for the image's token count): Flux, SD3.5 with it on."""
+        return bool(self.o["use_dynamic_shifting"])
+
     def mu_for(self, image_seq_len: int) -> float:
         """Flux's calculate_shift: mu linear in the latent sequence length between the config's ends."""
         o = self.o

@@ -39,7 +39,17 @@ COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder")  # every family's outp
 # image-to-image's VAE encoder (outputs compiled before it have none and run text-to-image only);
 # SDXL's second text encoder (its description's family says whether it is required)
 OPTIONAL_COMPONENTS = ("vae_encoder",)
-FAMILY_COMPONENTS = {"sd": COMPONENT_NAMES, "sdxl": ("text_encoder", "text_encoder_2", "unet", "vae_decoder")}
+FAMILY_COMPONENTS = {
+    "sd": COMPONENT_NAMES,
+    "sdxl": ("text_encoder", "text_encoder_2", "unet", "vae_decoder"),
+    "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder"),
+}
+# the text encoder output each family's first encoder is read by (engines/conditioning.py)
+FIRST_OUTPUT = {
+    "sd": "last_hidden_state",
+    "sdxl": "penultimate_hidden_state",
+    "sd3": "penultimate_hidden_state",
+}
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "openvino", "tensorrt")
 RunnerFactory = Callable[[str, Path, IOSpec], Runner]
 
@@ -61,6 +71,10 @@ class T2IConfig:
     family: str = "sd"  # outputs written before families were recorded are SD's
     tokenizer_2: dict[str, Any] | None = None
     force_zeros_for_empty_prompt: bool = False
+    tokenizer_3: dict[str, Any] | None = None  # SD3's T5
+    denoiser: str = "unet"
+    patch_size: int = 1
+    vae_shift_factor: float = 0.0
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -83,8 +97,9 @@ class T2IConfig:
             raise InputError(
                 f"{path}: family {family!r} is not one this runtime runs ({', '.join(FAMILY_COMPONENTS)})"
             )
-        if family == "sdxl" and not isinstance(d.get("tokenizer_2"), dict):
-            raise InputError(f"{path}: an sdxl description needs tokenizer_2")
+        for fam, key in (("sdxl", "tokenizer_2"), ("sd3", "tokenizer_2"), ("sd3", "tokenizer_3")):
+            if family == fam and not isinstance(d.get(key), dict):
+                raise InputError(f"{path}: a {fam} description needs {key}")
         missing = [c for c in FAMILY_COMPONENTS[family] if c not in d.get("components", {})]
         if missing:
             raise InputError(f"{path}: component(s) {missing} missing")
@@ -107,6 +122,10 @@ class T2IConfig:
             family=family,
             tokenizer_2=d.get("tokenizer_2"),
             force_zeros_for_empty_prompt=bool(d.get("force_zeros_for_empty_prompt", False)),
+            tokenizer_3=d.get("tokenizer_3"),
+            denoiser=str(d.get("denoiser", "unet")),
+            patch_size=int(d.get("patch_size", 1)),
+            vae_shift_factor=float(d["vae"].get("shift_factor", 0.0)),
         )
 
 
@@ -167,9 +186,11 @@ class TextToImagePipeline(CompiledPipeline):
         self.backend = backend if runner_factory is None else "custom"
         runners = {n: make(n, cfg.root / cfg.components[n]["path"], specs[n]) for n in names}
         self.tokenizer = _tokenizer(cfg.root, cfg.tokenizer)
-        more = ()
-        if cfg.tokenizer_2 is not None:
-            more = (("text_encoder_2", _tokenizer(cfg.root, cfg.tokenizer_2)),)
+        more = tuple(
+            (f"text_encoder_{i}", _tokenizer(cfg.root, t))
+            for i, t in ((2, cfg.tokenizer_2), (3, cfg.tokenizer_3))
+            if t is not None
+        )
         scheduler = make_scheduler(
             cfg.scheduler_kind, cfg.scheduler_config, where=str(cfg.root / "scheduler")
         )
@@ -177,14 +198,14 @@ class TextToImagePipeline(CompiledPipeline):
             Parts(
                 runners=runners,
                 specs=specs,
-                denoiser="unet",
+                denoiser=cfg.denoiser,
                 scheduler=scheduler,
                 guidance=cfg.guidance,
                 sample_channels=cfg.latent_channels,
                 defaults=cfg.defaults,
                 text=TextParts(
                     self.tokenizer,
-                    output="penultimate_hidden_state" if cfg.family == "sdxl" else "last_hidden_state",
+                    output=FIRST_OUTPUT[cfg.family],
                     long_prompts=long_prompts,
                     recipe=cfg.family,
                     more=more,
@@ -193,9 +214,11 @@ class TextToImagePipeline(CompiledPipeline):
                 vae=VaeParts(
                     cfg.vae_scaling_factor,
                     cfg.vae_scale_factor,
+                    shift_factor=cfg.vae_shift_factor,
                     encoder="vae_encoder" if "vae_encoder" in runners else None,
                 ),
                 time_cond_proj_dim=cfg.time_cond_proj_dim,
                 noise="torch",  # seeds reproduce diffusers' torch.Generator draws
+                patch_size=cfg.patch_size,
             )
         )

@@ -327,3 +327,128 @@ def make_tiny_sdxl(
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+T5_CORPUS = [
+    "a red seven",
+    "green seven on a blue field",
+    "a photo of a cat",
+    "an oil painting of a bowl of fruit",
+    "a mountain lake at dawn",
+]
+
+
+def t5_tokenizer(d: Path, vocab_size: int = 64):
+    """An offline T5 tokenizer: `tokenizers` Unigram + Metaspace trained on a few strings, `</s>`
+    appended by a template, loaded by T5TokenizerFast(tokenizer_file=..., extra_ids=0)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+
+    d.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = __import__("tokenizers").decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
+    )
+    tok.train_from_iterator(T5_CORPUS * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    tok.save(str(d / "tokenizer.json"))
+    return T5TokenizerFast(tokenizer_file=str(d / "tokenizer.json"), extra_ids=0, model_max_length=32)
+
+
+def make_tiny_sd3(path: Path, *, seed: int = 0, t5: bool = True) -> Path:
+    """A tiny random StableDiffusion3Pipeline as diffusers' SD3 tests build it, with SD3's proportions
+    kept where they matter: two CLIPTextModelWithProjection (hidden 16 each, projection 16: pooled
+    32), whose penultimate states (16 + 16) are zero-padded to the T5 encoder's width 48 and
+    concatenated with its states on the sequence axis (77 + 32 tokens); an SD3Transformer2DModel with
+    patch size 2 on 16 latent channels; a VAE with SD3's scaling and shift factors; FlowMatch Euler
+    with shift 3. `t5=False`: no third encoder (SD3 runs with zeros for it)."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tok = clip_tokenizer(path.parent / f"{path.name}_vocab")
+    tok2 = clip_tokenizer(path.parent / f"{path.name}_vocab2", pad_token="!")
+    tok3 = t5_tokenizer(path.parent / f"{path.name}_t5")
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=48,
+        pooled_projection_dim=32,
+        pos_embed_max_size=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+    )
+    clip = dict(
+        hidden_size=16,
+        intermediate_size=37,
+        num_attention_heads=2,
+        num_hidden_layers=3,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=16,
+    )
+    text = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **clip,
+        )
+    )
+    text_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(vocab_size=len(tok2), bos_token_id=0, eos_token_id=2, pad_token_id=1, **clip)
+    )
+    text_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tok3),
+            d_model=48,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tok3.pad_token_id,
+            eos_token_id=tok3.eos_token_id,
+            decoder_start_token_id=0,
+        )
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        text_encoder_2=text_2,
+        tokenizer_2=tok2,
+        text_encoder_3=text_3 if t5 else None,
+        tokenizer_3=tok3 if t5 else None,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

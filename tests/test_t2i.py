@@ -134,7 +134,15 @@ def test_component_table_io_specs():
     from engines.iospec import DimRange
     from optimizer.t2i.components import COMPONENTS, Profile, build_specs
 
-    assert set(COMPONENTS) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    assert set(COMPONENTS) == {
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "transformer",
+        "unet",
+        "vae_decoder",
+        "vae_encoder",
+    }
     assert COMPONENTS["vae_decoder"].precision.default == "fp32"
     configs = {
         "text_encoder": {"hidden_size": 32},
@@ -187,7 +195,7 @@ def test_bad_pipeline_folders(tmp_path):
     cases = {
         "missing_vae": (dict(vae=...), "component 'vae' is missing"),
         "bad_unet": (dict(unet=["diffusers", "UNet2DModel"]), "'UNet2DModel': not supported"),
-        "bad_pipe": (dict(_class_name="StableDiffusion3Pipeline"), "pipeline class"),
+        "bad_pipe": (dict(_class_name="FluxPipeline"), "pipeline class"),
         # an SDXL index is read as SDXL: what that family needs and the folder lacks is named
         "sdxl_without_its_second_encoder": (
             dict(_class_name="StableDiffusionXLPipeline"),

@@ -294,36 +294,37 @@ def _open_all(s: PipelineSetup, out_dir: Path, cfg: BenchConfig, allow_unvalidat
 def unet_feeds(gen: Any, info: PipelineInfo, b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """One UNet evaluation's inputs as a generation feeds them: the UNet batch (2B under CFG), the
     compiled latent size, the scheduler's first timestep, the guidance embedding when embedded."""
+    from engines.iospec import DimRange
     from engines.t2i import guidance_scale_embedding
+    from optimizer.t2i.components import dummy_inputs
 
     p = gen.pipe
     specs, c = p.specs, p.config
+    spec = specs[c.denoiser]
     ub = 2 * b if info.cfg_batch else b
     k = c.vae_scale_factor
-    tokens = specs["text_encoder"].dims["tokens"].opt
-    hidden = next(s for s in specs["unet"].inputs if s.name == "encoder_hidden_states").shape[2]
+    # every input at its compiled size (the text states, SDXL's pooled width, SD3's joint sequence)
+    sizes = {name: r.opt for name, r in spec.dims.items()}
+    sizes.update(batch=ub, latent_height=info.size[0] // k, latent_width=info.size[1] // k)
+    fixed = spec.__class__(
+        spec.family, spec.inputs, spec.outputs, {n: DimRange(v, v, v) for n, v in sizes.items()}
+    )
+    feeds = dummy_inputs(fixed, rng, "opt")
     # a copy: set_timesteps changes the scheduler's state, which the pipeline's own calls own
-    t0 = float(copy.deepcopy(p.scheduler).set_timesteps(info.steps)[0])
-    feeds = {
-        "sample": rng.standard_normal(
-            (ub, c.latent_channels, info.size[0] // k, info.size[1] // k), np.float32
-        ),
-        "timestep": np.full((ub,), t0, np.float32),
-        "encoder_hidden_states": rng.standard_normal((ub, tokens, int(hidden)), np.float32),
-    }
+    sched = copy.deepcopy(p.scheduler)
+    mu = {"mu": 1.0} if getattr(sched, "dynamic_shifting", False) else {}
+    feeds["timestep"] = np.full((ub,), float(sched.set_timesteps(info.steps, **mu)[0]), np.float32)
     if c.guidance == "embedded":
         w = np.full((ub,), info.guidance_scale - 1, np.float32)  # the LCM pipelines embed w - 1
         feeds["timestep_cond"] = guidance_scale_embedding(w, int(c.time_cond_proj_dim))
-    ins = {t.name: t for t in specs["unet"].inputs}
-    if "time_ids" in ins:  # SDXL: the pooled text embedding and the size/crop ids at this size
+    if "time_ids" in feeds:  # SDXL: the size/crop ids at this size
         h, w_ = info.size
         feeds["time_ids"] = np.tile(np.array([[h, w_, 0, 0, h, w_]], np.float32), (ub, 1))
-        feeds["text_embeds"] = rng.standard_normal((ub, int(ins["text_embeds"].shape[1])), np.float32)
     return feeds
 
 
 def _unet_batch_ok(gen: Any, ub: int) -> str | None:
-    r = gen.pipe.specs["unet"].dims.get("batch")
+    r = gen.pipe.specs[gen.pipe.config.denoiser].dims.get("batch")
     if r is not None and not (r.min <= ub <= r.max):
         return (
             f"UNet batch {ub} outside the graph's profile [{r.min}, {r.max}] "
@@ -354,7 +355,7 @@ def time_variants(s: PipelineSetup, cfg: BenchConfig) -> dict[str, list[dict[str
             if (why := _unet_batch_ok(gen, ub)) is not None:
                 results[v.name].append({"phase": phase, "batch": b, "skipped": why})
                 continue
-            unet, feeds = gen.pipe.runners["unet"], unet_feeds(gen, s.info, b, rng)
+            unet, feeds = gen.pipe.runners[gen.pipe.config.denoiser], unet_feeds(gen, s.info, b, rng)
             fns[v.name] = lambda r=unet, f=feeds: r.infer(f)
         if not fns:
             continue

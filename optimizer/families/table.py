@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from engines.errors import InputError
-from engines.schedulers import SCHEDULER_CLASSES
+from engines.schedulers import FLOW_SCHEDULER_CLASSES, SCHEDULER_CLASSES
 
 GUIDANCE_MODES = ("cfg", "embedded", "none")
 # options every family's flow honours (click parameter names, as the CLI declares them)
@@ -73,6 +73,7 @@ class Family:
     pipeline_classes: tuple[str, ...] = ()  # model_index.json _class_name values it takes
     # how prompts become the denoiser's conditioning (engines/conditioning.py: one recipe per name)
     conditioning: str = ""
+    denoiser: str = "unet"  # the component called at every step (a pipeline family's UNet or DiT)
 
     @property
     def exported(self) -> tuple[str, ...]:
@@ -113,16 +114,31 @@ class Family:
 
 
 def _pipeline_mixes(
-    text_encoders: tuple[str, ...], vae: tuple[str, ...] = ("vae_decoder", "vae_encoder")
+    text_encoders: tuple[str, ...],
+    vae: tuple[str, ...] = ("vae_decoder", "vae_encoder"),
+    denoiser: str = "unet",
+    fp32_only: tuple[str, ...] = (),
 ) -> MappingProxyType:
-    """fp32, fp16 and int8 deployment mixes of a latent text-to-image pipeline: the UNet runs once
-    per step (most of the time) so int8 goes there; the VAE overflows int8 ranges and stays fp16
-    (optimizer/quantize/fp16.py keeps fp32 islands where its activations pass fp16's range)."""
+    """fp32, fp16 and int8 deployment mixes of a latent text-to-image pipeline: the denoiser runs
+    once per step (most of the time) so int8 goes there; the VAE overflows int8 ranges and stays fp16
+    (optimizer/quantize/fp16.py keeps fp32 islands where its activations pass fp16's range);
+    `fp32_only` stay fp32 in every mix (T5: its activations overflow fp16)."""
+    keep = {c: "fp32" for c in fp32_only}
     return _frozen(
         {
-            "fp32": {c: "fp32" for c in (*text_encoders, "unet", *vae)},
-            "fp16": {c: "fp16" for c in (*text_encoders, "unet", *vae)},
-            "int8": {**{c: "fp16" for c in text_encoders}, "unet": "int8", **{c: "fp16" for c in vae}},
+            "fp32": {c: "fp32" for c in (*text_encoders, *fp32_only, denoiser, *vae)},
+            "fp16": {
+                **{c: "fp16" for c in text_encoders},
+                **keep,
+                denoiser: "fp16",
+                **{c: "fp16" for c in vae},
+            },
+            "int8": {
+                **{c: "fp16" for c in text_encoders},
+                **keep,
+                denoiser: "int8",
+                **{c: "fp16" for c in vae},
+            },
         }
     )
 
@@ -204,6 +220,31 @@ FAMILIES: dict[str, Family] = {
             default_tasks=("img2img",),
             pipeline_classes=("StableDiffusionXLPipeline",),
             conditioning="sdxl",
+        ),
+        # StableDiffusion3Pipeline (SD3 medium, SD3.5 medium / large / large turbo): two CLIP
+        # encoders with projection + T5, an MMDiT transformer on 16-channel latents, FlowMatch Euler
+        Family(
+            name="sd3",
+            title="SD3 pipelines",
+            flow="pipeline",
+            components=("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder"),
+            tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"),
+            schedulers=_frozen(FLOW_SCHEDULER_CLASSES),
+            guidance=("cfg", "none"),
+            precisions=("fp32", "fp16", "int8"),
+            # T5 overflows fp16 (its feed-forward activations pass 65504): fp32 in every mix
+            mixes=_pipeline_mixes(
+                ("text_encoder", "text_encoder_2"), ("vae_decoder",), "transformer", ("text_encoder_3",)
+            ),
+            backends=PIPELINE_BACKENDS,
+            options=PIPELINE_OPTIONS,
+            batch_sizes=(1, 4),
+            n_samples=16,
+            n_fid_samples=100,
+            sample_psnr_db=_frozen({"fp32": 40.0, "fp16": 30.0, "int8": 22.0}),
+            pipeline_classes=("StableDiffusion3Pipeline",),
+            conditioning="sd3",
+            denoiser="transformer",
         ),
     )
 }

@@ -30,6 +30,7 @@ class Profile:
     latent_height: DimRange = DimRange(8, 8, 8)
     latent_width: DimRange = DimRange(8, 8, 8)
     tokens: int = 77  # the tokenizer's model_max_length: prompts are padded to it
+    t5_tokens: int = 256  # T5's max_sequence_length (SD3's default): a build-time knob, not dynamic
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,46 @@ def text_encoder_spec(
         tuple(TensorSpec(o, "float32", shapes[o]) for o in outputs),
         {"batch": batch, "tokens": DimRange(profile.tokens, profile.tokens, profile.tokens)},
     )
+
+
+def t5_encoder_spec(
+    config: dict[str, Any],
+    profile: Profile,
+    batch: DimRange,
+    outputs: tuple[str, ...] = ("last_hidden_state",),
+) -> IOSpec:
+    """T5EncoderModel: ids padded to max_sequence_length -> its last hidden state (d_model wide)."""
+    n = profile.t5_tokens
+    return IOSpec(
+        "t5_encoder",
+        (TensorSpec("input_ids", "int64", ("batch", "t5_tokens")),),
+        (TensorSpec("last_hidden_state", "float32", ("batch", "t5_tokens", int(config["d_model"]))),),
+        {"batch": batch, "t5_tokens": DimRange(n, n, n)},
+    )
+
+
+def transformer_spec(config: dict[str, Any], profile: Profile, batch: DimRange) -> IOSpec:
+    """SD3Transformer2DModel (MMDiT) with the runtime's loop names: `sample` (its hidden_states),
+    `timestep` (sigma x 1000), the joint sequence (CLIP states padded to T5's width, then T5's)
+    and the pooled CLIP projections."""
+    c_in, c_out = int(config["in_channels"]), int(config.get("out_channels") or config["in_channels"])
+    seq = profile.tokens + profile.t5_tokens
+    inputs = (
+        TensorSpec("sample", "float32", ("batch", c_in, "latent_height", "latent_width")),
+        TensorSpec("timestep", "float32", ("batch",)),
+        TensorSpec(
+            "encoder_hidden_states", "float32", ("batch", "sequence", int(config["joint_attention_dim"]))
+        ),
+        TensorSpec("pooled_projections", "float32", ("batch", int(config["pooled_projection_dim"]))),
+    )
+    out = TensorSpec("out_sample", "float32", ("batch", c_out, "latent_height", "latent_width"))
+    dims = {
+        "batch": batch,
+        "sequence": DimRange(seq, seq, seq),
+        "latent_height": profile.latent_height,
+        "latent_width": profile.latent_width,
+    }
+    return IOSpec("sd3_transformer", inputs, (out,), dims)
 
 
 def text_time_dims(config: dict[str, Any]) -> tuple[int, int] | None:
@@ -213,6 +254,32 @@ def unet_wrapper(model: Any, outputs: tuple[str, ...] = ()) -> Any:
     return UNet()
 
 
+def transformer_wrapper(model: Any, outputs: tuple[str, ...] = ()) -> Any:
+    import torch
+
+    class Transformer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(
+            self,
+            sample: torch.Tensor,
+            timestep: torch.Tensor,
+            encoder_hidden_states: torch.Tensor,
+            pooled_projections: torch.Tensor,
+        ) -> torch.Tensor:
+            return self.model(
+                hidden_states=sample,
+                timestep=timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=pooled_projections,
+                return_dict=False,
+            )[0]
+
+    return Transformer()
+
+
 def vae_decoder_wrapper(model: Any, outputs: tuple[str, ...] = ()) -> Any:
     import torch
 
@@ -284,7 +351,7 @@ COMPONENTS: dict[str, ComponentKind] = {
             "text_encoder",
             "text_encoder",
             "transformers",
-            ("CLIPTextModel",),
+            ("CLIPTextModel", "CLIPTextModelWithProjection"),  # SD3's has the projection
             text_encoder_spec,
             text_encoder_wrapper,
             PrecisionPolicy("fp16", ("fp32", "fp16", "int8"), "runs once per prompt; fp16 is safe for CLIP"),
@@ -297,6 +364,24 @@ COMPONENTS: dict[str, ComponentKind] = {
             text_encoder_spec,
             text_encoder_wrapper,
             PrecisionPolicy("fp16", ("fp32", "fp16", "int8"), "runs once per prompt; fp16 is safe for CLIP"),
+        ),
+        ComponentKind(  # SD3's T5 v1.1 XXL encoder
+            "text_encoder_3",
+            "text_encoder_3",
+            "transformers",
+            ("T5EncoderModel",),
+            t5_encoder_spec,
+            text_encoder_wrapper,
+            PrecisionPolicy("fp32", ("fp32",), "T5's activations overflow fp16 (kept fp32 in every mix)"),
+        ),
+        ComponentKind(  # SD3's MMDiT: the denoiser of the sd3 family
+            "transformer",
+            "transformer",
+            "diffusers",
+            ("SD3Transformer2DModel",),
+            transformer_spec,
+            transformer_wrapper,
+            PrecisionPolicy("fp16", ("fp32", "fp16", "int8"), "runs once per step: most of the time"),
         ),
         ComponentKind(
             "unet",
@@ -369,6 +454,9 @@ class PipelineSpec:
     tokenizer_2: TokenizerSpec | None = None  # SDXL's second tokenizer (its text_encoder_2's)
     # SDXL: no negative prompt given -> zero negative embeddings (the pipeline's config flag)
     force_zeros_for_empty_prompt: bool = False
+    denoiser: str = "unet"  # the per-step component (SD3: "transformer")
+    tokenizer_3: TokenizerSpec | None = None  # SD3's T5 tokenizer (padded to max_sequence_length)
+    vae_shift_factor: float = 0.0  # SD3: the decoder sees latents / scaling_factor + shift_factor
 
     def __post_init__(self) -> None:
         if self.guidance not in GUIDANCE_MODES:
@@ -388,7 +476,13 @@ TEXT_ENCODER_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
         "text_encoder": ("penultimate_hidden_state",),
         "text_encoder_2": ("penultimate_hidden_state", "text_embeds"),
     },
+    "sd3": {
+        "text_encoder": ("penultimate_hidden_state", "text_embeds"),
+        "text_encoder_2": ("penultimate_hidden_state", "text_embeds"),
+        "text_encoder_3": ("last_hidden_state",),
+    },
 }
+DENOISERS = ("unet", "transformer")  # the per-step components: their batch doubles under CFG
 
 
 def build_specs(
@@ -399,7 +493,7 @@ def build_specs(
     text_outputs = TEXT_ENCODER_OUTPUTS[conditioning]
     for name, cfg in configs.items():
         batch = profile.batch
-        if name == "unet" and guidance == "cfg":  # min stays B: guidance <= 1 runs the UNet at B
+        if name in DENOISERS and guidance == "cfg":  # min stays B: guidance <= 1 runs it at B
             batch = DimRange(profile.batch.min, 2 * profile.batch.opt, 2 * profile.batch.max)
         if name in text_outputs:
             out[name] = COMPONENTS[name].io_spec(cfg, profile, batch, text_outputs[name])

@@ -33,7 +33,10 @@ MAX_BATCH, MAX_LATENT = 4096, 512  # export-time bounds; the profile says what i
 
 
 def _spatial_multiple(kind: str, config: dict[str, Any]) -> int:
-    """What latent (or, for the VAE encoder, pixel) sizes must be a multiple of."""
+    """What latent (or, for the VAE encoder, pixel) sizes must be a multiple of: the UNet's and the
+    VAE encoder's down-sampling, the transformer's patch."""
+    if kind == "transformer":
+        return int(config.get("patch_size") or 1)
     if kind not in ("unet", "vae_encoder"):
         return 1
     return 2 ** (len(config["block_out_channels"]) - 1)
@@ -134,15 +137,22 @@ def _vocab_size(spec: PipelineSpec, encoder: str) -> int:
 
 
 def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict[str, Any]:
-    unet_cfg = spec.component("unet").config
+    unet_cfg = spec.component(spec.denoiser).config
     kind = scheduler_kind(spec.scheduler_config, family=spec.family)
     lcm = kind == "lcm"
     text: dict[str, Any] = {}
-    if spec.tokenizer_2 is not None:  # SDXL: engines/conditioning.py reads these
+    if spec.tokenizer_2 is not None:  # SDXL, SD3: engines/conditioning.py reads these
         text = {
             "tokenizer_2": {**spec.tokenizer_2.to_dict(), "vocab_size": _vocab_size(spec, "text_encoder_2")},
             "force_zeros_for_empty_prompt": spec.force_zeros_for_empty_prompt,
         }
+    if spec.tokenizer_3 is not None:
+        text["tokenizer_3"] = {
+            **spec.tokenizer_3.to_dict(),
+            "vocab_size": _vocab_size(spec, "text_encoder_3"),
+        }
+    # diffusers' defaults: SD 50 steps at 7.5; LCM 4 steps at 8.5; SD3 28 steps at 7.0
+    steps, scale = (4, 8.5) if lcm else (28, 7.0) if spec.family == "sd3" else (50, 7.5)
     return {
         "format": T2I_FORMAT,
         "version": T2I_VERSION,
@@ -161,17 +171,22 @@ def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict
             "kind": kind,
             "config": "scheduler/scheduler_config.json",
         },
-        "vae": {"scaling_factor": spec.vae_scaling_factor, "scale_factor": spec.vae_scale_factor},
+        "vae": {
+            "scaling_factor": spec.vae_scaling_factor,
+            "scale_factor": spec.vae_scale_factor,
+            "shift_factor": spec.vae_shift_factor,
+        },
+        "denoiser": spec.denoiser,
+        "patch_size": int(unet_cfg.get("patch_size") or 1),
         "latent_channels": int(unet_cfg.get("in_channels", 4)),
         "time_cond_proj_dim": unet_cfg.get("time_cond_proj_dim"),
-        # diffusers' defaults: SD 50 steps at 7.5; LCM 4 steps at 8.5
         "defaults": {
             "height": spec.default_size[0],
             "width": spec.default_size[1],
-            "num_inference_steps": 4 if lcm else 50,
+            "num_inference_steps": steps,
             "guidance_scale": 8.5
             if spec.guidance == "embedded"
-            else (7.5 if spec.guidance == "cfg" else 0.0),
+            else (scale if spec.guidance == "cfg" else 0.0),
         },
     }
 
@@ -196,7 +211,11 @@ def export_pipeline(
             export_config=export_config,
         )
         paths[comp.kind] = rel
-    for name, tok in (("tokenizer", spec.tokenizer), ("tokenizer_2", spec.tokenizer_2)):
+    for name, tok in (
+        ("tokenizer", spec.tokenizer),
+        ("tokenizer_2", spec.tokenizer_2),
+        ("tokenizer_3", spec.tokenizer_3),
+    ):
         if tok is not None:
             write_tokenizer_json(loaded.tokenizer_dirs[name], out / tok.path)
     write_json_atomic(out / "scheduler" / "scheduler_config.json", spec.scheduler_config)

@@ -31,6 +31,7 @@ from optimizer.t2i.components import (
 
 PIPELINE_CLASSES = pipeline_classes()  # every pipeline family's classes (optimizer/families)
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+T5_TOKENIZER_CLASSES = ("T5Tokenizer", "T5TokenizerFast")  # SD3's tokenizer_3 (read as tokenizer.json)
 # what from_pretrained raises on files that do not fit (OSError: unreadable; ValueError/RuntimeError:
 # config vs weights; KeyError/TypeError: configs with missing or mistyped fields)
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
@@ -53,7 +54,7 @@ def required_entries(family: Family) -> dict[str, tuple[str, tuple[str, ...] | N
         k = _kind_of_folder(folder)
         out[folder] = (k.library, k.classes)
     for tok in family.tokenizers:
-        out[tok] = ("transformers", TOKENIZER_CLASSES)
+        out[tok] = ("transformers", T5_TOKENIZER_CLASSES if tok == "tokenizer_3" else TOKENIZER_CLASSES)
     out["scheduler"] = ("diffusers", None)  # check_scheduler: the runtime samples only some
     return out
 
@@ -75,7 +76,8 @@ class LoadedPipeline:
 
     @property
     def unet(self) -> Any:
-        return self.modules["unet"]
+        """The per-step component (a UNet, or SD3's transformer)."""
+        return self.modules[self.spec.denoiser]
 
     @property
     def vae(self) -> Any:
@@ -228,17 +230,18 @@ def check_weights(path: Path) -> dict[str, tuple[list[Path], str | None]]:
     return out
 
 
-def check_scheduler(config: dict[str, Any], where: str) -> Any:
+def check_scheduler(config: dict[str, Any], where: str, classes: Any = None) -> Any:
     """The numpy scheduler the runtime samples with; any other diffusers class is refused (the runtime
-    would sample it as something else)."""
+    would sample it as something else). `classes`: the family's (default: the UNet families')."""
     from engines.schedulers import make_scheduler
 
+    classes = SCHEDULER_CLASSES if classes is None else classes
     cls = config.get("_class_name")
-    kind = SCHEDULER_CLASSES.get(cls) if isinstance(cls, str) else None
+    kind = classes.get(cls) if isinstance(cls, str) else None
     if kind is None:
         raise InputError(
             f"{where}: _class_name {cls!r} is not supported: the runtime samples "
-            f"{', '.join(SCHEDULER_CLASSES)} (save the pipeline with one of them)"
+            f"{', '.join(classes)} (save the pipeline with one of them)"
         )
     try:
         return make_scheduler(kind, config, where=where)
@@ -253,7 +256,8 @@ def check_steps(scheduler: Any, steps: Any, option: str, where: str) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"{option} {steps!r}: must be an integer >= 1")
     try:
-        copy.deepcopy(scheduler).set_timesteps(steps)
+        mu = {"mu": 1.0} if getattr(scheduler, "dynamic_shifting", False) else {}
+        copy.deepcopy(scheduler).set_timesteps(steps, **mu)
     except InputError as e:
         raise InputError(f"{option} {steps}: not possible with {where} ({e})") from None
     return steps
@@ -303,6 +307,8 @@ def check_configs(configs: dict[str, dict[str, Any]], where: dict[str, str]) -> 
         if not ok:
             raise InputError(f"{where[kind]}: {key} {configs[kind].get(key)!r}: expected {what}")
 
+    if "transformer" in configs:
+        return _check_sd3_configs(configs, need)
     unet, vae = configs["unet"], configs["vae_decoder"]
     encoders = [k for k in ("text_encoder", "text_encoder_2") if k in configs]
     for te in encoders:
@@ -343,6 +349,46 @@ def check_configs(configs: dict[str, dict[str, Any]], where: dict[str, str]) -> 
         need("vae_decoder", "latents_mean", False, "none (latent statistics are not supported yet)")
 
 
+def _check_sd3_configs(configs: dict[str, dict[str, Any]], need: Any) -> None:
+    """SD3: the transformer's joint width is T5's (CLIP states are zero-padded up to it), its pooled
+    width both CLIP projections, its channels the VAE's latent channels."""
+    tr, vae, t5 = configs["transformer"], configs["vae_decoder"], configs["text_encoder_3"]
+    for key in ("in_channels", "patch_size", "joint_attention_dim", "pooled_projection_dim"):
+        need("transformer", key, _pos_int(tr.get(key)), "a positive integer")
+    need("text_encoder_3", "d_model", _pos_int(t5.get("d_model")), "a positive integer")
+    for te in ("text_encoder", "text_encoder_2"):
+        for key in ("hidden_size", "projection_dim"):
+            need(te, key, _pos_int(configs[te].get(key)), "a positive integer")
+    need("vae_decoder", "latent_channels", _pos_int(vae.get("latent_channels")), "a positive integer")
+    boc = vae.get("block_out_channels")
+    ok = isinstance(boc, list | tuple) and len(boc) > 0 and all(_pos_int(c) for c in boc)
+    need("vae_decoder", "block_out_channels", ok, "a non-empty list of positive integers")
+    need(
+        "transformer",
+        "joint_attention_dim",
+        tr["joint_attention_dim"] == t5["d_model"],
+        f"T5's d_model {t5['d_model']}",
+    )
+    clip = sum(int(configs[te]["hidden_size"]) for te in ("text_encoder", "text_encoder_2"))
+    need(
+        "transformer", "joint_attention_dim", tr["joint_attention_dim"] >= clip, f">= the CLIP widths {clip}"
+    )
+    pooled = sum(int(configs[te]["projection_dim"]) for te in ("text_encoder", "text_encoder_2"))
+    need(
+        "transformer",
+        "pooled_projection_dim",
+        tr["pooled_projection_dim"] == pooled,
+        f"{pooled} (both projections)",
+    )
+    need(
+        "transformer",
+        "in_channels",
+        tr["in_channels"] == vae["latent_channels"],
+        f"the VAE's {vae['latent_channels']}",
+    )
+    sample_size(tr, "transformer config")
+
+
 def tokenizer_spec(tok_dir: Path) -> TokenizerSpec:
     """Where the runtime reads it (<name>/tokenizer.json), its length and its pad token."""
     cfg_path = tok_dir / "tokenizer_config.json"
@@ -377,8 +423,8 @@ def pipeline_spec(
     family = family_of_pipeline(pipeline_class)
     if family is None:
         raise InputError(f"{path}: pipeline class {pipeline_class!r} is not supported")
-    unet_cfg, vae_cfg = configs["unet"], configs["vae_decoder"]
-    where = unet_where or path / "unet"
+    unet_cfg, vae_cfg = configs[family.denoiser], configs["vae_decoder"]
+    where = unet_where or path / family.denoiser
     mode = guidance or default_guidance(unet_cfg)
     if mode == "embedded" and not unet_cfg.get("time_cond_proj_dim"):
         raise InputError(f"{where}: guidance 'embedded' needs a UNet with time_cond_proj_dim")
@@ -408,7 +454,15 @@ def pipeline_spec(
             f"{path / 'tokenizer_2'}: model_max_length {tok2.model_max_length}, not tokenizer's "
             f"{tok.model_max_length} (the encoders' states are concatenated token by token)"
         )
-    profile = Profile(profile.batch, profile.latent_height, profile.latent_width, tok.model_max_length)
+    tok3 = None
+    if "tokenizer_3" in family.tokenizers:  # T5: padded to max_sequence_length, not its own limit
+        t = tokenizer_spec(path / "tokenizer_3")
+        tok3 = TokenizerSpec(
+            t.path, profile.t5_tokens, t.pad_token if t.pad_token != "<|endoftext|>" else "<pad>"
+        )
+    profile = Profile(
+        profile.batch, profile.latent_height, profile.latent_width, tok.model_max_length, profile.t5_tokens
+    )
     specs = build_specs(configs, profile, mode, family.conditioning)
     return PipelineSpec(
         pipeline_class=pipeline_class,
@@ -424,6 +478,9 @@ def pipeline_spec(
         tokenizer_2=tok2,
         force_zeros_for_empty_prompt=bool((index or {}).get("force_zeros_for_empty_prompt", False))
         and family.name == "sdxl",
+        denoiser=family.denoiser,
+        tokenizer_3=tok3,
+        vae_shift_factor=float(vae_cfg.get("shift_factor") or 0.0),
     )
 
 
@@ -438,21 +495,24 @@ def component_configs(path: Path) -> dict[str, dict[str, Any]]:
     return configs
 
 
-def _module_class(folder: str) -> Any:
+def _module_class(folder: str, class_name: str | None = None) -> Any:
+    """The class a component folder loads as: model_index.json's (one the table accepts), else the
+    table's first."""
     import diffusers
     import transformers
 
     k = _kind_of_folder(folder)
-    return getattr(diffusers if k.library == "diffusers" else transformers, k.classes[0])
+    name = class_name if class_name in k.classes else k.classes[0]
+    return getattr(diffusers if k.library == "diffusers" else transformers, name)
 
 
-def load_component(kind: str, folder: Path) -> Any:
+def load_component(kind: str, folder: Path, class_name: str | None = None) -> Any:
     """A text encoder / unet / vae module (`kind`: its pipeline subfolder name) in float32; any
     mismatch between config.json and the weights (missing, unexpected or misshapen tensors) is
     refused naming the folder."""
     from safetensors import SafetensorError
 
-    cls = _module_class(kind)
+    cls = _module_class(kind, class_name)
     files, variant = weights_files(folder, _kind_of_folder(kind).weights_stem)
     for f in files:
         check_safetensors(f)
@@ -485,7 +545,7 @@ def load_component(kind: str, folder: Path) -> Any:
     return model.float().eval()
 
 
-TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
 
 
 def check_tokenizer_fits(path: Path, configs: dict[str, dict[str, Any]]) -> None:
@@ -521,6 +581,6 @@ def load_pipeline(
     return LoadedPipeline(
         path=path,
         spec=spec,
-        modules={f: load_component(f, path / f) for f in module_folders(family)},
+        modules={f: load_component(f, path / f, index[f][1]) for f in module_folders(family)},
         tokenizer_dirs={t: path / t for t in family.tokenizers},
     )

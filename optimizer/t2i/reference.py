@@ -27,16 +27,21 @@ from optimizer.t2i.load import LoadedPipeline
 
 def diffusers_pipeline(loaded: LoadedPipeline) -> Any:
     import diffusers
-    from transformers import CLIPTokenizerFast
+    from transformers import CLIPTokenizerFast, T5TokenizerFast
 
     spec = loaded.spec
     sched_cls = getattr(diffusers, spec.scheduler_config.get("_class_name", "DDIMScheduler"))
     scheduler = sched_cls.from_config(spec.scheduler_config)
-    tokenizers = {n: CLIPTokenizerFast.from_pretrained(d) for n, d in loaded.tokenizer_dirs.items()}
+    tokenizers = {
+        n: (T5TokenizerFast if n == "tokenizer_3" else CLIPTokenizerFast).from_pretrained(d)
+        for n, d in loaded.tokenizer_dirs.items()
+    }
     cls = getattr(diffusers, spec.pipeline_class)
     kw: dict[str, Any] = dict(loaded.modules, scheduler=scheduler, **tokenizers)
     if spec.family == "sdxl":  # no invisible watermark: the runtime compares pixels, not marks
         kw.update(force_zeros_for_empty_prompt=spec.force_zeros_for_empty_prompt, add_watermarker=False)
+    elif spec.family == "sd3":
+        pass  # no safety checker in SD3's pipeline
     else:
         kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = cls(**kw)
@@ -53,7 +58,9 @@ class Recorder:
     """Component inputs seen while a diffusers pipeline runs (feeds named as in the IO specs)."""
 
     text_encoder: list[dict[str, np.ndarray]] = field(default_factory=list)
-    text_encoder_2: list[dict[str, np.ndarray]] = field(default_factory=list)  # SDXL
+    text_encoder_2: list[dict[str, np.ndarray]] = field(default_factory=list)  # SDXL, SD3
+    text_encoder_3: list[dict[str, np.ndarray]] = field(default_factory=list)  # SD3's T5
+    transformer: list[dict[str, np.ndarray]] = field(default_factory=list)  # SD3's denoiser
     unet: list[dict[str, np.ndarray]] = field(default_factory=list)
     vae_decoder: list[dict[str, np.ndarray]] = field(default_factory=list)
     vae_encoder: list[dict[str, np.ndarray]] = field(default_factory=list)  # the decoded images
@@ -88,6 +95,20 @@ def recording(pipe: Any) -> Iterator[Recorder]:
             feeds[k] = _np(v).astype(np.float32)
         rec.unet.append(feeds)
 
+    def transformer_hook(_m: Any, args: tuple, kwargs: dict) -> None:
+        x = kwargs["hidden_states"]
+        b = x.shape[0]
+        rec.transformer.append(
+            {
+                "sample": _np(x).astype(np.float32),
+                "timestep": np.broadcast_to(
+                    _np(torch.as_tensor(kwargs["timestep"])).astype(np.float32), (b,)
+                ).copy(),
+                "encoder_hidden_states": _np(kwargs["encoder_hidden_states"]).astype(np.float32),
+                "pooled_projections": _np(kwargs["pooled_projections"]).astype(np.float32),
+            }
+        )
+
     vae = pipe.vae
     decode = vae.decode
 
@@ -102,10 +123,13 @@ def recording(pipe: Any) -> Iterator[Recorder]:
 
     hooks = [
         getattr(pipe, name).register_forward_pre_hook(te_hook(rec.feeds(name)), with_kwargs=True)
-        for name in ("text_encoder", "text_encoder_2")
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
         if getattr(pipe, name, None) is not None
     ]
-    hooks.append(pipe.unet.register_forward_pre_hook(unet_hook, with_kwargs=True))
+    if getattr(pipe, "transformer", None) is not None:
+        hooks.append(pipe.transformer.register_forward_pre_hook(transformer_hook, with_kwargs=True))
+    else:
+        hooks.append(pipe.unet.register_forward_pre_hook(unet_hook, with_kwargs=True))
     vae.decode = recorded_decode
     try:
         yield rec

@@ -50,14 +50,18 @@ def markdown(rep: dict[str, Any]) -> str:
         "",
         "## Components per deployment mix",
         "",
-        "| mix | text encoder | UNet | VAE decoder | sample PSNR (dB) | passed |",
-        "|---|---|---|---|---|---|",
+    ]
+    # one column per component the family has (text encoders, UNet or transformer, VAE parts)
+    names = list(dict.fromkeys(k for v in rep["variants"] for k in v["components"]))
+    lines += [
+        f"| mix | {' | '.join(names)} | sample PSNR (dB) | passed |",
+        "|---|" + "---|" * (len(names) + 2),
     ]
     for v in rep["variants"]:
         c = v["components"]
+        cells = " | ".join(c[n]["precision"] if n in c else "-" for n in names)
         lines.append(
-            f"| {v['mix']} | {c['text_encoder']['precision']} | {c['unet']['precision']} | "
-            f"{c['vae_decoder']['precision']} | {_f(v['sample_parity']['psnr_db'], '.1f')} "
+            f"| {v['mix']} | {cells} | {_f(v['sample_parity']['psnr_db'], '.1f')} "
             f"(bar {v['sample_parity']['bar']}) | {v['passed']} |"
         )
     lines += ["", "Why each component's precision:", ""]

@@ -29,6 +29,7 @@ from optimizer.t2i.load import (
     check_weights,
     component_configs,
     default_guidance,
+    family_of_folder,
     load_pipeline,
     sample_size,
 )
@@ -84,6 +85,13 @@ def is_t2i_source(source: Path) -> bool:
     return False
 
 
+def denoiser_multiple(config: dict[str, Any]) -> int:
+    """What latent sizes must be a multiple of: a UNet's down-sampling (its skips), a DiT's patch."""
+    if "block_out_channels" in config:
+        return 2 ** (len(config["block_out_channels"]) - 1)
+    return int(config.get("patch_size") or 1)
+
+
 def parse_size(text: str, option: str = "--size") -> tuple[int, int]:
     h, sep, w = text.lower().partition("x")
     try:
@@ -106,10 +114,10 @@ def make_profile(
     unet_where: str | Path | None = None,
 ) -> tuple[Profile, tuple[int, int]]:
     """The engines' shape range and the size validation runs at; bad sizes are one-line errors."""
-    where = unet_where or student_dir / "unet" / "config.json"
+    where = unet_where or student_dir / "unet" / "config.json"  # a student.ckpt's UNet
     vae_cfg = _read_json(student_dir / "vae" / "config.json")
     k = vae_scale_factor(vae_cfg)
-    mult = k * 2 ** (len(unet_config["block_out_channels"]) - 1)  # the UNet's skips need this
+    mult = k * denoiser_multiple(unet_config)
     if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise InputError(f"--batch-sizes {','.join(map(str, batch_sizes))}: each must be an integer >= 1")
     native = sample_size(unet_config, where)
@@ -197,7 +205,8 @@ def resolve(
     if source.is_dir():
         check_layout(source)
         configs = component_configs(source)
-        unet_cfg, unet_where = configs["unet"], source / "unet" / "config.json"
+        den = family_of_folder(source).denoiser
+        unet_cfg, unet_where = configs[den], source / den / "config.json"
         student_dir = source
         dj = source / "distill.json"  # dd-distill's record in a student pipeline folder
         if dj.exists():
@@ -242,7 +251,8 @@ def resolve(
         sched_where = f"{source} (scheduler)"
         sched_cfg = {"_class_name": ck.scheduler_class, **ck.scheduler_config}
         mode, effective = None, rec.get("guidance")
-    n = check_steps(check_scheduler(sched_cfg, sched_where), n, steps_what, sched_where)
+    classes = family_of_folder(student_dir).schedulers
+    n = check_steps(check_scheduler(sched_cfg, sched_where, classes), n, steps_what, sched_where)
     profile, _ = make_profile(student_dir, unet_cfg, size, resolutions, batch_sizes, unet_where)
     tinfo = _teacher_info(Path(teacher), checked=Path(teacher) == source)
     if scale is None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from engines.iospec import DimRange, IOSpec
-from optimizer.t2i.components import dummy_inputs
+from optimizer.t2i.components import DENOISERS, dummy_inputs
 from optimizer.timing import StopRule, comparable, time_until_stable
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,11 @@ def stop_rule(cfg: T2ISpeedConfig) -> StopRule:
     return StopRule(warmup=1, min_rounds=cfg.min_rounds, max_seconds=cfg.max_seconds, min_samples=3)
 
 
+def denoiser_of(pipe: Any) -> Any:
+    """A diffusers pipeline's per-step module: its transformer (SD3) or its UNet."""
+    return getattr(pipe, "transformer", None) or pipe.unet
+
+
 def _median(d: dict[str, Any]) -> float:
     return float(d["median_ms"])
 
@@ -71,8 +76,8 @@ def measure(
         fns: dict[str, Callable[[], object]] = {}
         if teacher is not None:
             pipe, steps, g = teacher
-            k, c = pipe.vae_scale_factor, pipe.unet.config.in_channels
-            s = pipe.unet.config.sample_size * k
+            k, c = pipe.vae_scale_factor, denoiser_of(pipe).config.in_channels
+            s = denoiser_of(pipe).config.sample_size * k
             h, w = size or (s, s)  # the compiled size; the fresh-process teacher draws the same latents
             lat = np.random.default_rng(0).standard_normal((b, c, h // k, w // k), dtype=np.float32)
             fns["teacher"] = lambda pipe=pipe, ps=ps, lat=lat, s=steps, g=g: torch_images(pipe, ps, lat, s, g)
@@ -88,7 +93,7 @@ def measure(
         for name, (p, steps, g) in variants.items():
             out["per_component"].setdefault(name, {})[b] = _engine_components(p, b, steps, g, cfg)
     if teacher is not None:
-        out["unet_calls"]["teacher"] = _calls(teacher[0].unet.config, "cfg", teacher[1], teacher[2])
+        out["unet_calls"]["teacher"] = _calls(None, "cfg", teacher[1], teacher[2])
     for name, (p, steps, g) in variants.items():
         out["unet_calls"][name] = _calls({}, p.config.guidance, steps, g)
     return out
@@ -114,7 +119,7 @@ def _feeds(
         if name == "vae_encoder":  # image-to-image only: not part of a text-to-image generation
             continue
         sizes = {k: r.opt for k, r in spec.dims.items()}
-        sizes.update(batch=ub if name == "unet" else b, latent_height=lat[0], latent_width=lat[1])
+        sizes.update(batch=ub if name in DENOISERS else b, latent_height=lat[0], latent_width=lat[1])
         fixed = IOSpec(
             spec.family, spec.inputs, spec.outputs, {k: DimRange(v, v, v) for k, v in sizes.items()}
         )
@@ -124,10 +129,11 @@ def _feeds(
 
 def _per_component(m: dict[str, float], steps: int, n_text: int, ub: int) -> dict[str, float]:
     text = [k for k in m if k.startswith("text_encoder")]
+    den = next(k for k in m if k in DENOISERS)  # the UNet, or SD3's transformer (same columns)
     return {
         "text_encoder_ms": n_text * sum(m[k] for k in text),  # every text encoder, both CFG halves
-        "unet_call_ms": m["unet"],
-        "unet_total_ms": steps * m["unet"],
+        "unet_call_ms": m[den],
+        "unet_total_ms": steps * m[den],
         "vae_decoder_ms": m["vae_decoder"],
         "unet_batch": ub,
     }
@@ -142,11 +148,11 @@ def _teacher_components(
 
     pipe, steps, g = teacher
     family = family_of_pipeline(type(pipe).__name__)
-    embedded = pipe.unet.config.get("time_cond_proj_dim") is not None
+    embedded = denoiser_of(pipe).config.get("time_cond_proj_dim") is not None
     do_cfg = g > 1 and not embedded
     ub = 2 * b if do_cfg else b
     k = pipe.vae_scale_factor
-    s = pipe.unet.config.sample_size * k
+    s = denoiser_of(pipe).config.sample_size * k
     h, w = size or (s, s)
     modules = {c: getattr(pipe, COMPONENTS[c].subfolder) for c in family.components}
     configs = {
@@ -168,7 +174,8 @@ def _engine_components(p: Any, b: int, steps: int, g: float, cfg: T2ISpeedConfig
     specs = p.specs
     do_cfg = p.config.guidance == "cfg" and g > 1
     ub = 2 * b if do_cfg else b
-    lat = specs["unet"].dims["latent_height"].opt, specs["unet"].dims["latent_width"].opt
+    den = specs[p.config.denoiser]
+    lat = den.dims["latent_height"].opt, den.dims["latent_width"].opt
     feeds = _feeds({n: specs[n] for n in p.config.required}, b, ub, lat)
     r = p.runners
     run = time_until_stable(

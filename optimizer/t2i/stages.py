@@ -232,12 +232,10 @@ def latents(ctx: T2IContext, n: int, seed_offset: int = 0) -> np.ndarray:
 
     spec = ctx.src.student.spec
     k = spec.vae_scale_factor
-    c = int(spec.component("unet").config.get("in_channels", 4))
+    c = int(spec.component(spec.denoiser).config.get("in_channels", 4))
     shape = (c, ctx.size[0] // k, ctx.size[1] // k)
     base = ctx.cfg.seed + seed_offset
-    return np.stack(
-        [TorchGenerator(base + i).randn(shape) for i in range(n)]
-    )
+    return np.stack([TorchGenerator(base + i).randn(shape) for i in range(n)])
 
 
 def step_seeds(ctx: T2IContext, start: int, stop: int) -> list[int]:

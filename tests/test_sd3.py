@@ -1,0 +1,141 @@
+"""SD3 pipelines end to end, on tiny SD3-shaped folders (tests/t2i_tiny.py make_tiny_sd3, as diffusers'
+own SD3 tests build them, with an offline T5 tokenizer): two CLIP encoders with projection (their
+penultimate states concatenated, zero-padded to T5's width, T5's states after them on the sequence
+axis; pooled = both projections), an MMDiT transformer with patch size 2 on 16 latent channels, a
+VAE with scaling and shift factors, FlowMatch Euler with shift 3.
+
+The torch-free runtime on the exported graphs gives diffusers' StableDiffusion3Pipeline images from
+the same prompts and latents (and from the same seeds); dd-compile compiles the folder, T5 fp32 in
+every mix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tests.t2i_tiny import make_tiny_sd3
+
+PROMPTS = ["a red seven", "Green  SEVEN, green!"]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    from optimizer.metrics import psnr_db
+
+    return psnr_db(a.astype(np.float64), b.astype(np.float64), data_range=255.0)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path]:
+    """(pipeline folder, its fp32 runtime folder)."""
+    from optimizer.t2i.export import export_pipeline
+    from optimizer.t2i.load import load_pipeline
+
+    root = tmp_path_factory.mktemp("sd3")
+    src = make_tiny_sd3(root / "base")
+    export_pipeline(load_pipeline(src), root / "fp32")
+    return src, root / "fp32"
+
+
+def _reference(src: Path):
+    from optimizer.t2i.load import load_pipeline
+    from optimizer.t2i.reference import diffusers_pipeline
+
+    return diffusers_pipeline(load_pipeline(src))
+
+
+def test_sd3_folder_loads_as_its_family(exported):
+    from optimizer.families import FAMILIES
+    from optimizer.families.detect import family_of
+    from optimizer.t2i.load import load_pipeline
+
+    src, _ = exported
+    assert family_of(src) is FAMILIES["sd3"]
+    spec = load_pipeline(src).spec
+    assert (
+        spec.family == "sd3"
+        and spec.denoiser == "transformer"
+        and spec.vae_shift_factor == pytest.approx(0.0609)
+    )
+    assert spec.tokenizer_3.model_max_length == 256 and spec.tokenizer_3.pad_token == "<pad>"
+    tr = {t.name: t.shape for t in spec.component("transformer").io.inputs}
+    assert tr["encoder_hidden_states"] == ("batch", "sequence", 48)  # CLIP 16 + 16 padded to T5's 48
+    assert spec.component("transformer").io.dims["sequence"].opt == 77 + 256
+    assert tr["pooled_projections"] == ("batch", 32) and tr["sample"][1] == 16
+    assert dict(FAMILIES["sd3"].mixes["fp16"])["text_encoder_3"] == "fp32"  # T5 overflows fp16
+
+
+@pytest.mark.parametrize("negative,guidance", [(None, 5.0), ("blue", 5.0), (None, 1.0)])
+def test_runtime_reproduces_diffusers_sd3(exported, negative, guidance):
+    """fp32 graphs, same prompts and latents: StableDiffusion3Pipeline's images (>= 40 dB)."""
+    import torch
+
+    from engines.t2i import TextToImagePipeline
+
+    src, out = exported
+    lat = np.random.default_rng(0).standard_normal((2, 16, 8, 8), dtype=np.float32)
+    kw = dict(negative_prompt=negative, num_inference_steps=5, guidance_scale=guidance)
+    want = _reference(src)(PROMPTS, latents=torch.from_numpy(lat), output_type="np", **kw).images
+    want = (want * 255).round().astype(np.uint8)
+    with TextToImagePipeline(out) as pipe:
+        got = pipe(PROMPTS, latents=lat, **kw)
+    assert got.shape == (2, 16, 16, 3)
+    assert psnr(got, want) >= 40.0, psnr(got, want)
+
+
+def test_sd3_seeds_reproduce_diffusers_generators(exported):
+    """`seeds=[s]`: diffusers' image from torch.Generator().manual_seed(s), nothing patched."""
+    import torch
+
+    from engines.t2i import TextToImagePipeline
+
+    src, out = exported
+    gens = [torch.Generator().manual_seed(s) for s in (7, 8)]
+    want = _reference(src)(PROMPTS, generator=gens, num_inference_steps=4, output_type="np").images
+    with TextToImagePipeline(out) as pipe:
+        assert pipe.parts.defaults["guidance_scale"] == 7.0  # SD3's default
+        got = pipe(PROMPTS, seeds=[7, 8], num_inference_steps=4)
+    assert psnr(got, (want * 255).round().astype(np.uint8)) >= 40.0
+
+
+def test_sd3_sizes_are_whole_patches(exported):
+    """The transformer takes whole 2x2 latent patches: 16 px = 8 latents ok; 18 px refused in one line."""
+    from engines.errors import InputError
+    from engines.t2i import TextToImagePipeline
+
+    _, out = exported
+    with (
+        TextToImagePipeline(out) as pipe,
+        pytest.raises(InputError, match=r"height=18: must be a multiple of 4"),
+    ):
+        pipe("a red seven", seeds=[0], height=18, width=16)
+
+
+@pytest.mark.slow
+def test_dd_compile_sd3_end_to_end(tmp_path):
+    """dd-compile on an SD3 folder: every mix passes (T5 fp32 in each, the transformer fp16 / int8),
+    the output loads, generates and benches its family."""
+    import engines
+    from optimizer.cli import main
+
+    src = make_tiny_sd3(tmp_path / "sd3")
+    out = tmp_path / "out"
+    args = [str(src), "--steps", "4", "-o", str(out), "--samples", "2", "--fid-samples", "4"]
+    args += ["--bench-seconds", "1", "--batch-sizes", "1", "--threads-grid", "0"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["family"] == "sd3"
+    variants = {v["mix"]: v for v in report["variants"]}
+    assert set(variants) == {"fp32", "fp16", "int8"} and all(v["passed"] for v in variants.values())
+    assert variants["int8"]["components"]["transformer"]["precision"] == "int8"
+    assert {v["components"]["text_encoder_3"]["precision"] for v in variants.values()} == {"fp32"}
+    assert float(variants["fp32"]["sample_parity"]["psnr_db"]) >= 40.0  # "inf" when identical
+    with engines.load(out) as pipe:
+        assert pipe.config.family == "sd3"
+        img = pipe("a red seven", seeds=[5])
+    assert img.shape == (1, 16, 16, 3) and img.dtype == np.uint8
