@@ -98,4 +98,19 @@ def sd3(
     return {"encoder_hidden_states": states, "pooled_projections": pooled}
 
 
-RECIPES = {"sd": sd, "sdxl": sdxl, "sd3": sd3}
+def flux(
+    text: Any, encode: Encode, prompts: list[str], neg: list[str | None], do_cfg: bool, size: tuple[int, int]
+) -> dict[str, np.ndarray]:
+    """FluxPipeline.encode_prompt (prompt_2 = prompt): CLIP's pooled output as the pooled
+    projections, T5's states as the token sequence. No CFG batch (dev embeds its guidance, schnell
+    has none): negative prompts are not used, as in diffusers without true_cfg_scale."""
+    ((enc2, tok2),) = text.more
+    pooled = encode(text.encoder, text.tokenizer, prompts, "prompt")["pooler_output"]
+    states = encode(enc2, tok2, prompts, "prompt")["last_hidden_state"]
+    return {
+        "encoder_hidden_states": states.astype(np.float32),
+        "pooled_projections": pooled.astype(np.float32),
+    }
+
+
+RECIPES = {"sd": sd, "sdxl": sdxl, "sd3": sd3, "flux": flux}

@@ -80,6 +80,7 @@ class Parts:
     # same seeds) or "numpy" (np.random.default_rng: the pixel students' validated convention)
     noise: str = "numpy"
     patch_size: int = 1  # a DiT's latent patch: sizes are multiples of it; its token count sets mu
+    flow_sigmas: str | None = None  # "flux": the pipeline's own sigmas, linspace(1, 1/n, n)
 
 
 def seed_generator(kind: str, seed: int) -> Any:
@@ -535,7 +536,9 @@ class CompiledPipeline:
         else:
             feeds_c = dict(cond)
         b = len(prompts) if p.text is not None else len(seeds if seeds is not None else latents)
-        if p.guidance == "embedded":  # Imagen's w; the LCM pipelines embed w - 1
+        if p.guidance == "embedded" and p.time_cond_proj_dim is None:  # FLUX.1-dev: g itself, at B
+            feeds_c["guidance"] = np.full((b,), g, dtype=np.float32)
+        elif p.guidance == "embedded":  # Imagen's w; the LCM pipelines embed w - 1
             w = np.full((b,), g - 1, dtype=np.float32)
             feeds_c["timestep_cond"] = guidance_scale_embedding(w, int(p.time_cond_proj_dim))
         # 3. Prepare timesteps
@@ -544,7 +547,8 @@ class CompiledPipeline:
         elif getattr(sched, "dynamic_shifting", False):
             # FlowMatch with dynamic shifting: mu from the image's token count, at run time
             seq = (sample_shape[1] // p.patch_size) * (sample_shape[2] // p.patch_size)
-            timesteps = sched.set_timesteps(steps, mu=sched.mu_for(seq))
+            sigmas = np.linspace(1.0, 1 / steps, steps) if p.flow_sigmas == "flux" else None
+            timesteps = sched.set_timesteps(steps, mu=sched.mu_for(seq), sigmas=sigmas)
         else:
             timesteps = sched.set_timesteps(steps)
         # 4. Prepare latents (or noise) and the per-step draws, per seed: init first, then one draw

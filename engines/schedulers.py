@@ -875,13 +875,19 @@ class FlowMatchEulerScheduler:
         m = (o["max_shift"] - o["base_shift"]) / (o["max_image_seq_len"] - o["base_image_seq_len"])
         return image_seq_len * m + (o["base_shift"] - m * o["base_image_seq_len"])
 
-    def set_timesteps(self, num_inference_steps: int, mu: float | None = None) -> np.ndarray:
+    def set_timesteps(
+        self, num_inference_steps: int, mu: float | None = None, sigmas: np.ndarray | None = None
+    ) -> np.ndarray:
+        """`sigmas`: the pipeline's own (Flux: linspace(1, 1/n, n)), shifted like the default ones."""
         o, n = self.o, num_inference_steps
         _check_steps(n, self.n_train)
         if o["use_dynamic_shifting"] and mu is None:
             raise InputError(f"{o.where}: use_dynamic_shifting needs mu (mu_for(image_seq_len))")
-        ts = np.linspace(self.sigma_max * self.n_train, self.sigma_min * self.n_train, n)
-        sigmas = ts / self.n_train
+        if sigmas is not None:
+            sigmas = np.asarray(sigmas).astype(np.float32)
+        else:
+            ts = np.linspace(self.sigma_max * self.n_train, self.sigma_min * self.n_train, n)
+            sigmas = ts / self.n_train
         if o["use_dynamic_shifting"]:
             e = math.exp(mu) if o["time_shift_type"] == "exponential" else mu
             sigmas = e / (e + (1 / sigmas - 1) ** 1.0)

@@ -43,12 +43,14 @@ FAMILY_COMPONENTS = {
     "sd": COMPONENT_NAMES,
     "sdxl": ("text_encoder", "text_encoder_2", "unet", "vae_decoder"),
     "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder"),
+    "flux": ("text_encoder", "text_encoder_2", "transformer", "vae_decoder"),
 }
 # the text encoder output each family's first encoder is read by (engines/conditioning.py)
 FIRST_OUTPUT = {
     "sd": "last_hidden_state",
     "sdxl": "penultimate_hidden_state",
     "sd3": "penultimate_hidden_state",
+    "flux": "pooler_output",
 }
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "openvino", "tensorrt")
 RunnerFactory = Callable[[str, Path, IOSpec], Runner]
@@ -75,6 +77,7 @@ class T2IConfig:
     denoiser: str = "unet"
     patch_size: int = 1
     vae_shift_factor: float = 0.0
+    flow_sigmas: str | None = None  # "flux": FluxPipeline's sigmas, linspace(1, 1/n, n)
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -97,7 +100,12 @@ class T2IConfig:
             raise InputError(
                 f"{path}: family {family!r} is not one this runtime runs ({', '.join(FAMILY_COMPONENTS)})"
             )
-        for fam, key in (("sdxl", "tokenizer_2"), ("sd3", "tokenizer_2"), ("sd3", "tokenizer_3")):
+        for fam, key in (
+            ("sdxl", "tokenizer_2"),
+            ("sd3", "tokenizer_2"),
+            ("sd3", "tokenizer_3"),
+            ("flux", "tokenizer_2"),
+        ):
             if family == fam and not isinstance(d.get(key), dict):
                 raise InputError(f"{path}: a {fam} description needs {key}")
         missing = [c for c in FAMILY_COMPONENTS[family] if c not in d.get("components", {})]
@@ -126,6 +134,7 @@ class T2IConfig:
             denoiser=str(d.get("denoiser", "unet")),
             patch_size=int(d.get("patch_size", 1)),
             vae_shift_factor=float(d["vae"].get("shift_factor", 0.0)),
+            flow_sigmas=d.get("flow_sigmas"),
         )
 
 
@@ -220,5 +229,6 @@ class TextToImagePipeline(CompiledPipeline):
                 time_cond_proj_dim=cfg.time_cond_proj_dim,
                 noise="torch",  # seeds reproduce diffusers' torch.Generator draws
                 patch_size=cfg.patch_size,
+                flow_sigmas=cfg.flow_sigmas,
             )
         )

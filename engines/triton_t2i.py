@@ -149,8 +149,15 @@ def description(pipe: TextToImagePipeline) -> dict:
         "components": c.components,
         "tokenizer": {**c.tokenizer, "path": TOKENIZER_PATH},
         "scheduler": {"kind": c.scheduler_kind, "config": SCHEDULER_PATH},
-        "vae": {"scaling_factor": c.vae_scaling_factor, "scale_factor": c.vae_scale_factor},
+        "vae": {
+            "scaling_factor": c.vae_scaling_factor,
+            "scale_factor": c.vae_scale_factor,
+            "shift_factor": c.vae_shift_factor,
+        },
+        "denoiser": c.denoiser,
+        "patch_size": c.patch_size,
         "latent_channels": c.latent_channels,
+        "flow_sigmas": c.flow_sigmas,
         "time_cond_proj_dim": c.time_cond_proj_dim,
         "defaults": c.defaults,
     }

@@ -452,3 +452,95 @@ def make_tiny_sd3(path: Path, *, seed: int = 0, t5: bool = True) -> Path:
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def make_tiny_flux(path: Path, *, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """A tiny random FluxPipeline as diffusers' Flux tests build it: a CLIPTextModel whose pooled
+    output is the pooled projection (32), a T5 encoder (d_model 48) for the token states, a
+    FluxTransformer2DModel over 2x2-packed latents (4 latent channels -> 16 packed, rope axes
+    4 + 4 + 8), a VAE with Flux's scaling and shift factors, FlowMatch Euler with dynamic shifting.
+    `guidance_embeds`: FLUX.1-dev's guidance-distilled input; False: schnell's (no guidance)."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tok = clip_tokenizer(path.parent / f"{path.name}_vocab")
+    tok2 = t5_tokenizer(path.parent / f"{path.name}_t5")
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=32,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
+    text_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tok2),
+            d_model=48,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tok2.pad_token_id,
+            eos_token_id=tok2.eos_token_id,
+            decoder_start_token_id=0,
+        )
+    )
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=sched,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        text_encoder_2=text_2,
+        tokenizer_2=tok2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

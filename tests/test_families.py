@@ -12,7 +12,7 @@ from optimizer.cli import main, parse_bars
 from optimizer.families import FAMILIES
 from optimizer.families.detect import family_of
 from tests.conftest import make_tiny_teacher
-from tests.t2i_tiny import make_tiny_pipeline, make_tiny_sd3, make_tiny_sdxl
+from tests.t2i_tiny import make_tiny_flux, make_tiny_pipeline, make_tiny_sd3, make_tiny_sdxl
 
 # one tiny diffusers folder per family (diffusers' get_dummy_components habit): a family added to
 # the table without one here fails test_every_family_has_a_tiny_fixture
@@ -21,6 +21,7 @@ TINY = {
     "sd": make_tiny_pipeline,
     "sdxl": make_tiny_sdxl,
     "sd3": make_tiny_sd3,
+    "flux": make_tiny_flux,
 }
 # an accepted value per family-specific option (what a user would type)
 OPTION_ARGS = {

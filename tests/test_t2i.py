@@ -195,7 +195,7 @@ def test_bad_pipeline_folders(tmp_path):
     cases = {
         "missing_vae": (dict(vae=...), "component 'vae' is missing"),
         "bad_unet": (dict(unet=["diffusers", "UNet2DModel"]), "'UNet2DModel': not supported"),
-        "bad_pipe": (dict(_class_name="FluxPipeline"), "pipeline class"),
+        "bad_pipe": (dict(_class_name="PixArtAlphaPipeline"), "pipeline class"),
         # an SDXL index is read as SDXL: what that family needs and the folder lacks is named
         "sdxl_without_its_second_encoder": (
             dict(_class_name="StableDiffusionXLPipeline"),

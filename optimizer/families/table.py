@@ -74,6 +74,7 @@ class Family:
     # how prompts become the denoiser's conditioning (engines/conditioning.py: one recipe per name)
     conditioning: str = ""
     denoiser: str = "unet"  # the component called at every step (a pipeline family's UNet or DiT)
+    max_sequence_length: int = 256  # T5's padded prompt length, where the family has T5 (a build knob)
 
     @property
     def exported(self) -> tuple[str, ...]:
@@ -245,6 +246,29 @@ FAMILIES: dict[str, Family] = {
             pipeline_classes=("StableDiffusion3Pipeline",),
             conditioning="sd3",
             denoiser="transformer",
+        ),
+        # FluxPipeline (FLUX.1 dev: guidance-distilled, its `guidance` input; schnell: none): CLIP's
+        # pooled output + T5's states, a DiT over 2x2-packed latents, FlowMatch Euler with mu
+        Family(
+            name="flux",
+            title="Flux pipelines",
+            flow="pipeline",
+            components=("text_encoder", "text_encoder_2", "transformer", "vae_decoder"),
+            tokenizers=("tokenizer", "tokenizer_2"),
+            schedulers=_frozen(FLOW_SCHEDULER_CLASSES),
+            guidance=("embedded", "none"),
+            precisions=("fp32", "fp16", "int8"),
+            mixes=_pipeline_mixes(("text_encoder",), ("vae_decoder",), "transformer", ("text_encoder_2",)),
+            backends=PIPELINE_BACKENDS,
+            options=PIPELINE_OPTIONS,
+            batch_sizes=(1, 4),
+            n_samples=16,
+            n_fid_samples=100,
+            sample_psnr_db=_frozen({"fp32": 40.0, "fp16": 30.0, "int8": 22.0}),
+            pipeline_classes=("FluxPipeline",),
+            conditioning="flux",
+            denoiser="transformer",
+            max_sequence_length=512,  # FluxPipeline's default (schnell is trained at 256)
         ),
     )
 }

@@ -51,7 +51,7 @@ def _scaled(r: DimRange, k: int) -> DimRange:
 # -- IO specs -------------------------------------------------------------------------------
 # what a CLIP text encoder's graph may output: SD 1.x/2.x read the last (final-layer-normed) hidden
 # state; SDXL the penultimate one of each encoder, plus encoder 2's projected pooled embedding
-TEXT_OUTPUTS = ("last_hidden_state", "penultimate_hidden_state", "text_embeds")
+TEXT_OUTPUTS = ("last_hidden_state", "penultimate_hidden_state", "text_embeds", "pooler_output")
 
 
 def text_encoder_spec(
@@ -60,11 +60,14 @@ def text_encoder_spec(
     batch: DimRange,
     outputs: tuple[str, ...] = ("last_hidden_state",),
 ) -> IOSpec:
+    if "d_model" in config:  # a T5 encoder under this component name (Flux's text_encoder_2)
+        return t5_encoder_spec(config, profile, batch)
     hidden = int(config["hidden_size"])
     shapes = {
         "last_hidden_state": ("batch", "tokens", hidden),
         "penultimate_hidden_state": ("batch", "tokens", hidden),
         "text_embeds": ("batch", int(config.get("projection_dim") or hidden)),
+        "pooler_output": ("batch", hidden),  # Flux: CLIP's pooled (EOS) state, unprojected
     }
     return IOSpec(
         "clip_text",
@@ -90,10 +93,50 @@ def t5_encoder_spec(
     )
 
 
+def is_flux(config: dict[str, Any]) -> bool:
+    """A FluxTransformer2DModel config (its rotary axes): packed 2x2 latent tokens."""
+    return "axes_dims_rope" in config
+
+
+def latent_patch(config: dict[str, Any]) -> int:
+    """What latent sizes must be a multiple of for a DiT: Flux packs 2x2 latents into a token, SD3
+    patches by its patch_size."""
+    return 2 if is_flux(config) else int(config.get("patch_size") or 1)
+
+
+def flux_transformer_spec(config: dict[str, Any], profile: Profile, batch: DimRange) -> IOSpec:
+    """FluxTransformer2DModel behind the runtime's loop names: `sample` unpacked [B, C, h, w] (the
+    graph packs it into 2x2 tokens, makes img_ids/txt_ids and unpacks its output), `timestep` as the
+    scheduler gives it (sigma x 1000; the graph divides by 1000 as the pipeline does), T5's states,
+    CLIP's pooled output, and `guidance` [B] when guidance_embeds (FLUX.1-dev)."""
+    c = int(config["in_channels"]) // 4
+    n = profile.t5_tokens
+    inputs = [
+        TensorSpec("sample", "float32", ("batch", c, "latent_height", "latent_width")),
+        TensorSpec("timestep", "float32", ("batch",)),
+        TensorSpec(
+            "encoder_hidden_states", "float32", ("batch", "t5_tokens", int(config["joint_attention_dim"]))
+        ),
+        TensorSpec("pooled_projections", "float32", ("batch", int(config["pooled_projection_dim"]))),
+    ]
+    if config.get("guidance_embeds"):
+        inputs.append(TensorSpec("guidance", "float32", ("batch",)))
+    out = TensorSpec("out_sample", "float32", ("batch", c, "latent_height", "latent_width"))
+    dims = {
+        "batch": batch,
+        "t5_tokens": DimRange(n, n, n),
+        "latent_height": profile.latent_height,
+        "latent_width": profile.latent_width,
+    }
+    return IOSpec("flux_transformer", tuple(inputs), (out,), dims)
+
+
 def transformer_spec(config: dict[str, Any], profile: Profile, batch: DimRange) -> IOSpec:
     """SD3Transformer2DModel (MMDiT) with the runtime's loop names: `sample` (its hidden_states),
     `timestep` (sigma x 1000), the joint sequence (CLIP states padded to T5's width, then T5's)
     and the pooled CLIP projections."""
+    if is_flux(config):
+        return flux_transformer_spec(config, profile, batch)
     c_in, c_out = int(config["in_channels"]), int(config.get("out_channels") or config["in_channels"])
     seq = profile.tokens + profile.t5_tokens
     inputs = (
@@ -217,6 +260,7 @@ def text_encoder_wrapper(model: Any, outputs: tuple[str, ...] = ("last_hidden_st
                 "last_hidden_state": lambda: out.last_hidden_state,
                 "penultimate_hidden_state": lambda: out.hidden_states[-2],
                 "text_embeds": lambda: out.text_embeds,
+                "pooler_output": lambda: out.pooler_output,
             }
             res = tuple(got[o]() for o in outputs)
             return res[0] if len(res) == 1 else res
@@ -254,8 +298,55 @@ def unet_wrapper(model: Any, outputs: tuple[str, ...] = ()) -> Any:
     return UNet()
 
 
+def flux_transformer_wrapper(model: Any) -> Any:
+    import torch
+
+    class FluxTransformer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(
+            self,
+            sample: torch.Tensor,
+            timestep: torch.Tensor,
+            encoder_hidden_states: torch.Tensor,
+            pooled_projections: torch.Tensor,
+            guidance: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            # FluxPipeline._pack_latents, _prepare_latent_image_ids, text_ids, _unpack_latents
+            b, c, h, w = sample.shape
+            x = (
+                sample.view(b, c, h // 2, 2, w // 2, 2)
+                .permute(0, 2, 4, 1, 3, 5)
+                .reshape(b, (h // 2) * (w // 2), c * 4)
+            )
+            # integer ranges cast once: a float Range's inputs would split between fp16 and int64
+            rows = torch.arange(h // 2)[:, None].expand(h // 2, w // 2).to(sample.dtype)
+            cols = torch.arange(w // 2)[None, :].expand(h // 2, w // 2).to(sample.dtype)
+            img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+            txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, dtype=sample.dtype)
+            out = self.model(
+                hidden_states=x,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                pooled_projections=pooled_projections,
+                encoder_hidden_states=encoder_hidden_states,
+                txt_ids=txt_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )[0]
+            out = out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+            return out.reshape(b, c, h, w)
+
+    return FluxTransformer()
+
+
 def transformer_wrapper(model: Any, outputs: tuple[str, ...] = ()) -> Any:
     import torch
+
+    if is_flux(dict(model.config)):
+        return flux_transformer_wrapper(model)
 
     class Transformer(torch.nn.Module):
         def __init__(self) -> None:
@@ -356,11 +447,11 @@ COMPONENTS: dict[str, ComponentKind] = {
             text_encoder_wrapper,
             PrecisionPolicy("fp16", ("fp32", "fp16", "int8"), "runs once per prompt; fp16 is safe for CLIP"),
         ),
-        ComponentKind(  # SDXL's second (OpenCLIP bigG) encoder: penultimate states + pooled projection
+        ComponentKind(  # SDXL's / SD3's second CLIP (penultimate states + pooled projection); Flux's T5
             "text_encoder_2",
             "text_encoder_2",
             "transformers",
-            ("CLIPTextModelWithProjection",),
+            ("CLIPTextModelWithProjection", "T5EncoderModel"),
             text_encoder_spec,
             text_encoder_wrapper,
             PrecisionPolicy("fp16", ("fp32", "fp16", "int8"), "runs once per prompt; fp16 is safe for CLIP"),
@@ -378,7 +469,7 @@ COMPONENTS: dict[str, ComponentKind] = {
             "transformer",
             "transformer",
             "diffusers",
-            ("SD3Transformer2DModel",),
+            ("SD3Transformer2DModel", "FluxTransformer2DModel"),
             transformer_spec,
             transformer_wrapper,
             PrecisionPolicy("fp16", ("fp32", "fp16", "int8"), "runs once per step: most of the time"),
@@ -481,6 +572,7 @@ TEXT_ENCODER_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
         "text_encoder_2": ("penultimate_hidden_state", "text_embeds"),
         "text_encoder_3": ("last_hidden_state",),
     },
+    "flux": {"text_encoder": ("pooler_output",), "text_encoder_2": ("last_hidden_state",)},
 }
 DENOISERS = ("unet", "transformer")  # the per-step components: their batch doubles under CFG
 

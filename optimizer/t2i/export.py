@@ -22,7 +22,7 @@ from engines.fileio import atomic_path, write_json_atomic
 from engines.iospec import IOSpec
 from optimizer.compile.export import ExportConfig, write_onnx
 from optimizer.families import FAMILIES
-from optimizer.t2i.components import PipelineSpec, dummy_inputs, wrap
+from optimizer.t2i.components import PipelineSpec, dummy_inputs, latent_patch, wrap
 from optimizer.t2i.load import LoadedPipeline
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def _spatial_multiple(kind: str, config: dict[str, Any]) -> int:
     """What latent (or, for the VAE encoder, pixel) sizes must be a multiple of: the UNet's and the
     VAE encoder's down-sampling, the transformer's patch."""
     if kind == "transformer":
-        return int(config.get("patch_size") or 1)
+        return latent_patch(config)
     if kind not in ("unet", "vae_encoder"):
         return 1
     return 2 ** (len(config["block_out_channels"]) - 1)
@@ -153,6 +153,8 @@ def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict
         }
     # diffusers' defaults: SD 50 steps at 7.5; LCM 4 steps at 8.5; SD3 28 steps at 7.0
     steps, scale = (4, 8.5) if lcm else (28, 7.0) if spec.family == "sd3" else (50, 7.5)
+    if spec.family == "flux":  # FluxPipeline: 28 steps at 3.5 (dev); schnell is run at 4, 0.0
+        steps, scale = (28, 3.5) if spec.guidance == "embedded" else (4, 0.0)
     return {
         "format": T2I_FORMAT,
         "version": T2I_VERSION,
@@ -177,14 +179,16 @@ def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict
             "shift_factor": spec.vae_shift_factor,
         },
         "denoiser": spec.denoiser,
-        "patch_size": int(unet_cfg.get("patch_size") or 1),
-        "latent_channels": int(unet_cfg.get("in_channels", 4)),
+        "patch_size": latent_patch(unet_cfg),
+        "latent_channels": int(spec.component(spec.denoiser).io.inputs[0].shape[1]),
+        "flow_sigmas": "flux" if spec.family == "flux" else None,
         "time_cond_proj_dim": unet_cfg.get("time_cond_proj_dim"),
         "defaults": {
             "height": spec.default_size[0],
             "width": spec.default_size[1],
             "num_inference_steps": steps,
-            "guidance_scale": 8.5
+            # LCM embeds w - 1 at 8.5; FLUX.1-dev's guidance input takes its 3.5
+            "guidance_scale": (scale if spec.family == "flux" else 8.5)
             if spec.guidance == "embedded"
             else (scale if spec.guidance == "cfg" else 0.0),
         },

@@ -25,6 +25,7 @@ from optimizer.t2i.components import (
     Profile,
     TokenizerSpec,
     build_specs,
+    is_flux,
     text_time_dims,
     vae_scale_factor,
 )
@@ -54,7 +55,8 @@ def required_entries(family: Family) -> dict[str, tuple[str, tuple[str, ...] | N
         k = _kind_of_folder(folder)
         out[folder] = (k.library, k.classes)
     for tok in family.tokenizers:
-        out[tok] = ("transformers", T5_TOKENIZER_CLASSES if tok == "tokenizer_3" else TOKENIZER_CLASSES)
+        t5 = tok == "tokenizer_3" or (tok == "tokenizer_2" and family.name == "flux")
+        out[tok] = ("transformers", T5_TOKENIZER_CLASSES if t5 else TOKENIZER_CLASSES)
     out["scheduler"] = ("diffusers", None)  # check_scheduler: the runtime samples only some
     return out
 
@@ -287,8 +289,11 @@ def _pos_int(v: Any) -> bool:
 
 
 def sample_size(unet_config: dict[str, Any], where: str | Path) -> tuple[int, int] | None:
-    """The UNet's latent (height, width) from sample_size; None when the config has none."""
+    """The UNet's latent (height, width) from sample_size; None when the config has none (Flux's
+    transformer has none: FluxPipeline's default_sample_size, 128)."""
     s = unet_config.get("sample_size")
+    if s is None and is_flux(unet_config):
+        return (128, 128)
     if s is None:
         return None
     if _pos_int(s):
@@ -307,6 +312,8 @@ def check_configs(configs: dict[str, dict[str, Any]], where: dict[str, str]) -> 
         if not ok:
             raise InputError(f"{where[kind]}: {key} {configs[kind].get(key)!r}: expected {what}")
 
+    if "transformer" in configs and is_flux(configs["transformer"]):
+        return _check_flux_configs(configs, need)
     if "transformer" in configs:
         return _check_sd3_configs(configs, need)
     unet, vae = configs["unet"], configs["vae_decoder"]
@@ -389,6 +396,40 @@ def _check_sd3_configs(configs: dict[str, dict[str, Any]], need: Any) -> None:
     sample_size(tr, "transformer config")
 
 
+def _check_flux_configs(configs: dict[str, dict[str, Any]], need: Any) -> None:
+    """Flux: the transformer's joint width is T5's, its pooled width CLIP's hidden size, its packed
+    channels 4 x the VAE's latent channels."""
+    tr, vae, t5, clip = (configs[k] for k in ("transformer", "vae_decoder", "text_encoder_2", "text_encoder"))
+    for key in ("in_channels", "joint_attention_dim", "pooled_projection_dim"):
+        need("transformer", key, _pos_int(tr.get(key)), "a positive integer")
+    need("text_encoder_2", "d_model", _pos_int(t5.get("d_model")), "a positive integer (a T5 encoder)")
+    need("text_encoder", "hidden_size", _pos_int(clip.get("hidden_size")), "a positive integer")
+    need("vae_decoder", "latent_channels", _pos_int(vae.get("latent_channels")), "a positive integer")
+    boc = vae.get("block_out_channels")
+    ok = isinstance(boc, list | tuple) and len(boc) > 0 and all(_pos_int(c) for c in boc)
+    need("vae_decoder", "block_out_channels", ok, "a non-empty list of positive integers")
+    need(
+        "transformer",
+        "joint_attention_dim",
+        tr["joint_attention_dim"] == t5["d_model"],
+        f"T5's d_model {t5['d_model']}",
+    )
+    need(
+        "transformer",
+        "pooled_projection_dim",
+        tr["pooled_projection_dim"] == clip["hidden_size"],
+        f"CLIP's hidden_size {clip['hidden_size']}",
+    )
+    need(
+        "transformer",
+        "in_channels",
+        tr["in_channels"] == 4 * vae["latent_channels"],
+        f"4 x the VAE's {vae['latent_channels']} (2x2 packing)",
+    )
+    if tr.get("patch_size", 1) != 1:
+        need("transformer", "patch_size", False, "1 (the pipeline packs 2x2 latents itself)")
+
+
 def tokenizer_spec(tok_dir: Path) -> TokenizerSpec:
     """Where the runtime reads it (<name>/tokenizer.json), its length and its pad token."""
     cfg_path = tok_dir / "tokenizer_config.json"
@@ -403,7 +444,14 @@ def tokenizer_spec(tok_dir: Path) -> TokenizerSpec:
 
 
 def default_guidance(unet_config: dict[str, Any]) -> str:
+    """LCM's w-embedding or Flux-dev's guidance input: embedded; Flux schnell: none; else CFG."""
+    if is_flux(unet_config):
+        return "embedded" if unet_config.get("guidance_embeds") else "none"
     return "embedded" if unet_config.get("time_cond_proj_dim") else "cfg"
+
+
+def _embeds_guidance(unet_config: dict[str, Any]) -> bool:
+    return bool(unet_config.get("time_cond_proj_dim") or unet_config.get("guidance_embeds"))
 
 
 def pipeline_spec(
@@ -426,9 +474,9 @@ def pipeline_spec(
     unet_cfg, vae_cfg = configs[family.denoiser], configs["vae_decoder"]
     where = unet_where or path / family.denoiser
     mode = guidance or default_guidance(unet_cfg)
-    if mode == "embedded" and not unet_cfg.get("time_cond_proj_dim"):
+    if mode == "embedded" and not _embeds_guidance(unet_cfg):
         raise InputError(f"{where}: guidance 'embedded' needs a UNet with time_cond_proj_dim")
-    if mode != "embedded" and unet_cfg.get("time_cond_proj_dim"):
+    if mode != "embedded" and _embeds_guidance(unet_cfg):
         raise InputError(f"{where}: the UNet has time_cond_proj_dim (embedded guidance), not {mode!r}")
     tok = tokenizer_spec(path / "tokenizer")
     positions = configs["text_encoder"].get("max_position_embeddings", 77)
@@ -448,8 +496,13 @@ def pipeline_spec(
         profile = Profile(latent_height=DimRange(lh, lh, lh), latent_width=DimRange(lw, lw, lw))
     else:  # no sample_size: the size the profile is built for (--size / --resolutions)
         lh, lw = native or (profile.latent_height.opt, profile.latent_width.opt)
+    t5_tokens = family.max_sequence_length
     tok2 = tokenizer_spec(path / "tokenizer_2") if "tokenizer_2" in family.tokenizers else None
-    if tok2 is not None and tok2.model_max_length != tok.model_max_length:
+    if tok2 is not None and family.name == "flux":  # T5: padded to max_sequence_length
+        tok2 = TokenizerSpec(
+            tok2.path, t5_tokens, tok2.pad_token if tok2.pad_token != "<|endoftext|>" else "<pad>"
+        )
+    elif tok2 is not None and tok2.model_max_length != tok.model_max_length:
         raise InputError(
             f"{path / 'tokenizer_2'}: model_max_length {tok2.model_max_length}, not tokenizer's "
             f"{tok.model_max_length} (the encoders' states are concatenated token by token)"
@@ -457,11 +510,9 @@ def pipeline_spec(
     tok3 = None
     if "tokenizer_3" in family.tokenizers:  # T5: padded to max_sequence_length, not its own limit
         t = tokenizer_spec(path / "tokenizer_3")
-        tok3 = TokenizerSpec(
-            t.path, profile.t5_tokens, t.pad_token if t.pad_token != "<|endoftext|>" else "<pad>"
-        )
+        tok3 = TokenizerSpec(t.path, t5_tokens, t.pad_token if t.pad_token != "<|endoftext|>" else "<pad>")
     profile = Profile(
-        profile.batch, profile.latent_height, profile.latent_width, tok.model_max_length, profile.t5_tokens
+        profile.batch, profile.latent_height, profile.latent_width, tok.model_max_length, t5_tokens
     )
     specs = build_specs(configs, profile, mode, family.conditioning)
     return PipelineSpec(

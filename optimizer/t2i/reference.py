@@ -33,15 +33,19 @@ def diffusers_pipeline(loaded: LoadedPipeline) -> Any:
     sched_cls = getattr(diffusers, spec.scheduler_config.get("_class_name", "DDIMScheduler"))
     scheduler = sched_cls.from_config(spec.scheduler_config)
     tokenizers = {
-        n: (T5TokenizerFast if n == "tokenizer_3" else CLIPTokenizerFast).from_pretrained(d)
+        n: (
+            T5TokenizerFast
+            if n == "tokenizer_3" or (n, spec.family) == ("tokenizer_2", "flux")
+            else CLIPTokenizerFast
+        ).from_pretrained(d)
         for n, d in loaded.tokenizer_dirs.items()
     }
     cls = getattr(diffusers, spec.pipeline_class)
     kw: dict[str, Any] = dict(loaded.modules, scheduler=scheduler, **tokenizers)
     if spec.family == "sdxl":  # no invisible watermark: the runtime compares pixels, not marks
         kw.update(force_zeros_for_empty_prompt=spec.force_zeros_for_empty_prompt, add_watermarker=False)
-    elif spec.family == "sd3":
-        pass  # no safety checker in SD3's pipeline
+    elif spec.family in ("sd3", "flux"):
+        pass  # no safety checker in their pipelines
     else:
         kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = cls(**kw)
@@ -67,6 +71,20 @@ class Recorder:
 
     def feeds(self, kind: str) -> list[dict[str, np.ndarray]]:
         return getattr(self, kind)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """FluxPipeline._pack_latents: [B, C, H, W] -> [B, (H/2)(W/2), 4C]."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h2: int, w2: int) -> torch.Tensor:
+    """FluxPipeline._unpack_latents on an (h2 x w2)-token grid: -> [B, C, 2 h2, 2 w2]."""
+    b, _, c4 = tokens.shape
+    x = tokens.view(b, h2, w2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, 2 * h2, 2 * w2)
 
 
 @contextlib.contextmanager
@@ -96,18 +114,21 @@ def recording(pipe: Any) -> Iterator[Recorder]:
         rec.unet.append(feeds)
 
     def transformer_hook(_m: Any, args: tuple, kwargs: dict) -> None:
-        x = kwargs["hidden_states"]
+        x, t = kwargs["hidden_states"], torch.as_tensor(kwargs["timestep"])
         b = x.shape[0]
-        rec.transformer.append(
-            {
-                "sample": _np(x).astype(np.float32),
-                "timestep": np.broadcast_to(
-                    _np(torch.as_tensor(kwargs["timestep"])).astype(np.float32), (b,)
-                ).copy(),
-                "encoder_hidden_states": _np(kwargs["encoder_hidden_states"]).astype(np.float32),
-                "pooled_projections": _np(kwargs["pooled_projections"]).astype(np.float32),
-            }
-        )
+        if kwargs.get("img_ids") is not None:  # Flux: the graph takes unpacked latents and t x 1000
+            ids = kwargs["img_ids"]
+            x = unpack(x, int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+            t = t * 1000
+        feeds = {
+            "sample": _np(x).astype(np.float32),
+            "timestep": np.broadcast_to(_np(t).astype(np.float32), (b,)).copy(),
+            "encoder_hidden_states": _np(kwargs["encoder_hidden_states"]).astype(np.float32),
+            "pooled_projections": _np(kwargs["pooled_projections"]).astype(np.float32),
+        }
+        if kwargs.get("guidance") is not None:
+            feeds["guidance"] = _np(kwargs["guidance"]).astype(np.float32)
+        rec.transformer.append(feeds)
 
     vae = pipe.vae
     decode = vae.decode
@@ -195,9 +216,10 @@ def images(
     if module is not None:
         ctx = scheduler_noise(seeds, module)
     with ctx:
+        lat = torch.from_numpy(latents)
         out = pipe(
             prompts,
-            latents=torch.from_numpy(latents),
+            latents=pack(lat) if type(pipe).__name__ == "FluxPipeline" else lat,  # Flux takes tokens
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             height=h,

@@ -16,7 +16,7 @@ from typing import Any
 from engines.errors import InputError
 from engines.iospec import DimRange
 from engines.schedulers import SCHEDULER_CLASSES
-from optimizer.t2i.components import Profile, vae_scale_factor
+from optimizer.t2i.components import Profile, latent_patch, vae_scale_factor
 from optimizer.t2i.load import (
     PIPELINE_CLASSES,
     LoadedPipeline,
@@ -89,7 +89,7 @@ def denoiser_multiple(config: dict[str, Any]) -> int:
     """What latent sizes must be a multiple of: a UNet's down-sampling (its skips), a DiT's patch."""
     if "block_out_channels" in config:
         return 2 ** (len(config["block_out_channels"]) - 1)
-    return int(config.get("patch_size") or 1)
+    return latent_patch(config)
 
 
 def parse_size(text: str, option: str = "--size") -> tuple[int, int]:

@@ -55,6 +55,25 @@ def denoiser_of(pipe: Any) -> Any:
     return getattr(pipe, "transformer", None) or pipe.unet
 
 
+def teacher_mode(pipe: Any) -> str:
+    """A diffusers pipeline's guidance mode, as optimizer/t2i/load.default_guidance reads a config."""
+    from optimizer.t2i.load import default_guidance
+
+    return default_guidance(dict(denoiser_of(pipe).config))
+
+
+def latent_channels(pipe: Any) -> int:
+    """The unpacked latent channels a diffusers pipeline draws (Flux's transformer takes 4x packed)."""
+    c = int(denoiser_of(pipe).config.in_channels)
+    return c // 4 if type(pipe).__name__ == "FluxPipeline" else c
+
+
+def native_size(pipe: Any) -> tuple[int, int]:
+    """The pipeline's default pixel size (Flux's transformer has no sample_size: 128 latents)."""
+    s = (denoiser_of(pipe).config.get("sample_size") or 128) * pipe.vae_scale_factor
+    return s, s
+
+
 def _median(d: dict[str, Any]) -> float:
     return float(d["median_ms"])
 
@@ -76,9 +95,10 @@ def measure(
         fns: dict[str, Callable[[], object]] = {}
         if teacher is not None:
             pipe, steps, g = teacher
-            k, c = pipe.vae_scale_factor, denoiser_of(pipe).config.in_channels
-            s = denoiser_of(pipe).config.sample_size * k
-            h, w = size or (s, s)  # the compiled size; the fresh-process teacher draws the same latents
+            k, c = pipe.vae_scale_factor, latent_channels(pipe)
+            h, w = size or native_size(
+                pipe
+            )  # the compiled size; the fresh-process teacher draws the same latents
             lat = np.random.default_rng(0).standard_normal((b, c, h // k, w // k), dtype=np.float32)
             fns["teacher"] = lambda pipe=pipe, ps=ps, lat=lat, s=steps, g=g: torch_images(pipe, ps, lat, s, g)
         for name, (p, steps, g) in variants.items():
@@ -93,7 +113,7 @@ def measure(
         for name, (p, steps, g) in variants.items():
             out["per_component"].setdefault(name, {})[b] = _engine_components(p, b, steps, g, cfg)
     if teacher is not None:
-        out["unet_calls"]["teacher"] = _calls(None, "cfg", teacher[1], teacher[2])
+        out["unet_calls"]["teacher"] = _calls(None, teacher_mode(teacher[0]), teacher[1], teacher[2])
     for name, (p, steps, g) in variants.items():
         out["unet_calls"][name] = _calls({}, p.config.guidance, steps, g)
     return out
@@ -148,12 +168,12 @@ def _teacher_components(
 
     pipe, steps, g = teacher
     family = family_of_pipeline(type(pipe).__name__)
-    embedded = denoiser_of(pipe).config.get("time_cond_proj_dim") is not None
-    do_cfg = g > 1 and not embedded
+    mode = teacher_mode(pipe)
+    embedded = mode == "embedded"
+    do_cfg = g > 1 and mode == "cfg"
     ub = 2 * b if do_cfg else b
     k = pipe.vae_scale_factor
-    s = denoiser_of(pipe).config.sample_size * k
-    h, w = size or (s, s)
+    h, w = size or native_size(pipe)
     modules = {c: getattr(pipe, COMPONENTS[c].subfolder) for c in family.components}
     configs = {
         c: dict(m.config.to_dict() if hasattr(m.config, "to_dict") else m.config) for c, m in modules.items()

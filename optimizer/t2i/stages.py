@@ -232,7 +232,7 @@ def latents(ctx: T2IContext, n: int, seed_offset: int = 0) -> np.ndarray:
 
     spec = ctx.src.student.spec
     k = spec.vae_scale_factor
-    c = int(spec.component(spec.denoiser).config.get("in_channels", 4))
+    c = int(spec.component(spec.denoiser).io.inputs[0].shape[1])  # unpacked (Flux packs in its graph)
     shape = (c, ctx.size[0] // k, ctx.size[1] // k)
     base = ctx.cfg.seed + seed_offset
     return np.stack([TorchGenerator(base + i).randn(shape) for i in range(n)])

@@ -25,12 +25,12 @@ def time_pipeline_teacher(req: BaselineRequest) -> dict[str, Any]:
 
     from optimizer.t2i.load import load_pipeline
     from optimizer.t2i.reference import diffusers_pipeline, images
-    from optimizer.t2i.speed import denoiser_of
+    from optimizer.t2i.speed import latent_channels
 
     if not req.prompts or req.size is None or req.guidance_scale is None:
         raise ValueError("a pipeline teacher needs prompts, size and guidance_scale")
     pipe = diffusers_pipeline(load_pipeline(Path(req.teacher)))
-    k, c = pipe.vae_scale_factor, int(denoiser_of(pipe).config.in_channels)
+    k, c = pipe.vae_scale_factor, latent_channels(pipe)
     h, w = req.size
     out: dict[str, Any] = {}
     for t in req.threads:
