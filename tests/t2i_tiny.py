@@ -232,6 +232,35 @@ def _make_sd2(path: Path, seed: int, scheduler: str, prediction_type: str) -> Pa
     return path
 
 
+def tiny_clip_pair(tok, tok2, *, width: int, with_projection: bool):
+    """SDXL's / SD3's two CLIP text encoders (gelu, 3 layers; the second, OpenCLIP bigG-like, with
+    its projection; SD3's first has one too), on the CLIP tokenizer and the "!"-padded one."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = dict(
+        hidden_size=width,
+        intermediate_size=37,
+        num_attention_heads=4 if width >= 32 else 2,
+        num_hidden_layers=3,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=width,
+    )
+    first = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **cfg,
+        )
+    )
+    second = CLIPTextModelWithProjection(
+        CLIPTextConfig(vocab_size=len(tok2), bos_token_id=0, eos_token_id=2, pad_token_id=1, **cfg)
+    )
+    return first, second
+
+
 # SDXL base's scheduler_config.json as shipped (EulerDiscreteScheduler, leading spacing)
 SDXL_SCHEDULER = dict(
     beta_end=0.012,
@@ -260,7 +289,6 @@ def make_tiny_sdxl(
     import diffusers
     import torch
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tok = clip_tokenizer(path.parent / f"{path.name}_vocab")
     tok2 = clip_tokenizer(path.parent / f"{path.name}_vocab2", pad_token="!")
@@ -288,27 +316,7 @@ def make_tiny_sdxl(
         with torch.no_grad():
             vae.decoder.conv_in.weight.mul_(1e5)
             vae.decoder.conv_in.bias.mul_(1e5)
-    te_cfg = dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        projection_dim=32,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tok),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            **te_cfg,
-        )
-    )
-    text_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(vocab_size=len(tok2), bos_token_id=0, eos_token_id=2, pad_token_id=1, **te_cfg)
-    )
+    text, text_2 = tiny_clip_pair(tok, tok2, width=32, with_projection=False)
     sched = (
         diffusers.LCMScheduler.from_config({**SDXL_SCHEDULER, "original_inference_steps": 50})
         if lcm
@@ -359,6 +367,49 @@ def t5_tokenizer(d: Path, vocab_size: int = 64):
     return T5TokenizerFast(tokenizer_file=str(d / "tokenizer.json"), extra_ids=0, model_max_length=32)
 
 
+def tiny_t5_encoder(tok):
+    """A T5EncoderModel on the offline T5 tokenizer: d_model 48 (wider than the CLIP encoders, as
+    T5-XXL's 4096 is), gated-gelu as T5 v1.1."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tok),
+            d_model=48,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            decoder_start_token_id=0,
+        )
+    )
+
+
+def tiny_dit_vae(latent_channels: int, *, scaling_factor: float, shift_factor: float):
+    """The DiT families' VAE: no quant convs, a scaling and a shift factor (scale factor 2)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    )
+
+
 def make_tiny_sd3(path: Path, *, seed: int = 0, t5: bool = True) -> Path:
     """A tiny random StableDiffusion3Pipeline as diffusers' SD3 tests build it, with SD3's proportions
     kept where they matter: two CLIPTextModelWithProjection (hidden 16 each, projection 16: pooled
@@ -368,8 +419,7 @@ def make_tiny_sd3(path: Path, *, seed: int = 0, t5: bool = True) -> Path:
     with shift 3. `t5=False`: no third encoder (SD3 runs with zeros for it)."""
     import diffusers
     import torch
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     tok = clip_tokenizer(path.parent / f"{path.name}_vocab")
     tok2 = clip_tokenizer(path.parent / f"{path.name}_vocab2", pad_token="!")
@@ -388,57 +438,9 @@ def make_tiny_sd3(path: Path, *, seed: int = 0, t5: bool = True) -> Path:
         pooled_projection_dim=32,
         pos_embed_max_size=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=16,
-        norm_num_groups=8,
-        sample_size=16,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-    )
-    clip = dict(
-        hidden_size=16,
-        intermediate_size=37,
-        num_attention_heads=2,
-        num_hidden_layers=3,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        projection_dim=16,
-    )
-    text = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=len(tok),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            **clip,
-        )
-    )
-    text_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(vocab_size=len(tok2), bos_token_id=0, eos_token_id=2, pad_token_id=1, **clip)
-    )
-    text_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tok3),
-            d_model=48,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tok3.pad_token_id,
-            eos_token_id=tok3.eos_token_id,
-            decoder_start_token_id=0,
-        )
-    )
+    vae = tiny_dit_vae(16, scaling_factor=1.5305, shift_factor=0.0609)  # SD3's factors
+    text, text_2 = tiny_clip_pair(tok, tok2, width=16, with_projection=True)
+    text_3 = tiny_t5_encoder(tok3)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -462,8 +464,8 @@ def make_tiny_flux(path: Path, *, seed: int = 0, guidance_embeds: bool = True) -
     `guidance_embeds`: FLUX.1-dev's guidance-distilled input; False: schnell's (no guidance)."""
     import diffusers
     import torch
-    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     tok = clip_tokenizer(path.parent / f"{path.name}_vocab")
     tok2 = t5_tokenizer(path.parent / f"{path.name}_t5")
@@ -480,20 +482,7 @@ def make_tiny_flux(path: Path, *, seed: int = 0, guidance_embeds: bool = True) -
         axes_dims_rope=[4, 4, 8],
         guidance_embeds=guidance_embeds,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-    )
+    vae = tiny_dit_vae(4, scaling_factor=0.3611, shift_factor=0.1159)  # Flux's factors
     text = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tok),
@@ -509,22 +498,7 @@ def make_tiny_flux(path: Path, *, seed: int = 0, guidance_embeds: bool = True) -
             pad_token_id=tok.pad_token_id,
         )
     )
-    text_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tok2),
-            d_model=48,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tok2.pad_token_id,
-            eos_token_id=tok2.eos_token_id,
-            decoder_start_token_id=0,
-        )
-    )
+    text_2 = tiny_t5_encoder(tok2)
     sched = diffusers.FlowMatchEulerDiscreteScheduler(
         shift=3.0,
         use_dynamic_shifting=True,

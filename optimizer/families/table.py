@@ -149,6 +149,20 @@ PIPELINE_OPTIONS = frozenset(
     {"size", "resolutions", "guidance_scale", "clip_model", "threads_grid", *TRT_OPTIONS}
 )
 
+# what every latent text-to-image family shares: the flow, precisions, backends (engines/t2i.py's
+# runners; tensorrt: one engine per component, optimizer/t2i/trt_build.py), options, defaults
+PIPELINE_COMMON: dict[str, Any] = dict(
+    flow="pipeline",
+    precisions=("fp32", "fp16", "int8"),
+    backends=PIPELINE_BACKENDS,
+    options=PIPELINE_OPTIONS,
+    batch_sizes=(1, 4),
+    n_samples=16,
+    n_fid_samples=100,
+    # uint8 images: rounding alone costs a few tenths of a level, so fp32 sits near 45-60 dB
+    sample_psnr_db=_frozen({"fp32": 40.0, "fp16": 30.0, "int8": 22.0}),
+)
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -176,26 +190,17 @@ FAMILIES: dict[str, Family] = {
         Family(
             name="sd",
             title="text-to-image pipelines (SD 1.x / LCM)",
-            flow="pipeline",
             components=("text_encoder", "unet", "vae_decoder"),
             tokenizers=("tokenizer",),
             schedulers=_frozen(SCHEDULER_CLASSES),  # what engines/schedulers.py implements
             guidance=GUIDANCE_MODES,
-            precisions=("fp32", "fp16", "int8"),
             mixes=_pipeline_mixes(("text_encoder",)),
-            # engines/t2i.py's runners; tensorrt: one engine per component (optimizer/t2i/trt_build.py)
-            backends=PIPELINE_BACKENDS,
-            options=PIPELINE_OPTIONS,
-            batch_sizes=(1, 4),
-            n_samples=16,
-            n_fid_samples=100,
-            # uint8 images: rounding alone costs a few tenths of a level, so fp32 sits near 45-60 dB
-            sample_psnr_db=_frozen({"fp32": 40.0, "fp16": 30.0, "int8": 22.0}),
             # image-to-image (engines/pipeline.py: image=, strength=): every output has a VAE encoder
             tasks=_frozen({"img2img": ("vae_encoder",)}),
             default_tasks=("img2img",),
             pipeline_classes=("StableDiffusionPipeline", "LatentConsistencyModelPipeline"),
             conditioning="sd",
+            **PIPELINE_COMMON,
         ),
         # StableDiffusionXLPipeline (SDXL base and its LCM / Turbo / Lightning students): two CLIP
         # encoders (penultimate states concatenated, encoder 2's pooled embedding) and the UNet's
@@ -203,72 +208,51 @@ FAMILIES: dict[str, Family] = {
         Family(
             name="sdxl",
             title="SDXL pipelines",
-            flow="pipeline",
             components=("text_encoder", "text_encoder_2", "unet", "vae_decoder"),
             tokenizers=("tokenizer", "tokenizer_2"),
             schedulers=_frozen(SCHEDULER_CLASSES),
             guidance=GUIDANCE_MODES,
-            precisions=("fp32", "fp16", "int8"),
             mixes=_pipeline_mixes(("text_encoder", "text_encoder_2")),
-            backends=PIPELINE_BACKENDS,
-            options=PIPELINE_OPTIONS,
-            batch_sizes=(1, 4),
-            n_samples=16,
-            n_fid_samples=100,
-            sample_psnr_db=_frozen({"fp32": 40.0, "fp16": 30.0, "int8": 22.0}),
             # image-to-image as StableDiffusionXLImg2ImgPipeline with the base model's time ids
             tasks=_frozen({"img2img": ("vae_encoder",)}),
             default_tasks=("img2img",),
             pipeline_classes=("StableDiffusionXLPipeline",),
             conditioning="sdxl",
+            **PIPELINE_COMMON,
         ),
         # StableDiffusion3Pipeline (SD3 medium, SD3.5 medium / large / large turbo): two CLIP
         # encoders with projection + T5, an MMDiT transformer on 16-channel latents, FlowMatch Euler
         Family(
             name="sd3",
             title="SD3 pipelines",
-            flow="pipeline",
             components=("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder"),
             tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"),
             schedulers=_frozen(FLOW_SCHEDULER_CLASSES),
             guidance=("cfg", "none"),
-            precisions=("fp32", "fp16", "int8"),
             # T5 overflows fp16 (its feed-forward activations pass 65504): fp32 in every mix
             mixes=_pipeline_mixes(
                 ("text_encoder", "text_encoder_2"), ("vae_decoder",), "transformer", ("text_encoder_3",)
             ),
-            backends=PIPELINE_BACKENDS,
-            options=PIPELINE_OPTIONS,
-            batch_sizes=(1, 4),
-            n_samples=16,
-            n_fid_samples=100,
-            sample_psnr_db=_frozen({"fp32": 40.0, "fp16": 30.0, "int8": 22.0}),
             pipeline_classes=("StableDiffusion3Pipeline",),
             conditioning="sd3",
             denoiser="transformer",
+            **PIPELINE_COMMON,
         ),
         # FluxPipeline (FLUX.1 dev: guidance-distilled, its `guidance` input; schnell: none): CLIP's
         # pooled output + T5's states, a DiT over 2x2-packed latents, FlowMatch Euler with mu
         Family(
             name="flux",
             title="Flux pipelines",
-            flow="pipeline",
             components=("text_encoder", "text_encoder_2", "transformer", "vae_decoder"),
             tokenizers=("tokenizer", "tokenizer_2"),
             schedulers=_frozen(FLOW_SCHEDULER_CLASSES),
             guidance=("embedded", "none"),
-            precisions=("fp32", "fp16", "int8"),
             mixes=_pipeline_mixes(("text_encoder",), ("vae_decoder",), "transformer", ("text_encoder_2",)),
-            backends=PIPELINE_BACKENDS,
-            options=PIPELINE_OPTIONS,
-            batch_sizes=(1, 4),
-            n_samples=16,
-            n_fid_samples=100,
-            sample_psnr_db=_frozen({"fp32": 40.0, "fp16": 30.0, "int8": 22.0}),
             pipeline_classes=("FluxPipeline",),
             conditioning="flux",
             denoiser="transformer",
             max_sequence_length=512,  # FluxPipeline's default (schnell is trained at 256)
+            **PIPELINE_COMMON,
         ),
     )
 }

@@ -298,10 +298,15 @@ def unet_wrapper(model: Any, outputs: tuple[str, ...] = ()) -> Any:
     return UNet()
 
 
-def flux_transformer_wrapper(model: Any) -> Any:
+def transformer_wrapper(model: Any, outputs: tuple[str, ...] = ()) -> Any:
+    """SD3's MMDiT as diffusers calls it; Flux's with FluxPipeline's own steps inside the graph
+    (_pack_latents, _prepare_latent_image_ids, text ids, timestep / 1000, _unpack_latents), so its
+    graph takes and returns unpacked latents like every other denoiser."""
     import torch
 
-    class FluxTransformer(torch.nn.Module):
+    flux = is_flux(dict(model.config))
+
+    class Transformer(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
@@ -314,13 +319,17 @@ def flux_transformer_wrapper(model: Any) -> Any:
             pooled_projections: torch.Tensor,
             guidance: torch.Tensor | None = None,
         ) -> torch.Tensor:
-            # FluxPipeline._pack_latents, _prepare_latent_image_ids, text_ids, _unpack_latents
+            if not flux:
+                return self.model(
+                    hidden_states=sample,
+                    timestep=timestep,
+                    encoder_hidden_states=encoder_hidden_states,
+                    pooled_projections=pooled_projections,
+                    return_dict=False,
+                )[0]
             b, c, h, w = sample.shape
-            x = (
-                sample.view(b, c, h // 2, 2, w // 2, 2)
-                .permute(0, 2, 4, 1, 3, 5)
-                .reshape(b, (h // 2) * (w // 2), c * 4)
-            )
+            x = sample.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+            x = x.reshape(b, (h // 2) * (w // 2), c * 4)
             # integer ranges cast once: a float Range's inputs would split between fp16 and int64
             rows = torch.arange(h // 2)[:, None].expand(h // 2, w // 2).to(sample.dtype)
             cols = torch.arange(w // 2)[None, :].expand(h // 2, w // 2).to(sample.dtype)
@@ -338,35 +347,6 @@ def flux_transformer_wrapper(model: Any) -> Any:
             )[0]
             out = out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
             return out.reshape(b, c, h, w)
-
-    return FluxTransformer()
-
-
-def transformer_wrapper(model: Any, outputs: tuple[str, ...] = ()) -> Any:
-    import torch
-
-    if is_flux(dict(model.config)):
-        return flux_transformer_wrapper(model)
-
-    class Transformer(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(
-            self,
-            sample: torch.Tensor,
-            timestep: torch.Tensor,
-            encoder_hidden_states: torch.Tensor,
-            pooled_projections: torch.Tensor,
-        ) -> torch.Tensor:
-            return self.model(
-                hidden_states=sample,
-                timestep=timestep,
-                encoder_hidden_states=encoder_hidden_states,
-                pooled_projections=pooled_projections,
-                return_dict=False,
-            )[0]
 
     return Transformer()
 

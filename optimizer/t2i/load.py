@@ -356,6 +356,13 @@ def check_configs(configs: dict[str, dict[str, Any]], where: dict[str, str]) -> 
         need("vae_decoder", "latents_mean", False, "none (latent statistics are not supported yet)")
 
 
+def _check_vae(vae: dict[str, Any], need: Any) -> None:
+    need("vae_decoder", "latent_channels", _pos_int(vae.get("latent_channels")), "a positive integer")
+    boc = vae.get("block_out_channels")
+    ok = isinstance(boc, list | tuple) and len(boc) > 0 and all(_pos_int(c) for c in boc)
+    need("vae_decoder", "block_out_channels", ok, "a non-empty list of positive integers")
+
+
 def _check_sd3_configs(configs: dict[str, dict[str, Any]], need: Any) -> None:
     """SD3: the transformer's joint width is T5's (CLIP states are zero-padded up to it), its pooled
     width both CLIP projections, its channels the VAE's latent channels."""
@@ -366,10 +373,7 @@ def _check_sd3_configs(configs: dict[str, dict[str, Any]], need: Any) -> None:
     for te in ("text_encoder", "text_encoder_2"):
         for key in ("hidden_size", "projection_dim"):
             need(te, key, _pos_int(configs[te].get(key)), "a positive integer")
-    need("vae_decoder", "latent_channels", _pos_int(vae.get("latent_channels")), "a positive integer")
-    boc = vae.get("block_out_channels")
-    ok = isinstance(boc, list | tuple) and len(boc) > 0 and all(_pos_int(c) for c in boc)
-    need("vae_decoder", "block_out_channels", ok, "a non-empty list of positive integers")
+    _check_vae(vae, need)
     need(
         "transformer",
         "joint_attention_dim",
@@ -404,10 +408,7 @@ def _check_flux_configs(configs: dict[str, dict[str, Any]], need: Any) -> None:
         need("transformer", key, _pos_int(tr.get(key)), "a positive integer")
     need("text_encoder_2", "d_model", _pos_int(t5.get("d_model")), "a positive integer (a T5 encoder)")
     need("text_encoder", "hidden_size", _pos_int(clip.get("hidden_size")), "a positive integer")
-    need("vae_decoder", "latent_channels", _pos_int(vae.get("latent_channels")), "a positive integer")
-    boc = vae.get("block_out_channels")
-    ok = isinstance(boc, list | tuple) and len(boc) > 0 and all(_pos_int(c) for c in boc)
-    need("vae_decoder", "block_out_channels", ok, "a non-empty list of positive integers")
+    _check_vae(vae, need)
     need(
         "transformer",
         "joint_attention_dim",

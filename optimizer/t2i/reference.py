@@ -53,6 +53,30 @@ def diffusers_pipeline(loaded: LoadedPipeline) -> Any:
     return pipe
 
 
+def denoiser_of(pipe: Any) -> Any:
+    """A diffusers pipeline's per-step module: its transformer (SD3) or its UNet."""
+    return getattr(pipe, "transformer", None) or pipe.unet
+
+
+def teacher_mode(pipe: Any) -> str:
+    """A diffusers pipeline's guidance mode, as optimizer/t2i/load.default_guidance reads a config."""
+    from optimizer.t2i.load import default_guidance
+
+    return default_guidance(dict(denoiser_of(pipe).config))
+
+
+def latent_channels(pipe: Any) -> int:
+    """The unpacked latent channels a diffusers pipeline draws (Flux's transformer takes 4x packed)."""
+    c = int(denoiser_of(pipe).config.in_channels)
+    return c // 4 if type(pipe).__name__ == "FluxPipeline" else c
+
+
+def native_size(pipe: Any) -> tuple[int, int]:
+    """The pipeline's default pixel size (Flux's transformer has no sample_size: 128 latents)."""
+    s = (denoiser_of(pipe).config.get("sample_size") or 128) * pipe.vae_scale_factor
+    return s, s
+
+
 def _np(t: Any) -> np.ndarray:
     return t.detach().cpu().numpy()
 

@@ -18,6 +18,7 @@ import torch
 
 from engines.iospec import DimRange, IOSpec
 from optimizer.t2i.components import DENOISERS, dummy_inputs
+from optimizer.t2i.reference import latent_channels, native_size, teacher_mode
 from optimizer.timing import StopRule, comparable, time_until_stable
 
 log = logging.getLogger(__name__)
@@ -48,30 +49,6 @@ class Generation:
 
 def stop_rule(cfg: T2ISpeedConfig) -> StopRule:
     return StopRule(warmup=1, min_rounds=cfg.min_rounds, max_seconds=cfg.max_seconds, min_samples=3)
-
-
-def denoiser_of(pipe: Any) -> Any:
-    """A diffusers pipeline's per-step module: its transformer (SD3) or its UNet."""
-    return getattr(pipe, "transformer", None) or pipe.unet
-
-
-def teacher_mode(pipe: Any) -> str:
-    """A diffusers pipeline's guidance mode, as optimizer/t2i/load.default_guidance reads a config."""
-    from optimizer.t2i.load import default_guidance
-
-    return default_guidance(dict(denoiser_of(pipe).config))
-
-
-def latent_channels(pipe: Any) -> int:
-    """The unpacked latent channels a diffusers pipeline draws (Flux's transformer takes 4x packed)."""
-    c = int(denoiser_of(pipe).config.in_channels)
-    return c // 4 if type(pipe).__name__ == "FluxPipeline" else c
-
-
-def native_size(pipe: Any) -> tuple[int, int]:
-    """The pipeline's default pixel size (Flux's transformer has no sample_size: 128 latents)."""
-    s = (denoiser_of(pipe).config.get("sample_size") or 128) * pipe.vae_scale_factor
-    return s, s
 
 
 def _median(d: dict[str, Any]) -> float:

@@ -24,8 +24,7 @@ def time_pipeline_teacher(req: BaselineRequest) -> dict[str, Any]:
     import torch
 
     from optimizer.t2i.load import load_pipeline
-    from optimizer.t2i.reference import diffusers_pipeline, images
-    from optimizer.t2i.speed import latent_channels
+    from optimizer.t2i.reference import diffusers_pipeline, images, latent_channels
 
     if not req.prompts or req.size is None or req.guidance_scale is None:
         raise ValueError("a pipeline teacher needs prompts, size and guidance_scale")
