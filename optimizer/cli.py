@@ -364,6 +364,13 @@ def print_table(report) -> None:
     help="Text-to-image: the student's guidance scale (default: its record, else the mode's default).",
 )
 @click.option(
+    "--max-sequence-length",
+    type=click.IntRange(1, 512),
+    default=None,
+    help="Text-to-image with T5 (SD3, Flux): the prompt's T5 token length the graphs are built for "
+    "(default: the family's own, SD3 256, Flux 512).",
+)
+@click.option(
     "--clip-model",
     type=click.Path(path_type=Path),
     default=None,
@@ -407,6 +414,7 @@ def main(
     size,
     resolutions,
     guidance_scale,
+    max_sequence_length,
     clip_model,
     export_cache_dir,
     as_json,
@@ -469,6 +477,7 @@ def main(
             dict(
                 common,
                 guidance_scale=guidance_scale,
+                max_sequence_length=max_sequence_length,
                 size=parse_size(size) if size else None,
                 resolutions=resolutions,
                 clip_model=clip_model,

@@ -35,6 +35,7 @@ OPTION_ARGS = {
     "size": ["--size", "16x16"],
     "resolutions": ["--resolutions", "16,32"],
     "guidance_scale": ["--guidance-scale", "2"],
+    "max_sequence_length": ["--max-sequence-length", "128"],
     "clip_model": ["--clip-model", "clip/"],
 }
 

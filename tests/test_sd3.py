@@ -115,6 +115,34 @@ def test_sd3_sizes_are_whole_patches(exported):
         pipe("a red seven", seeds=[0], height=18, width=16)
 
 
+def test_t5_length_is_a_build_knob(exported, tmp_path):
+    """--max-sequence-length 64: T5 and the joint sequence are built for 64 tokens (77 + 64), and
+    the runtime gives diffusers' images at max_sequence_length=64 (the reference runs there too)."""
+    import dataclasses
+
+    import torch
+
+    from engines.t2i import TextToImagePipeline
+    from optimizer.t2i.export import export_pipeline
+    from optimizer.t2i.load import load_pipeline
+    from optimizer.t2i.reference import diffusers_pipeline, t5_length
+
+    src, _ = exported
+    base = load_pipeline(src).spec.profile
+    loaded = load_pipeline(src, profile=dataclasses.replace(base, t5_tokens=64))
+    assert loaded.spec.component("transformer").io.dims["sequence"].opt == 77 + 64
+    export_pipeline(loaded, tmp_path / "t5-64")
+    pipe = diffusers_pipeline(loaded)
+    assert t5_length(pipe) == {"max_sequence_length": 64}
+    lat = np.random.default_rng(3).standard_normal((2, 16, 8, 8), dtype=np.float32)
+    kw = dict(num_inference_steps=4, guidance_scale=5.0)
+    want = pipe(PROMPTS, latents=torch.from_numpy(lat), output_type="np", max_sequence_length=64, **kw).images
+    with TextToImagePipeline(tmp_path / "t5-64") as ep:
+        assert ep.specs["text_encoder_3"].dims["t5_tokens"].opt == 64
+        got = ep(PROMPTS, latents=lat, **kw)
+    assert psnr(got, (want * 255).round().astype(np.uint8)) >= 40.0
+
+
 @pytest.mark.slow
 def test_dd_compile_sd3_end_to_end(tmp_path):
     """dd-compile on an SD3 folder: every mix passes (T5 fp32 in each, the transformer fp16 / int8),
@@ -126,6 +154,7 @@ def test_dd_compile_sd3_end_to_end(tmp_path):
     out = tmp_path / "out"
     args = [str(src), "--steps", "4", "-o", str(out), "--samples", "2", "--fid-samples", "4"]
     args += ["--bench-seconds", "1", "--batch-sizes", "1", "--threads-grid", "0"]
+    args += ["--max-sequence-length", "32"]  # T5's length as a build knob, end to end
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
@@ -136,6 +165,6 @@ def test_dd_compile_sd3_end_to_end(tmp_path):
     assert {v["components"]["text_encoder_3"]["precision"] for v in variants.values()} == {"fp32"}
     assert float(variants["fp32"]["sample_parity"]["psnr_db"]) >= 40.0  # "inf" when identical
     with engines.load(out) as pipe:
-        assert pipe.config.family == "sd3"
+        assert pipe.config.family == "sd3" and pipe.specs["text_encoder_3"].dims["t5_tokens"].opt == 32
         img = pipe("a red seven", seeds=[5])
     assert img.shape == (1, 16, 16, 3) and img.dtype == np.uint8

@@ -149,6 +149,7 @@ PIPELINE_OPTIONS = frozenset(
     {"size", "resolutions", "guidance_scale", "clip_model", "threads_grid", *TRT_OPTIONS}
 )
 
+T5_OPTIONS = PIPELINE_OPTIONS | {"max_sequence_length"}  # families with a T5 encoder
 # what every latent text-to-image family shares: the flow, precisions, backends (engines/t2i.py's
 # runners; tensorrt: one engine per component, optimizer/t2i/trt_build.py), options, defaults
 PIPELINE_COMMON: dict[str, Any] = dict(
@@ -236,7 +237,7 @@ FAMILIES: dict[str, Family] = {
             pipeline_classes=("StableDiffusion3Pipeline",),
             conditioning="sd3",
             denoiser="transformer",
-            **PIPELINE_COMMON,
+            **{**PIPELINE_COMMON, "options": T5_OPTIONS},
         ),
         # FluxPipeline (FLUX.1 dev: guidance-distilled, its `guidance` input; schnell: none): CLIP's
         # pooled output + T5's states, a DiT over 2x2-packed latents, FlowMatch Euler with mu
@@ -252,7 +253,7 @@ FAMILIES: dict[str, Family] = {
             conditioning="flux",
             denoiser="transformer",
             max_sequence_length=512,  # FluxPipeline's default (schnell is trained at 256)
-            **PIPELINE_COMMON,
+            **{**PIPELINE_COMMON, "options": T5_OPTIONS},
         ),
     )
 }

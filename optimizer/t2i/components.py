@@ -30,7 +30,7 @@ class Profile:
     latent_height: DimRange = DimRange(8, 8, 8)
     latent_width: DimRange = DimRange(8, 8, 8)
     tokens: int = 77  # the tokenizer's model_max_length: prompts are padded to it
-    t5_tokens: int = 256  # T5's max_sequence_length (SD3's default): a build-time knob, not dynamic
+    t5_tokens: int | None = None  # T5's max_sequence_length (None: the family's own): not dynamic
 
 
 @dataclass(frozen=True)

@@ -497,7 +497,7 @@ def pipeline_spec(
         profile = Profile(latent_height=DimRange(lh, lh, lh), latent_width=DimRange(lw, lw, lw))
     else:  # no sample_size: the size the profile is built for (--size / --resolutions)
         lh, lw = native or (profile.latent_height.opt, profile.latent_width.opt)
-    t5_tokens = family.max_sequence_length
+    t5_tokens = profile.t5_tokens or family.max_sequence_length
     tok2 = tokenizer_spec(path / "tokenizer_2") if "tokenizer_2" in family.tokenizers else None
     if tok2 is not None and family.name == "flux":  # T5: padded to max_sequence_length
         tok2 = TokenizerSpec(

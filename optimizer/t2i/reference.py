@@ -50,6 +50,8 @@ def diffusers_pipeline(loaded: LoadedPipeline) -> Any:
         kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = cls(**kw)
     pipe.set_progress_bar_config(disable=True)
+    if spec.tokenizer_3 is not None or spec.family == "flux":  # T5's length, as the graphs are built
+        pipe.dd_max_sequence_length = spec.profile.t5_tokens
     return pipe
 
 
@@ -95,6 +97,12 @@ class Recorder:
 
     def feeds(self, kind: str) -> list[dict[str, np.ndarray]]:
         return getattr(self, kind)
+
+
+def t5_length(pipe: Any) -> dict[str, int]:
+    """max_sequence_length= for a pipeline with T5 compiled at another length than its default."""
+    n = getattr(pipe, "dd_max_sequence_length", None)
+    return {} if n is None else {"max_sequence_length": int(n)}
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -244,6 +252,7 @@ def images(
         out = pipe(
             prompts,
             latents=pack(lat) if type(pipe).__name__ == "FluxPipeline" else lat,  # Flux takes tokens
+            **t5_length(pipe),
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             height=h,

@@ -7,6 +7,7 @@ all checked before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -194,6 +195,7 @@ def resolve(
     size: tuple[int, int] | None,
     resolutions: tuple[int, ...] | None,
     batch_sizes: tuple[int, ...],
+    max_sequence_length: int | None = None,
 ) -> T2ISource:
     """Every check of the source and its options, cheapest first; the modules load last. Nothing
     here writes, and nothing after it (export) meets a user error that could be found here."""
@@ -254,6 +256,8 @@ def resolve(
     classes = family_of_folder(student_dir).schedulers
     n = check_steps(check_scheduler(sched_cfg, sched_where, classes), n, steps_what, sched_where)
     profile, _ = make_profile(student_dir, unet_cfg, size, resolutions, batch_sizes, unet_where)
+    if max_sequence_length is not None:
+        profile = dataclasses.replace(profile, t5_tokens=max_sequence_length)
     tinfo = _teacher_info(Path(teacher), checked=Path(teacher) == source)
     if scale is None:
         scale = {"cfg": tinfo.guidance_scale, "embedded": 8.5, "none": 0.0}.get(effective, 7.5)

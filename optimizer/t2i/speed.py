@@ -155,7 +155,7 @@ def _teacher_components(
     configs = {
         c: dict(m.config.to_dict() if hasattr(m.config, "to_dict") else m.config) for c, m in modules.items()
     }
-    profile = Profile(tokens=pipe.tokenizer.model_max_length)
+    profile = Profile(tokens=pipe.tokenizer.model_max_length, t5_tokens=family.max_sequence_length)
     specs = build_specs(configs, profile, "embedded" if embedded else "cfg", family.conditioning)
     feeds = _feeds(specs, b, ub, (h // k, w // k))
     fns = {}

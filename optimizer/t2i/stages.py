@@ -57,6 +57,7 @@ class T2ICompileConfig:
     require_teacher: bool = False  # no teacher: exit 2 instead of skipping the distribution level
     steps: int | None = None
     guidance_scale: float | None = None
+    max_sequence_length: int | None = None  # T5's token length (None: the family's own)
     teacher: Path | None = None
     size: tuple[int, int] | None = None
     resolutions: tuple[int, ...] | None = None
@@ -137,6 +138,7 @@ def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
         size=cfg.size,
         resolutions=cfg.resolutions,
         batch_sizes=cfg.batch_sizes,
+        max_sequence_length=cfg.max_sequence_length,
     )
     if cfg.require_teacher and src.teacher is None:
         raise InputError(
