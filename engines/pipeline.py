@@ -33,6 +33,7 @@ from engines.conditioning import RECIPES
 from engines.errors import InputError
 from engines.iospec import IOSpec
 from engines.schedule import MAX_SEED, check_sampler_inputs, to_images
+from engines.schedulers import trial_timesteps
 
 # A prompt over the tokenizer's limit: "truncate" (diffusers: cut, keep EOS, log a warning) or
 # "refuse" (one-line InputError naming the token count; what dd-serve does)
@@ -294,9 +295,7 @@ class CompiledPipeline:
         n = self.parts.defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         if isinstance(n, bool) or not isinstance(n, int | np.integer):
             raise InputError(f"num_inference_steps={n!r}: expected an integer")
-        # the scheduler's own range check (a dynamically shifted schedule: any mu checks the count)
-        mu = {"mu": 1.0} if getattr(self.scheduler, "dynamic_shifting", False) else {}
-        copy.deepcopy(self.scheduler).set_timesteps(int(n), **mu)
+        trial_timesteps(self.scheduler, int(n))  # the scheduler's own range check
         return int(n)
 
     def _seeds(self, seeds: Any, b: int) -> list[int]:

@@ -934,6 +934,16 @@ _CLASSES: dict[str, Any] = {
 }
 
 
+def trial_timesteps(scheduler: Any, steps: int) -> np.ndarray:
+    """The timesteps of `steps` steps from a copy of `scheduler` (its own range check; the caller's
+    scheduler state is untouched). A dynamically shifted FlowMatch schedule gets a stand-in mu: the
+    step count, not the image size, is what is checked here."""
+    import copy
+
+    mu = {"mu": 1.0} if getattr(scheduler, "dynamic_shifting", False) else {}
+    return copy.deepcopy(scheduler).set_timesteps(int(steps), **mu)
+
+
 def make_scheduler(kind: str, config: dict[str, Any], *, where: str = "scheduler config") -> Any:
     if kind == "ddim":
         return DDIMScheduler(SchedulerConfig.from_dict(config, where=where))

@@ -45,13 +45,6 @@ FAMILY_COMPONENTS = {
     "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder"),
     "flux": ("text_encoder", "text_encoder_2", "transformer", "vae_decoder"),
 }
-# the text encoder output each family's first encoder is read by (engines/conditioning.py)
-FIRST_OUTPUT = {
-    "sd": "last_hidden_state",
-    "sdxl": "penultimate_hidden_state",
-    "sd3": "penultimate_hidden_state",
-    "flux": "pooler_output",
-}
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "openvino", "tensorrt")
 RunnerFactory = Callable[[str, Path, IOSpec], Runner]
 
@@ -214,7 +207,7 @@ class TextToImagePipeline(CompiledPipeline):
                 defaults=cfg.defaults,
                 text=TextParts(
                     self.tokenizer,
-                    output=FIRST_OUTPUT[cfg.family],
+                    output=specs["text_encoder"].output_names[0],  # the family's (its IO spec)
                     long_prompts=long_prompts,
                     recipe=cfg.family,
                     more=more,

@@ -20,7 +20,6 @@ torch eager beside other runtimes' thread pools reads slow and would flatter the
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import logging
 import time
@@ -295,6 +294,7 @@ def unet_feeds(gen: Any, info: PipelineInfo, b: int, rng: np.random.Generator) -
     """One UNet evaluation's inputs as a generation feeds them: the UNet batch (2B under CFG), the
     compiled latent size, the scheduler's first timestep, the guidance embedding when embedded."""
     from engines.iospec import DimRange
+    from engines.schedulers import trial_timesteps
     from engines.t2i import guidance_scale_embedding
     from optimizer.t2i.components import dummy_inputs
 
@@ -310,10 +310,8 @@ def unet_feeds(gen: Any, info: PipelineInfo, b: int, rng: np.random.Generator) -
         spec.family, spec.inputs, spec.outputs, {n: DimRange(v, v, v) for n, v in sizes.items()}
     )
     feeds = dummy_inputs(fixed, rng, "opt")
-    # a copy: set_timesteps changes the scheduler's state, which the pipeline's own calls own
-    sched = copy.deepcopy(p.scheduler)
-    mu = {"mu": 1.0} if getattr(sched, "dynamic_shifting", False) else {}
-    feeds["timestep"] = np.full((ub,), float(sched.set_timesteps(info.steps, **mu)[0]), np.float32)
+    t0 = float(trial_timesteps(p.scheduler, info.steps)[0])  # on a copy: the pipeline owns its state
+    feeds["timestep"] = np.full((ub,), t0, np.float32)
     if c.guidance == "embedded":
         w = np.full((ub,), info.guidance_scale - 1, np.float32)  # the LCM pipelines embed w - 1
         feeds["timestep_cond"] = guidance_scale_embedding(w, int(c.time_cond_proj_dim))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.errors import InputError
-from engines.schedulers import SCHEDULER_CLASSES
+from engines.schedulers import SCHEDULER_CLASSES, trial_timesteps
 from optimizer.families import Family, family_of_pipeline, pipeline_classes
 from optimizer.t2i.components import (
     COMPONENTS,
@@ -253,13 +253,11 @@ def check_scheduler(config: dict[str, Any], where: str, classes: Any = None) -> 
 
 def check_steps(scheduler: Any, steps: Any, option: str, where: str) -> int:
     """A step count the scheduler can sample (DDIM: 1..num_train_timesteps; LCM: 1..original steps)."""
-    import copy
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"{option} {steps!r}: must be an integer >= 1")
     try:
-        mu = {"mu": 1.0} if getattr(scheduler, "dynamic_shifting", False) else {}
-        copy.deepcopy(scheduler).set_timesteps(steps, **mu)
+        trial_timesteps(scheduler, steps)
     except InputError as e:
         raise InputError(f"{option} {steps}: not possible with {where} ({e})") from None
     return steps
@@ -444,6 +442,15 @@ def tokenizer_spec(tok_dir: Path) -> TokenizerSpec:
     return TokenizerSpec(f"{tok_dir.name}/tokenizer.json", max_len, str(pad))
 
 
+def t5_tokenizer_spec(tok_dir: Path, max_sequence_length: int) -> TokenizerSpec:
+    """A T5 tokenizer as the pipelines call it: padded to max_sequence_length (not its own limit),
+    with T5's <pad> where its config names none."""
+    t = tokenizer_spec(tok_dir)
+    return TokenizerSpec(
+        t.path, max_sequence_length, t.pad_token if t.pad_token != "<|endoftext|>" else "<pad>"
+    )
+
+
 def default_guidance(unet_config: dict[str, Any]) -> str:
     """LCM's w-embedding or Flux-dev's guidance input: embedded; Flux schnell: none; else CFG."""
     if is_flux(unet_config):
@@ -500,9 +507,7 @@ def pipeline_spec(
     t5_tokens = profile.t5_tokens or family.max_sequence_length
     tok2 = tokenizer_spec(path / "tokenizer_2") if "tokenizer_2" in family.tokenizers else None
     if tok2 is not None and family.name == "flux":  # T5: padded to max_sequence_length
-        tok2 = TokenizerSpec(
-            tok2.path, t5_tokens, tok2.pad_token if tok2.pad_token != "<|endoftext|>" else "<pad>"
-        )
+        tok2 = t5_tokenizer_spec(path / "tokenizer_2", t5_tokens)
     elif tok2 is not None and tok2.model_max_length != tok.model_max_length:
         raise InputError(
             f"{path / 'tokenizer_2'}: model_max_length {tok2.model_max_length}, not tokenizer's "
@@ -510,8 +515,7 @@ def pipeline_spec(
         )
     tok3 = None
     if "tokenizer_3" in family.tokenizers:  # T5: padded to max_sequence_length, not its own limit
-        t = tokenizer_spec(path / "tokenizer_3")
-        tok3 = TokenizerSpec(t.path, t5_tokens, t.pad_token if t.pad_token != "<|endoftext|>" else "<pad>")
+        tok3 = t5_tokenizer_spec(path / "tokenizer_3", t5_tokens)
     profile = Profile(
         profile.batch, profile.latent_height, profile.latent_width, tok.model_max_length, t5_tokens
     )
