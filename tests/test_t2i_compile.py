@@ -316,6 +316,15 @@ def test_demo_t2i_passes_and_is_far_past_10x(tmp_path):
     stated = [x for x in best["speedup_end_to_end"].values() if x is not None]
     assert stated and min(stated) >= 10.0, best["speedup_end_to_end"]
     assert all(t["source"] == "fresh process" for t in rep["timings"]["teacher_baseline"].values())
+    # the references CI's torch-free runtime check compares against are this demo's images: a
+    # change to noise, scheduler or tokenizer must come with new references (.ci/runtime_venv_check)
+    import engines
+
+    refs = np.load(Path(__file__).parent / "data" / "demo_t2i_refs.npz")
+    with engines.load(out, precision=str(refs["precision"])) as pipe:
+        images = pipe([str(p) for p in refs["prompts"]], seeds=[int(s) for s in refs["seeds"]])
+    levels = int(np.abs(images.astype(int) - refs["images"]).max())
+    assert levels <= 8, f"tests/data/demo_t2i_refs.npz is stale: {levels} levels off"
 
 
 @pytest.mark.slow
