@@ -1,8 +1,9 @@
 """dd-serve for a text-to-image folder: prompt strings in, uint8 images out, over HTTP and gRPC.
 
-Four models in one PyTriton tritonserver:
+One PyTriton tritonserver: each component the family has, then the pipeline model:
 
-    "dd_text_encoder", "dd_unet", "dd_vae_decoder"   bound through PyTriton to the runners of
+    "dd_text_encoder", "dd_unet", "dd_vae_decoder" (SD; SDXL adds "dd_text_encoder_2", SD3 and Flux
+                  run "dd_transformer" and T5)   bound through PyTriton to the runners of
                   TextToImagePipeline(folder, backend=...) (ONNX Runtime or OpenVINO)
     "dd_t2i"      the Python-backend pipeline model dd-triton writes (engines/triton_t2i_model.py):
                   the runtime's own pipeline code, each component call a BLS request
@@ -29,13 +30,12 @@ from engines.base import Runner
 from engines.deploy_common import ServeConfig, load_model, runner_function, server_config
 from engines.errors import InputError
 from engines.iospec import IOSpec
-from engines.t2i import COMPONENT_NAMES
 from engines.triton_t2i import (
-    COMPONENT_MODELS,
     PIPELINE_MODEL,
     OpenedT2I,
     T2ITritonConfig,
     component_dims,
+    served_models,
     write_pipeline_model,
 )
 
@@ -76,11 +76,11 @@ def serve_t2i(opened: OpenedT2I, source: Path, config: ServeConfig) -> None:
             repo = tmp / "repo"
             repo.mkdir()  # dd_t2i is loaded once the components are up, so ready means ready
             with Triton(config=server_config(config, repo)) as triton:
-                for name in COMPONENT_NAMES:
+                for name, model in served_models(pipe).items():
                     spec = pipe.specs[name]
                     inputs, outputs = component_tensors(spec)
                     triton.bind(
-                        model_name=COMPONENT_MODELS[name],
+                        model_name=model,
                         infer_func=component_function(pipe.runners[name]),
                         inputs=inputs,
                         outputs=outputs,

@@ -5,17 +5,20 @@ the pipeline as a Python-backend (BLS) model that calls them.
     tritonserver --model-repository=$PWD/triton_repo
 
 Layout (built in a staging folder beside DIR, then swapped in; engines/outdir.py's rule, marker
-kind triton-repo):
+kind triton-repo). One ONNX Runtime model per component the family has (engines.t2i's
+FAMILY_COMPONENTS: SD's text_encoder/unet/vae_decoder; SDXL adds text_encoder_2; SD3 and Flux a
+transformer in the UNet's place and T5 as text_encoder_3 / text_encoder_2):
 
     DIR/dd_text_encoder/{config.pbtxt, 1/model.onnx}   input_ids INT64 [B, tokens] -> last_hidden_state
     DIR/dd_unet/{config.pbtxt, 1/model.onnx}           sample [B, C, -1, -1], timestep, text states
                                                        (+ timestep_cond) -> out_sample; B = 2x images for CFG
     DIR/dd_vae_decoder/{config.pbtxt, 1/model.onnx}    latent_sample [B, C, -1, -1] -> sample [B, 3, -1, -1]
+    DIR/dd_text_encoder_2/, dd_text_encoder_3/, dd_transformer/   where the family has them
     DIR/dd_t2i/config.pbtxt                            backend "python": prompt, seed (+ negative_prompt,
                                                        guidance_scale, num_inference_steps) -> image UINT8
     DIR/dd_t2i/1/model.py                              engines/triton_t2i_model.py
     DIR/dd_t2i/1/engines/                              the runtime's text-to-image code (numpy, tokenizers)
-    DIR/dd_t2i/1/pipeline/                             t2i.json, tokenizer/, scheduler/ (the runtime's inputs)
+    DIR/dd_t2i/1/pipeline/                             t2i.json, tokenizer*/, scheduler/ (runtime inputs)
     DIR/dd_t2i/1/t2i_model.json                        component model names, max batch, long-prompt policy
     DIR/README.md, DIR/.dd-compile.json
 
@@ -39,12 +42,13 @@ from engines.errors import InputError
 from engines.fileio import sha256_file
 from engines.iospec import IOSpec, TensorSpec
 from engines.outdir import check_target, claim
-from engines.t2i import COMPONENT_NAMES, T2I_FORMAT, TextToImagePipeline
+from engines.t2i import FAMILY_COMPONENTS, T2I_FORMAT, TextToImagePipeline
 
 log = logging.getLogger(__name__)
 
 PIPELINE_MODEL = "dd_t2i"
-COMPONENT_MODELS = {n: f"dd_{n}" for n in COMPONENT_NAMES}
+# every component any family has -> its Triton model name
+COMPONENT_MODELS = {n: f"dd_{n}" for names in FAMILY_COMPONENTS.values() for n in names}
 MODEL_TEMPLATE = Path(__file__).with_name("triton_t2i_model.py")
 # What the pipeline model imports: numpy + tokenizers, nothing of onnxruntime or the manifest code.
 VENDORED = (
@@ -61,6 +65,12 @@ VENDORED = (
 )
 LONG_PROMPTS = "refuse"
 TOKENIZER_PATH, SCHEDULER_PATH = "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"
+# t2i.json key -> where the copied pipeline/ folder keeps that tokenizer
+TOKENIZER_PATHS = {
+    "tokenizer": TOKENIZER_PATH,
+    "tokenizer_2": "tokenizer_2/tokenizer.json",
+    "tokenizer_3": "tokenizer_3/tokenizer.json",
+}
 
 
 @dataclass(frozen=True)
@@ -119,21 +129,21 @@ def open_t2i(
         art = m.get(f"pipeline/{precision or m.meta.get('recommended') or 'fp32'}")
         unvalidated = art is None or m.servable(art, backend) is not None
         pipe = load(out, precision, backend, allow_unvalidated=allow_unvalidated, **kw)
-        return _served_family(OpenedT2I(pipe, unvalidated), out)
+        return OpenedT2I(pipe, unvalidated)
     require_validated(out, allow_unvalidated)
-    return _served_family(OpenedT2I(TextToImagePipeline(out, backend=backend, **kw), True), out)
+    return OpenedT2I(TextToImagePipeline(out, backend=backend, **kw), True)
 
 
-def _served_family(opened: OpenedT2I, out: Path) -> OpenedT2I:
-    """The Triton pipeline model (dd-triton, dd-serve) serves SD 1.x/2.x outputs: one text encoder
-    model. Another family is refused in one line, not served with a part missing."""
-    family = opened.pipe.config.family
-    if family != "sd":
-        raise InputError(
-            f"{out}: a {family} pipeline; the Triton repository and dd-serve serve SD 1.x/2.x pipelines "
-            "for now (run it with engines.load)"
-        )
-    return opened
+def tokenizers_of(pipe: TextToImagePipeline) -> dict[str, dict]:
+    """The description's tokenizer entries (tokenizer, and tokenizer_2/_3 where the family has them)."""
+    c = pipe.config
+    found = {"tokenizer": c.tokenizer, "tokenizer_2": c.tokenizer_2, "tokenizer_3": c.tokenizer_3}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def served_models(pipe: TextToImagePipeline) -> dict[str, str]:
+    """Component -> Triton model name for the components this pipeline's family runs."""
+    return {n: COMPONENT_MODELS[n] for n in pipe.config.required}
 
 
 def description(pipe: TextToImagePipeline) -> dict:
@@ -147,7 +157,9 @@ def description(pipe: TextToImagePipeline) -> dict:
         "pipeline_class": c.pipeline_class,
         "guidance": c.guidance,
         "components": c.components,
-        "tokenizer": {**c.tokenizer, "path": TOKENIZER_PATH},
+        **{k: {**t, "path": TOKENIZER_PATHS[k]} for k, t in tokenizers_of(pipe).items()},
+        # written beside a second tokenizer (optimizer/t2i/export.py): SD 1.x/2.x have no such switch
+        **({"force_zeros_for_empty_prompt": c.force_zeros_for_empty_prompt} if c.tokenizer_2 else {}),
         "scheduler": {"kind": c.scheduler_kind, "config": SCHEDULER_PATH},
         "vae": {
             "scaling_factor": c.vae_scaling_factor,
@@ -222,8 +234,8 @@ def pipeline_config(max_batch: int, image_shape: tuple[int, int, int], cfg: T2IT
         _block("num_inference_steps", "TYPE_INT32", [1], optional=True),
     ]
     return (
-        "# generated by dd-triton: the text-to-image pipeline (tokenizer, text encoder, UNet steps "
-        "with CFG or embedded guidance, VAE decoder) calling the component models (BLS)\n"
+        "# generated by dd-triton: the text-to-image pipeline (tokenizers, text encoders, denoiser "
+        "steps with CFG, embedded guidance or none, VAE decoder) calling the component models (BLS)\n"
         f'name: "{PIPELINE_MODEL}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
         "version_policy: { specific: { versions: [ 1 ] } }\n"
         "input [\n" + ",\n".join(ins) + "\n]\n"
@@ -248,12 +260,13 @@ def write_pipeline_model(repo: Path, pipe: TextToImagePipeline, cfg: T2ITritonCo
     for name in VENDORED:
         shutil.copyfile(here / name, version / "engines" / name)
     dest = version / "pipeline"
-    (dest / TOKENIZER_PATH).parent.mkdir(parents=True)
     (dest / SCHEDULER_PATH).parent.mkdir(parents=True)
-    shutil.copyfile(pipe.config.root / pipe.config.tokenizer["path"], dest / TOKENIZER_PATH)
+    for key, tok in tokenizers_of(pipe).items():
+        (dest / TOKENIZER_PATHS[key]).parent.mkdir(parents=True)
+        shutil.copyfile(pipe.config.root / tok["path"], dest / TOKENIZER_PATHS[key])
     (dest / SCHEDULER_PATH).write_text(json.dumps(pipe.config.scheduler_config, indent=2))
     (dest / "t2i.json").write_text(json.dumps(description(pipe), indent=2))
-    settings = {"models": COMPONENT_MODELS, "max_batch": pipe.max_batch, "long_prompts": LONG_PROMPTS}
+    settings = {"models": served_models(pipe), "max_batch": pipe.max_batch, "long_prompts": LONG_PROMPTS}
     (version / "t2i_model.json").write_text(json.dumps(settings, indent=2))
     return model
 
@@ -263,7 +276,8 @@ def readme(source: Path, pipe: TextToImagePipeline, repo_dir: Path, cfg: T2ITrit
     lines = [
         f"# Triton model repository for the text-to-image pipeline {pipe.config.pipeline_class}",
         "",
-        f"Generated by `dd-triton` from `{source}` (guidance mode {pipe.config.guidance}).",
+        f"Generated by `dd-triton` from `{source}` (family {pipe.config.family}, guidance mode "
+        f"{pipe.config.guidance}).",
         "",
         *(
             ["**allow_unvalidated: true**: no dd-compile run validated these graphs.", ""]
@@ -271,13 +285,14 @@ def readme(source: Path, pipe: TextToImagePipeline, repo_dir: Path, cfg: T2ITrit
             else []
         ),
         *(
-            f"- `{COMPONENT_MODELS[n]}`: platform `onnxruntime_onnx`, dynamic batching."
-            for n in COMPONENT_NAMES
+            f"- `{model}`: {n}, platform `onnxruntime_onnx`, dynamic batching."
+            for n, model in served_models(pipe).items()
         ),
         f"- `{PIPELINE_MODEL}`: Python backend (BLS): `prompt` (BYTES, UTF-8) and `seed` (INT64) per "
         "image, optional `negative_prompt`, `guidance_scale` (FP32), `num_inference_steps` (INT32); "
         f"returns `image` (UINT8 [B, {h}, {w}, 3]). Max batch {pipe.max_batch}.",
-        f"- Prompts over {pipe.tokenizer.model_max_length} tokens are refused (HTTP 400 / gRPC "
+        f"- Prompts over a tokenizer's limit ({pipe.tokenizer.model_max_length} for CLIP) are refused "
+        "(HTTP 400 / gRPC "
         "INVALID_ARGUMENT naming the token count), not truncated.",
         "",
         "## Versions this repository needs",
@@ -329,7 +344,7 @@ def write_t2i_repo(
     tmp = Path(tempfile.mkdtemp(prefix=f".{repo_dir.name}.staging-", dir=repo_dir.parent))
     try:
         shas = {}
-        for n in COMPONENT_NAMES:
+        for n in pipe.config.required:
             src = pipe.config.root / pipe.config.components[n]["path"]
             model = tmp / COMPONENT_MODELS[n]
             (model / "1").mkdir(parents=True)
@@ -342,7 +357,11 @@ def write_t2i_repo(
         write_pipeline_model(tmp, pipe, cfg)
         (tmp / "README.md").write_text(readme(Path(out_dir), pipe, repo_dir, cfg))
         claim(
-            tmp, "triton-repo", shas["unet"], pipeline=PIPELINE_MODEL, allow_unvalidated=cfg.allow_unvalidated
+            tmp,
+            "triton-repo",
+            shas[pipe.config.denoiser],
+            pipeline=PIPELINE_MODEL,
+            allow_unvalidated=cfg.allow_unvalidated,
         )
         swap_in(tmp, repo_dir, option)
     finally:

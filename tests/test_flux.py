@@ -73,6 +73,8 @@ def test_flux_folder_loads_as_its_family(exported):
     )
     assert ("guidance" in tr) == (variant == "dev")
     assert spec.component("text_encoder").io.output_names == ["pooler_output"]
+    # the default size is one the built profile takes (16 px), not the transformer's native one
+    assert spec.default_size == (16, 16)
 
 
 def test_runtime_reproduces_diffusers_flux(exported):
@@ -121,6 +123,15 @@ def test_flux_seeds_reproduce_diffusers_generators(exported):
     with TextToImagePipeline(out) as pipe:
         got = pipe(PROMPTS, seeds=[3, 4], num_inference_steps=4, guidance_scale=g, height=16, width=16)
     assert psnr(got, (want * 255).round().astype(np.uint8)) >= 40.0
+
+
+def test_flux_triton_repository_serves_the_runtimes_images(exported, tmp_path, monkeypatch):
+    """dd-triton on Flux (dev: the guidance input; schnell: none): CLIP, T5 and the transformer as
+    models; dd_t2i's images are the runtime's."""
+    from tests.test_triton_t2i import check_served_family
+
+    models = ["dd_text_encoder", "dd_text_encoder_2", "dd_transformer", "dd_vae_decoder"]
+    check_served_family(exported[1], tmp_path, monkeypatch, models, negative=False)
 
 
 @pytest.mark.slow

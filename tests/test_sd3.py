@@ -143,6 +143,47 @@ def test_t5_length_is_a_build_knob(exported, tmp_path):
     assert psnr(got, (want * 255).round().astype(np.uint8)) >= 40.0
 
 
+def test_sd3_triton_repository_serves_the_runtimes_images(exported, tmp_path, monkeypatch):
+    """dd-triton on SD3: two CLIP encoders, T5 and the transformer as models; dd_t2i's images (with
+    and without a negative prompt) are the runtime's."""
+    from tests.test_triton_t2i import check_served_family
+
+    models = ["dd_text_encoder", "dd_text_encoder_2", "dd_text_encoder_3", "dd_transformer", "dd_vae_decoder"]
+    check_served_family(exported[1], tmp_path, monkeypatch, models, negative=True)
+
+
+@pytest.mark.slow
+def test_dd_serve_sd3_gives_the_runtimes_images(exported, tmp_path):
+    """dd-serve on SD3 for real (PyTriton): five component models plus dd_t2i; two concurrent
+    requests over HTTP and gRPC (one with a negative prompt) give the runtime's images."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engines.t2i import TextToImagePipeline
+    from tests.test_serve import grpc, http, require_serve_env, run_server
+    from tests.test_serve_t2i import _input, prompt_inputs
+
+    out = exported[1]
+    py = require_serve_env("tokenizers")
+    jobs = [(http, ["a red seven", ""], [1, 2], None), (grpc, ["green"], [3], "blue")]
+    with run_server(tmp_path, out, "dd_t2i", "--allow-unvalidated", py=py) as server:
+
+        def infer(job):
+            mod, prompts, seeds, negative = job
+            inputs = prompt_inputs(mod, prompts, seeds, steps=2)
+            if negative is not None:
+                arr = np.array([[negative.encode()]] * len(prompts), dtype=object)
+                inputs.append(_input(mod, "negative_prompt", arr, "BYTES"))
+            url = server["grpc" if mod is grpc else "http"]
+            return mod.InferenceServerClient(url).infer("dd_t2i", inputs).as_numpy("image")
+
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(infer, jobs))
+    with TextToImagePipeline(out, threads=1) as pipe:
+        for (_, prompts, seeds, negative), image in zip(jobs, got, strict=True):
+            want = pipe(prompts, negative, seeds=seeds, num_inference_steps=2)
+            assert image.shape == want.shape and np.abs(image.astype(int) - want).max() <= 1
+
+
 @pytest.mark.slow
 def test_dd_compile_sd3_end_to_end(tmp_path):
     """dd-compile on an SD3 folder: every mix passes (T5 fp32 in each, the transformer fp16 / int8),

@@ -179,15 +179,14 @@ def test_dd_compile_sdxl_end_to_end_catches_the_vae_fp16_trap(tmp_path):
     assert img.shape == (1, 16, 16, 3) and img.dtype == np.uint8
 
 
-def test_triton_and_serve_refuse_sdxl_in_one_line(root, tmp_path):
-    """Not built yet for SDXL's second encoder: refused naming the folder, nothing written."""
-    from engines.errors import InputError
-    from engines.triton_t2i import write_t2i_repo
+def test_sdxl_triton_repository_serves_the_runtimes_images(root, tmp_path, monkeypatch):
+    """dd-triton on SDXL: both CLIP encoders as models; no negative prompt (zeros) and a negative
+    prompt in one merged batch give the runtime's images."""
+    from tests.test_triton_t2i import check_served_family
 
     _, out = _exported(root, "base")
-    with pytest.raises(InputError, match=r"a sdxl pipeline; the Triton repository and dd-serve") as e:
-        write_t2i_repo(out, tmp_path / "repo", allow_unvalidated=True)
-    assert "\n" not in str(e.value) and not (tmp_path / "repo").exists()
+    models = ["dd_text_encoder", "dd_text_encoder_2", "dd_unet", "dd_vae_decoder"]
+    check_served_family(out, tmp_path, monkeypatch, models, negative=True)
 
 
 @pytest.mark.parametrize("name,kw", [("base", {}), ("lcm", {"lcm": True})])

@@ -14,7 +14,7 @@ import pytest
 from engines.errors import InputError
 from engines.t2i import TextToImagePipeline
 from engines.triton import main, write_triton_repo
-from engines.triton_t2i import COMPONENT_MODELS, PIPELINE_MODEL, VENDORED
+from engines.triton_t2i import PIPELINE_MODEL, VENDORED, served_models
 from tests.test_triton import graph_io, parse
 
 pytestmark = pytest.mark.slow  # the session's tiny pipeline export takes ~30 s on one core
@@ -23,7 +23,10 @@ pytestmark = pytest.mark.slow  # the session's tiny pipeline export takes ~30 s 
 def test_component_configs_match_their_graphs(t2i_folder, tmp_path):
     repo = write_triton_repo(t2i_folder, tmp_path / "repo", allow_unvalidated=True)
     pipe = TextToImagePipeline(t2i_folder)
-    for name, model in COMPONENT_MODELS.items():
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == sorted(
+        ["dd_t2i", "dd_text_encoder", "dd_unet", "dd_vae_decoder"]
+    )
+    for name, model in served_models(pipe).items():
         cfg = parse(repo / model / "config.pbtxt")
         onnx_path = repo / model / "1" / "model.onnx"
         assert cfg.name == model and cfg.platform == "onnxruntime_onnx" and onnx_path.exists()
@@ -74,7 +77,8 @@ def test_pipeline_model_ships_the_runtime_code(t2i_folder, tmp_path):
         assert (version / "engines" / name).read_bytes() == (engines_dir / name).read_bytes()
     assert (version / "model.py").read_bytes() == (engines_dir / "triton_t2i_model.py").read_bytes()
     settings = json.loads((version / "t2i_model.json").read_text())
-    assert settings == {"models": COMPONENT_MODELS, "max_batch": 4, "long_prompts": "refuse"}
+    models = served_models(copied_sd(t2i_folder))
+    assert settings == {"models": models, "max_batch": 4, "long_prompts": "refuse"}
     # the description is rebuilt from the pipeline's own config: for an export, the same file
     rebuilt = json.loads((version / "pipeline" / "t2i.json").read_text())
     assert rebuilt == json.loads((t2i_folder / "t2i.json").read_text())
@@ -196,7 +200,7 @@ def fake_pb_utils(runners: dict, unet_batches: list):
 
     from engines.triton_t2i import COMPONENT_MODELS
 
-    by_model = {m: runners[n] for n, m in COMPONENT_MODELS.items()}
+    by_model = {m: runners[n] for n, m in COMPONENT_MODELS.items() if n in runners}
 
     class InferenceRequest:
         def __init__(self, model_name, inputs, requested_output_names):
@@ -206,7 +210,7 @@ def fake_pb_utils(runners: dict, unet_batches: list):
             r = by_model[self.model]
             feeds = {t._name: t.as_numpy() for t in self.inputs}
             feeds = {k: v.reshape(-1) if len(r.spec.input(k).shape) == 1 else v for k, v in feeds.items()}
-            if self.model == "dd_unet":
+            if self.model in ("dd_unet", "dd_transformer"):
                 unet_batches.append(feeds["sample"].shape[0])
             return _FakeResponse([_FakeTensor(k, v) for k, v in r.infer(feeds).items()])
 
@@ -218,38 +222,45 @@ def fake_pb_utils(runners: dict, unet_batches: list):
     return m
 
 
+def copied_sd(folder):
+    return TextToImagePipeline(folder, runner_factory=lambda n, p, s: None)
+
+
+def pipeline_model(repo: Path, runners: dict, monkeypatch, denoiser_batches: list):
+    """dd_t2i's TritonPythonModel from `repo`, initialized, its BLS requests answered by `runners`."""
+    import importlib.util
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # model.py prepends its folder
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils(runners, denoiser_batches))
+    spec = importlib.util.spec_from_file_location("dd_t2i_model", repo / PIPELINE_MODEL / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    model.initialize({})
+    return model
+
+
+def request(prompts, seeds, steps=None, negative=None):
+    """One dd_t2i request as the Triton client sends it ([B, 1] tensors)."""
+    r = {"prompt": np.array([[p] for p in prompts], object), "seed": np.array(seeds, np.int64)[:, None]}
+    if steps is not None:
+        r["num_inference_steps"] = np.full((len(seeds), 1), steps, np.int32)
+    if negative is not None:
+        r["negative_prompt"] = np.array([[n] for n in negative], object)
+    return r
+
+
 def test_pipeline_model_answers_each_request_of_a_merged_batch(t2i_folder, tmp_path, monkeypatch):
     """dd_t2i's execute() on one dynamic batch of five requests: the two good ones with the same
     step count run as one pipeline call (UNet at the CFG batch 2 x 3 images), the third good one
     alone, and the bad ones (over-limit prompt, non-UTF-8, negative seed) get their own
     INVALID_ARG; every image equals the runtime's."""
-    import importlib.util
-    import sys
-
     repo = write_triton_repo(t2i_folder, tmp_path / "repo", allow_unvalidated=True)
     unet_batches: list[int] = []
-    monkeypatch.setattr(sys, "path", list(sys.path))  # model.py prepends its folder
     with TextToImagePipeline(t2i_folder, threads=1) as local:
-        monkeypatch.setitem(
-            sys.modules, "triton_python_backend_utils", fake_pb_utils(local.runners, unet_batches)
-        )
-        spec = importlib.util.spec_from_file_location(
-            "dd_t2i_model", repo / PIPELINE_MODEL / "1" / "model.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        model = module.TritonPythonModel()
-        model.initialize({})
-
-        def req(prompts, seeds, steps=None):
-            r = {
-                "prompt": np.array([[p] for p in prompts], object),
-                "seed": np.array(seeds, np.int64)[:, None],
-            }
-            if steps is not None:
-                r["num_inference_steps"] = np.full((len(seeds), 1), steps, np.int32)
-            return r
-
+        model = pipeline_model(repo, local.runners, monkeypatch, unet_batches)
+        req = request
         requests = [
             req([b"a red seven"], [1], 2),
             req([("seven " * 80).encode()], [2], 2),
@@ -275,3 +286,31 @@ def test_pipeline_model_answers_each_request_of_a_merged_batch(t2i_folder, tmp_p
     assert [responses[i].err.msg.split(":")[0] for i in (1, 3, 4)] == ["prompt 0", "prompt 0", "seeds"]
     # requests 0 and 2 (2 steps) ran together: 2 UNet calls at batch 2 x 3 (CFG); request 5 alone
     assert unet_batches == [6, 6, 2, 2, 2]
+
+
+def check_served_family(out: Path, tmp_path: Path, monkeypatch, models: list[str], negative: bool) -> None:
+    """dd-triton on another family's output: one model per component the family has (named
+    `models`), the description read back unchanged, and dd_t2i's images (requests with and without
+    a negative prompt, merged into one batch) equal to the runtime's."""
+    repo = write_triton_repo(out, tmp_path / "repo", allow_unvalidated=True)
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == sorted([PIPELINE_MODEL, *models])
+    for m in models:
+        assert parse(repo / m / "config.pbtxt").name == m
+    version = repo / PIPELINE_MODEL / "1"
+    assert json.loads((version / "pipeline" / "t2i.json").read_text()) == json.loads(
+        (out / "t2i.json").read_text()
+    )
+    assert json.loads((version / "t2i_model.json").read_text())["models"] == {m[3:]: m for m in models}
+    batches: list[int] = []
+    with TextToImagePipeline(out, threads=1) as local:
+        model = pipeline_model(repo, local.runners, monkeypatch, batches)
+        requests = [request([b"a red seven", b""], [1, 2], 2)]
+        want = [local(["a red seven", ""], seeds=[1, 2], num_inference_steps=2)]
+        if negative:
+            requests.append(request([b"green"], [3], 2, negative=[b"blue"]))
+            want.append(local(["green"], ["blue"], seeds=[3], num_inference_steps=2))
+        responses = model.execute(requests)
+    for r, w in zip(responses, want, strict=True):
+        assert r.err is None, r.err and r.err.msg
+        assert np.array_equal(r.output_tensors[0].as_numpy(), w)
+    assert len(batches) == 2  # the requests ran as one call: one denoiser batch per step

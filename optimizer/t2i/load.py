@@ -502,8 +502,12 @@ def pipeline_spec(
             raise InputError(f"{where}: config.json has no sample_size (the default image size)")
         lh, lw = native
         profile = Profile(latent_height=DimRange(lh, lh, lh), latent_width=DimRange(lw, lw, lw))
-    else:  # no sample_size: the size the profile is built for (--size / --resolutions)
-        lh, lw = native or (profile.latent_height.opt, profile.latent_width.opt)
+    else:  # the native size where the profile holds it, else the size it is built for (--size)
+        inside = native is not None and (
+            profile.latent_height.min <= native[0] <= profile.latent_height.max
+            and profile.latent_width.min <= native[1] <= profile.latent_width.max
+        )
+        lh, lw = native if inside else (profile.latent_height.opt, profile.latent_width.opt)
     t5_tokens = profile.t5_tokens or family.max_sequence_length
     tok2 = tokenizer_spec(path / "tokenizer_2") if "tokenizer_2" in family.tokenizers else None
     if tok2 is not None and family.name == "flux":  # T5: padded to max_sequence_length
