@@ -103,6 +103,27 @@ def test_calibration_feeds_follow_the_trajectory(tiny_unet):
     assert feeds[2]["sample"].shape[0] == 1
 
 
+def test_fp16_pass_on_a_graph_saved_with_external_weights(tmp_path, monkeypatch):
+    """The fp16 pass runs its ModelProto many times; past EXTERNAL_OVER (1 GB: a 2-layer T5-XXL of
+    2.07 GB) each run saves it with the weights beside it, which moves them out of the proto. They
+    are read back before the temp folder goes, so every later run (and the conversion) still has
+    them: here every graph counts as big."""
+    import optimizer.quantize.onnx_graph as og
+
+    torch.manual_seed(0)
+    spec = io_spec_for("UNet2DModel", {"sample_size": 8, "in_channels": 1, "out_channels": 1})
+    src = export_onnx(PlantedOverflow(), spec, tmp_path / "m.fp32.onnx")
+    calib = _calib(src, spec, (1, 8, 8))
+    ref = run_model(src, calib, OUT)
+    monkeypatch.setattr(og, "EXTERNAL_OVER", 0)
+    model = onnx.load(str(src))
+    first, second = run_model(model, calib, OUT), run_model(model, calib, OUT)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(first, ref, strict=True))
+    res = quantize_fp16(src, tmp_path / "m.fp16.onnx", calib, Fp16Config())
+    assert res.passed and res.call_rel_l2 <= 1e-2
+
+
 def test_fp16_planted_overflow_naive_fails_islands_pass(tmp_path):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 

@@ -120,11 +120,12 @@ def write_onnx(
             log.info("model is %.1f GB: weights written as external data", n_bytes / 1e9)
         if config.check:
             onnx.checker.check_model(str(tmp), full_check=True)
-        if external:  # external data was written next to tmp; move it beside the final name
-            data = tmp.with_name(tmp.name + ".data")
-            if data.exists():
-                data.rename(data_path)
-                _point_external_data(tmp, data_path.name)
+        # weights written next to tmp, whether asked or decided by torch's save (it goes external
+        # below our 2 GB line: a 2.07 GB T5 did): moved beside the final name, the graph pointed there
+        data = tmp.with_name(tmp.name + ".data")
+        if data.exists():
+            data.rename(data_path)
+            _point_external_data(tmp, data_path.name)
     log.info("exported %s (%s params)", out_path, f"{sum(p.numel() for p in model.parameters()):,}")
     if cache_key is not None:
         export_cache.store(cache_key, out_path.name, out_path)

@@ -14,6 +14,7 @@ import numpy as np
 from optimizer.metrics import max_abs, rel_l2
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+EXTERNAL_OVER = 1 << 30  # run_model saves a ModelProto this big with its weights beside it
 
 
 def module_path(node: Any) -> str:
@@ -63,8 +64,11 @@ def run_model(
     else:
         with tempfile.TemporaryDirectory(prefix="ddq.") as d:
             p = Path(d) / "m.onnx"
-            onnx.save(model, str(p), save_as_external_data=model.ByteSize() > (1 << 30))
+            external = model.ByteSize() > EXTERNAL_OVER
+            onnx.save(model, str(p), save_as_external_data=external, location="m.onnx.data")
             sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+            if external:  # onnx.save moved the weights out of `model`: back in before the folder goes
+                onnx.load_external_data_for_model(model, d)
     return [sess.run([output], f)[0] for f in feeds]
 
 
