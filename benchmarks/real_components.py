@@ -1,14 +1,31 @@
-"""Stable Diffusion 1.5 component configs with random weights: export, fp32/fp16 call parity and one
-CPU timing per component (torch eager fp32 vs ONNX Runtime fp32 vs ORT fp16, one process).
+"""Real-size component configs of every family with random weights: export, fp32/fp16 call parity,
+CPU timing and peak memory per component (torch eager fp32 vs ONNX Runtime fp32 vs ORT fp16, one
+process).
 
-    python benchmarks/sd15_components.py                          # all four, full size (minutes, GBs)
-    python benchmarks/sd15_components.py --components te,vae      # a subset
-    python benchmarks/sd15_components.py --scale tiny             # scaled-down configs, a quick check
+    python benchmarks/real_components.py --components te,vae      # SD 1.5's (the default: all SD 1.5)
+    python benchmarks/real_components.py --components sdxl_te2,sdxl_vae,t5xxl,sd35m_transformer
+    python benchmarks/real_components.py --scale tiny             # scaled-down configs, a quick check
 
-Components (configs as in runwayml/stable-diffusion-v1-5, weights from torch.manual_seed, no hub):
-`te` CLIP ViT-L/14 text encoder (CLIPTextModel, 123M), `unet` UNet2DConditionModel (860M) at batch 2
-(CFG), `lcm_unet` the same UNet with time_cond_proj_dim=256 fed timestep_cond at batch 1, `vae` the
-AutoencoderKL decoder from 64x64x4 latents to 512x512. Each is exported by the project's own path
+Components (configs as in the published model folders, weights from torch.manual_seed, no hub):
+- SD 1.5 (runwayml/stable-diffusion-v1-5): `te` CLIP ViT-L/14 text encoder (CLIPTextModel, 123M),
+  `unet` UNet2DConditionModel (860M) at batch 2 (CFG), `lcm_unet` the same UNet with
+  time_cond_proj_dim=256 fed timestep_cond at batch 1, `vae` the AutoencoderKL decoder from
+  64x64x4 latents to 512x512.
+- SDXL (stabilityai/stable-diffusion-xl-base-1.0): `sdxl_te2` the OpenCLIP bigG text encoder
+  (CLIPTextModelWithProjection, 695M; penultimate states + pooled projection), `sdxl_vae` the
+  decoder from 128x128x4 latents to 1024x1024 (SD 1.5's own text encoder is SDXL's first).
+- SD3.5 medium (stabilityai/stable-diffusion-3.5-medium): `sd35m_transformer` the MMDiT at its
+  real widths and 1024 px, CFG batch 2, 2 of its 24 layers (the first a dual-attention layer, the
+  last context_pre_only as in the full model); `t5xxl` the T5-XXL encoder (SD3's and Flux's
+  text_encoder_3 / _2) at its real widths, 256 tokens, 2 of its 24 layers.
+- FLUX.1-dev: `flux_transformer` at its real widths, 512 px (1024 + 512 tokens), batch 1 with
+  the guidance input, 1 of 19 double-stream and 1 of 38 single-stream blocks.
+The reduced-depth rows are per-layer figures at real widths and sequence lengths; what the whole
+model would need (published parameter counts x 4 bytes) is in each row's `full_model`: T5-XXL's
+encoder (4.76B, 19 GB fp32) and Flux's transformer (11.9B, 48 GB) cannot be held here with an
+export beside them; SD3.5 medium's (2.47B, 9.9 GB) could be held, but its export and ORT session
+beside torch's copy would pass 24 GB.
+Each is exported by the project's own path
 (optimizer/t2i/export.py, IO specs from optimizer/t2i/components.py) and converted to fp16 by the
 t2i compile flow's own call (optimizer/t2i/precision.quantize_component -> quantize_fp16) where the
 fp32 graph fits one protobuf. Past 2 GB (the UNets) that pass cannot run: it serializes the whole
@@ -48,17 +65,36 @@ import numpy as np
 from engines.errors import InputError
 from optimizer.model_zoo import SD15_UNET
 
-log = logging.getLogger("sd15_components")
+log = logging.getLogger("real_components")
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-NAMES = ("te", "unet", "lcm_unet", "vae")
-KIND = {"te": "text_encoder", "unet": "unet", "lcm_unet": "unet", "vae": "vae_decoder"}
+SD15 = ("te", "unet", "lcm_unet", "vae")
+NAMES = (*SD15, "sdxl_te2", "sdxl_vae", "t5xxl", "sd35m_transformer", "flux_transformer")
+KIND = {
+    "te": "text_encoder",
+    "unet": "unet",
+    "lcm_unet": "unet",
+    "vae": "vae_decoder",
+    "sdxl_te2": "text_encoder_2",
+    "sdxl_vae": "vae_decoder",
+    "t5xxl": "text_encoder_3",
+    "sd35m_transformer": "transformer",
+    "flux_transformer": "transformer",
+}
+CONDITIONING = {"sdxl_te2": "sdxl", "t5xxl": "sd3", "sd35m_transformer": "sd3", "flux_transformer": "flux"}
 LABEL = {
     "te": "CLIP ViT-L/14 text encoder",
     "unet": "UNet 860M (CFG batch 2)",
     "lcm_unet": "LCM UNet (time_cond_proj_dim 256, batch 1)",
     "vae": "VAE decoder 64x64x4 -> 512x512",
+    "sdxl_te2": "SDXL text encoder 2 (OpenCLIP bigG, batch 2)",
+    "sdxl_vae": "SDXL VAE decoder 128x128x4 -> 1024x1024",
+    "t5xxl": "T5-XXL encoder, 2 of 24 layers, 256 tokens (batch 2)",
+    "sd35m_transformer": "SD3.5-medium MMDiT, 2 of 24 layers (CFG batch 2)",
+    "flux_transformer": "FLUX.1-dev transformer, 1+1 of 19+38 blocks (batch 1)",
 }
+# the whole model's published parameter count, for the rows built at reduced depth
+FULL_PARAMS = {"t5xxl": 4.762e9, "sd35m_transformer": 2.47e9, "flux_transformer": 11.9e9}
 SCALES = ("full", "tiny")
 FP16_METHODS = ("auto", "project", "file")
 SEED = 0
@@ -133,6 +169,119 @@ VAE = {
     ),
 }
 LATENT = {"full": 64, "tiny": 16}  # latent side: 512 px / 8 (tiny VAE: factor 2 -> 32 px)
+LATENT_OF = {
+    "sdxl_vae": {"full": 128, "tiny": 16},
+    "sd35m_transformer": {"full": 128, "tiny": 8},
+    "flux_transformer": {"full": 64, "tiny": 16},
+}
+SDXL_VAE_SCALING = 0.13025
+# stabilityai/stable-diffusion-xl-base-1.0 text_encoder_2/config.json
+TE2 = {
+    "full": dict(
+        vocab_size=49408,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=1280,
+        layer_norm_eps=1e-5,
+    ),
+    "tiny": dict(TE["tiny"], hidden_act="gelu"),
+}
+SDXL_VAE = {
+    "full": dict(VAE["full"], sample_size=1024, scaling_factor=SDXL_VAE_SCALING, force_upcast=True),
+    "tiny": dict(VAE["tiny"], scaling_factor=SDXL_VAE_SCALING),
+}
+# google/t5-v1_1-xxl (SD3's text_encoder_3, Flux's text_encoder_2), at `num_layers` of 24
+T5 = {
+    "full": dict(
+        vocab_size=32128,
+        d_model=4096,
+        d_ff=10240,
+        d_kv=64,
+        num_heads=64,
+        num_layers=2,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        layer_norm_epsilon=1e-6,
+    ),
+    "tiny": dict(vocab_size=1000, d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2),
+}
+T5_TOKENS = {"full": 256, "tiny": 16}  # SD3's max_sequence_length
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json, at `num_layers` of 24
+SD35M = {
+    "full": dict(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        pos_embed_max_size=384,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    ),
+    "tiny": dict(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    ),
+}
+# black-forest-labs/FLUX.1-dev transformer/config.json, at 1 + 1 of its 19 + 38 blocks
+FLUX = {
+    "full": dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ),
+    "tiny": dict(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ),
+}
+FLUX_T5_TOKENS = {"full": 512, "tiny": 16}
+# where the project's fp16 pass (every intermediate of a calibration call kept for its range check)
+# would not fit in 24 GB at this size; these convert from the file instead (Sin/Cos kept fp32)
+ACTIVATION_HEAVY = {
+    "sdxl_vae": "the project's pass keeps every intermediate of a 1024 px decode for its range check "
+    "(up to 0.5 GB a tensor, far past 24 GB in all; the 512 px SD 1.5 decode peaked at 18 GB)",
+    "sd35m_transformer": "the project's pass keeps every intermediate of a call for its range check "
+    "(attention scores alone 24 heads x 4429^2 x 4 B = 1.9 GB per image per layer)",
+    "flux_transformer": "the project's pass keeps every intermediate of a call for its range check "
+    "(attention scores 24 heads x 1536^2 x 4 B per block, and the 4x-wide MLPs)",
+}
 
 
 @dataclass(frozen=True)
@@ -147,6 +296,7 @@ class BenchConfig:
     isolate: bool = False  # one child process per component
     timeout_s: float = 900.0  # per component, with isolate
     work_dir: Path | None = None  # keep the graphs here (default: a temp folder, removed)
+    latent: int | None = None  # the latent side for the UNet / transformer / VAE rows (default: theirs)
 
     def __post_init__(self) -> None:
         bad = [c for c in self.components if c not in NAMES]
@@ -184,8 +334,13 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def label(name: str, scale: str) -> str:
-    return LABEL[name] if scale == "full" else f"{name} ({scale} config)"
+def label(name: str, scale: str, side: int | None = None) -> str:
+    """The row's name; the transformers' with their image size (--latent changes it)."""
+    if scale != "full":
+        return f"{name} ({scale} config)"
+    if name in ("sd35m_transformer", "flux_transformer"):
+        return f"{LABEL[name]}, {8 * (side or latent(name, scale))} px"
+    return LABEL[name] if side is None else f"{LABEL[name]}, latents {side}x{side} (--latent)"
 
 
 # -- models and inputs -------------------------------------------------------------------------
@@ -200,39 +355,98 @@ def build(name: str, scale: str) -> Any:
         v = TE[scale]["vocab_size"]  # CLIP: <|startoftext|> = vocab - 2, <|endoftext|> = vocab - 1 (pad)
         cfg = CLIPTextConfig(**TE[scale], bos_token_id=v - 2, eos_token_id=v - 1, pad_token_id=v - 1)
         return CLIPTextModel(cfg).eval()
+    if name == "sdxl_te2":
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+        v = TE2[scale]["vocab_size"]
+        cfg = CLIPTextConfig(**TE2[scale], bos_token_id=v - 2, eos_token_id=v - 1, pad_token_id=v - 1)
+        return CLIPTextModelWithProjection(cfg).eval()
+    if name == "t5xxl":
+        from transformers import T5Config, T5EncoderModel
+
+        return T5EncoderModel(T5Config(**T5[scale])).eval()
     if name in ("unet", "lcm_unet"):
         from diffusers import UNet2DConditionModel
 
         extra = {"time_cond_proj_dim": LCM_COND[scale]} if name == "lcm_unet" else {}
         return UNet2DConditionModel(**UNET[scale], **extra).eval()
+    if name == "sd35m_transformer":
+        from diffusers import SD3Transformer2DModel
+
+        return SD3Transformer2DModel(**SD35M[scale]).eval()
+    if name == "flux_transformer":
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel(**FLUX[scale]).eval()
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(**VAE[scale]).eval()
+    return AutoencoderKL(**(SDXL_VAE if name == "sdxl_vae" else VAE)[scale]).eval()
 
 
 def model_config(name: str, module: Any) -> dict[str, Any]:
-    cfg = module.config.to_dict() if name == "te" else dict(module.config)
+    cfg = module.config.to_dict() if name in ("te", "sdxl_te2", "t5xxl") else dict(module.config)
     return json.loads(json.dumps(cfg, default=list))  # tuples -> lists, FrozenDict -> dict
 
 
-def io_spec(name: str, config: dict[str, Any], scale: str) -> Any:
+def io_spec(name: str, config: dict[str, Any], scale: str, side: int | None = None) -> Any:
     """The component table's IO spec, at the profile the benchmark runs (SD 1.5: 64x64 latents)."""
     from engines.iospec import DimRange
     from optimizer.t2i.components import Profile, build_specs
 
-    lat = LATENT[scale]
-    prof = Profile(latent_height=DimRange(lat, lat, lat), latent_width=DimRange(lat, lat, lat))
-    guidance = {"unet": "cfg", "lcm_unet": "embedded"}.get(name, "none")
-    return build_specs({KIND[name]: config}, prof, guidance)[KIND[name]]
+    lat = side or latent(name, scale)
+    t5 = (FLUX_T5_TOKENS if name == "flux_transformer" else T5_TOKENS)[scale]
+    prof = Profile(latent_height=DimRange(lat, lat, lat), latent_width=DimRange(lat, lat, lat), t5_tokens=t5)
+    guidance = {"unet": "cfg", "lcm_unet": "embedded", "sd35m_transformer": "cfg"}.get(name, "none")
+    conditioning = CONDITIONING.get(name, "sd")
+    return build_specs({KIND[name]: config}, prof, guidance, conditioning)[KIND[name]]
 
 
-def inputs(name: str, config: dict[str, Any], scale: str, seed: int) -> dict[str, np.ndarray]:
+def latent(name: str, scale: str) -> int:
+    return LATENT_OF.get(name, LATENT)[scale]
+
+
+def inputs(
+    name: str, config: dict[str, Any], scale: str, seed: int, side: int | None = None
+) -> dict[str, np.ndarray]:
     """What the pipeline feeds each component: token ids of a prompt and of the empty prompt (CFG),
     the CFG pair of one latent at t=501, the LCM's first step (t=999, w=8.5 embedded), and the
     decoder's latents / scaling_factor."""
     rng = np.random.default_rng(seed)
-    lat = LATENT[scale]
-    if name == "te":
+    lat = side or latent(name, scale)
+    if name == "t5xxl":  # a prompt + </s>, then <pad> (0), and the empty prompt's </s>
+        n = T5_TOKENS[scale]
+        k = min(20, n - 1)
+        ids = np.zeros((2, n), dtype=np.int64)
+        ids[0, :k] = rng.integers(2, int(config["vocab_size"]), size=k)
+        ids[0, k] = ids[1, 0] = 1
+        return {"input_ids": ids}
+    if name == "sd35m_transformer":  # the CFG pair of one latent at sigma 0.5 (timestep sigma x 1000)
+        x = rng.standard_normal((1, int(config["in_channels"]), lat, lat)).astype(np.float32)
+        seq = 77 + T5_TOKENS[scale]
+        return {
+            "sample": np.concatenate([x, x]),
+            "timestep": np.full((2,), 500.0, np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, seq, int(config["joint_attention_dim"]))).astype(
+                np.float32
+            ),
+            "pooled_projections": rng.standard_normal((2, int(config["pooled_projection_dim"]))).astype(
+                np.float32
+            ),
+        }
+    if name == "flux_transformer":  # FLUX.1-dev's first step: one pass, guidance 3.5 embedded
+        c = int(config["in_channels"]) // 4
+        return {
+            "sample": rng.standard_normal((1, c, lat, lat)).astype(np.float32),
+            "timestep": np.full((1,), 1000.0, np.float32),
+            "encoder_hidden_states": rng.standard_normal(
+                (1, FLUX_T5_TOKENS[scale], int(config["joint_attention_dim"]))
+            ).astype(np.float32),
+            "pooled_projections": rng.standard_normal((1, int(config["pooled_projection_dim"]))).astype(
+                np.float32
+            ),
+            "guidance": np.full((1,), 3.5, np.float32),
+        }
+    if name in ("te", "sdxl_te2"):
         v, n = int(config["vocab_size"]), int(config["max_position_embeddings"])
         ids = np.full((2, n), v - 1, dtype=np.int64)  # padded with <|endoftext|>, as SD's tokenizer
         ids[:, 0] = v - 2
@@ -262,7 +476,7 @@ def inputs(name: str, config: dict[str, Any], scale: str, seed: int) -> dict[str
             ),
         }
     z = rng.standard_normal((1, int(config["latent_channels"]), lat, lat)).astype(np.float32)
-    return {"latent_sample": z / np.float32(VAE_SCALING)}
+    return {"latent_sample": z / np.float32(config.get("scaling_factor", VAE_SCALING))}
 
 
 # -- fp16 ----------------------------------------------------------------------------------------
@@ -366,7 +580,11 @@ def run_component(name: str, cfg: BenchConfig, work: Path) -> dict[str, Any]:
     from optimizer.t2i.export import export_component
 
     torch.set_num_threads(cfg.threads)
-    res: dict[str, Any] = {"label": label(name, cfg.scale), "kind": KIND[name], "status": "running"}
+    res: dict[str, Any] = {
+        "label": label(name, cfg.scale, cfg.latent),
+        "kind": KIND[name],
+        "status": "running",
+    }
     phases: dict[str, float] = {}
     rss: dict[str, float] = {}
 
@@ -378,8 +596,11 @@ def run_component(name: str, cfg: BenchConfig, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     module = build(name, cfg.scale)
     config = model_config(name, module)
-    spec = io_spec(name, config, cfg.scale)
+    spec = io_spec(name, config, cfg.scale, cfg.latent)
     res["params"] = int(sum(p.numel() for p in module.parameters()))
+    if name in FULL_PARAMS and cfg.scale == "full":
+        n = FULL_PARAMS[name]
+        res["full_model"] = {"params": n, "fp32_gb": round(n * 4 / 1e9, 1), "built_here": False}
     # what the exported graph holds (the VAE's encoder and the TE's pooler head are not in it)
     mark("build", t0)
     t0 = time.perf_counter()
@@ -389,13 +610,14 @@ def run_component(name: str, cfg: BenchConfig, work: Path) -> dict[str, Any]:
     mark("export", t0)
     res["onnx_fp32"] = {"bytes": _bytes(fp32), "external_data": external_data(fp32) is not None}
 
-    feeds = inputs(name, config, cfg.scale, SEED)
+    feeds = inputs(name, config, cfg.scale, SEED, cfg.latent)
     res["inputs"] = {k: list(v.shape) for k, v in feeds.items()}
     t0 = time.perf_counter()
     wrapped = wrap(KIND[name], module, spec)
     tfeeds = {k: torch.from_numpy(v) for k, v in feeds.items()}
     with torch.no_grad():
-        ref = wrapped(**tfeeds).numpy()
+        out = wrapped(**tfeeds)
+        refs = [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
         timing = {"torch_fp32": _timed(lambda w=wrapped, f=tfeeds: w(**f), cfg)}
     mark("torch", t0)
     del wrapped, module, tfeeds
@@ -404,15 +626,18 @@ def run_component(name: str, cfg: BenchConfig, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     fp16 = work / f"{name}.fp16.onnx"
     method = cfg.fp16
+    big = cfg.scale == "full" and name in ACTIVATION_HEAVY
     if method == "auto":
-        method = "file" if external_data(fp32) else "project"
+        method = "file" if external_data(fp32) or big else "project"
     if method == "project":
-        calib = [inputs(name, config, cfg.scale, SEED + 1 + i) for i in range(cfg.calib_feeds)]
+        calib = [inputs(name, config, cfg.scale, SEED + 1 + i, cfg.latent) for i in range(cfg.calib_feeds)]
         res["fp16"] = fp16_project(name, fp32, fp16, calib)
     else:
         why = (
             "asked (--fp16 file)"
             if cfg.fp16 == "file"
+            else ACTIVATION_HEAVY[name]
+            if big and not external_data(fp32)
             else "fp32 graph > 2 GB: quantize_fp16 serializes one in-memory ModelProto (shape "
             "inference, intermediate runs), which protobuf refuses past 2 GB, and its range check "
             "holds every intermediate of a call in memory"
@@ -423,17 +648,18 @@ def run_component(name: str, cfg: BenchConfig, work: Path) -> dict[str, Any]:
     res["onnx_fp16"] = {"bytes": _bytes(fp16), "external_data": external_data(fp16) is not None}
 
     parity: dict[str, Any] = {}
-    out_name = spec.output_names[0]
+    names = spec.output_names  # SDXL's encoder 2: penultimate states and the pooled projection
     for prec, path in (("fp32", fp32), ("fp16", fp16)):
         t0 = time.perf_counter()
         sess = _ort_session(path, cfg.threads)
-        got = sess.run([out_name], feeds)[0]
-        parity[f"ort_{prec}"] = {
-            "rel_l2": rel_l2(got.astype(np.float32), ref),
-            "max_abs": max_abs(got.astype(np.float32), ref),
-            "finite": bool(np.isfinite(got).all()),
+        got = [g.astype(np.float32) for g in sess.run(names, feeds)]
+        parity[f"ort_{prec}"] = {  # the worst output's figures
+            "rel_l2": max(rel_l2(g, r) for g, r in zip(got, refs, strict=True)),
+            "max_abs": max(max_abs(g, r) for g, r in zip(got, refs, strict=True)),
+            "finite": all(bool(np.isfinite(g).all()) for g in got),
+            "outputs": list(names),
         }
-        timing[f"ort_{prec}"] = _timed(lambda s=sess: s.run([out_name], feeds), cfg)
+        timing[f"ort_{prec}"] = _timed(lambda s=sess: s.run(names, feeds), cfg)
         del sess, got
         gc.collect()
         mark(f"ort_{prec}", t0)
@@ -472,6 +698,7 @@ def run_isolated(name: str, cfg: BenchConfig, work: Path) -> dict[str, Any]:
         "--no-isolate",
         "--work-dir",
         str(work / name),
+        *(["--latent", str(cfg.latent)] if cfg.latent else []),
         "--json",
         str(out),
     ]
@@ -483,7 +710,7 @@ def run_isolated(name: str, cfg: BenchConfig, work: Path) -> dict[str, Any]:
         os.killpg(child.pid, signal.SIGKILL)  # the child's own process group
         child.wait()
         return {
-            "label": label(name, cfg.scale),
+            "label": label(name, cfg.scale, cfg.latent),
             "status": "failed",
             "reason": f"not done within the {cfg.timeout_s:.0f} s budget (killed)",
         }
@@ -491,7 +718,7 @@ def run_isolated(name: str, cfg: BenchConfig, work: Path) -> dict[str, Any]:
         return json.loads(out.read_text())["components"][name]
     why = "killed by SIGKILL (out of memory?)" if rc == -signal.SIGKILL else f"exit code {rc}"
     return {
-        "label": label(name, cfg.scale),
+        "label": label(name, cfg.scale, cfg.latent),
         "status": "failed",
         "reason": f"{why} after {time.perf_counter() - t0:.0f} s",
     }
@@ -500,7 +727,7 @@ def run_isolated(name: str, cfg: BenchConfig, work: Path) -> dict[str, Any]:
 def run(cfg: BenchConfig) -> dict[str, Any]:
     """Every asked component; failures are recorded per component with their reason."""
     report: dict[str, Any] = {
-        "what": "SD 1.5 component configs, random weights: export, call parity vs torch, CPU timing",
+        "what": "real-size component configs, random weights: export, call parity vs torch, CPU timing",
         "scale": cfg.scale,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "machine": machine(cfg.threads),
@@ -508,7 +735,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "components": {},
     }
     keep = cfg.work_dir is not None
-    work = Path(cfg.work_dir) if keep else Path(tempfile.mkdtemp(prefix="sd15."))
+    work = Path(cfg.work_dir) if keep else Path(tempfile.mkdtemp(prefix="real_components."))
     work.mkdir(parents=True, exist_ok=True)
     try:
         for name in cfg.components:
@@ -569,7 +796,9 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 
 def parse(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--components", default=",".join(NAMES), help=f"comma list of {','.join(NAMES)}")
+    ap.add_argument(
+        "--components", default=",".join(SD15), help=f"comma list of {','.join(NAMES)} (default: SD 1.5's)"
+    )
     ap.add_argument("--scale", default="full", help="full (SD 1.5 configs) or tiny (a quick check)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
@@ -580,8 +809,9 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
                     help="one child process per component (default: on at full scale)")  # fmt: skip
     ap.add_argument("--timeout-s", type=float, default=900.0, help="per component, with --isolate")
     ap.add_argument("--work-dir", type=Path, default=None, help="keep the graphs here")
+    ap.add_argument("--latent", type=int, default=None, help="latent side for the denoiser / VAE rows")
     ap.add_argument(
-        "--json", type=Path, default=None, help="default: benchmarks/results/sd15_components[_tiny].json"
+        "--json", type=Path, default=None, help="default: benchmarks/results/real_components[_tiny].json"
     )
     a = ap.parse_args(argv)
     cfg = BenchConfig(
@@ -595,8 +825,9 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
         isolate=a.scale == "full" if a.isolate is None else a.isolate,
         timeout_s=a.timeout_s,
         work_dir=a.work_dir,
+        latent=a.latent,
     )
-    default = RESULTS / ("sd15_components.json" if a.scale == "full" else "sd15_components_tiny.json")
+    default = RESULTS / ("real_components.json" if a.scale == "full" else "real_components_tiny.json")
     return cfg, a.json or default
 
 
@@ -605,13 +836,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # INFO for ours only: the exporter's passes log a line per rewrite and folded initializer
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    for name in ("sd15_components", "optimizer"):
+    for name in ("real_components", "optimizer"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
         cfg, json_path = parse(argv)
         report = run(cfg)
     except InputError as e:
-        code, line = describe("sd15_components", e)
+        code, line = describe("real_components", e)
         sys.stderr.write(line + "\n")
         return code
     report["command"] = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])

@@ -1,4 +1,4 @@
-"""benchmarks/sd15_components.py at --scale tiny: the SD 1.5 component benchmark's own functions, with
+"""benchmarks/real_components.py at --scale tiny: the real-size component benchmark's own functions, with
 real exports, fp16 conversions and ORT sessions, judged by call parity against torch."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    path = ROOT / "benchmarks" / "sd15_components.py"
-    spec = importlib.util.spec_from_file_location("sd15_components", path)
+    path = ROOT / "benchmarks" / "real_components.py"
+    spec = importlib.util.spec_from_file_location("real_components", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     try:
@@ -104,4 +104,56 @@ def test_bad_options_exit_2(bench, capsys):
     with pytest.raises(InputError, match="--components: clip not in"):
         bench.BenchConfig(components=("clip",))
     assert bench.main(["--scale", "huge"]) == 2
-    assert capsys.readouterr().err.strip() == "sd15_components: error: --scale: 'huge' not in full,tiny"
+    assert capsys.readouterr().err.strip() == "real_components: error: --scale: 'huge' not in full,tiny"
+
+
+@pytest.mark.parametrize(
+    "name,outputs",
+    [
+        ("sdxl_te2", ["penultimate_hidden_state", "text_embeds"]),
+        ("t5xxl", ["last_hidden_state"]),
+        ("sd35m_transformer", ["out_sample"]),
+        ("flux_transformer", ["out_sample"]),
+    ],
+)
+def test_tiny_family_rows(bench, tmp_path, name, outputs):
+    """The SDXL, SD3.5 and Flux rows at tiny scale: each exported with its family's IO (SDXL's
+    encoder 2 with both outputs, each judged), converted to fp16, and matching torch."""
+    cfg = bench.BenchConfig(components=(name,), scale="tiny", repeats=1, warmup=0, threads=1)
+    r = bench.run_component(name, cfg, tmp_path)
+    _check(r, 5e-3)
+    assert r["parity_vs_torch"]["ort_fp32"]["outputs"] == outputs
+    if name == "flux_transformer":  # FLUX.1-dev: one pass with the guidance input
+        assert r["inputs"]["guidance"] == [1] and r["inputs"]["sample"][0] == 1
+    if name == "sd35m_transformer":  # the CFG pair, the joint sequence of 77 CLIP + T5 tokens
+        assert r["inputs"]["encoder_hidden_states"][:2] == [2, 77 + bench.T5_TOKENS["tiny"]]
+
+
+def test_weights_torch_moved_out_end_beside_the_final_name(bench, tmp_path, monkeypatch):
+    """torch's ONNXProgram.save may write the weights as external data below our 2 GB line (a
+    2.07 GB T5 did): the export still moves them to `<name>.data` and points the graph there, so
+    the pair loads from another folder and no temp-named file is left behind."""
+    import shutil
+
+    import onnxruntime as ort
+    from torch.onnx import ONNXProgram
+
+    save = ONNXProgram.save
+    monkeypatch.setattr(
+        ONNXProgram, "save", lambda self, dest, **kw: save(self, dest, **{**kw, "external_data": True})
+    )
+    module = bench.build("te", "tiny")
+    config = bench.model_config("te", module)
+    spec = bench.io_spec("te", config, "tiny")
+    from optimizer.t2i.export import export_component
+
+    path = tmp_path / "te.fp32.onnx"
+    export_component("text_encoder", module, spec, config, path, vocab_size=int(config["vocab_size"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["te.fp32.onnx", "te.fp32.onnx.data"]
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for p in (path, path.with_name(path.name + ".data")):
+        shutil.copy(p, moved / p.name)
+    feeds = bench.inputs("te", config, "tiny", 0)
+    sess = ort.InferenceSession(str(moved / path.name), providers=["CPUExecutionProvider"])
+    assert sess.run(None, feeds)[0].shape[:2] == (2, 77)
