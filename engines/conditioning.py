@@ -73,14 +73,15 @@ def _sd3_embeddings(
     text: Any, encode: Encode, prompts: list[str], what: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """StableDiffusion3Pipeline.encode_prompt (clip_skip None, prompt_2 = prompt_3 = prompt): both
-    CLIP encoders' penultimate states concatenated on channels, zero-padded to T5's width, then T5's
+    CLIP encoders' penultimate states concatenated on channels, zero-padded (or cut) to T5's width, then T5's
     states after them on the sequence axis; pooled = both CLIP projections concatenated."""
     (enc2, tok2), (enc3, tok3) = text.more
     o1 = encode(text.encoder, text.tokenizer, prompts, what)
     o2 = encode(enc2, tok2, prompts, what)
     t5 = encode(enc3, tok3, prompts, what)["last_hidden_state"]
     clip = np.concatenate([o1["penultimate_hidden_state"], o2["penultimate_hidden_state"]], axis=-1)
-    clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
+    w = t5.shape[-1]  # torch's pad by a negative width crops: diffusers' rule for CLIP wider than T5
+    clip = clip[..., :w] if clip.shape[-1] >= w else np.pad(clip, ((0, 0), (0, 0), (0, w - clip.shape[-1])))
     states = np.concatenate([clip, t5], axis=1)
     pooled = np.concatenate([o1["text_embeds"], o2["text_embeds"]], axis=-1)
     return states.astype(np.float32), pooled.astype(np.float32)

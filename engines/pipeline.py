@@ -82,6 +82,8 @@ class Parts:
     noise: str = "numpy"
     patch_size: int = 1  # a DiT's latent patch: sizes are multiples of it; its token count sets mu
     flow_sigmas: str | None = None  # "flux": the pipeline's own sigmas, linspace(1, 1/n, n)
+    # Flux: latents= may also come packed, [B, (h/2)(w/2), 4C], as FluxPipeline takes them
+    packed_latents: bool = False
 
 
 def seed_generator(kind: str, seed: int) -> Any:
@@ -143,10 +145,11 @@ def preprocess(images: Any, b: int, channels: int) -> np.ndarray:
     return (np.float32(2.0) * x - np.float32(1.0)).astype(np.float32)
 
 
-def check_strength(strength: Any, steps: int | None) -> int:
+def check_strength(strength: Any, steps: int | None, truncate_init: bool = True) -> int:
     """The first kept step index, as diffusers' img2img get_timesteps (every runtime scheduler has
     order 1): init = min(int(steps * strength), steps), t_start = steps - init (steps None: the range
-    check only)."""
+    check only). `truncate_init` False: the SD3 / Flux img2img pipelines' rule, init = min(steps *
+    strength, steps) unrounded and t_start = int(steps - init) (5 steps at 0.5: 3 kept, not 2)."""
     if isinstance(strength, bool) or not isinstance(strength, int | float | np.integer | np.floating):
         raise InputError(f"strength={strength!r}: expected a number in (0, 1]")
     s = float(strength)
@@ -154,6 +157,8 @@ def check_strength(strength: Any, steps: int | None) -> int:
         raise InputError(f"strength={s}: must be in (0, 1]")
     if steps is None:
         return 0
+    if not truncate_init:  # never empty: steps - steps * s < steps for any s > 0
+        return int(max(steps - min(steps * s, steps), 0))
     init = min(int(steps * s), steps)
     if init == 0:
         raise InputError(
@@ -177,6 +182,13 @@ def _int_or(v: Any, default: Any, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int | np.integer):
         raise InputError(f"{what}={v!r}: expected an integer")
     return int(v)
+
+
+def unpack_latents(tokens: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """FluxPipeline._unpack_latents: [B, (h/2)(w/2), 4C] 2x2 tokens -> [B, C, h, w] (`shape`)."""
+    b, c, h, w = shape
+    x = tokens.reshape(b, h // 2, w // 2, c, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return np.ascontiguousarray(x.reshape(b, c, h, w))
 
 
 @dataclass(frozen=True)
@@ -406,7 +418,7 @@ class CompiledPipeline:
             check_strength(s, None)
             copy.deepcopy(self.scheduler).set_timesteps(n, strength=float(s))
             return pixels, -1
-        return pixels, check_strength(s, n)
+        return pixels, check_strength(s, n, getattr(self.scheduler, "truncate_strength", True))
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         v = self.parts.vae
@@ -465,6 +477,9 @@ class CompiledPipeline:
         steps = self._steps(num_inference_steps)
         if p.text is not None and self.long_prompts == "refuse":
             self._check_tokens(prompts, neg)  # refuse before any component runs
+        packed = (b, (shape[2] // 2) * (shape[3] // 2), shape[1] * 4)
+        if p.packed_latents and isinstance(latents, np.ndarray) and latents.shape == packed:
+            latents = unpack_latents(latents, shape)
         if latents is not None:
             if not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != shape:
                 got = (
@@ -472,7 +487,8 @@ class CompiledPipeline:
                     if isinstance(latents, np.ndarray)
                     else type(latents).__name__
                 )
-                raise InputError(f"latents: got {got}, expected float32 {shape}")
+                also = f" or packed {packed}" if p.packed_latents else ""
+                raise InputError(f"latents: got {got}, expected float32 {shape}{also}")
             if not np.isfinite(latents).all():
                 raise InputError("latents: contain NaN or Inf")
         if (

@@ -849,6 +849,7 @@ class FlowMatchEulerScheduler:
 
     init_noise_sigma = 1.0
     cls = "FlowMatchEulerDiscreteScheduler"
+    truncate_strength = False  # the SD3 / Flux img2img pipelines' get_timesteps (check_strength)
 
     def __init__(self, config: dict[str, Any], *, where: str = "scheduler config"):
         o = self.o = _Options(self.cls, FLOW_OPTIONS, config, where)
@@ -907,6 +908,15 @@ class FlowMatchEulerScheduler:
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return sample
+
+    def set_begin_index(self, step_index: int) -> None:
+        """Nothing to do: each step reads only its own sigmas."""
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        """diffusers' scale_noise at the step_index-th sigma (image-to-image's start):
+        sigma * noise + (1 - sigma) * original."""
+        sigma = self.sigmas[step_index]
+        return (sigma * noise + (np.float32(1) - sigma) * original).astype(np.float32)
 
     def step(
         self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None

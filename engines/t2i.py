@@ -223,5 +223,6 @@ class TextToImagePipeline(CompiledPipeline):
                 noise="torch",  # seeds reproduce diffusers' torch.Generator draws
                 patch_size=cfg.patch_size,
                 flow_sigmas=cfg.flow_sigmas,
+                packed_latents=cfg.family == "flux",
             )
         )

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from engines.errors import InputError
 from tests.t2i_tiny import make_tiny_flux
 
 PROMPTS = ["a red seven", "Green  SEVEN, green!"]
@@ -97,10 +98,16 @@ def test_runtime_reproduces_diffusers_flux(exported):
         output_type="np",
     ).images
     want = (want * 255).round().astype(np.uint8)
+    packed = pack(torch.from_numpy(lat)).numpy()
     with TextToImagePipeline(out) as pipe:
         got = pipe(PROMPTS, latents=lat, num_inference_steps=5, guidance_scale=g)
+        # the packed tensor FluxPipeline takes is taken as is: the same images
+        same = pipe(PROMPTS, latents=packed, num_inference_steps=5, guidance_scale=g, height=16, width=16)
+        with pytest.raises(InputError, match=r"expected float32 \(2, 4, 8, 8\) or packed \(2, 16, 16\)"):
+            pipe(PROMPTS, latents=packed[:, :3], num_inference_steps=5, guidance_scale=g)
     assert got.shape == (2, 16, 16, 3)
     assert psnr(got, want) >= 40.0, psnr(got, want)
+    assert np.array_equal(same, got)
 
 
 def test_flux_seeds_reproduce_diffusers_generators(exported):
@@ -123,6 +130,25 @@ def test_flux_seeds_reproduce_diffusers_generators(exported):
     with TextToImagePipeline(out) as pipe:
         got = pipe(PROMPTS, seeds=[3, 4], num_inference_steps=4, guidance_scale=g, height=16, width=16)
     assert psnr(got, (want * 255).round().astype(np.uint8)) >= 40.0
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_flux_img2img_reproduces_diffusers(exported, strength):
+    """image= on a Flux output: FluxImg2ImgPipeline's images (mu from the image's tokens, the
+    pipeline's sigmas cut by its strength rule, scale_noise on the unpacked latents)."""
+    from engines.t2i import TextToImagePipeline
+    from optimizer.t2i.reference import img2img_images, img2img_pipeline
+    from tests.test_img2img import test_images
+
+    src, out, variant = exported
+    g = 3.5 if variant == "dev" else 0.0
+    image = test_images(2, 16, 16, seed=4)
+    want = img2img_images(img2img_pipeline(_reference(src)), PROMPTS, image, strength, 5, g, seeds=[1, 2])
+    with TextToImagePipeline(out) as pipe:
+        got = pipe(
+            PROMPTS, image=image, seeds=[1, 2], strength=strength, num_inference_steps=5, guidance_scale=g
+        )
+    assert psnr(got, want) >= 40.0, psnr(got, want)
 
 
 def test_flux_triton_repository_serves_the_runtimes_images(exported, tmp_path, monkeypatch):

@@ -143,6 +143,25 @@ def test_t5_length_is_a_build_knob(exported, tmp_path):
     assert psnr(got, (want * 255).round().astype(np.uint8)) >= 40.0
 
 
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_sd3_img2img_reproduces_diffusers(exported, strength):
+    """image= on an SD3 output: StableDiffusion3Img2ImgPipeline's images (the VAE posterior's
+    sample, shift and scaling, FlowMatch's scale_noise at the first kept sigma, its unrounded
+    strength rule: 5 steps at 0.5 keep 3)."""
+    from engines.t2i import TextToImagePipeline
+    from optimizer.t2i.reference import img2img_images, img2img_pipeline
+    from tests.test_img2img import test_images
+
+    src, out = exported
+    image = test_images(2, 16, 16, seed=4)
+    i2i = img2img_pipeline(_reference(src))
+    want = img2img_images(i2i, PROMPTS, image, strength, 5, 5.0, seeds=[1, 2])
+    with TextToImagePipeline(out) as pipe:
+        assert "vae_encoder" in pipe.runners
+        got = pipe(PROMPTS, image=image, seeds=[1, 2], strength=strength, num_inference_steps=5)
+    assert psnr(got, want) >= 40.0, psnr(got, want)
+
+
 def test_sd3_triton_repository_serves_the_runtimes_images(exported, tmp_path, monkeypatch):
     """dd-triton on SD3: two CLIP encoders, T5 and the transformer as models; dd_t2i's images (with
     and without a negative prompt) are the runtime's."""
@@ -209,3 +228,37 @@ def test_dd_compile_sd3_end_to_end(tmp_path):
         assert pipe.config.family == "sd3" and pipe.specs["text_encoder_3"].dims["t5_tokens"].opt == 32
         img = pipe("a red seven", seeds=[5])
     assert img.shape == (1, 16, 16, 3) and img.dtype == np.uint8
+
+
+@pytest.mark.parametrize("clip_width,t5_width", [(16, 48), (64, 48), (48, 48)])
+def test_clip_states_padded_or_cut_to_t5s_width_as_torch_pads(clip_width, t5_width):
+    """diffusers pads the concatenated CLIP states to T5's width with F.pad, which crops when CLIP
+    is wider (diffusers' own SD3 test config: 2 x 32 CLIP over a 32-wide T5): the runtime's recipe
+    gives the same joint sequence either way."""
+    import torch
+
+    from engines.conditioning import _sd3_embeddings
+    from engines.pipeline import TextParts
+
+    rng = np.random.default_rng(0)
+    half = clip_width // 2
+    outs = {
+        "te1": {
+            "penultimate_hidden_state": rng.standard_normal((2, 5, half)),
+            "text_embeds": np.ones((2, 3)),
+        },
+        "te2": {
+            "penultimate_hidden_state": rng.standard_normal((2, 5, half)),
+            "text_embeds": np.ones((2, 4)),
+        },
+        "te3": {"last_hidden_state": rng.standard_normal((2, 7, t5_width))},
+    }
+    text = TextParts(None, encoder="te1", more=(("te2", None), ("te3", None)))
+    states, pooled = _sd3_embeddings(
+        text, lambda runner, tok, prompts, what: outs[runner], ["a", "b"], "prompt"
+    )
+    clip = torch.cat([torch.from_numpy(outs[k]["penultimate_hidden_state"]) for k in ("te1", "te2")], dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5_width - clip.shape[-1]))
+    want = torch.cat([clip, torch.from_numpy(outs["te3"]["last_hidden_state"])], dim=-2).float().numpy()
+    assert states.shape == (2, 12, t5_width) and np.array_equal(states, want)
+    assert pooled.shape == (2, 7)

@@ -232,8 +232,14 @@ FAMILIES: dict[str, Family] = {
             guidance=("cfg", "none"),
             # T5 overflows fp16 (its feed-forward activations pass 65504): fp32 in every mix
             mixes=_pipeline_mixes(
-                ("text_encoder", "text_encoder_2"), ("vae_decoder",), "transformer", ("text_encoder_3",)
+                ("text_encoder", "text_encoder_2"),
+                ("vae_decoder", "vae_encoder"),
+                "transformer",
+                ("text_encoder_3",),
             ),
+            # image-to-image as StableDiffusion3Img2ImgPipeline (FlowMatch's scale_noise)
+            tasks=_frozen({"img2img": ("vae_encoder",)}),
+            default_tasks=("img2img",),
             pipeline_classes=("StableDiffusion3Pipeline",),
             conditioning="sd3",
             denoiser="transformer",
@@ -248,7 +254,12 @@ FAMILIES: dict[str, Family] = {
             tokenizers=("tokenizer", "tokenizer_2"),
             schedulers=_frozen(FLOW_SCHEDULER_CLASSES),
             guidance=("embedded", "none"),
-            mixes=_pipeline_mixes(("text_encoder",), ("vae_decoder",), "transformer", ("text_encoder_2",)),
+            mixes=_pipeline_mixes(
+                ("text_encoder",), ("vae_decoder", "vae_encoder"), "transformer", ("text_encoder_2",)
+            ),
+            # image-to-image as FluxImg2ImgPipeline (FlowMatch's scale_noise on unpacked latents)
+            tasks=_frozen({"img2img": ("vae_encoder",)}),
+            default_tasks=("img2img",),
             pipeline_classes=("FluxPipeline",),
             conditioning="flux",
             denoiser="transformer",

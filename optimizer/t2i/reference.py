@@ -278,7 +278,14 @@ IMG2IMG_PIPELINES = {  # text-to-image pipeline class -> (img2img class, the mod
         "StableDiffusionXLImg2ImgPipeline",
         "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img",
     ),
+    "StableDiffusion3Pipeline": (
+        "StableDiffusion3Img2ImgPipeline",
+        "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img",
+    ),
+    "FluxPipeline": ("FluxImg2ImgPipeline", "diffusers.pipelines.flux.pipeline_flux_img2img"),
 }
+# img2img pipelines that resize the image to height/width (their default: the native size)
+SIZED_IMG2IMG = ("StableDiffusion3Img2ImgPipeline", "FluxImg2ImgPipeline")
 
 
 def img2img_pipeline(pipe: Any) -> Any:
@@ -289,7 +296,9 @@ def img2img_pipeline(pipe: Any) -> Any:
 
     cls = getattr(diffusers, IMG2IMG_PIPELINES[type(pipe).__name__][0])
     comps = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
-    if "text_encoder_2" in comps:  # SDXL: the base model's ids (no aesthetic score), no watermark
+    if cls.__name__ in SIZED_IMG2IMG:
+        flags = {}
+    elif "text_encoder_2" in comps:  # SDXL: the base model's ids (no aesthetic score), no watermark
         flags = dict(
             requires_aesthetics_score=False,
             force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt,
@@ -320,6 +329,7 @@ def img2img_images(
     noise_module = {cls: module for cls, module in IMG2IMG_PIPELINES.values()}
     mods = (VAE_MODULE, noise_module[type(pipe).__name__])
     extra = NOISE_MODULES.get(type(pipe.scheduler).__name__)
+    size = dict(height=image.shape[1], width=image.shape[2]) if type(pipe).__name__ in SIZED_IMG2IMG else {}
     with scheduler_noise(seeds, (*mods, *([extra] if extra else []))):
         out = pipe(
             prompts,
@@ -328,5 +338,6 @@ def img2img_images(
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             output_type="np",
+            **size,
         ).images
     return (out * 255).round().astype(np.uint8)
