@@ -112,21 +112,19 @@ def test_bad_options_exit_2(bench, capsys):
     [
         ("sdxl_te2", ["penultimate_hidden_state", "text_embeds"]),
         ("t5xxl", ["last_hidden_state"]),
-        ("sd35m_transformer", ["out_sample"]),
         ("flux_transformer", ["out_sample"]),
     ],
 )
 def test_tiny_family_rows(bench, tmp_path, name, outputs):
-    """The SDXL, SD3.5 and Flux rows at tiny scale: each exported with its family's IO (SDXL's
-    encoder 2 with both outputs, each judged), converted to fp16, and matching torch."""
+    """The SDXL, T5 and Flux rows at tiny scale: each exported with its family's IO (SDXL's
+    encoder 2 with both outputs, each judged), converted to fp16, and matching torch (the SD3.5
+    row's transformer export is test_sd3.py's; 14 s more here bought nothing new)."""
     cfg = bench.BenchConfig(components=(name,), scale="tiny", repeats=1, warmup=0, threads=1)
     r = bench.run_component(name, cfg, tmp_path)
     _check(r, 5e-3)
     assert r["parity_vs_torch"]["ort_fp32"]["outputs"] == outputs
     if name == "flux_transformer":  # FLUX.1-dev: one pass with the guidance input
         assert r["inputs"]["guidance"] == [1] and r["inputs"]["sample"][0] == 1
-    if name == "sd35m_transformer":  # the CFG pair, the joint sequence of 77 CLIP + T5 tokens
-        assert r["inputs"]["encoder_hidden_states"][:2] == [2, 77 + bench.T5_TOKENS["tiny"]]
 
 
 def test_weights_torch_moved_out_end_beside_the_final_name(bench, tmp_path, monkeypatch):
