@@ -22,6 +22,7 @@ t2i.json) and engines/runtime.py's SamplerPipeline (a denoiser's manifest).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,13 +32,18 @@ import numpy as np
 from engines.base import Runner
 from engines.conditioning import RECIPES
 from engines.errors import InputError
+from engines.images import preprocess, preprocess_mask, resize_nearest
 from engines.iospec import IOSpec
 from engines.schedule import MAX_SEED, check_sampler_inputs, to_images
 from engines.schedulers import trial_timesteps
 
-# A prompt over the tokenizer's limit: "truncate" (diffusers: cut, keep EOS, log a warning) or
-# "refuse" (one-line InputError naming the token count; what dd-serve does)
-LONG_PROMPT_POLICIES = ("truncate", "refuse")
+# A prompt over the tokenizer's limit: "truncate" (diffusers: cut, keep EOS, log a warning),
+# "refuse" (one-line InputError naming the token count; what dd-serve does) or "chunk" (opt-in,
+# A1111 / compel: chunks of limit - 2 tokens with BOS/EOS each, encoded apart, their states
+# concatenated on the sequence axis; needs a UNet compiled with dd-compile --prompt-chunks N)
+LONG_PROMPT_POLICIES = ("truncate", "refuse", "chunk")
+# "chunk" where CLIP alone carries the text; SD3 and Flux read long prompts through T5
+CHUNK_RECIPES = ("sd", "sdxl")
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ class TextParts:
     recipe: str = "sd"  # engines/conditioning.py: how the encoders' outputs become the UNet's feeds
     more: tuple[tuple[str, Any], ...] = ()  # further (encoder runner, tokenizer): SDXL's second
     zero_negative: bool = False  # SDXL's force_zeros_for_empty_prompt
+    # long_prompts="chunk": the most chunks the UNet's tokens axis takes (dd-compile --prompt-chunks)
+    max_chunks: int = 1
 
 
 @dataclass(frozen=True)
@@ -114,37 +122,6 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (x * 255).round().astype(np.uint8)
 
 
-def preprocess(images: Any, b: int, channels: int) -> np.ndarray:
-    """uint8 HWC, a batch NHWC or a list of HWC -> float32 NCHW in [-1, 1], as diffusers'
-    VaeImageProcessor.preprocess does with a PIL image (/ 255, then 2x - 1); one per prompt."""
-    if isinstance(images, list | tuple):
-        if not images or not all(isinstance(x, np.ndarray) and x.ndim == 3 for x in images):
-            raise InputError("image: a list must hold uint8 HWC numpy arrays")
-        if len({x.shape for x in images}) > 1:
-            raise InputError(
-                f"image: the list's images differ in shape ({sorted({x.shape for x in images})})"
-            )
-        if len({x.dtype for x in images}) > 1 or images[0].dtype != np.uint8:
-            raise InputError(f"image: expected uint8 images, got {sorted({str(x.dtype) for x in images})}")
-        x = np.stack(images)
-    elif isinstance(images, np.ndarray):
-        if images.dtype != np.uint8:
-            raise InputError(f"image: expected uint8 (HWC or NHWC), got {images.dtype}")
-        if images.ndim not in (3, 4):
-            raise InputError(f"image: expected HWC or NHWC, got shape {images.shape}")
-        x = images[None] if images.ndim == 3 else images
-    else:
-        raise InputError(
-            f"image: expected a uint8 numpy array or a list of them, got {type(images).__name__}"
-        )
-    if x.shape[-1] != channels:
-        raise InputError(f"image: {x.shape[-1]} channels, expected {channels} (HWC, RGB)")
-    if x.shape[0] != b:
-        raise InputError(f"image: {x.shape[0]} image(s) for {b} prompt(s) (one image per prompt)")
-    x = x.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-    return (np.float32(2.0) * x - np.float32(1.0)).astype(np.float32)
-
-
 def check_strength(strength: Any, steps: int | None, truncate_init: bool = True) -> int:
     """The first kept step index, as diffusers' img2img get_timesteps (every runtime scheduler has
     order 1): init = min(int(steps * strength), steps), t_start = steps - init (steps None: the range
@@ -192,6 +169,20 @@ def unpack_latents(tokens: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class ImageTask:
+    """A checked image-to-image or inpainting input: what step 4 starts from."""
+
+    pixels: np.ndarray  # float32 NCHW in [-1, 1]
+    mask: np.ndarray | None  # inpainting: float32 [B, 1, H, W], 1 = repaint; None: image-to-image
+    begin: int  # the first kept step index; -1: a scheduler that shortens its schedule itself (LCM)
+    strength: float
+
+    def chunk(self, sl: slice) -> ImageTask:
+        mask = None if self.mask is None else self.mask[sl]
+        return ImageTask(self.pixels[sl], mask, self.begin, self.strength)
+
+
+@dataclass(frozen=True)
 class T2IRequest:
     """One checked call: what `__call__` runs, and what a server merges across requests."""
 
@@ -200,13 +191,57 @@ class T2IRequest:
     seeds: list[int]
     guidance_scale: float
     num_inference_steps: int
+    image: np.ndarray | None = None  # uint8 [B, H, W, 3], one per prompt; None: text-to-image
+    mask_image: np.ndarray | None = None  # uint8 [B, H, W], 255 = repaint (inpainting), else 0
+    strength: float | None = None  # with an image: the strength it runs at (defaults filled in)
+
+    @property
+    def batch_key(self) -> tuple[Any, ...]:
+        """What requests share to run as one call: guidance, steps, and for image requests the
+        size, strength and task (inpainting or not)."""
+        size = None if self.image is None else tuple(self.image.shape[1:3])
+        inpaint = self.mask_image is not None
+        return (self.guidance_scale, self.num_inference_steps, size, self.strength, inpaint)
+
+    @staticmethod
+    def merge(requests: list[T2IRequest]) -> T2IRequest:
+        """One request of several with the same batch_key; its images are theirs, in order (each
+        image's draws come from its own seed: its batch changes it by the components' rounding
+        only, <= 1 uint8 level measured)."""
+        first = requests[0]
+        if any(r.batch_key != first.batch_key for r in requests):
+            raise ValueError("T2IRequest.merge: the requests differ in their batch_key")
+
+        def cat(name: str) -> np.ndarray | None:
+            arrays = [getattr(r, name) for r in requests]
+            return None if arrays[0] is None else np.concatenate(arrays)
+
+        return T2IRequest(
+            [p for r in requests for p in r.prompts],
+            [n for r in requests for n in r.negative_prompts],
+            [s for r in requests for s in r.seeds],
+            first.guidance_scale,
+            first.num_inference_steps,
+            cat("image"),
+            cat("mask_image"),
+            first.strength,
+        )
 
 
 class CompiledPipeline:
     def __init__(self, parts: Parts):
-        if parts.text is not None and parts.text.long_prompts not in LONG_PROMPT_POLICIES:
+        t = parts.text
+        if t is not None and t.long_prompts not in LONG_PROMPT_POLICIES:
+            raise InputError(f"long_prompts={t.long_prompts!r}: choose from {list(LONG_PROMPT_POLICIES)}")
+        if t is not None and t.long_prompts == "chunk" and t.recipe not in CHUNK_RECIPES:
             raise InputError(
-                f"long_prompts={parts.text.long_prompts!r}: choose from {list(LONG_PROMPT_POLICIES)}"
+                f"long_prompts='chunk': not for {t.recipe} pipelines (their T5 encoder reads long "
+                "prompts); use 'truncate' or 'refuse'"
+            )
+        if t is not None and t.long_prompts == "chunk" and t.max_chunks < 2:
+            raise InputError(
+                f"long_prompts='chunk': this pipeline's UNet takes {t.tokenizer.model_max_length} "
+                "tokens only; recompile it with dd-compile --prompt-chunks N (N >= 2)"
             )
         self.parts = parts
         self.runners, self.specs, self.scheduler = parts.runners, parts.specs, parts.scheduler
@@ -321,13 +356,41 @@ class CompiledPipeline:
             raise InputError(f"seeds: {len(seeds)} seeds for {b} prompts")
         return [int(s) for s in seeds]
 
-    def tokenize(self, prompts: list[str], what: str = "prompt", tokenizer: Any = None) -> np.ndarray:
-        """int64 ids [B, tokens]; a prompt over the limit is cut (truncate) or refused (refuse)."""
+    def tokenize(
+        self, prompts: list[str], what: str = "prompt", tokenizer: Any = None, chunks: int | None = None
+    ) -> np.ndarray:
+        """int64 ids [B, tokens]; a prompt over the limit is cut (truncate, and chunk without
+        `chunks`) or refused (refuse); with `chunks` k: [B, k, tokens], each prompt in k chunks."""
         tok = tokenizer or self.parts.text.tokenizer
-        return tok(prompts, truncate=self.long_prompts == "truncate", what=what)
+        if chunks is not None:
+            return tok.chunked(prompts, chunks, what=what)
+        return tok(prompts, truncate=self.long_prompts != "refuse", what=what)
+
+    def prompt_chunks(self, prompts: list[str], neg: list[str | None]) -> int:
+        """long_prompts="chunk": the chunks every prompt and negative of a call is padded to, the
+        most any of them needs over every tokenizer (the UNet takes one sequence length per call,
+        so a short prompt batched with a long one attends to empty chunks too, as in A1111 and
+        compel); more than the UNet was compiled for is a one-line InputError."""
+        t = self.parts.text
+        toks, n, k = (t.tokenizer, *(tk for _, tk in t.more)), t.tokenizer.model_max_length - 2, 1
+        for what, texts in (("prompt", prompts), ("negative_prompt", ["" if x is None else x for x in neg])):
+            if not texts:
+                continue
+            need = np.max([tok.chunks_needed(texts) for tok in toks], axis=0)  # per text, any tokenizer
+            i = int(np.argmax(need))
+            if need[i] > t.max_chunks:
+                raise InputError(
+                    f"{what} {i}: {need[i]} chunks of {n} tokens, over the {t.max_chunks} this pipeline "
+                    f"was compiled for; shorten it or recompile with dd-compile --prompt-chunks {need[i]}"
+                )
+            k = max(k, int(need[i]))
+        return k
 
     def _check_tokens(self, prompts: list[str], neg: list[str | None]) -> None:
         t = self.parts.text
+        if self.long_prompts == "chunk":
+            self.prompt_chunks(prompts, neg)
+            return
         for tok in (t.tokenizer, *(tk for _, tk in t.more)):
             self.tokenize(prompts, tokenizer=tok)
             self.tokenize(["" if n is None else n for n in neg], "negative_prompt", tok)
@@ -339,43 +402,84 @@ class CompiledPipeline:
         seeds: list[int] | None = None,
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
+        *,
+        image: Any = None,
+        mask_image: Any = None,
+        strength: float | None = None,
     ) -> T2IRequest:
-        """Every check of a prompted call at the default size, before any component runs."""
+        """Every check of a prompted call, before any component runs: at the default size, or with
+        `image` (+ `mask_image`, `strength`, as `__call__` takes them) at the image's size."""
         prompts, neg = self._prompts(prompt, negative_prompt)
         seeds = self._seeds(seeds, len(prompts))
         g, _ = self._guidance(guidance_scale)
         steps = self._steps(num_inference_steps)
         self._check_tokens(prompts, neg)
-        return T2IRequest(prompts, neg, seeds, g, steps)
+        if image is None:
+            if strength is not None:
+                raise InputError("strength: only with image= (image-to-image, inpainting)")
+            if mask_image is not None:
+                raise InputError("mask_image: only with image= (the image to inpaint)")
+            return T2IRequest(prompts, neg, seeds, g, steps)
+        task = self._image(image, mask_image, len(prompts), None, None, None, strength, steps)
+        # kept as uint8 a server can concatenate: 2 u / 255 - 1 in float32 rounds back to u for
+        # every uint8 u; the mask as 0 / 255, which __call__ binarises to the same mask
+        pixels = ((task.pixels + np.float32(1.0)) * np.float32(127.5)).round().astype(np.uint8)
+        image = np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
+        mask = None if task.mask is None else (task.mask[:, 0] * 255).astype(np.uint8)
+        return T2IRequest(prompts, neg, seeds, g, steps, image, mask, task.strength)
 
     def run(self, request: T2IRequest) -> np.ndarray:
-        """The images of a checked request at the default size (seeded latents)."""
+        """The images of a checked request: at the default size from seeded latents, or from its
+        image (and mask) at the image's size."""
         return self(
             request.prompts,
             request.negative_prompts,
             request.seeds,
             guidance_scale=request.guidance_scale,
             num_inference_steps=request.num_inference_steps,
+            image=request.image,
+            strength=request.strength,
+            mask_image=request.mask_image,
         )
 
     # -- components --------------------------------------------------------------------------
     def _encode_with(
-        self, runner: str, tokenizer: Any, prompts: list[str], what: str
+        self, runner: str, tokenizer: Any, prompts: list[str], what: str, chunks: int | None = None
     ) -> dict[str, np.ndarray]:
-        ids = self.tokenize(prompts, what, tokenizer)
-        return {k: v.astype(np.float32) for k, v in self.runners[runner].infer({"input_ids": ids}).items()}
+        """The encoder's outputs for the prompts; with `chunks` k (long_prompts="chunk") each chunk
+        is encoded alone, states [B, tokens, hidden] concatenated on the sequence axis to
+        [B, k tokens, hidden], pooled outputs (SDXL's text_embeds) from the first chunk."""
+        enc = self.runners[runner]
+        if chunks is None:
+            ids = self.tokenize(prompts, what, tokenizer)
+            return {k: v.astype(np.float32) for k, v in enc.infer({"input_ids": ids}).items()}
+        ids = self.tokenize(prompts, what, tokenizer, chunks)  # [B, k, tokens]
+        # one call per chunk at batch B: inside the encoder's batch profile whatever k is. Stacking
+        # the chunks as rows of one call was measured (benchmarks/long_prompts_demo.py, demo encoder,
+        # B=1, k=2: 0.33 vs 0.50 ms) at ~1% of an 18 ms generation: not worth the regrouping
+        outs = [enc.infer({"input_ids": np.ascontiguousarray(ids[:, j])}) for j in range(chunks)]
+        return {
+            name: (np.concatenate([o[name] for o in outs], axis=1) if v.ndim == 3 else v).astype(np.float32)
+            for name, v in outs[0].items()
+        }
 
     def encode(self, prompts: list[str]) -> np.ndarray:
         """The first text encoder's states for the prompts (what SD's UNet attends to)."""
         t = self.parts.text
-        return self._encode_with(t.encoder, t.tokenizer, prompts, "prompt")[t.output]
+        k = self.prompt_chunks(prompts, []) if self.long_prompts == "chunk" else None
+        return self._encode_with(t.encoder, t.tokenizer, prompts, "prompt", k)[t.output]
 
     def conditioning(
         self, prompts: list[str], neg: list[str | None], do_cfg: bool, size: tuple[int, int]
     ) -> dict[str, np.ndarray]:
-        """The UNet's text conditioning feeds by the family's recipe (engines/conditioning.py)."""
+        """The UNet's text conditioning feeds by the family's recipe (engines/conditioning.py);
+        under long_prompts="chunk" every encoder call of the batch gets the same chunk count."""
         t = self.parts.text
-        return RECIPES[t.recipe](t, self._encode_with, prompts, neg, do_cfg, size)
+        encode = self._encode_with
+        if self.long_prompts == "chunk":  # the negatives count only where they are encoded
+            k = self.prompt_chunks(prompts, neg if do_cfg else [])
+            encode = functools.partial(self._encode_with, chunks=k)
+        return RECIPES[t.recipe](t, encode, prompts, neg, do_cfg, size)
 
     def encode_image(self, pixels: np.ndarray, rngs: list[np.random.Generator]) -> np.ndarray:
         """diffusers' retrieve_latents(vae.encode(image), generator) * scaling_factor: the posterior
@@ -391,34 +495,49 @@ class CompiledPipeline:
         )
 
     def _image(
-        self, image: Any, b: int, latents: Any, height: Any, width: Any, strength: Any, steps: Any
-    ) -> tuple[np.ndarray, int]:
-        """Image-to-image's checks: (pixels NCHW in [-1, 1], first kept step index: -1 for a
-        scheduler that shortens its schedule itself, LCM)."""
+        self,
+        image: Any,
+        mask_image: Any,
+        b: int,
+        latents: Any,
+        height: Any,
+        width: Any,
+        strength: Any,
+        steps: Any,
+    ) -> ImageTask:
+        """Image-to-image's and inpainting's checks, before any component runs."""
         v = self.parts.vae
+        task = "inpainting" if mask_image is not None else "image-to-image"
         if v is None or v.encoder is None:
             raise InputError(
                 "image: this output has no vae_encoder component (compiled for text-to-image only; "
-                "recompile it with this dd-compile for image-to-image)"
+                f"recompile it with this dd-compile for {task})"
             )
         if latents is not None:
-            raise InputError("image: pass image= or latents=, not both (image-to-image draws its own)")
+            raise InputError(f"image: pass image= or latents=, not both ({task} draws its own)")
         spec = self.specs[v.encoder]
         pixels = preprocess(image, b, int(spec.inputs[0].shape[1]))
         ih, iw = pixels.shape[2], pixels.shape[3]
         for name, given, got in (("height", height, ih), ("width", width, iw)):
             if given is not None and given != got:
-                raise InputError(f"{name}={given}: image-to-image takes the image's size ({got})")
+                raise InputError(f"{name}={given}: {task} takes the image's size ({got})")
         try:
             self._size(ih, iw, None)
         except InputError as e:
             raise InputError(f"image {ih}x{iw}: {e}") from None
-        s, n = 0.8 if strength is None else strength, self._steps(steps)
-        if getattr(self.scheduler, "strength_in_set_timesteps", False):  # LCM: a shorter schedule
-            check_strength(s, None)
-            copy.deepcopy(self.scheduler).set_timesteps(n, strength=float(s))
-            return pixels, -1
-        return pixels, check_strength(s, n, getattr(self.scheduler, "truncate_strength", True))
+        mask = None if mask_image is None else preprocess_mask(mask_image, b, (ih, iw))
+        d = self.parts.defaults
+        if strength is None:  # the family's diffusers default (SD: 0.8 / inpainting 1.0)
+            strength = d.get("inpaint_strength", 1.0) if mask is not None else d.get("strength", 0.8)
+        n = self._steps(steps)
+        # LCM image-to-image shortens its schedule itself; its inpainting is StableDiffusion-
+        # InpaintPipeline's (the schedule truncated like every other scheduler's)
+        if mask is None and getattr(self.scheduler, "strength_in_set_timesteps", False):
+            check_strength(strength, None)
+            copy.deepcopy(self.scheduler).set_timesteps(n, strength=float(strength))
+            return ImageTask(pixels, None, -1, float(strength))
+        begin = check_strength(strength, n, getattr(self.scheduler, "truncate_strength", True))
+        return ImageTask(pixels, mask, begin, float(strength))
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         v = self.parts.vae
@@ -442,16 +561,25 @@ class CompiledPipeline:
         output_type: str = "images",
         image: Any = None,
         strength: float | None = None,
+        mask_image: Any = None,
     ) -> np.ndarray:
         """Images: uint8 [B, H, W, 3] for families with a VAE, floats [B, C, H, W] in [0, 1] for
         pixel students (`output_type="samples"`: their model-space samples).
 
-        `image` (uint8 HWC, NHWC or a list of HWC; one per prompt) makes it image-to-image, as
-        diffusers' StableDiffusionImg2ImgPipeline: the image size is the output size and `strength`
-        (0, 1], default 0.8, keeps the last int(steps * strength) steps. Per seed, the image's
-        generator draws the VAE posterior's eps first (latent = mean + std * eps, times
-        scaling_factor), then the noise added at the first kept timestep, then the scheduler's
-        per-step draws (Euler ancestral, LCM)."""
+        `image` (uint8 HWC, NHWC, a file path or a list of them; one per prompt) makes it
+        image-to-image, as the family's diffusers Img2Img pipeline: the image size is the output
+        size and `strength` in (0, 1] (default: the family's, SD 0.8) keeps the last
+        int(steps * strength) steps. Per seed, the image's generator draws the VAE posterior's eps
+        first (latent = mean + std * eps, times scaling_factor), then the noise added at the first
+        kept timestep, then the scheduler's per-step draws (Euler ancestral, LCM).
+
+        `mask_image` too (uint8 or bool HW / HWC, a batch, a file path or a list; white = repaint)
+        makes it inpainting, as the family's diffusers Inpaint pipeline with a text-to-image
+        denoiser: after every step the kept region is reset to the image's latent noised to the
+        next timestep (the last step: the latent itself). Strength 1 starts from pure noise; the
+        default is the family's (SD 1.0). Draws per seed: the image's eps, the initial noise, the
+        masked image's eps (diffusers encodes it even where its denoiser does not read it), then
+        the scheduler's."""
         p = self.parts
         # 1. Check inputs
         if p.text is not None:
@@ -465,18 +593,20 @@ class CompiledPipeline:
             check_sampler_inputs(seeds, latents, step_noise, cond, self._shape(), self._schedule())
             b = len(seeds) if seeds is not None else int(latents.shape[0])
         g, do_cfg = self._guidance(guidance_scale)
-        pixels, begin = None, 0
+        task = None
         if image is not None:
-            pixels, begin = self._image(image, b, latents, height, width, strength, num_inference_steps)
-            height, width = pixels.shape[2], pixels.shape[3]
+            task = self._image(image, mask_image, b, latents, height, width, strength, num_inference_steps)
+            height, width = task.pixels.shape[2], task.pixels.shape[3]
         elif strength is not None:
-            raise InputError("strength: only with image= (image-to-image)")
+            raise InputError("strength: only with image= (image-to-image, inpainting)")
+        elif mask_image is not None:
+            raise InputError("mask_image: only with image= (the image to inpaint)")
         h, w = self._size(height, width, latents)
         k = p.vae.scale_factor if p.vae else 1
         shape = (b, p.sample_channels, h // k, w // k)
         steps = self._steps(num_inference_steps)
-        if p.text is not None and self.long_prompts == "refuse":
-            self._check_tokens(prompts, neg)  # refuse before any component runs
+        if p.text is not None and self.long_prompts != "truncate":
+            self._check_tokens(prompts, neg)  # refuse (or too many chunks) before any component runs
         packed = (b, (shape[2] // 2) * (shape[3] // 2), shape[1] * 4)
         if p.packed_latents and isinstance(latents, np.ndarray) and latents.shape == packed:
             latents = unpack_latents(latents, shape)
@@ -516,9 +646,7 @@ class CompiledPipeline:
                     g,
                     do_cfg,
                     steps,
-                    None if pixels is None else pixels[sl],
-                    begin,
-                    0.8 if strength is None else float(strength),
+                    None if task is None else task.chunk(sl),
                 )
             )
         out = np.concatenate(chunks)
@@ -538,9 +666,7 @@ class CompiledPipeline:
         g: float,
         do_cfg: bool,
         steps: int,
-        pixels: np.ndarray | None = None,
-        begin: int = 0,
-        strength: float = 1.0,
+        task: ImageTask | None = None,
     ) -> np.ndarray:
         p, sched = self.parts, self.scheduler
         # 2. Encode the conditioning: diffusers' cat([negative, positive]) under CFG, one text-encoder
@@ -557,8 +683,9 @@ class CompiledPipeline:
             w = np.full((b,), g - 1, dtype=np.float32)
             feeds_c["timestep_cond"] = guidance_scale_embedding(w, int(p.time_cond_proj_dim))
         # 3. Prepare timesteps
+        begin = 0 if task is None else task.begin
         if begin < 0:  # LCM image-to-image: strength shortens the schedule, which starts at 0
-            timesteps, begin = sched.set_timesteps(steps, strength=strength), 0
+            timesteps, begin = sched.set_timesteps(steps, strength=task.strength), 0
         elif getattr(sched, "dynamic_shifting", False):
             # FlowMatch with dynamic shifting: mu from the image's token count, at run time
             seq = (sample_shape[1] // p.patch_size) * (sample_shape[2] // p.patch_size)
@@ -569,11 +696,20 @@ class CompiledPipeline:
         # 4. Prepare latents (or noise) and the per-step draws, per seed: init first, then one draw
         # per re-noising step, from each image's own generator
         rngs = [seed_generator(p.noise, s) for s in seeds] if seeds is not None else []
-        if pixels is not None:  # image-to-image: the image's latent noised to the first kept step
+        mask = image_latents = noise0 = None
+        if task is not None:  # image-to-image: the image's latent noised to the first kept step
             sched.set_begin_index(begin)
-            x = self.encode_image(pixels, rngs)
-            noise = np.stack([r.standard_normal(x.shape[1:], dtype=np.float32) for r in rngs])
-            x = sched.add_noise(x, noise, begin)
+            image_latents = self.encode_image(task.pixels, rngs)
+            noise0 = np.stack([r.standard_normal(image_latents.shape[1:], dtype=np.float32) for r in rngs])
+            if task.mask is not None and task.strength == 1.0:  # inpainting at full strength: noise
+                x = (noise0 * np.float32(sched.init_noise_sigma)).astype(np.float32)
+            else:
+                x = sched.add_noise(image_latents, noise0, begin)
+            if task.mask is not None:
+                # the masked image's posterior draw: diffusers makes it whatever its denoiser reads
+                for r in rngs:
+                    r.standard_normal(image_latents.shape[1:], dtype=np.float32)
+                mask = resize_nearest(task.mask, image_latents.shape[2:])
         else:
             if latents is None:
                 latents = np.stack([r.standard_normal(sample_shape, dtype=np.float32) for r in rngs])
@@ -598,6 +734,9 @@ class CompiledPipeline:
                     else np.stack([r.standard_normal(x.shape[1:], dtype=np.float32) for r in rngs])
                 )
             x, denoised = sched.step(out, i, x, noise)
+            if mask is not None:  # inpainting: the kept region follows the image's own trajectory
+                kept = sched.add_noise(image_latents, noise0, i + 1) if i < last else image_latents
+                x = denoised = ((np.float32(1) - mask) * kept + mask * x).astype(np.float32)
         # 6. Decode
         return self.decode(denoised) if p.vae is not None else denoised
 

@@ -3,17 +3,22 @@
 One PyTriton tritonserver: each component the family has, then the pipeline model:
 
     "dd_text_encoder", "dd_unet", "dd_vae_decoder" (SD; SDXL adds "dd_text_encoder_2", SD3 and Flux
-                  run "dd_transformer" and T5)   bound through PyTriton to the runners of
-                  TextToImagePipeline(folder, backend=...) (ONNX Runtime or OpenVINO)
+                  run "dd_transformer" and T5; "dd_vae_encoder" where compiled)   bound through
+                  PyTriton to the runners of TextToImagePipeline(folder, backend=...) (ONNX Runtime
+                  or OpenVINO)
     "dd_t2i"      the Python-backend pipeline model dd-triton writes (engines/triton_t2i_model.py):
                   the runtime's own pipeline code, each component call a BLS request
 
     dd_t2i:  prompt BYTES [B, 1], seed INT64 [B, 1] (+ negative_prompt, guidance_scale,
-             num_inference_steps) -> image UINT8 [B, H, W, 3]
+             num_inference_steps; with a VAE encoder: image UINT8 [B, H, W, 3], mask_image UINT8
+             [B, H, W], strength FP32 [B, 1]) -> image UINT8 [B, H, W, 3]
     same prompt and seed -> the image of TextToImagePipeline(folder, backend=...)(prompt, seeds=...)
+    (with image=, mask_image=, strength= the image-to-image / inpainting image at the image's size)
 
 Prompts over the token limit are refused with HTTP 400 / gRPC INVALID_ARGUMENT (the count and
-the limit), not truncated; an empty prompt is a valid prompt (the unconditional image).
+the limit), not truncated; so is a bad image (not uint8 RGB, a size that is not a multiple of the
+VAE factor or outside the profile), a mask of another size or a strength outside (0, 1], each
+request alone. An empty prompt is a valid prompt (the unconditional image).
 """
 
 from __future__ import annotations

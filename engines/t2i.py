@@ -71,6 +71,8 @@ class T2IConfig:
     patch_size: int = 1
     vae_shift_factor: float = 0.0
     flow_sigmas: str | None = None  # "flux": FluxPipeline's sigmas, linspace(1, 1/n, n)
+    # the prompt chunks the UNet's tokens axis takes (dd-compile --prompt-chunks; older outputs: 1)
+    prompt_chunks: int = 1
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -107,6 +109,12 @@ class T2IConfig:
         sched_path = root / d["scheduler"]["config"]
         if not sched_path.exists():
             raise InputError(f"{sched_path}: scheduler config not found")
+        # the UNet's tokens axis must take that many tokenizer-length chunks (SD3/Flux: no such axis)
+        chunks = d.get("prompt_chunks", 1)
+        tokens = d["components"][d.get("denoiser", "unet")].get("io", {}).get("dims", {}).get("tokens")
+        most = 1 if tokens is None else tokens[-1] // int(d["tokenizer"]["model_max_length"])
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks != most:
+            raise InputError(f"{path}: prompt_chunks {chunks!r}, but the UNet's tokens axis takes {most}")
         return cls(
             root=root,
             pipeline_class=d["pipeline_class"],
@@ -128,6 +136,7 @@ class T2IConfig:
             patch_size=int(d.get("patch_size", 1)),
             vae_shift_factor=float(d["vae"].get("shift_factor", 0.0)),
             flow_sigmas=d.get("flow_sigmas"),
+            prompt_chunks=chunks,
         )
 
 
@@ -179,10 +188,7 @@ class TextToImagePipeline(CompiledPipeline):
         if long_prompts not in LONG_PROMPT_POLICIES:
             raise InputError(f"long_prompts={long_prompts!r}: choose from {list(LONG_PROMPT_POLICIES)}")
         self.config = cfg = T2IConfig.load(folder, config)
-        # a custom runner factory (the Triton model's BLS runners) serves text-to-image only for now
-        names = cfg.required + tuple(
-            n for n in OPTIONAL_COMPONENTS if n in cfg.components and runner_factory is None
-        )
+        names = cfg.required + tuple(n for n in OPTIONAL_COMPONENTS if n in cfg.components)
         specs = {n: IOSpec.from_dict(cfg.components[n]["io"]) for n in names}
         make = runner_factory or component_runner(backend, threads)
         self.backend = backend if runner_factory is None else "custom"
@@ -212,6 +218,7 @@ class TextToImagePipeline(CompiledPipeline):
                     recipe=cfg.family,
                     more=more,
                     zero_negative=cfg.force_zeros_for_empty_prompt,
+                    max_chunks=cfg.prompt_chunks,
                 ),
                 vae=VaeParts(
                     cfg.vae_scaling_factor,

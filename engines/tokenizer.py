@@ -2,7 +2,9 @@
 
 Matches diffusers' encode_prompt: `tokenizer(prompt, padding="max_length", max_length=
 model_max_length, truncation=True)`: [BOS, tokens..., EOS] cut to model_max_length (EOS kept),
-then padded with the pad token. A truncated prompt is logged, as diffusers warns.
+then padded with the pad token. A truncated prompt is logged, as diffusers warns. `chunked` is the
+opt-in long-prompt encoding (A1111 / compel): model_max_length - 2 tokens per chunk, each with its
+own BOS and EOS.
 """
 
 from __future__ import annotations
@@ -55,4 +57,28 @@ class ClipTokenizer:
                 log.warning("prompt %d truncated to %d tokens (CLIP's limit): %r", i, n, prompts[i][:80])
                 toks = [*toks[: n - 1], toks[-1]]
             ids[i, : len(toks)] = toks
+        return ids
+
+    def chunks_needed(self, prompts: list[str]) -> list[int]:
+        """Per prompt, the chunks of model_max_length - 2 tokens its text (without BOS and EOS)
+        fills; at least 1 (an empty prompt is one [BOS, EOS, pad...] chunk)."""
+        n = self.model_max_length - 2
+        return [max(1, -(-(len(e.ids) - 2) // n)) for e in self._tok.encode_batch(prompts)]
+
+    def chunked(self, prompts: list[str], chunks: int, *, what: str = "prompt") -> np.ndarray:
+        """int64 [len(prompts), chunks, model_max_length]: each prompt's tokens without BOS and EOS
+        cut into pieces of model_max_length - 2, each piece [BOS, piece, EOS] padded with the pad
+        token; a prompt that needs fewer chunks gets empty ones ([BOS, EOS, pad...]) after its own,
+        as A1111 and compel pad. A prompt within the limit gives, in its one chunk, `self(prompts)`'s
+        row exactly; one needing more than `chunks` is an InputError."""
+        n = self.model_max_length
+        ids = np.full((len(prompts), chunks, n), self.pad_id, dtype=np.int64)
+        for i, enc in enumerate(self._tok.encode_batch(prompts)):
+            bos, inner, eos = enc.ids[0], enc.ids[1:-1], enc.ids[-1]
+            pieces = [inner[j : j + n - 2] for j in range(0, len(inner), n - 2)] or [[]]
+            if len(pieces) > chunks:
+                raise InputError(f"{what} {i}: {len(pieces)} chunks of {n - 2} tokens, over {chunks}")
+            for j in range(chunks):
+                row = [bos, *(pieces[j] if j < len(pieces) else []), eos]
+                ids[i, j, : len(row)] = row
         return ids

@@ -8,10 +8,14 @@ served image is engines.t2i.TextToImagePipeline's, step for step; only its runne
 component call is a BLS request to dd_text_encoder, dd_unet or dd_vae_decoder.
 
 Per batch item: `prompt` BYTES (UTF-8), `seed` INT64, optional `negative_prompt` BYTES,
-`guidance_scale` FP32, `num_inference_steps` INT32; out: `image` UINT8 [H, W, 3]. Each request is
-checked alone with the runtime's checks (TextToImagePipeline.check); a bad one gets its own
-INVALID_ARG response (HTTP 400 / gRPC INVALID_ARGUMENT, one line). The valid items of a dynamic
-batch that share guidance scale and step count run as one pipeline call.
+`guidance_scale` FP32, `num_inference_steps` INT32; with a VAE encoder (dd_vae_encoder) also
+optional `image` UINT8 [H, W, 3] (image-to-image: the output takes its size), `mask_image` UINT8
+[H, W] (inpainting, >= 128 repaints) and `strength` FP32; out: `image` UINT8 [H, W, 3]. Each
+request is checked alone with the runtime's checks (TextToImagePipeline.check: image dtype, shape
+and size, mask size, strength too); a bad one gets its own INVALID_ARG response (HTTP 400 / gRPC
+INVALID_ARGUMENT, one line). The valid requests of a dynamic batch that share a batch key (guidance
+scale, step count; for image requests size, strength and task: T2IRequest.batch_key) run as one
+pipeline call.
 """
 
 import json
@@ -90,6 +94,11 @@ def _numbers(request, name):
     return None if t is None else t.as_numpy().reshape(-1).tolist()
 
 
+def _array(request, name):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
+
+
 class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads((HERE / "t2i_model.json").read_text())
@@ -111,30 +120,39 @@ class TritonPythonModel:
             raise InputError("missing input 'seed' (INT64 [B, 1], one seed per prompt)")
         g = _numbers(request, "guidance_scale")
         steps = _numbers(request, "num_inference_steps")
+        strength = _numbers(request, "strength")
         b = len(prompts)
         for name, v in (
             ("negative_prompt", neg),
             ("seed", seeds),
             ("guidance_scale", g),
             ("num_inference_steps", steps),
+            ("strength", strength),
         ):
             if v is not None and len(v) != b:
                 raise InputError(f"{name}: {len(v)} values for {b} prompts")
-        if g is not None and len(set(g)) > 1 or steps is not None and len(set(steps)) > 1:
+        if any(v is not None and len(set(v)) > 1 for v in (g, steps, strength)):
             raise InputError(
-                "guidance_scale and num_inference_steps: one value per request (send separate requests)"
+                "guidance_scale, num_inference_steps and strength: one value per request "
+                "(send separate requests)"
             )
+        # image [B, H, W, 3] and mask_image [B, H, W]: dtype, shape, size and the strength are the
+        # runtime's checks (one image and mask per prompt)
         return self.pipe.check(
             prompts,
             neg,
             seeds,
             guidance_scale=None if g is None else float(g[0]),
             num_inference_steps=None if steps is None else int(steps[0]),
+            image=_array(request, "image"),
+            mask_image=_array(request, "mask_image"),
+            # the decimal the client meant: FP32 0.7 is 0.69999999, and int(10 * that) keeps 6 steps
+            strength=None if strength is None else float(str(np.float32(strength[0]))),
         )
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        groups = {}  # (guidance, steps) -> [(request index, T2IRequest)]
+        groups = {}  # T2IRequest.batch_key -> [(request index, T2IRequest)]
         for i, request in enumerate(requests):
             try:
                 r = self._parse(request)
@@ -144,15 +162,9 @@ class TritonPythonModel:
             except Exception as e:  # a bug: still this request alone, one line
                 responses[i] = _error(f"internal error (please report it): {_line(e)}", invalid_arg=False)
                 continue
-            groups.setdefault((r.guidance_scale, r.num_inference_steps), []).append((i, r))
-        for (g, steps), members in groups.items():
-            merged = T2IRequest(
-                [p for _, r in members for p in r.prompts],
-                [p for _, r in members for p in r.negative_prompts],
-                [s for _, r in members for s in r.seeds],
-                g,
-                steps,
-            )
+            groups.setdefault(r.batch_key, []).append((i, r))
+        for members in groups.values():
+            merged = T2IRequest.merge([r for _, r in members])
             try:  # the batcher keeps a batch within max_batch_size, so one call takes it
                 images = self.pipe.run(merged)
             except Exception as e:  # a component refused or failed: the group's requests fail

@@ -371,6 +371,13 @@ def print_table(report) -> None:
     "(default: the family's own, SD3 256, Flux 512).",
 )
 @click.option(
+    "--prompt-chunks",
+    default=None,
+    metavar="N",
+    help="Text-to-image with CLIP only (SD, SDXL): the UNet takes prompts of up to N chunks of the "
+    "tokenizer's length (CLIP's 77), for the runtime's long_prompts='chunk'. [default: 1]",
+)
+@click.option(
     "--clip-model",
     type=click.Path(path_type=Path),
     default=None,
@@ -415,6 +422,7 @@ def main(
     resolutions,
     guidance_scale,
     max_sequence_length,
+    prompt_chunks,
     clip_model,
     export_cache_dir,
     as_json,
@@ -478,6 +486,7 @@ def main(
                 common,
                 guidance_scale=guidance_scale,
                 max_sequence_length=max_sequence_length,
+                prompt_chunks=_prompt_chunks(prompt_chunks),
                 size=parse_size(size) if size else None,
                 resolutions=resolutions,
                 clip_model=clip_model,
@@ -516,6 +525,22 @@ def main(
             f"({report.seconds:.0f} s)"
         )
     _exit(report.passed, report.failures, cfg.out, report.run_id)
+
+
+MAX_PROMPT_CHUNKS = 16  # 1232 CLIP tokens: past any prompt a CLIP UNet was trained to follow
+
+
+def _prompt_chunks(value: str | None) -> int:
+    """--prompt-chunks N as an integer in [1, MAX_PROMPT_CHUNKS]; anything else one line, exit 2."""
+    if value is None:
+        return 1
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_PROMPT_CHUNKS:
+        raise InputError(f"--prompt-chunks {value}: must be an integer from 1 to {MAX_PROMPT_CHUNKS}")
+    return n
 
 
 def _check_options(family, backend: str) -> None:

@@ -36,6 +36,7 @@ OPTION_ARGS = {
     "resolutions": ["--resolutions", "16,32"],
     "guidance_scale": ["--guidance-scale", "2"],
     "max_sequence_length": ["--max-sequence-length", "128"],
+    "prompt_chunks": ["--prompt-chunks", "2"],
     "clip_model": ["--clip-model", "clip/"],
 }
 

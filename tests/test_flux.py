@@ -151,6 +151,26 @@ def test_flux_img2img_reproduces_diffusers(exported, strength):
     assert psnr(got, want) >= 40.0, psnr(got, want)
 
 
+def test_flux_inpaint_reproduces_diffusers(exported):
+    """image= and mask_image= on a Flux output: FluxInpaintPipeline's images (the blend in packed
+    token space is the same elementwise blend unpacked), its default strength 0.6 and 1.0."""
+    from engines.t2i import TextToImagePipeline
+    from optimizer.t2i.reference import img2img_images, img2img_pipeline
+    from tests.test_img2img import test_images
+    from tests.test_inpaint import test_masks
+
+    src, out, variant = exported
+    g = 3.5 if variant == "dev" else 0.0
+    image, mask = test_images(2, 16, 16, seed=4), test_masks(2, 16, 16)
+    ref = img2img_pipeline(_reference(src), "inpaint")
+    with TextToImagePipeline(out) as pipe:
+        for s in (None, 1.0):
+            kw = dict(strength=s, seeds=[1, 2], num_inference_steps=4, guidance_scale=g)
+            got = pipe(PROMPTS, image=image, mask_image=mask, **kw)
+            want = img2img_images(ref, PROMPTS, image, 0.6 if s is None else s, 4, g, [1, 2], mask=mask)
+            assert psnr(got, want) >= 40.0, (s, psnr(got, want))
+
+
 def test_flux_triton_repository_serves_the_runtimes_images(exported, tmp_path, monkeypatch):
     """dd-triton on Flux (dev: the guidance input; schnell: none): CLIP, T5 and the transformer as
     models; dd_t2i's images are the runtime's."""

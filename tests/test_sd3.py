@@ -162,6 +162,25 @@ def test_sd3_img2img_reproduces_diffusers(exported, strength):
     assert psnr(got, want) >= 40.0, psnr(got, want)
 
 
+def test_sd3_inpaint_reproduces_diffusers(exported):
+    """image= and mask_image= on an SD3 output (16-channel transformer):
+    StableDiffusion3InpaintPipeline's images, its default strength 0.6 (the unrounded rule) and
+    1.0 (pure noise); the kept region re-noised with FlowMatch's scale_noise after every step."""
+    from engines.t2i import TextToImagePipeline
+    from optimizer.t2i.reference import img2img_images, img2img_pipeline
+    from tests.test_img2img import test_images
+    from tests.test_inpaint import test_masks
+
+    src, out = exported
+    image, mask = test_images(2, 16, 16, seed=4), test_masks(2, 16, 16)
+    ref = img2img_pipeline(_reference(src), "inpaint")
+    with TextToImagePipeline(out) as pipe:
+        for s in (None, 1.0):
+            got = pipe(PROMPTS, image=image, mask_image=mask, strength=s, seeds=[1, 2], num_inference_steps=5)
+            want = img2img_images(ref, PROMPTS, image, 0.6 if s is None else s, 5, 5.0, [1, 2], mask=mask)
+            assert psnr(got, want) >= 40.0, (s, psnr(got, want))
+
+
 def test_sd3_triton_repository_serves_the_runtimes_images(exported, tmp_path, monkeypatch):
     """dd-triton on SD3: two CLIP encoders, T5 and the transformer as models; dd_t2i's images (with
     and without a negative prompt) are the runtime's."""

@@ -229,3 +229,30 @@ def test_sdxl_img2img_reproduces_diffusers(root, strength):
         assert "vae_encoder" in pipe.runners
         got = pipe(PROMPTS, image=image, seeds=[1, 2], **kw)
     assert psnr(got, want) >= 40.0, psnr(got, want)
+
+
+def test_sdxl_inpaint_reproduces_diffusers(root):
+    """image= and mask_image= on an SDXL output (4-channel UNet): StableDiffusionXLInpaintPipeline's
+    images at its default strength 0.9999 (the first step dropped, the image noised) and at 1.0."""
+    from engines.t2i import TextToImagePipeline
+    from optimizer.t2i.load import load_pipeline
+    from optimizer.t2i.reference import diffusers_pipeline, img2img_images, img2img_pipeline
+    from tests.test_img2img import test_images
+    from tests.test_inpaint import test_masks
+
+    src, out = _exported(root, "base")
+    image, mask = test_images(2, 16, 16, seed=4), test_masks(2, 16, 16)
+    ref = img2img_pipeline(diffusers_pipeline(load_pipeline(src)), "inpaint")
+    with TextToImagePipeline(out) as pipe:
+        for s in (None, 1.0):
+            got = pipe(
+                PROMPTS,
+                image=image,
+                mask_image=mask,
+                strength=s,
+                seeds=[1, 2],
+                num_inference_steps=5,
+                guidance_scale=5.0,
+            )
+            want = img2img_images(ref, PROMPTS, image, 0.9999 if s is None else s, 5, 5.0, [1, 2], mask=mask)
+            assert psnr(got, want) >= 40.0, (s, psnr(got, want))

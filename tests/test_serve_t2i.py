@@ -4,8 +4,10 @@ over HTTP and gRPC, uint8 images out; one server for the module.
 Concurrent prompt requests must give exactly the runtime's images (TextToImagePipeline on the same
 folder and seeds, max |diff| <= 1 uint8 level: the server batches requests the runtime ran alone);
 each bad request (a prompt over the token limit, non-UTF-8 bytes, a wrong dtype, a batch over the
-maximum, a negative seed, a missing seed) gets HTTP 400 / gRPC INVALID_ARGUMENT with a one-line
-reason while the server stays up; the empty prompt is a prompt (the runtime's image for "").
+maximum, a negative seed, a missing seed; an image not uint8, of 2 channels or of a size the VAE
+factor does not divide, a mask of another size, a strength outside (0, 1]) gets HTTP 400 / gRPC
+INVALID_ARGUMENT with a one-line reason while the server stays up; the empty prompt is a prompt
+(the runtime's image for ""); image-to-image and inpainting requests give the runtime's images.
 Needs the serve venv (bash .ci/setup-serve); skips without it.
 """
 
@@ -50,6 +52,18 @@ def prompt_inputs(mod, prompts, seeds, steps=None, prompt_bytes=None):
     return inputs
 
 
+def image_inputs(mod, prompts, seeds, image, mask=None, strength=None, steps=2):
+    """A prompt request with `image` [B, H, W, 3] (+ mask_image [B, H, W], strength), dtypes as given."""
+    types = {np.dtype(np.uint8): "UINT8", np.dtype(np.float32): "FP32"}
+    inputs = prompt_inputs(mod, prompts, seeds, steps)
+    inputs.append(_input(mod, "image", image, types[image.dtype]))
+    if mask is not None:
+        inputs.append(_input(mod, "mask_image", mask, types[mask.dtype]))
+    if strength is not None:
+        inputs.append(_input(mod, "strength", np.full((len(seeds), 1), strength, np.float32), "FP32"))
+    return inputs
+
+
 def infer(mod, url, prompts, seeds, steps=None):
     return (
         mod.InferenceServerClient(url)
@@ -82,8 +96,31 @@ def test_concurrent_prompts_give_the_runtimes_images(t2i_server, t2i_folder):
 
 
 def bad_requests(mod):
+    from tests.test_img2img import test_images
+
     one = np.array([[1]], np.int64)
+    img = test_images(1, 16, 16, seed=0)
     return {
+        "float image": (
+            image_inputs(mod, ["a"], [1], img.astype(np.float32)),
+            "data-type is 'FP32', but model 'dd_t2i' expects 'UINT8'",
+        ),
+        "2-channel image": (
+            image_inputs(mod, ["a"], [1], img[..., :2]),
+            "unexpected shape for input 'image'",
+        ),
+        "17x16 image": (
+            image_inputs(mod, ["a"], [1], test_images(1, 17, 16, seed=0)),
+            r"^image 17x16: height=17: must be a multiple of 2 in \[16, 32\]",
+        ),
+        "mask of another size": (
+            image_inputs(mod, ["a"], [1], img, mask=np.zeros((1, 16, 24), np.uint8)),
+            r"^mask_image: 16x24, the image is 16x16",
+        ),
+        "strength 1.5": (
+            image_inputs(mod, ["a"], [1], img, strength=1.5),
+            r"^strength=1.5: must be in \(0, 1\]$",
+        ),
         "prompt over the token limit": (
             prompt_inputs(mod, ["seven " * 80], [1]),
             r"^prompt 0: 82 tokens \(with BOS and EOS\), over the limit of 77",
@@ -160,6 +197,32 @@ def test_empty_prompt_is_the_unconditional_image(t2i_server, t2i_folder):
         want = pipe(["", "a red seven"], seeds=[7, 7], num_inference_steps=2)
     assert np.abs(got.astype(int) - want).max() <= 1
     assert np.abs(got[0].astype(int) - got[1]).max() > 0  # the prompt matters: not one image for both
+
+
+def test_image_requests_give_the_runtimes_images(t2i_server, t2i_folder):
+    """Image-to-image over HTTP at another size than the default (its output takes the image's),
+    inpainting over gRPC: the runtime's images for the same prompt, image, mask, strength and seed."""
+    from tests.test_img2img import test_images
+    from tests.test_inpaint import test_masks
+
+    img, mask = test_images(1, 24, 32, seed=7), test_masks(1, 16, 16)
+    small = test_images(1, 16, 16, seed=8)
+    i2i = http.InferenceServerClient(t2i_server["http"]).infer(
+        MODEL, image_inputs(http, ["a red seven"], [3], img, strength=0.7, steps=4)
+    )
+    inpaint = grpc.InferenceServerClient(t2i_server["grpc"]).infer(
+        MODEL, image_inputs(grpc, ["green"], [4], small, mask=mask, steps=4)
+    )
+    with TextToImagePipeline(t2i_folder, threads=1) as pipe:
+        want_i2i = pipe(["a red seven"], image=img, strength=0.7, seeds=[3], num_inference_steps=4)
+        want_inpaint = pipe(["green"], image=small, mask_image=mask, seeds=[4], num_inference_steps=4)
+    got_i2i, got_inpaint = i2i.as_numpy("image"), inpaint.as_numpy("image")
+    assert got_i2i.dtype == np.uint8 and got_i2i.shape == want_i2i.shape == (1, 24, 32, 3)
+    diffs = [
+        int(np.abs(g.astype(int) - w).max()) for g, w in ((got_i2i, want_i2i), (got_inpaint, want_inpaint))
+    ]
+    logging.getLogger(__name__).info("served vs runtime (img2img, inpainting): max |diff| %s", diffs)
+    assert max(diffs) <= 1, diffs
 
 
 def test_unvalidated_folder_and_wrong_backend_are_one_line_exit_2(t2i_folder):

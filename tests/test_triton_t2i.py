@@ -5,6 +5,7 @@ request (token limit, seeds, steps, guidance) are the runtime's."""
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from engines.errors import InputError
-from engines.t2i import TextToImagePipeline
+from engines.t2i import T2IRequest, TextToImagePipeline
 from engines.triton import main, write_triton_repo
 from engines.triton_t2i import PIPELINE_MODEL, VENDORED, served_models
 from tests.test_triton import graph_io, parse
@@ -24,7 +25,7 @@ def test_component_configs_match_their_graphs(t2i_folder, tmp_path):
     repo = write_triton_repo(t2i_folder, tmp_path / "repo", allow_unvalidated=True)
     pipe = TextToImagePipeline(t2i_folder)
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == sorted(
-        ["dd_t2i", "dd_text_encoder", "dd_unet", "dd_vae_decoder"]
+        ["dd_t2i", "dd_text_encoder", "dd_unet", "dd_vae_decoder", "dd_vae_encoder"]
     )
     for name, model in served_models(pipe).items():
         cfg = parse(repo / model / "config.pbtxt")
@@ -69,8 +70,12 @@ def test_pipeline_model_ships_the_runtime_code(t2i_folder, tmp_path):
         "negative_prompt": ("TYPE_STRING", [1], True),
         "guidance_scale": ("TYPE_FP32", [1], True),
         "num_inference_steps": ("TYPE_INT32", [1], True),
+        # the output has a VAE encoder: image requests, whose output takes the image's size
+        "image": ("TYPE_UINT8", [-1, -1, 3], True),
+        "mask_image": ("TYPE_UINT8", [-1, -1], True),
+        "strength": ("TYPE_FP32", [1], True),
     }
-    assert [(t.name, mc_type(t), list(t.dims)) for t in cfg.output] == [("image", "TYPE_UINT8", [16, 16, 3])]
+    assert [(t.name, mc_type(t), list(t.dims)) for t in cfg.output] == [("image", "TYPE_UINT8", [-1, -1, 3])]
     version = repo / PIPELINE_MODEL / "1"
     engines_dir = Path(__file__).parents[1] / "engines"
     for name in VENDORED:  # byte-identical copies: the served pipeline is the runtime's
@@ -241,13 +246,20 @@ def pipeline_model(repo: Path, runners: dict, monkeypatch, denoiser_batches: lis
     return model
 
 
-def request(prompts, seeds, steps=None, negative=None):
-    """One dd_t2i request as the Triton client sends it ([B, 1] tensors)."""
+def request(prompts, seeds, steps=None, negative=None, image=None, mask=None, strength=None):
+    """One dd_t2i request as the Triton client sends it ([B, 1] tensors; image [B, H, W, 3] and
+    mask [B, H, W] as given)."""
     r = {"prompt": np.array([[p] for p in prompts], object), "seed": np.array(seeds, np.int64)[:, None]}
     if steps is not None:
         r["num_inference_steps"] = np.full((len(seeds), 1), steps, np.int32)
     if negative is not None:
         r["negative_prompt"] = np.array([[n] for n in negative], object)
+    if image is not None:
+        r["image"] = image
+    if mask is not None:
+        r["mask_image"] = mask
+    if strength is not None:
+        r["strength"] = np.full((len(seeds), 1), strength, np.float32)
     return r
 
 
@@ -288,11 +300,128 @@ def test_pipeline_model_answers_each_request_of_a_merged_batch(t2i_folder, tmp_p
     assert unet_batches == [6, 6, 2, 2, 2]
 
 
+def test_pipeline_model_answers_image_requests_and_refuses_bad_ones_alone(t2i_folder, tmp_path, monkeypatch):
+    """dd_t2i's execute() on one dynamic batch of image-to-image, inpainting and text requests and
+    bad image requests: every image is the runtime's pipe(prompt, image=, mask_image=, strength=,
+    seeds=) (identical uint8; the two 16x16 image-to-image requests ran as one call, compared with
+    the runtime on that batch), and each bad image, mask or strength fails alone with one line."""
+    from tests.test_img2img import test_images
+    from tests.test_inpaint import test_masks
+
+    repo = write_triton_repo(t2i_folder, tmp_path / "repo", allow_unvalidated=True)
+    img, wide, mask = test_images(3, 16, 16, seed=3), test_images(1, 24, 32, seed=4), test_masks(1, 16, 16)
+    req = request
+    requests = [
+        req([b"a red seven", b"green"], [1, 2], 4, image=img[:2], strength=0.6),
+        req([b"red"], [9], 4, image=img[:1].astype(np.float32), strength=0.6),
+        req([b"red seven"], [3], 4, image=wide, strength=0.6),
+        req([b"red"], [9], 4, image=test_images(1, 17, 16, seed=5)),
+        req([b"seven"], [4], 4),
+        req([b"red"], [9], 4, image=img[:1, :, :, :2]),
+        req([b"a green seven"], [5], 4, image=img[2:], mask=mask, strength=0.75),
+        req([b"red"], [9], 4, image=img[:1], mask=np.zeros((1, 16, 24), np.uint8)),
+        req([b"seven"], [6], 4, image=img[2:], strength=0.6),
+        req([b"red"], [9], 4, image=img[:1], strength=1.5),
+        req([b"red"], [9], 4, image=img[:1], strength=0.0),
+        req([b"red"], [9], 4, strength=0.5),
+        req([b"red"], [9], 4, mask=mask),
+    ]
+    refused = {
+        1: r"^image: expected uint8 \(HWC or NHWC\), got float32$",
+        3: r"^image 17x16: height=17: must be a multiple of 2 in \[16, 32\]",
+        5: r"^image: 2 channels, expected 3",
+        7: r"^mask_image: 16x24, the image is 16x16",
+        9: r"^strength=1.5: must be in \(0, 1\]$",
+        10: r"^strength=0.0: must be in \(0, 1\]$",
+        11: r"^strength: only with image=",
+        12: r"^mask_image: only with image=",
+    }
+    unet_batches: list[int] = []
+    with TextToImagePipeline(t2i_folder, threads=1) as local:
+        model = pipeline_model(repo, local.runners, monkeypatch, unet_batches)
+        responses = model.execute(requests)
+        kw = dict(num_inference_steps=4)
+        merged = local(["a red seven", "green", "seven"], image=img, strength=0.6, seeds=[1, 2, 6], **kw)
+        want = {
+            0: merged[:2],
+            2: local(["red seven"], image=wide, strength=0.6, seeds=[3], **kw),
+            4: local(["seven"], seeds=[4], **kw),
+            6: local(["a green seven"], image=img[2:], mask_image=mask, strength=0.75, seeds=[5], **kw),
+            8: merged[2:],
+        }
+        alone = local(["a red seven", "green"], image=img[:2], strength=0.6, seeds=[1, 2], **kw)
+        unmasked = local(["a green seven"], image=img[2:], strength=0.75, seeds=[5], **kw)
+    assert sorted([*want, *refused]) == list(range(len(requests)))
+    for i, pattern in refused.items():
+        err = responses[i].err
+        assert err is not None and err.code == "INVALID_ARG", (i, err)
+        assert "\n" not in err.msg and re.search(pattern, err.msg), (i, err.msg)
+    for i, w in want.items():
+        assert responses[i].err is None, (i, responses[i].err.msg)
+        (image,) = responses[i].output_tensors
+        assert image.as_numpy().shape == w.shape and np.array_equal(image.as_numpy(), w), i
+    assert want[2].shape == (1, 24, 32, 3)  # an image request's output takes its image's size
+    assert np.abs(alone.astype(int) - merged[:2]).max() <= 1  # the batch changes no image (rounding)
+    assert np.abs(unmasked.astype(int) - want[6]).max() > 8  # the mask is used
+    # one call per batch key: img2img 16x16 (3 images: 2 of 4 steps at strength 0.6, CFG batch 6),
+    # img2img 24x32, text (4 steps), inpainting (3 steps at 0.75)
+    assert unet_batches == [6, 6, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+
+
+def test_image_request_checks_run_no_component(t2i_folder, tmp_path):
+    """TextToImagePipeline.check with image / mask_image / strength: the runtime's image checks
+    with no runner to call (a server checks a request before any component runs), the request kept
+    as uint8 NHWC + 0/255 NHW masks whatever form came in, the family's default strengths filled
+    in; an output without a VAE encoder gets no image inputs in its Triton config."""
+    from tests.test_img2img import test_images
+    from tests.test_inpaint import test_masks
+
+    pipe = copied_sd(t2i_folder)  # runners None: running anything would fail
+    img, mask = test_images(2, 16, 16, seed=1), test_masks(2, 16, 16)
+    for kw, msg in (
+        (dict(image=img[:1].astype(np.float32)), "image: expected uint8"),
+        (dict(image=test_images(1, 16, 64, seed=0)), "image 16x64: width=64: must be a multiple of 2"),
+        (dict(image=img[:1], strength=0.1), "no step left"),
+        (dict(image=img, mask_image=mask[:1]), "image: 2 image(s) for 1 prompt(s)"),
+        (dict(image=img[:1], mask_image=mask[:1, :8]), "mask_image: 8x16, the image is 16x16"),
+        (dict(image=img[:1], mask_image=mask[:1].astype(np.float32)), "mask_image: expected uint8 or bool"),
+    ):
+        with pytest.raises(InputError) as e:
+            pipe.check(["a red seven"], seeds=[0], num_inference_steps=4, **kw)
+        assert msg in str(e.value) and "\n" not in str(e.value), (list(kw), str(e.value))
+    r = pipe.check(["a", "b"], seeds=[0, 1], image=list(img), mask_image=mask >= 128)
+    assert r.image.dtype == np.uint8 and np.array_equal(r.image, img)
+    ramp = np.repeat(np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1), 3, axis=-1)  # every level
+    assert np.array_equal(pipe.check(["a"], seeds=[0], image=ramp).image, ramp)
+    assert np.array_equal(r.mask_image, np.where(mask >= 128, 255, 0).astype(np.uint8))
+    assert r.strength == 1.0 and pipe.check(["a"], seeds=[0], image=img[0]).strength == 0.8
+    assert r.batch_key == (7.5, r.num_inference_steps, (16, 16), 1.0, True)
+    assert pipe.check(["a"], seeds=[0]).image is None
+    # a server merges requests with the same batch key, in order
+    m = T2IRequest.merge([r, pipe.check(["c"], seeds=[2], image=img[:1], mask_image=mask[:1])])
+    assert (m.prompts, m.seeds) == (["a", "b", "c"], [0, 1, 2])
+    assert m.image.shape == (3, 16, 16, 3) and m.mask_image.shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="batch_key"):
+        T2IRequest.merge([r, pipe.check(["c"], seeds=[2], image=img[:1])])
+    # an output compiled before image-to-image: text requests only, at the compiled size
+    old = tmp_path / "old"
+    shutil.copytree(t2i_folder, old)
+    t2i = json.loads((old / "t2i.json").read_text())
+    del t2i["components"]["vae_encoder"]
+    (old / "t2i.json").write_text(json.dumps(t2i))
+    repo = write_triton_repo(old, tmp_path / "repo", allow_unvalidated=True)
+    cfg = parse(repo / PIPELINE_MODEL / "config.pbtxt")
+    assert "image" not in {t.name for t in cfg.input} and not (repo / "dd_vae_encoder").exists()
+    assert [list(t.dims) for t in cfg.output] == [[16, 16, 3]]
+
+
 def check_served_family(out: Path, tmp_path: Path, monkeypatch, models: list[str], negative: bool) -> None:
     """dd-triton on another family's output: one model per component the family has (named
     `models`), the description read back unchanged, and dd_t2i's images (requests with and without
     a negative prompt, merged into one batch) equal to the runtime's."""
     repo = write_triton_repo(out, tmp_path / "repo", allow_unvalidated=True)
+    if "vae_encoder" in json.loads((out / "t2i.json").read_text())["components"]:
+        models = [*models, "dd_vae_encoder"]  # compiled for image requests too
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == sorted([PIPELINE_MODEL, *models])
     for m in models:
         assert parse(repo / m / "config.pbtxt").name == m

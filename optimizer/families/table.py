@@ -150,6 +150,8 @@ PIPELINE_OPTIONS = frozenset(
 )
 
 T5_OPTIONS = PIPELINE_OPTIONS | {"max_sequence_length"}  # families with a T5 encoder
+# families whose text is CLIP's alone: their UNet can take long prompts in chunks (--prompt-chunks)
+CLIP_OPTIONS = PIPELINE_OPTIONS | {"prompt_chunks"}
 # what every latent text-to-image family shares: the flow, precisions, backends (engines/t2i.py's
 # runners; tensorrt: one engine per component, optimizer/t2i/trt_build.py), options, defaults
 PIPELINE_COMMON: dict[str, Any] = dict(
@@ -201,7 +203,7 @@ FAMILIES: dict[str, Family] = {
             default_tasks=("img2img",),
             pipeline_classes=("StableDiffusionPipeline", "LatentConsistencyModelPipeline"),
             conditioning="sd",
-            **PIPELINE_COMMON,
+            **{**PIPELINE_COMMON, "options": CLIP_OPTIONS},
         ),
         # StableDiffusionXLPipeline (SDXL base and its LCM / Turbo / Lightning students): two CLIP
         # encoders (penultimate states concatenated, encoder 2's pooled embedding) and the UNet's
@@ -219,7 +221,7 @@ FAMILIES: dict[str, Family] = {
             default_tasks=("img2img",),
             pipeline_classes=("StableDiffusionXLPipeline",),
             conditioning="sdxl",
-            **PIPELINE_COMMON,
+            **{**PIPELINE_COMMON, "options": CLIP_OPTIONS},
         ),
         # StableDiffusion3Pipeline (SD3 medium, SD3.5 medium / large / large turbo): two CLIP
         # encoders with projection + T5, an MMDiT transformer on 16-channel latents, FlowMatch Euler

@@ -31,6 +31,9 @@ class Profile:
     latent_width: DimRange = DimRange(8, 8, 8)
     tokens: int = 77  # the tokenizer's model_max_length: prompts are padded to it
     t5_tokens: int | None = None  # T5's max_sequence_length (None: the family's own): not dynamic
+    # the UNet's tokens axis takes 1..prompt_chunks chunks of `tokens` (long_prompts="chunk");
+    # the text encoder stays at `tokens`, called once per chunk
+    prompt_chunks: int = 1
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,8 @@ def unet_spec(config: dict[str, Any], profile: Profile, batch: DimRange) -> IOSp
     out = TensorSpec("out_sample", "float32", ("batch", c_out, "latent_height", "latent_width"))
     dims = {
         "batch": batch,
-        "tokens": DimRange(profile.tokens, profile.tokens, profile.tokens),
+        # opt at one chunk: most prompts fit (TensorRT tunes its kernels there)
+        "tokens": DimRange(profile.tokens, profile.tokens, profile.tokens * profile.prompt_chunks),
         "latent_height": profile.latent_height,
         "latent_width": profile.latent_width,
     }

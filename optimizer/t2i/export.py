@@ -155,6 +155,10 @@ def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict
     steps, scale = (4, 8.5) if lcm else (28, 7.0) if spec.family == "sd3" else (50, 7.5)
     if spec.family == "flux":  # FluxPipeline: 28 steps at 3.5 (dev); schnell is run at 4, 0.0
         steps, scale = (28, 3.5) if spec.guidance == "embedded" else (4, 0.0)
+    # the Img2Img and Inpaint pipelines' default strengths (SD's inpainting starts from pure noise)
+    strength, inpaint_strength = {"sdxl": (0.3, 0.9999), "sd3": (0.6, 0.6), "flux": (0.6, 0.6)}.get(
+        spec.family, (0.8, 1.0)
+    )
     return {
         "format": T2I_FORMAT,
         "version": T2I_VERSION,
@@ -182,11 +186,15 @@ def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict
         "patch_size": latent_patch(unet_cfg),
         "latent_channels": int(spec.component(spec.denoiser).io.inputs[0].shape[1]),
         "flow_sigmas": "flux" if spec.family == "flux" else None,
+        # the UNet's tokens axis in chunks (engines/t2i.py: long_prompts="chunk" needs 2 or more)
+        "prompt_chunks": spec.profile.prompt_chunks,
         "time_cond_proj_dim": unet_cfg.get("time_cond_proj_dim"),
         "defaults": {
             "height": spec.default_size[0],
             "width": spec.default_size[1],
             "num_inference_steps": steps,
+            "strength": strength,
+            "inpaint_strength": inpaint_strength,
             # LCM embeds w - 1 at 8.5; FLUX.1-dev's guidance input takes its 3.5
             "guidance_scale": (scale if spec.family == "flux" else 8.5)
             if spec.guidance == "embedded"

@@ -328,6 +328,16 @@ def check_configs(configs: dict[str, dict[str, Any]], where: dict[str, str]) -> 
     for key in ("in_channels", "out_channels", "time_cond_proj_dim"):
         need("unet", key, unet.get(key) is None or _pos_int(unet.get(key)), "a positive integer")
     need("vae_decoder", "latent_channels", _pos_int(vae.get("latent_channels")), "a positive integer")
+    # a 9-channel inpainting UNet (latents + mask + masked-image latents) cannot draw text-to-image,
+    # which every stage validates: inpainting runs on a text-to-image UNet's output (mask_image=)
+    need(
+        "unet",
+        "in_channels",
+        unet.get("in_channels", 4) == vae["latent_channels"],
+        f"the VAE's {vae['latent_channels']} latent channels (a text-to-image UNet; inpainting UNets "
+        "with latents + mask + masked image are not built: inpaint with a text-to-image folder's "
+        "output, mask_image=)",
+    )
     sample_size(unet, where["unet"])
     if "text_encoder_2" not in configs:
         if unet.get("addition_embed_type") is not None:
@@ -517,7 +527,12 @@ def pipeline_spec(
     if "tokenizer_3" in family.tokenizers:  # T5: padded to max_sequence_length, not its own limit
         tok3 = t5_tokenizer_spec(path / "tokenizer_3", t5_tokens)
     profile = Profile(
-        profile.batch, profile.latent_height, profile.latent_width, tok.model_max_length, t5_tokens
+        profile.batch,
+        profile.latent_height,
+        profile.latent_width,
+        tok.model_max_length,
+        t5_tokens,
+        profile.prompt_chunks,
     )
     specs = build_specs(configs, profile, mode, family.conditioning)
     return PipelineSpec(

@@ -284,19 +284,41 @@ IMG2IMG_PIPELINES = {  # text-to-image pipeline class -> (img2img class, the mod
     ),
     "FluxPipeline": ("FluxImg2ImgPipeline", "diffusers.pipelines.flux.pipeline_flux_img2img"),
 }
+INPAINT_PIPELINES = {  # text-to-image pipeline class -> (inpainting class, the module drawing its noise)
+    "StableDiffusionPipeline": (
+        "StableDiffusionInpaintPipeline",
+        "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint",
+    ),
+    # an LCM has no inpainting pipeline of its own: diffusers' docs run StableDiffusionInpaintPipeline
+    "LatentConsistencyModelPipeline": (
+        "StableDiffusionInpaintPipeline",
+        "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint",
+    ),
+    "StableDiffusionXLPipeline": (
+        "StableDiffusionXLInpaintPipeline",
+        "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint",
+    ),
+    "StableDiffusion3Pipeline": (
+        "StableDiffusion3InpaintPipeline",
+        "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_inpaint",
+    ),
+    "FluxPipeline": ("FluxInpaintPipeline", "diffusers.pipelines.flux.pipeline_flux_inpaint"),
+}
 # img2img pipelines that resize the image to height/width (their default: the native size)
 SIZED_IMG2IMG = ("StableDiffusion3Img2ImgPipeline", "FluxImg2ImgPipeline")
+NOISE_MODULE = {cls: module for cls, module in (*IMG2IMG_PIPELINES.values(), *INPAINT_PIPELINES.values())}
 
 
-def img2img_pipeline(pipe: Any) -> Any:
-    """diffusers' img2img pipeline (StableDiffusionImg2ImgPipeline, LatentConsistencyModel-
-    Img2ImgPipeline for an LCM pipeline, StableDiffusionXLImg2ImgPipeline for SDXL) over a
-    text-to-image pipeline's modules."""
+def img2img_pipeline(pipe: Any, task: str = "img2img") -> Any:
+    """diffusers' img2img (task "img2img") or inpainting ("inpaint") pipeline over a text-to-image
+    pipeline's modules: StableDiffusionImg2ImgPipeline, LatentConsistencyModelImg2ImgPipeline for an
+    LCM, StableDiffusionXLImg2ImgPipeline, ...; StableDiffusionInpaintPipeline, ...XLInpaint..."""
     import diffusers
 
-    cls = getattr(diffusers, IMG2IMG_PIPELINES[type(pipe).__name__][0])
+    table = INPAINT_PIPELINES if task == "inpaint" else IMG2IMG_PIPELINES
+    cls = getattr(diffusers, table[type(pipe).__name__][0])
     comps = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
-    if cls.__name__ in SIZED_IMG2IMG:
+    if cls.__name__ in (*SIZED_IMG2IMG, "StableDiffusion3InpaintPipeline", "FluxInpaintPipeline"):
         flags = {}
     elif "text_encoder_2" in comps:  # SDXL: the base model's ids (no aesthetic score), no watermark
         flags = dict(
@@ -320,16 +342,23 @@ def img2img_images(
     steps: int,
     guidance_scale: float,
     seeds: list[int],
+    mask: np.ndarray | None = None,
 ) -> np.ndarray:
-    """uint8 [B, H, W, 3] from diffusers' img2img pipeline (`pipe`: img2img_pipeline) for uint8
-    NHWC `image` (as PIL images), with the runtime's per-seed draws in its order: the VAE
-    posterior's eps, the noise added at the first kept timestep, the scheduler's per-step draws."""
+    """uint8 [B, H, W, 3] from diffusers' img2img or inpainting pipeline (`pipe`: img2img_pipeline)
+    for uint8 NHWC `image` (as PIL images; `mask`: uint8 NHW as PIL "L" images, inpainting), with
+    the runtime's per-seed draws in its order: the VAE posterior's eps, the noise added at the first
+    kept timestep, (inpainting: the masked image's eps,) the scheduler's per-step draws."""
     from PIL import Image
 
-    noise_module = {cls: module for cls, module in IMG2IMG_PIPELINES.values()}
-    mods = (VAE_MODULE, noise_module[type(pipe).__name__])
+    mods = (VAE_MODULE, NOISE_MODULE[type(pipe).__name__])
     extra = NOISE_MODULES.get(type(pipe.scheduler).__name__)
-    size = dict(height=image.shape[1], width=image.shape[2]) if type(pipe).__name__ in SIZED_IMG2IMG else {}
+    sized = type(pipe).__name__ in SIZED_IMG2IMG or mask is not None  # inpainting: the UNet's size else
+    size = dict(height=image.shape[1], width=image.shape[2]) if sized else {}
+    more = {} if mask is None else dict(mask_image=[Image.fromarray(m) for m in mask])
+    # diffusers' SD3 inpainting decodes latents / scaling_factor without + shift_factor, unlike its
+    # own encoder and every other SD3 pipeline (diffusers#13611, issue 1; fixed by PR #14671): the
+    # runtime decodes as the others do, so the reference decodes its latents the fixed way
+    unshifted = type(pipe).__name__ == "StableDiffusion3InpaintPipeline"
     with scheduler_noise(seeds, (*mods, *([extra] if extra else []))):
         out = pipe(
             prompts,
@@ -337,7 +366,12 @@ def img2img_images(
             strength=strength,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
-            output_type="np",
+            output_type="latent" if unshifted else "np",
             **size,
+            **more,
         ).images
+    if unshifted:
+        cfg = pipe.vae.config
+        decoded = pipe.vae.decode(out / cfg.scaling_factor + cfg.shift_factor, return_dict=False)[0]
+        out = pipe.image_processor.postprocess(decoded, output_type="np")
     return (out * 255).round().astype(np.uint8)

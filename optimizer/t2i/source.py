@@ -196,6 +196,7 @@ def resolve(
     resolutions: tuple[int, ...] | None,
     batch_sizes: tuple[int, ...],
     max_sequence_length: int | None = None,
+    prompt_chunks: int = 1,
 ) -> T2ISource:
     """Every check of the source and its options, cheapest first; the modules load last. Nothing
     here writes, and nothing after it (export) meets a user error that could be found here."""
@@ -258,6 +259,7 @@ def resolve(
     profile, _ = make_profile(student_dir, unet_cfg, size, resolutions, batch_sizes, unet_where)
     if max_sequence_length is not None:
         profile = dataclasses.replace(profile, t5_tokens=max_sequence_length)
+    profile = dataclasses.replace(profile, prompt_chunks=prompt_chunks)
     tinfo = _teacher_info(Path(teacher), checked=Path(teacher) == source)
     if scale is None:
         scale = {"cfg": tinfo.guidance_scale, "embedded": 8.5, "none": 0.0}.get(effective, 7.5)

@@ -58,6 +58,7 @@ class T2ICompileConfig:
     steps: int | None = None
     guidance_scale: float | None = None
     max_sequence_length: int | None = None  # T5's token length (None: the family's own)
+    prompt_chunks: int = 1  # the UNet's tokens axis: up to this many CLIP-length chunks
     teacher: Path | None = None
     size: tuple[int, int] | None = None
     resolutions: tuple[int, ...] | None = None
@@ -139,6 +140,7 @@ def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
         resolutions=cfg.resolutions,
         batch_sizes=cfg.batch_sizes,
         max_sequence_length=cfg.max_sequence_length,
+        prompt_chunks=cfg.prompt_chunks,
     )
     if cfg.require_teacher and src.teacher is None:
         raise InputError(
