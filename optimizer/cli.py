@@ -587,8 +587,9 @@ def _pipeline_main(source: Path | None, options: dict, as_json: bool) -> None:
             comps = ", ".join(f"{k} {c['precision']}" for k, c in v["components"].items())
             click.echo(
                 f"{v['backend']} {v['mix']}{' *' if v['mix'] == report.get('recommended') else ''}: "
-                f"{comps}; sample PSNR {v['sample_parity']['psnr_db']:.1f} dB; "
-                f"{'pass' if v['passed'] else 'FAIL'}"
+                f"{comps}; sample PSNR {v['sample_parity']['psnr_db']:.1f} dB"
+                + "".join(f", {t} {p['psnr_db']:.1f} dB" for t, p in (v.get("task_parity") or {}).items())
+                + f"; {'pass' if v['passed'] else 'FAIL'}"
             )
         d = report.get("distribution") or {}
         if d:

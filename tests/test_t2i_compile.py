@@ -91,7 +91,7 @@ def _break(case, src, tmp_path, tiny):
         ("missing-vae", ["--steps", "2"], ["component 'vae' is missing"]),
         ("unsupported-class", ["--steps", "2"], ["unet class 'UNet2DModel'", "not supported"]),
         ("no-tokenizer-json", ["--steps", "2"], ["no tokenizer.json"]),
-        ("inpainting-unet", ["--steps", "2"], ["in_channels 9", "inpainting UNets", "mask_image="]),
+        ("inpainting-unet", ["--steps", "2"], ["in_channels 9", "inpainting UNet", "mask_image="]),
         ("ckpt-hash", [], ["student.ckpt", "'text_encoder'", "changed"]),
         ("ok", ["--steps", "2", "--size", "15x16"], ["--size 15x16", "not a multiple of 4"]),
         ("ok", ["--steps", "2", "--size", "16x"], ["--size '16x'", "HxW"]),
@@ -273,6 +273,14 @@ def test_compile_tiny_pipeline_end_to_end(tiny, tmp_path):
     assert rep["call_parity"]["unet.fp32"]["rel_l2"] <= 1e-5
     psnr = {v["mix"]: float(v["sample_parity"]["psnr_db"]) for v in rep["variants"]}  # "inf" when equal
     assert psnr["fp32"] >= 40 and psnr["fp16"] >= 30, psnr
+    # image-to-image and inpainting validated per mix against diffusers' pipelines, same bars
+    tasks = {(v["mix"], t): p for v in rep["variants"] for t, p in v["task_parity"].items()}
+    assert set(tasks) == {(m, t) for m in ("fp32", "fp16") for t in ("img2img", "inpaint")}, tasks
+    assert all(p["passed"] and p["n"] == 2 and p["strength"] == 0.75 for p in tasks.values()), tasks
+    assert (
+        float(tasks["fp32", "inpaint"]["psnr_db"]) >= 40 and float(tasks["fp32", "img2img"]["psnr_db"]) >= 40
+    )
+    assert "img2img / inpaint PSNR" in (out / "report.md").read_text()
     assert rep["timings"]["end_to_end"]["teacher"] and rep["variants"][0]["speedup_end_to_end"]
     assert rep["distribution"]["paired_psnr_db"] > 0
     pipe = engines.load(out, precision="fp16")

@@ -333,9 +333,9 @@ def check_configs(configs: dict[str, dict[str, Any]], where: dict[str, str]) -> 
     need(
         "unet",
         "in_channels",
-        unet.get("in_channels", 4) == vae["latent_channels"],
-        f"the VAE's {vae['latent_channels']} latent channels (a text-to-image UNet; inpainting UNets "
-        "with latents + mask + masked image are not built: inpaint with a text-to-image folder's "
+        unet.get("in_channels", 4) != 2 * vae["latent_channels"] + 1,
+        f"a text-to-image UNet (in_channels {2 * vae['latent_channels'] + 1} is an inpainting UNet's "
+        "latents + mask + masked image, not built here: inpaint with a text-to-image folder's "
         "output, mask_image=)",
     )
     sample_size(unet, where["unet"])

@@ -330,6 +330,8 @@ def img2img_pipeline(pipe: Any, task: str = "img2img") -> Any:
         flags = dict(requires_safety_checker=False)
     i2i = cls(**comps, **flags)
     i2i.set_progress_bar_config(disable=True)
+    if getattr(pipe, "dd_max_sequence_length", None) is not None:  # T5 compiled at another length
+        i2i.dd_max_sequence_length = pipe.dd_max_sequence_length
     return i2i
 
 
@@ -369,6 +371,7 @@ def img2img_images(
             output_type="latent" if unshifted else "np",
             **size,
             **more,
+            **t5_length(pipe),
         ).images
     if unshifted:
         cfg = pipe.vae.config

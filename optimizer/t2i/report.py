@@ -54,15 +54,16 @@ def markdown(rep: dict[str, Any]) -> str:
     # one column per component the family has (text encoders, UNet or transformer, VAE parts)
     names = list(dict.fromkeys(k for v in rep["variants"] for k in v["components"]))
     lines += [
-        f"| mix | {' | '.join(names)} | sample PSNR (dB) | passed |",
-        "|---|" + "---|" * (len(names) + 2),
+        f"| mix | {' | '.join(names)} | sample PSNR (dB) | img2img / inpaint PSNR (dB) | passed |",
+        "|---|" + "---|" * (len(names) + 3),
     ]
     for v in rep["variants"]:
         c = v["components"]
         cells = " | ".join(c[n]["precision"] if n in c else "-" for n in names)
+        tasks = " / ".join(_f(t["psnr_db"], ".1f") for t in (v.get("task_parity") or {}).values()) or "-"
         lines.append(
             f"| {v['mix']} | {cells} | {_f(v['sample_parity']['psnr_db'], '.1f')} "
-            f"(bar {v['sample_parity']['bar']}) | {v['passed']} |"
+            f"(bar {v['sample_parity']['bar']}) | {tasks} | {v['passed']} |"
         )
     lines += ["", "Why each component's precision:", ""]
     for v in rep["variants"]:

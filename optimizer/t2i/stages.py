@@ -344,18 +344,30 @@ def validate(
     seeds = step_seeds(ctx, 0, n)
     want = images(pipe, ps, lat, ctx.src.steps, ctx.src.guidance_scale, seeds)
     ctx.report["samples"] = {"torch": want[:8]}
+    tasks = task_references(ctx, pipe, ps, want, seeds)
     variants = []
     for mix, comps in mixes.items():
         with TextToImagePipeline(
             ctx.root, config=f"t2i.{mix}.json", backend=cfg.backend, threads=cfg.threads
         ) as ep:
             got = _batched(ep, ps, lat, seeds, ctx.src.steps, ctx.src.guidance_scale)
+            task_parity = {
+                task: val.sample_parity(mix, _task_images(ctx, ep, t), t["want"], cfg.bars)
+                for task, t in tasks.items()
+            }
         sp = val.sample_parity(mix, got, want, cfg.bars)
         ctx.report["samples"][mix] = got[:8]
         bad = [calls[f"{k}.{g.precision}"] for k, g in comps.items()]
         failures = [f for c in bad for f in c.failures()]
         if not sp.passed:
             failures.append(f"sample {mix}: PSNR {sp.psnr_db:.1f} dB < {sp.bar:g} dB vs the torch student")
+        for task, tp in task_parity.items():
+            log.info("sample %s %s: PSNR %.1f dB vs diffusers' %s pipeline", mix, task, tp.psnr_db, task)
+            if not tp.passed:
+                failures.append(
+                    f"sample {mix} {task}: PSNR {tp.psnr_db:.1f} dB < {tp.bar:g} dB "
+                    f"vs diffusers' {task} pipeline"
+                )
         variants.append(
             {
                 "mix": mix,
@@ -365,12 +377,59 @@ def validate(
                     for k, g in comps.items()
                 },
                 "sample_parity": sp.to_dict(),
+                # image-to-image and inpainting from the same output, against diffusers' pipelines
+                "task_parity": {
+                    task: {**tp.to_dict(), "strength": tasks[task]["strength"]}
+                    for task, tp in task_parity.items()
+                },
                 "failures": failures,
                 "passed": not failures,
             }
         )
         log.info("sample %s: PSNR %.1f dB vs the diffusers student (%d images)", mix, sp.psnr_db, n)
     ctx.report["variants"] = variants
+
+
+def task_references(
+    ctx: T2IContext, pipe: Any, ps: list[str], want: np.ndarray, seeds: list[int]
+) -> dict[str, dict[str, Any]]:
+    """Image-to-image and inpainting inputs and diffusers' images for them (the family's Img2Img
+    and Inpaint pipelines over the student's modules), from the torch student's first images;
+    empty where the output has no VAE encoder."""
+    from optimizer.t2i.reference import img2img_images, img2img_pipeline
+
+    if "vae_encoder" not in ctx.family.exported:
+        return {}
+    k = min(2, len(ps))
+    cell = int(pipe.vae_scale_factor) * (2 if ctx.family.name == "flux" else 1)
+    src, masks = val.task_inputs(want[:k], cell)
+    steps, g = ctx.src.steps, ctx.src.guidance_scale
+    out = {}
+    for task in ("img2img", "inpaint"):
+        s = val.task_strength(steps)
+        mask = masks if task == "inpaint" else None
+        ref = img2img_pipeline(pipe, task)
+        out[task] = {
+            "prompts": ps[:k],
+            "image": src,
+            "mask": mask,
+            "seeds": seeds[:k],
+            "strength": s,
+            "want": img2img_images(ref, ps[:k], src, s, steps, g, seeds[:k], mask=mask),
+        }
+    return out
+
+
+def _task_images(ctx: T2IContext, ep: Any, t: dict[str, Any]) -> np.ndarray:
+    return ep(
+        t["prompts"],
+        image=t["image"],
+        mask_image=t["mask"],
+        strength=t["strength"],
+        seeds=t["seeds"],
+        guidance_scale=ctx.src.guidance_scale,
+        num_inference_steps=ctx.src.steps,
+    )
 
 
 def _batched(ep: Any, ps: list[str], lat: np.ndarray, seeds: list[int], steps: int, g: float) -> np.ndarray:

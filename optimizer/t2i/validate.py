@@ -139,6 +139,27 @@ def sample_parity(
     return SampleParity(mix, p, sample_bar(mix, bars or default_bars()), len(engine_images))
 
 
+# image tasks validated per mix like text-to-image: from the torch student's own images, a strength
+# that keeps part of the schedule, and a cell-aligned hole over the middle half (inpainting)
+TASK_STRENGTH = 0.75
+
+
+def task_inputs(images: np.ndarray, cell: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source images, inpainting masks): the torch student's uint8 images and a white box over
+    their middle half, snapped to `cell` pixels (the latent grid the blend happens on)."""
+    n, h, w = images.shape[:3]
+    masks = np.zeros((n, h, w), np.uint8)
+    y0, x0 = h // 4 // cell * cell, w // 4 // cell * cell
+    y1, x1 = max(-(-3 * h // 4 // cell) * cell, y0 + cell), max(-(-3 * w // 4 // cell) * cell, x0 + cell)
+    masks[:, y0:y1, x0:x1] = 255
+    return np.ascontiguousarray(images), masks
+
+
+def task_strength(steps: int) -> float:
+    """TASK_STRENGTH, or 1.0 where it would keep no step (int(steps * strength) = 0)."""
+    return TASK_STRENGTH if int(steps * TASK_STRENGTH) >= 1 else 1.0
+
+
 def to_pm1(images: np.ndarray) -> np.ndarray:
     """uint8 NHWC -> float32 NCHW in [-1, 1] (what the judges read)."""
     return (images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0).astype(np.float32)
