@@ -44,7 +44,7 @@ def _bench(*args: object):
 @pytest.fixture(scope="module")
 def bench_dir(compiled, tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("bench_t2i_out") / "bench"
-    res = _bench(compiled, "--seconds", "4", "--batch-sizes", "1,2", "--no-progress", "-o", dest)
+    res = _bench(compiled, "--seconds", "2", "--batch-sizes", "1,2", "--no-progress", "-o", dest)
     assert res.exit_code == 0, res.output
     return dest
 

@@ -2,6 +2,7 @@
 exporting, anything the graph depends on changes the key, a damaged entry is exported again."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -38,6 +39,9 @@ def _export(model: torch.nn.Module, path) -> None:
 
 def _run(path, x: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"sample": x})[0]
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -127,3 +131,59 @@ def test_a_folder_the_cache_did_not_write_is_never_deleted(cache, tmp_path, capl
     assert "not a cache entry" in caplog.text
     assert [p.name for p in entry.iterdir()] == ["mine.txt"]
     assert not any(p.name.startswith(".tmp-") for p in cache.iterdir())
+
+
+def test_the_same_weights_from_another_folder_hit(cache, tmp_path):
+    """Where a module was loaded from (diffusers' `_name_or_path`, transformers' `name_or_path`) is
+    not part of the graph: a copied pipeline folder (a test's own tmp dir, a moved checkout) hits,
+    while a config value that changes forward() still misses."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    from optimizer.compile.export_cache import key
+    from tests.t2i_tiny import make_tiny_pipeline
+
+    a = make_tiny_pipeline(tmp_path / "a")
+    shutil.copytree(a, tmp_path / "b")
+    vaes = [AutoencoderKL.from_pretrained(p / "vae") for p in (a, tmp_path / "b")]
+    tes = [CLIPTextModel.from_pretrained(p / "text_encoder") for p in (a, tmp_path / "b")]
+    assert vaes[0].config._name_or_path != vaes[1].config._name_or_path
+    assert tes[0].name_or_path != tes[1].name_or_path
+    ex = {"sample": torch.zeros(1, 3, 16, 16)}
+    ids = {"input_ids": torch.zeros(1, 77, dtype=torch.int64)}
+    assert key(vaes[0], ex, {}) == key(vaes[1], ex, {})
+    assert key(tes[0], ids, {}) == key(tes[1], ids, {})
+    vaes[1].register_to_config(scaling_factor=0.5)  # a config value forward() reads
+    assert key(vaes[0], ex, {}) != key(vaes[1], ex, {})
+
+
+def test_a_unet_keys_the_same_in_every_process(tmp_path):
+    """diffusers' `_use_default_values` is a list made from a set: its order follows the hash seed,
+    and it made every dd-compile run export the UNet again. The key is the same under two seeds."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.t2i_tiny import make_tiny_pipeline
+
+    src = make_tiny_pipeline(tmp_path / "pipe")
+    # the loader's own UNet: its Transformer2DModel blocks record the config defaults diffusers
+    # filled in as `_use_default_values`
+    code = (
+        "import torch; from optimizer.t2i.load import load_pipeline;"
+        "from optimizer.compile.export_cache import key;"
+        f"m = load_pipeline({str(src)!r}).module('unet');"
+        "d = [x._internal_dict['_use_default_values'] for x in m.modules()"
+        " if '_use_default_values' in getattr(x, '_internal_dict', {})];"
+        "print(d[0]); print(key(m, {'s': torch.zeros(1)}, {}))"
+    )
+    outs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs.append(res.stdout.strip().splitlines()[-2:])
+    assert outs[0][0] != outs[1][0], "the two seeds happened to order the set alike: pick others"
+    assert outs[0][1] == outs[1][1]

@@ -365,6 +365,8 @@ def test_compile_t2i_student_ckpt(tiny, tmp_path):
             "8",
             "--batch-sizes",
             "1,2",
+            "--threads-grid",
+            "0",
         ]
     )
     assert res.exit_code == 0, res.output
@@ -395,6 +397,8 @@ def test_compile_t2i_student_ckpt(tiny, tmp_path):
             "1,2",
             "--bar",
             "call.fp32=1e-12",
+            "--threads-grid",
+            "0",
         ]
     )
     assert res.exit_code == 1 and "FAILED call unet.fp32" in res.output, res.output

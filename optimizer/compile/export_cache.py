@@ -38,6 +38,11 @@ ENV = "DD_COMPILE_EXPORT_CACHE"
 _dir: Path | None = None  # set by `using()`; otherwise the environment variable decides
 _LIBS = ("torch", "onnx", "onnxscript", "diffusers", "transformers")
 _PLAIN = (bool, int, float, str, type(None))
+# bookkeeping that never reaches the graph: where a module was loaded from (diffusers' config
+# `_name_or_path`, transformers' `name_or_path`: a copied folder, a test's tmp dir), and diffusers'
+# `_use_default_values`, a list made from a set (its order follows PYTHONHASHSEED: every process
+# had its own key for a UNet2DConditionModel, so a cached UNet never hit across runs)
+NOT_IN_GRAPH = frozenset({"_name_or_path", "name_or_path", "_use_default_values"})
 
 
 @contextlib.contextmanager
@@ -73,10 +78,10 @@ def _attrs(m: torch.nn.Module) -> list[tuple[str, str]]:
     changes forward() without changing a weight or the module tree."""
     out = []
     for k, v in sorted(vars(m).items()):
-        if k.startswith("_") and k != "_internal_dict":
+        if (k.startswith("_") and k != "_internal_dict") or k in NOT_IN_GRAPH:
             continue
         if k == "_internal_dict":
-            v = dict(v)
+            v = {c: x for c, x in dict(v).items() if c not in NOT_IN_GRAPH}
         if _plain(v):
             out.append((k, repr(v)))
     return out
