@@ -691,6 +691,8 @@ class CompiledPipeline:
             seq = (sample_shape[1] // p.patch_size) * (sample_shape[2] // p.patch_size)
             sigmas = np.linspace(1.0, 1 / steps, steps) if p.flow_sigmas == "flux" else None
             timesteps = sched.set_timesteps(steps, mu=sched.mu_for(seq), sigmas=sigmas)
+        elif p.flow_sigmas == "flux":  # FluxPipeline passes its sigmas with a static shift too (schnell)
+            timesteps = sched.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps))
         else:
             timesteps = sched.set_timesteps(steps)
         # 4. Prepare latents (or noise) and the per-step draws, per seed: init first, then one draw

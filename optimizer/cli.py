@@ -588,7 +588,10 @@ def _pipeline_main(source: Path | None, options: dict, as_json: bool) -> None:
             click.echo(
                 f"{v['backend']} {v['mix']}{' *' if v['mix'] == report.get('recommended') else ''}: "
                 f"{comps}; sample PSNR {v['sample_parity']['psnr_db']:.1f} dB"
-                + "".join(f", {t} {p['psnr_db']:.1f} dB" for t, p in (v.get("task_parity") or {}).items())
+                + "".join(
+                    f", {t} not validated" if "skipped" in p else f", {t} {p['psnr_db']:.1f} dB"
+                    for t, p in (v.get("task_parity") or {}).items()
+                )
                 + f"; {'pass' if v['passed'] else 'FAIL'}"
             )
         d = report.get("distribution") or {}

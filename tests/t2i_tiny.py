@@ -460,8 +460,9 @@ def make_tiny_flux(path: Path, *, seed: int = 0, guidance_embeds: bool = True) -
     """A tiny random FluxPipeline as diffusers' Flux tests build it: a CLIPTextModel whose pooled
     output is the pooled projection (32), a T5 encoder (d_model 48) for the token states, a
     FluxTransformer2DModel over 2x2-packed latents (4 latent channels -> 16 packed, rope axes
-    4 + 4 + 8), a VAE with Flux's scaling and shift factors, FlowMatch Euler with dynamic shifting.
-    `guidance_embeds`: FLUX.1-dev's guidance-distilled input; False: schnell's (no guidance)."""
+    4 + 4 + 8), a VAE with Flux's scaling and shift factors, FlowMatch Euler (dev: dynamic
+    shifting; schnell: static shift 1, as their configs). `guidance_embeds`: FLUX.1-dev's
+    guidance-distilled input; False: schnell's (no guidance)."""
     import diffusers
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel
@@ -499,11 +500,11 @@ def make_tiny_flux(path: Path, *, seed: int = 0, guidance_embeds: bool = True) -
         )
     )
     text_2 = tiny_t5_encoder(tok2)
+    # dev: dynamic shifting (mu from the image's tokens); schnell: its static shift 1, where
+    # FluxPipeline's own sigmas linspace(1, 1/n, n) still replace the scheduler's default ones
+    dynamic = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
     sched = diffusers.FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
+        **(dict(shift=3.0, **dynamic) if guidance_embeds else dict(shift=1.0, use_dynamic_shifting=False)),
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )

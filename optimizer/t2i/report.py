@@ -60,7 +60,8 @@ def markdown(rep: dict[str, Any]) -> str:
     for v in rep["variants"]:
         c = v["components"]
         cells = " | ".join(c[n]["precision"] if n in c else "-" for n in names)
-        tasks = " / ".join(_f(t["psnr_db"], ".1f") for t in (v.get("task_parity") or {}).values()) or "-"
+        tp = (v.get("task_parity") or {}).values()
+        tasks = " / ".join("not validated" if "skipped" in t else _f(t["psnr_db"], ".1f") for t in tp) or "-"
         lines.append(
             f"| {v['mix']} | {cells} | {_f(v['sample_parity']['psnr_db'], '.1f')} "
             f"(bar {v['sample_parity']['bar']}) | {tasks} | {v['passed']} |"
