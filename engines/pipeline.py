@@ -145,6 +145,14 @@ def check_strength(strength: Any, steps: int | None, truncate_init: bool = True)
     return max(steps - init, 0)
 
 
+def _no_image_inputs(strength: Any, mask_image: Any) -> None:
+    """A call without image= takes neither strength= nor mask_image= (one line each)."""
+    if strength is not None:
+        raise InputError("strength: only with image= (image-to-image, inpainting)")
+    if mask_image is not None:
+        raise InputError("mask_image: only with image= (the image to inpaint)")
+
+
 def _strings(v: Any, what: str) -> list[str]:
     items = [v] if isinstance(v, str) else list(v) if isinstance(v, list | tuple) else None
     if not items or not all(isinstance(p, str) for p in items):
@@ -415,10 +423,7 @@ class CompiledPipeline:
         steps = self._steps(num_inference_steps)
         self._check_tokens(prompts, neg)
         if image is None:
-            if strength is not None:
-                raise InputError("strength: only with image= (image-to-image, inpainting)")
-            if mask_image is not None:
-                raise InputError("mask_image: only with image= (the image to inpaint)")
+            _no_image_inputs(strength, mask_image)
             return T2IRequest(prompts, neg, seeds, g, steps)
         task = self._image(image, mask_image, len(prompts), None, None, None, strength, steps)
         # kept as uint8 a server can concatenate: 2 u / 255 - 1 in float32 rounds back to u for
@@ -597,10 +602,8 @@ class CompiledPipeline:
         if image is not None:
             task = self._image(image, mask_image, b, latents, height, width, strength, num_inference_steps)
             height, width = task.pixels.shape[2], task.pixels.shape[3]
-        elif strength is not None:
-            raise InputError("strength: only with image= (image-to-image, inpainting)")
-        elif mask_image is not None:
-            raise InputError("mask_image: only with image= (the image to inpaint)")
+        else:
+            _no_image_inputs(strength, mask_image)
         h, w = self._size(height, width, latents)
         k = p.vae.scale_factor if p.vae else 1
         shape = (b, p.sample_channels, h // k, w // k)
