@@ -92,6 +92,9 @@ class Parts:
     flow_sigmas: str | None = None  # "flux": the pipeline's own sigmas, linspace(1, 1/n, n)
     # Flux: latents= may also come packed, [B, (h/2)(w/2), 4C], as FluxPipeline takes them
     packed_latents: bool = False
+    # StableDiffusion(XL)InpaintPipeline's UNet: latents + mask + masked-image latents (2C + 1
+    # channels) in; it inpaints only (a call without image= and mask_image= is refused)
+    inpaint_unet: bool = False
 
 
 def seed_generator(kind: str, seed: int) -> Any:
@@ -145,8 +148,17 @@ def check_strength(strength: Any, steps: int | None, truncate_init: bool = True)
     return max(steps - init, 0)
 
 
-def _no_image_inputs(strength: Any, mask_image: Any) -> None:
-    """A call without image= takes neither strength= nor mask_image= (one line each)."""
+INPAINT_ONLY = (
+    "this output's UNet is an inpainting UNet (it reads the latents, the mask and the masked image): "
+    "pass image= and mask_image="
+)
+
+
+def _no_image_inputs(strength: Any, mask_image: Any, inpaint_unet: bool = False) -> None:
+    """A call without image= takes neither strength= nor mask_image= (one line each); an inpainting
+    UNet takes no call without them."""
+    if inpaint_unet:
+        raise InputError(f"image: {INPAINT_ONLY}")
     if strength is not None:
         raise InputError("strength: only with image= (image-to-image, inpainting)")
     if mask_image is not None:
@@ -279,6 +291,11 @@ class CompiledPipeline:
             return 1 << 30
         m = spec.dims["batch"].max
         return m // 2 if self.parts.guidance == "cfg" else m
+
+    @property
+    def inpaint_only(self) -> bool:
+        """An inpainting UNet's output: every call takes image= and mask_image=."""
+        return self.parts.inpaint_unet
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -423,7 +440,7 @@ class CompiledPipeline:
         steps = self._steps(num_inference_steps)
         self._check_tokens(prompts, neg)
         if image is None:
-            _no_image_inputs(strength, mask_image)
+            _no_image_inputs(strength, mask_image, self.parts.inpaint_unet)
             return T2IRequest(prompts, neg, seeds, g, steps)
         task = self._image(image, mask_image, len(prompts), None, None, None, strength, steps)
         # kept as uint8 a server can concatenate: 2 u / 255 - 1 in float32 rounds back to u for
@@ -530,6 +547,8 @@ class CompiledPipeline:
             self._size(ih, iw, None)
         except InputError as e:
             raise InputError(f"image {ih}x{iw}: {e}") from None
+        if mask_image is None and self.parts.inpaint_unet:
+            raise InputError(f"mask_image: {INPAINT_ONLY}")
         mask = None if mask_image is None else preprocess_mask(mask_image, b, (ih, iw))
         d = self.parts.defaults
         if strength is None:  # the family's diffusers default (SD: 0.8 / inpainting 1.0)
@@ -603,7 +622,7 @@ class CompiledPipeline:
             task = self._image(image, mask_image, b, latents, height, width, strength, num_inference_steps)
             height, width = task.pixels.shape[2], task.pixels.shape[3]
         else:
-            _no_image_inputs(strength, mask_image)
+            _no_image_inputs(strength, mask_image, p.inpaint_unet)
         h, w = self._size(height, width, latents)
         k = p.vae.scale_factor if p.vae else 1
         shape = (b, p.sample_channels, h // k, w // k)
@@ -701,20 +720,26 @@ class CompiledPipeline:
         # 4. Prepare latents (or noise) and the per-step draws, per seed: init first, then one draw
         # per re-noising step, from each image's own generator
         rngs = [seed_generator(p.noise, s) for s in seeds] if seeds is not None else []
-        mask = image_latents = noise0 = None
+        mask = image_latents = noise0 = masked = None
         if task is not None:  # image-to-image: the image's latent noised to the first kept step
             sched.set_begin_index(begin)
-            image_latents = self.encode_image(task.pixels, rngs)
-            noise0 = np.stack([r.standard_normal(image_latents.shape[1:], dtype=np.float32) for r in rngs])
-            if task.mask is not None and task.strength == 1.0:  # inpainting at full strength: noise
+            full = task.mask is not None and task.strength == 1.0  # inpainting from pure noise
+            # an inpainting UNet's pipeline encodes the image only to noise it (not at strength 1)
+            if not (p.inpaint_unet and full):
+                image_latents = self.encode_image(task.pixels, rngs)
+            noise0 = np.stack([r.standard_normal(sample_shape, dtype=np.float32) for r in rngs])
+            if full:
                 x = (noise0 * np.float32(sched.init_noise_sigma)).astype(np.float32)
             else:
                 x = sched.add_noise(image_latents, noise0, begin)
             if task.mask is not None:
-                # the masked image's posterior draw: diffusers makes it whatever its denoiser reads
-                for r in rngs:
-                    r.standard_normal(image_latents.shape[1:], dtype=np.float32)
-                mask = resize_nearest(task.mask, image_latents.shape[2:])
+                mask = resize_nearest(task.mask, sample_shape[1:])
+                if p.inpaint_unet:  # the masked image's latents: the UNet's extra input channels
+                    hidden = task.pixels * (task.mask < 0.5).astype(np.float32)
+                    masked = np.concatenate([mask, self.encode_image(hidden, rngs)], axis=1)
+                else:  # the masked image's posterior draw, which diffusers makes all the same
+                    for r in rngs:
+                        r.standard_normal(sample_shape, dtype=np.float32)
         else:
             if latents is None:
                 latents = np.stack([r.standard_normal(sample_shape, dtype=np.float32) for r in rngs])
@@ -725,6 +750,8 @@ class CompiledPipeline:
         for i in range(begin, len(timesteps)):
             t = timesteps[i]
             xi = sched.scale_model_input(x, i)
+            if masked is not None:  # an inpainting UNet: + mask + masked-image latents, per half
+                xi = np.concatenate([xi, masked], axis=1)
             xin = np.concatenate([xi, xi]) if do_cfg else xi
             feeds = {"sample": xin, "timestep": np.full((xin.shape[0],), t, np.float32), **feeds_c}
             out = self.runners[p.denoiser].infer(feeds)[out_name].astype(np.float32)
@@ -739,7 +766,8 @@ class CompiledPipeline:
                     else np.stack([r.standard_normal(x.shape[1:], dtype=np.float32) for r in rngs])
                 )
             x, denoised = sched.step(out, i, x, noise)
-            if mask is not None:  # inpainting: the kept region follows the image's own trajectory
+            if mask is not None and masked is None:  # a text-to-image UNet inpainting: the kept
+                # region follows the image's own trajectory
                 kept = sched.add_noise(image_latents, noise0, i + 1) if i < last else image_latents
                 x = denoised = ((np.float32(1) - mask) * kept + mask * x).astype(np.float32)
         # 6. Decode

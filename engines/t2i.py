@@ -231,5 +231,6 @@ class TextToImagePipeline(CompiledPipeline):
                 patch_size=cfg.patch_size,
                 flow_sigmas=cfg.flow_sigmas,
                 packed_latents=cfg.family == "flux",
+                inpaint_unet=int(specs[cfg.denoiser].inputs[0].shape[1]) == 2 * cfg.latent_channels + 1,
             )
         )

@@ -130,12 +130,14 @@ def make_tiny_pipeline(
     sd2: bool = False,
     scheduler: str = "DDIMScheduler",
     prediction_type: str = "v_prediction",
+    inpaint: bool = False,
 ) -> Path:
     """save_pretrained layout: text_encoder, tokenizer, unet, vae, scheduler, model_index.json.
 
     `sd2`: SD 2.x's shapes (see _sd2_modules), its tokenizer's "!" padding, and its scheduler config
     as shipped (SD2_SCHEDULER) under the diffusers class `scheduler`, with `prediction_type`
-    (v_prediction: the 768-v models; epsilon: the 512 base models)."""
+    (v_prediction: the 768-v models; epsilon: the 512 base models). `inpaint`: a 9-channel inpainting
+    UNet (latents + mask + masked-image latents) in a StableDiffusionInpaintPipeline folder."""
     if sd2:
         return _make_sd2(path, seed, scheduler, prediction_type)
     import torch
@@ -143,6 +145,7 @@ def make_tiny_pipeline(
         DDIMScheduler,
         LatentConsistencyModelPipeline,
         LCMScheduler,
+        StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
@@ -152,7 +155,7 @@ def make_tiny_pipeline(
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=9 if inpaint else 4,
         out_channels=4,
         block_out_channels=(16, 32),
         layers_per_block=1,
@@ -194,7 +197,7 @@ def make_tiny_pipeline(
         )
     else:
         sched = DDIMScheduler(**sched_kw, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
-        pipe = StableDiffusionPipeline(
+        pipe = (StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)(
             vae=vae,
             text_encoder=text,
             tokenizer=tok,
@@ -277,7 +280,13 @@ SDXL_SCHEDULER = dict(
 
 
 def make_tiny_sdxl(
-    path: Path, *, seed: int = 0, lcm: bool = False, force_zeros: bool = True, hot_vae: bool = False
+    path: Path,
+    *,
+    seed: int = 0,
+    lcm: bool = False,
+    force_zeros: bool = True,
+    hot_vae: bool = False,
+    inpaint: bool = False,
 ) -> Path:
     """A tiny random StableDiffusionXLPipeline, shaped as diffusers' own SDXL pipeline tests build it
     (get_dummy_components): CLIPTextModel + CLIPTextModelWithProjection (hidden 32 each, projection
@@ -285,17 +294,18 @@ def make_tiny_sdxl(
     cross-attention width 64 (both encoders), the tokenizer_2 padding with "!" as SDXL's OpenCLIP
     one, Euler as shipped; `lcm`: a time_cond_proj_dim UNet with LCMScheduler (LCM-SDXL); `hot_vae`:
     SDXL's VAE fp16 trap planted (force_upcast, the decoder's first conv x 1e5: activations past
-    65504 that fp32 shrugs off)."""
+    65504 that fp32 shrugs off); `inpaint`: a 9-channel inpainting UNet in a
+    StableDiffusionXLInpaintPipeline folder."""
     import diffusers
     import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     tok = clip_tokenizer(path.parent / f"{path.name}_vocab")
     tok2 = clip_tokenizer(path.parent / f"{path.name}_vocab2", pad_token="!")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=9 if inpaint else 4,
         out_channels=4,
         block_out_channels=(16, 32),
         layers_per_block=1,
@@ -322,7 +332,7 @@ def make_tiny_sdxl(
         if lcm
         else diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
     )
-    pipe = StableDiffusionXLPipeline(
+    pipe = (StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline)(
         vae=vae,
         text_encoder=text,
         text_encoder_2=text_2,

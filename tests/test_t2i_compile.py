@@ -76,7 +76,7 @@ def _break(case, src, tmp_path, tiny):
         idx = json.loads((p / "model_index.json").read_text())
         idx["unet"] = ["diffusers", "UNet2DModel"]
         (p / "model_index.json").write_text(json.dumps(idx))
-    elif case == "inpainting-unet":  # stable-diffusion-inpainting's 9 channels: latents + mask + masked
+    elif case == "inpainting-unet":  # 9 channels (latents + mask + masked) in a text-to-image folder
         cfg = json.loads((p / "unet" / "config.json").read_text())
         (p / "unet" / "config.json").write_text(json.dumps({**cfg, "in_channels": 9}))
     elif case == "no-tokenizer-json":
@@ -91,7 +91,11 @@ def _break(case, src, tmp_path, tiny):
         ("missing-vae", ["--steps", "2"], ["component 'vae' is missing"]),
         ("unsupported-class", ["--steps", "2"], ["unet class 'UNet2DModel'", "not supported"]),
         ("no-tokenizer-json", ["--steps", "2"], ["no tokenizer.json"]),
-        ("inpainting-unet", ["--steps", "2"], ["in_channels 9", "inpainting UNet", "mask_image="]),
+        (
+            "inpainting-unet",
+            ["--steps", "2"],
+            ["in_channels 9 is an inpainting UNet", "expected StableDiffusionInpaintPipeline"],
+        ),
         ("ckpt-hash", [], ["student.ckpt", "'text_encoder'", "changed"]),
         ("ok", ["--steps", "2", "--size", "15x16"], ["--size 15x16", "not a multiple of 4"]),
         ("ok", ["--steps", "2", "--size", "16x"], ["--size '16x'", "HxW"]),

@@ -48,6 +48,7 @@ from optimizer.bench.measure import (
     run_group,
 )
 from optimizer.bench.variants import VariantSpec, ort_has
+from optimizer.t2i.teacher_timing import MODULE as TEACHER_MODULE
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,12 @@ def _open(out_dir: Path, mix: str, backend: str, threads: int, info: PipelineInf
 
     pipe = engines.load(out_dir, precision=mix, backend=backend, allow_unvalidated=allow, threads=threads)
     return Generation(pipe, info.steps, info.guidance_scale, list(PROMPTS))
+
+
+def _workload(s: PipelineSetup) -> dict[str, Any] | None:
+    """An inpainting UNet's workload for the teacher (what its compiled pipelines run), else None."""
+    w = next((r.workload for r in s.runners.values()), None)
+    return w.to_dict() if w is not None and w.inpaint else None
 
 
 def setup(out_dir: str | Path, cfg: BenchConfig, allow_unvalidated: bool = False) -> PipelineSetup:
@@ -437,9 +444,12 @@ def teacher_baseline(
             prompts=list(PROMPTS),
             guidance_scale=t.guidance_scale,
             size=list(s.info.size),
+            workload=_workload(s),
         )
         log.info("timing the teacher alone in a fresh process at threads %s", grid)
-        fresh, why = tb.fresh_teacher_timing(req)
+        # the diffusers pipeline end to end (optimizer/t2i/teacher_timing.py), not the pixel
+        # flow's denoiser-only sampler
+        fresh, why = tb.fresh_teacher_timing(req, module=TEACHER_MODULE)
     row = results[TEACHER_BASELINE]
     verdict = "unchecked: no in-run figure (the teacher is timed only alone, in a fresh process)"
     for b in s.batches:

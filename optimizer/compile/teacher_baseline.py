@@ -47,6 +47,7 @@ class BaselineRequest:
     prompts: list[str] | None = None
     guidance_scale: float | None = None
     size: list[int] | None = None  # (height, width) in pixels: the compiled size
+    workload: dict[str, Any] | None = None  # optimizer/t2i/workload.Workload: None = text-to-image
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -71,6 +71,9 @@ class Family:
     tasks: MappingProxyType = field(default_factory=lambda: _frozen({}))  # task -> extra components
     default_tasks: tuple[str, ...] = ()  # tasks every output is built for: their components join it
     pipeline_classes: tuple[str, ...] = ()  # model_index.json _class_name values it takes
+    # the same family's inpainting-UNet pipelines (StableDiffusionInpaintPipeline): a UNet reading the
+    # latents, the mask and the masked image's latents (2C + 1 channels) that only inpaints
+    inpaint_classes: tuple[str, ...] = ()
     # how prompts become the denoiser's conditioning (engines/conditioning.py: one recipe per name)
     conditioning: str = ""
     denoiser: str = "unet"  # the component called at every step (a pipeline family's UNet or DiT)
@@ -202,6 +205,7 @@ FAMILIES: dict[str, Family] = {
             tasks=_frozen({"img2img": ("vae_encoder",)}),
             default_tasks=("img2img",),
             pipeline_classes=("StableDiffusionPipeline", "LatentConsistencyModelPipeline"),
+            inpaint_classes=("StableDiffusionInpaintPipeline",),
             conditioning="sd",
             **{**PIPELINE_COMMON, "options": CLIP_OPTIONS},
         ),
@@ -220,6 +224,7 @@ FAMILIES: dict[str, Family] = {
             tasks=_frozen({"img2img": ("vae_encoder",)}),
             default_tasks=("img2img",),
             pipeline_classes=("StableDiffusionXLPipeline",),
+            inpaint_classes=("StableDiffusionXLInpaintPipeline",),
             conditioning="sdxl",
             **{**PIPELINE_COMMON, "options": CLIP_OPTIONS},
         ),
@@ -275,13 +280,13 @@ FAMILIES: dict[str, Family] = {
 def family_of_pipeline(class_name: Any) -> Family | None:
     """The family whose pipelines have this model_index.json _class_name (None: no family)."""
     for f in FAMILIES.values():
-        if class_name in f.pipeline_classes:
+        if class_name in f.pipeline_classes or class_name in f.inpaint_classes:
             return f
     return None
 
 
 def pipeline_classes() -> tuple[str, ...]:
-    return tuple(c for f in FAMILIES.values() for c in f.pipeline_classes)
+    return tuple(c for f in FAMILIES.values() for c in (*f.pipeline_classes, *f.inpaint_classes))
 
 
 def family_named(name: str) -> Family:

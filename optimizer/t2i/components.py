@@ -532,6 +532,9 @@ class PipelineSpec:
     denoiser: str = "unet"  # the per-step component (SD3: "transformer")
     tokenizer_3: TokenizerSpec | None = None  # SD3's T5 tokenizer (padded to max_sequence_length)
     vae_shift_factor: float = 0.0  # SD3: the decoder sees latents / scaling_factor + shift_factor
+    # an inpainting UNet (StableDiffusionInpaintPipeline's): latents + mask + masked-image latents in;
+    # it only inpaints, so every stage that generates gives it an image and a mask
+    inpaint: bool = False
 
     def __post_init__(self) -> None:
         if self.guidance not in GUIDANCE_MODES:

@@ -136,6 +136,12 @@ def _vocab_size(spec: PipelineSpec, encoder: str) -> int:
     return int(spec.component(encoder).config["vocab_size"])
 
 
+def default_strengths(family: str) -> tuple[float, float]:
+    """The family's Img2Img and Inpaint pipelines' default strengths (SD's inpainting starts from
+    pure noise; SDXL's from 0.9999)."""
+    return {"sdxl": (0.3, 0.9999), "sd3": (0.6, 0.6), "flux": (0.6, 0.6)}.get(family, (0.8, 1.0))
+
+
 def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict[str, Any]:
     unet_cfg = spec.component(spec.denoiser).config
     kind = scheduler_kind(spec.scheduler_config, family=spec.family)
@@ -155,10 +161,7 @@ def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict
     steps, scale = (4, 8.5) if lcm else (28, 7.0) if spec.family == "sd3" else (50, 7.5)
     if spec.family == "flux":  # FluxPipeline: 28 steps at 3.5 (dev); schnell is run at 4, 0.0
         steps, scale = (28, 3.5) if spec.guidance == "embedded" else (4, 0.0)
-    # the Img2Img and Inpaint pipelines' default strengths (SD's inpainting starts from pure noise)
-    strength, inpaint_strength = {"sdxl": (0.3, 0.9999), "sd3": (0.6, 0.6), "flux": (0.6, 0.6)}.get(
-        spec.family, (0.8, 1.0)
-    )
+    strength, inpaint_strength = default_strengths(spec.family)
     return {
         "format": T2I_FORMAT,
         "version": T2I_VERSION,
@@ -184,7 +187,7 @@ def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict
         },
         "denoiser": spec.denoiser,
         "patch_size": latent_patch(unet_cfg),
-        "latent_channels": int(spec.component(spec.denoiser).io.inputs[0].shape[1]),
+        "latent_channels": int(spec.component("vae_decoder").config["latent_channels"]),
         "flow_sigmas": "flux" if spec.family == "flux" else None,
         # the UNet's tokens axis in chunks (engines/t2i.py: long_prompts="chunk" needs 2 or more)
         "prompt_chunks": spec.profile.prompt_chunks,

@@ -328,15 +328,15 @@ def check_configs(configs: dict[str, dict[str, Any]], where: dict[str, str]) -> 
     for key in ("in_channels", "out_channels", "time_cond_proj_dim"):
         need("unet", key, unet.get(key) is None or _pos_int(unet.get(key)), "a positive integer")
     need("vae_decoder", "latent_channels", _pos_int(vae.get("latent_channels")), "a positive integer")
-    # a 9-channel inpainting UNet (latents + mask + masked-image latents) cannot draw text-to-image,
-    # which every stage validates: inpainting runs on a text-to-image UNet's output (mask_image=)
+    # a 9-channel inpainting UNet reads the latents, the mask and the masked image's latents (the
+    # pipeline class says which it is: pipeline_spec checks they agree)
+    c = int(vae["latent_channels"])
     need(
         "unet",
         "in_channels",
-        unet.get("in_channels", 4) != 2 * vae["latent_channels"] + 1,
-        f"a text-to-image UNet (in_channels {2 * vae['latent_channels'] + 1} is an inpainting UNet's "
-        "latents + mask + masked image, not built here: inpaint with a text-to-image folder's "
-        "output, mask_image=)",
+        unet.get("in_channels", 4) in (c, 2 * c + 1),
+        f"the VAE's latent_channels {c} (text-to-image) or {2 * c + 1} (an inpainting UNet: latents + "
+        "mask + masked image)",
     )
     sample_size(unet, where["unet"])
     if "text_encoder_2" not in configs:
@@ -487,6 +487,14 @@ def pipeline_spec(
         raise InputError(f"{path}: pipeline class {pipeline_class!r} is not supported")
     unet_cfg, vae_cfg = configs[family.denoiser], configs["vae_decoder"]
     where = unet_where or path / family.denoiser
+    inpaint = unet_cfg.get("in_channels") == 2 * int(vae_cfg.get("latent_channels", 4)) + 1
+    if inpaint != (pipeline_class in family.inpaint_classes):
+        want = family.inpaint_classes if inpaint else family.pipeline_classes
+        raise InputError(
+            f"{where}: in_channels {unet_cfg.get('in_channels')} is "
+            f"{'an inpainting' if inpaint else 'a text-to-image'} UNet, but the pipeline class is "
+            f"{pipeline_class} (expected {' or '.join(want)} in model_index.json)"
+        )
     mode = guidance or default_guidance(unet_cfg)
     if mode == "embedded" and not _embeds_guidance(unet_cfg):
         raise InputError(f"{where}: guidance 'embedded' needs a UNet with time_cond_proj_dim")
@@ -552,6 +560,7 @@ def pipeline_spec(
         denoiser=family.denoiser,
         tokenizer_3=tok3,
         vae_shift_factor=float(vae_cfg.get("shift_factor") or 0.0),
+        inpaint=inpaint,
     )
 
 

@@ -19,9 +19,11 @@ import torch
 from engines.iospec import DimRange, IOSpec
 from optimizer.t2i.components import DENOISERS, dummy_inputs
 from optimizer.t2i.reference import latent_channels, native_size, teacher_mode
+from optimizer.t2i.workload import Workload
 from optimizer.timing import StopRule, comparable, time_until_stable
 
 log = logging.getLogger(__name__)
+TEXT_TO_IMAGE = Workload()
 
 
 @dataclass(frozen=True)
@@ -37,11 +39,15 @@ class Generation:
 
     def __init__(self, pipe: Any, steps: int, g: float, prompts: list[str]):
         self.pipe, self.steps, self.g, self.prompts = pipe, steps, g, prompts
+        self.workload = Workload.of_pipeline(pipe)  # an inpainting UNet's output inpaints
 
     def infer(self, feeds: dict[str, np.ndarray], check: bool = False) -> Any:
         b = int(feeds["batch"])
         ps = (self.prompts * b)[:b]
-        return self.pipe(ps, seeds=list(range(b)), guidance_scale=self.g, num_inference_steps=self.steps)
+        more = self.workload.engine_kwargs(0, b, self.pipe.image_shape[:2])
+        return self.pipe(
+            ps, seeds=list(range(b)), guidance_scale=self.g, num_inference_steps=self.steps, **more
+        )
 
     def deactivate(self) -> None:
         self.pipe.close()
@@ -61,9 +67,11 @@ def measure(
     prompts: list[str],
     cfg: T2ISpeedConfig,
     size: tuple[int, int] | None = None,
+    workload: Workload = TEXT_TO_IMAGE,
 ) -> dict[str, Any]:
     """{"end_to_end": {name: {batch: timing}}, "per_component": {name: {batch: {component: ms}}},
-    "unet_calls": {name: n}} for the diffusers teacher (pipe, steps, guidance) and each engine mix."""
+    "unet_calls": {name: n}} for the diffusers teacher (pipe, steps, guidance) and each engine mix;
+    an inpainting `workload`: every one inpaints its sources at `size`."""
     from optimizer.t2i.reference import images as torch_images
 
     out: dict[str, Any] = {"end_to_end": {}, "per_component": {}, "unet_calls": {}}
@@ -78,9 +86,14 @@ def measure(
             )  # the compiled size; the fresh-process teacher draws the same latents
             lat = np.random.default_rng(0).standard_normal((b, c, h // k, w // k), dtype=np.float32)
             fns["teacher"] = lambda pipe=pipe, ps=ps, lat=lat, s=steps, g=g: torch_images(pipe, ps, lat, s, g)
+            if workload.inpaint:
+                fns["teacher"] = lambda pipe=pipe, ps=ps, s=steps, g=g, hw=(h, w): workload.torch_images(
+                    pipe, ps, list(range(len(ps))), s, g, 0, hw
+                )
         for name, (p, steps, g) in variants.items():
-            fns[name] = lambda p=p, ps=ps, s=steps, g=g: p(
-                ps, seeds=list(range(len(ps))), guidance_scale=g, num_inference_steps=s
+            more = workload.engine_kwargs(0, b, size or p.image_shape[:2])
+            fns[name] = lambda p=p, ps=ps, s=steps, g=g, more=more: p(
+                ps, seeds=list(range(len(ps))), guidance_scale=g, num_inference_steps=s, **more
             )
         run = time_until_stable(fns, stop_rule(cfg))
         for name, t in run.timings.items():

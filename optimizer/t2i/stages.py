@@ -34,6 +34,7 @@ from optimizer.t2i import precision as prec
 from optimizer.t2i import validate as val
 from optimizer.t2i.source import DEMO_T2I, T2ISource, resolve
 from optimizer.t2i.speed import T2ISpeedConfig, measure, speedups, table
+from optimizer.t2i.workload import Workload
 
 log = logging.getLogger(__name__)
 KIND = "text-to-image"
@@ -87,6 +88,8 @@ class T2IContext:
     size: tuple[int, int]
     t_start: float = field(default_factory=time.perf_counter)
     engines: dict[tuple[str, str], Any] = field(default_factory=dict)  # (component, p) -> EngineResult
+    # what a generation is: text-to-image, or inpainting for an inpainting UNet (optimizer/t2i/workload.py)
+    workload: Workload = field(default_factory=Workload)
 
     @property
     def root(self) -> Path:
@@ -195,6 +198,7 @@ def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
             "steps": src.steps,
             "scheduler": spec.scheduler_config.get("_class_name"),
             "distillation": src.distillation,
+            "task": Workload.of_spec(spec).task,
         },
         "teacher": meta["teacher"],
         "size": list(size),
@@ -206,7 +210,15 @@ def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
         "failures": [],
     }
     demo = _is_demo_teacher(src.teacher.path if src.teacher else None) or _is_demo_teacher(src.student.path)
-    return T2IContext(cfg, src, sha, rundir, Manifest(rundir.staging, None, None, meta), report, demo, size)
+    work = Workload.of_spec(spec)
+    if work.inpaint:
+        report["notes"].append(
+            f"an inpainting UNet: every generation here (parity, distribution, timing) inpaints the same "
+            f"synthetic images under a box over their middle half, at strength {work.strength:g}"
+        )
+    return T2IContext(
+        cfg, src, sha, rundir, Manifest(rundir.staging, None, None, meta), report, demo, size, workload=work
+    )
 
 
 # -- stages ----------------------------------------------------------------------------------
@@ -236,7 +248,7 @@ def latents(ctx: T2IContext, n: int, seed_offset: int = 0) -> np.ndarray:
 
     spec = ctx.src.student.spec
     k = spec.vae_scale_factor
-    c = int(spec.component(spec.denoiser).io.inputs[0].shape[1])  # unpacked (Flux packs in its graph)
+    c = int(spec.component("vae_decoder").config["latent_channels"])  # unpacked (Flux packs in its graph)
     shape = (c, ctx.size[0] // k, ctx.size[1] // k)
     base = ctx.cfg.seed + seed_offset
     return np.stack([TorchGenerator(base + i).randn(shape) for i in range(n)])
@@ -248,13 +260,57 @@ def step_seeds(ctx: T2IContext, start: int, stop: int) -> list[int]:
     return [ctx.cfg.seed + STEP_SEED_OFFSET + i for i in range(start, stop)]
 
 
+def torch_images(
+    ctx: T2IContext,
+    pipe: Any,
+    ps: list[str],
+    seed_offset: int,
+    step_start: int | None = None,
+    steps: int | None = None,
+    g: float | None = None,
+) -> np.ndarray:
+    """diffusers' images for `ps` (the student's steps and guidance unless given): from
+    latents(ctx, n, seed_offset), with step_seeds from `step_start` for a stochastic scheduler; an
+    inpainting UNet inpaints the workload's sources, every draw from seed + seed_offset + i."""
+    from optimizer.t2i.reference import images
+
+    n = len(ps)
+    steps = ctx.src.steps if steps is None else steps
+    g = ctx.src.guidance_scale if g is None else g
+    if ctx.workload.inpaint:
+        seeds = [ctx.cfg.seed + seed_offset + i for i in range(n)]
+        return ctx.workload.torch_images(pipe, ps, seeds, steps, g, seed_offset, ctx.size)
+    seeds = None if step_start is None else step_seeds(ctx, step_start, step_start + n)
+    return images(pipe, ps, latents(ctx, n, seed_offset), steps, g, seeds)
+
+
+def engine_images(ctx: T2IContext, ep: Any, ps: list[str], seed_offset: int) -> np.ndarray:
+    """A compiled mix's images for what torch_images(ctx, ..., seed_offset, step_start=0) draws."""
+    if ctx.workload.inpaint:
+        return np.concatenate(
+            [
+                ep(
+                    ps[i : i + ep.max_batch],
+                    seeds=[ctx.cfg.seed + seed_offset + j for j in range(i, min(len(ps), i + ep.max_batch))],
+                    guidance_scale=ctx.src.guidance_scale,
+                    num_inference_steps=ctx.src.steps,
+                    **ctx.workload.engine_kwargs(seed_offset + i, len(ps[i : i + ep.max_batch]), ctx.size),
+                )
+                for i in range(0, len(ps), ep.max_batch)
+            ]
+        )
+    n = len(ps)
+    lat, seeds = latents(ctx, n, seed_offset), step_seeds(ctx, 0, n)
+    return _batched(ep, ps, lat, seeds, ctx.src.steps, ctx.src.guidance_scale)
+
+
 def record(ctx: T2IContext, pipe: Any, n: int, offset: int) -> Any:
     """Component inputs along the student's own diffusers run (calibration or validation set)."""
-    from optimizer.t2i.reference import images, recording
+    from optimizer.t2i.reference import recording
 
     ps, _ = prompts(ctx, n, offset)
     with recording(pipe) as rec:
-        images(pipe, ps, latents(ctx, n, 10_000 + offset), ctx.src.steps, ctx.src.guidance_scale)
+        torch_images(ctx, pipe, ps, 10_000 + offset)
     return rec
 
 
@@ -321,7 +377,6 @@ def validate(
     """Call parity per component graph, sample parity per mix (engine vs diffusers student)."""
     from engines.iospec import IOSpec
     from engines.t2i import TextToImagePipeline, component_runner
-    from optimizer.t2i.reference import images
 
     cfg = ctx.cfg
     make = component_runner(cfg.backend, cfg.threads)
@@ -340,9 +395,8 @@ def validate(
     ctx.report["call_parity"] = {k: v.to_dict() for k, v in calls.items()}
     n = cfg.n_samples
     ps, _ = prompts(ctx, n, 2000)
-    lat = latents(ctx, n, 2000)
     seeds = step_seeds(ctx, 0, n)
-    want = images(pipe, ps, lat, ctx.src.steps, ctx.src.guidance_scale, seeds)
+    want = torch_images(ctx, pipe, ps, 2000, step_start=0)
     ctx.report["samples"] = {"torch": want[:8]}
     tasks = task_references(ctx, pipe, ps, want, seeds)
     variants = []
@@ -350,7 +404,7 @@ def validate(
         with TextToImagePipeline(
             ctx.root, config=f"t2i.{mix}.json", backend=cfg.backend, threads=cfg.threads
         ) as ep:
-            got = _batched(ep, ps, lat, seeds, ctx.src.steps, ctx.src.guidance_scale)
+            got = engine_images(ctx, ep, ps, 2000)
             task_parity = {
                 task: val.sample_parity(mix, _task_images(ctx, ep, t), t["want"], cfg.bars)
                 for task, t in tasks.items()
@@ -401,8 +455,8 @@ def task_references(
     empty where the output has no VAE encoder."""
     from optimizer.t2i.reference import img2img_images, img2img_pipeline
 
-    if "vae_encoder" not in ctx.family.exported:
-        return {}
+    if "vae_encoder" not in ctx.family.exported or ctx.workload.inpaint:
+        return {}  # an inpainting UNet: its sample parity is inpainting already
     k = min(2, len(ps))
     cell = int(pipe.vae_scale_factor) * (2 if ctx.family.name == "flux" else 1)
     src, masks = val.task_inputs(want[:k], cell)
@@ -451,31 +505,18 @@ def _batched(ep: Any, ps: list[str], lat: np.ndarray, seeds: list[int], steps: i
 
 
 def judge_distribution(ctx: T2IContext, pipe: Any, teacher_pipe: Any | None) -> None:
-    from optimizer.t2i.reference import images
-
     if teacher_pipe is None:
         ctx.report["notes"].append("distribution: skipped (no teacher pipeline)")
         return
     t = ctx.src.teacher
     n = ctx.cfg.n_fid_samples
     ps, ex = prompts(ctx, n)
-    lat = latents(ctx, n)
     s_img = np.concatenate(
-        [
-            images(
-                pipe,
-                ps[i : i + 50],
-                lat[i : i + 50],
-                ctx.src.steps,
-                ctx.src.guidance_scale,
-                step_seeds(ctx, i, min(n, i + 50)),
-            )
-            for i in range(0, n, 50)
-        ]
+        [torch_images(ctx, pipe, ps[i : i + 50], i, step_start=i) for i in range(0, n, 50)]
     )
     t_img = np.concatenate(
         [
-            images(teacher_pipe, ps[i : i + 50], lat[i : i + 50], t.reference_steps, t.guidance_scale)
+            torch_images(ctx, teacher_pipe, ps[i : i + 50], i, steps=t.reference_steps, g=t.guidance_scale)
             for i in range(0, n, 50)
         ]
     )
@@ -508,7 +549,7 @@ def time_variants(ctx: T2IContext, teacher_pipe: Any | None) -> None:
         if teacher_pipe is not None:
             teacher = (teacher_pipe, ctx.src.teacher.reference_steps, ctx.src.teacher.guidance_scale)
         variants = {m: (p, ctx.src.steps, ctx.src.guidance_scale) for m, p in pipes.items()}
-        timings = measure(teacher, variants, ps, cfg.speed, ctx.size)
+        timings = measure(teacher, variants, ps, cfg.speed, ctx.size, ctx.workload)
     finally:
         for p in pipes.values():
             p.__exit__(None)
@@ -587,6 +628,7 @@ def _fresh_teacher(ctx: T2IContext, timings: dict[str, Any], ps: list[str]) -> N
         prompts=ps,
         guidance_scale=t.guidance_scale,
         size=list(ctx.size),
+        workload=ctx.workload.to_dict() if ctx.workload.inpaint else None,
     )
     log.info("timing the teacher alone in a fresh process at %s threads", grid)
     fresh_baseline(timings, req, threads)
@@ -724,7 +766,7 @@ def run(source: Path, cfg: T2ICompileConfig) -> dict[str, Any]:
             validate(ctx, graphs, mixes, pipe)
             teacher_pipe = None
             if ctx.src.teacher is not None:
-                teacher_pipe = diffusers_pipeline(load_pipeline(ctx.src.teacher.path))
+                teacher_pipe = _teacher_pipeline(ctx, diffusers_pipeline(load_pipeline(ctx.src.teacher.path)))
             stage("distribution")
             judge_distribution(ctx, pipe, teacher_pipe)
             stage("timing")
@@ -739,6 +781,20 @@ def run(source: Path, cfg: T2ICompileConfig) -> dict[str, Any]:
     if cfg.triton_repo is not None:
         write_triton_repo(ctx, Path(cfg.out))
     return ctx.report
+
+
+def _teacher_pipeline(ctx: T2IContext, pipe: Any) -> Any | None:
+    """The teacher's diffusers pipeline where it runs the student's task (an inpainting UNet's
+    text-to-image teacher has nothing to compare: no distribution level, no speedup, said so)."""
+    from optimizer.t2i.workload import task_of
+
+    if task_of(pipe) == ctx.workload.task:
+        return pipe
+    ctx.report["notes"].append(
+        f"teacher: its task is {task_of(pipe)}, the student's {ctx.workload.task}: no distribution "
+        "level and no speedup against it"
+    )
+    return None
 
 
 def write_triton_repo(ctx: T2IContext, out: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from optimizer.compile.teacher_baseline import BaselineRequest
+from optimizer.t2i.workload import Workload
 from optimizer.timing import time_until_stable
 
 MODULE = "optimizer.t2i.teacher_timing"
@@ -31,6 +32,7 @@ def time_pipeline_teacher(req: BaselineRequest) -> dict[str, Any]:
     pipe = diffusers_pipeline(load_pipeline(Path(req.teacher)))
     k, c = pipe.vae_scale_factor, latent_channels(pipe)
     h, w = req.size
+    work = Workload(**req.workload) if req.workload else Workload()
     out: dict[str, Any] = {}
     for t in req.threads:
         torch.set_num_threads(t)
@@ -39,6 +41,10 @@ def time_pipeline_teacher(req: BaselineRequest) -> dict[str, Any]:
             ps = (req.prompts * b)[:b]
             lat = np.random.default_rng(req.seed).standard_normal((b, c, h // k, w // k), dtype=np.float32)
             fn = lambda ps=ps, lat=lat: images(pipe, ps, lat, req.steps, req.guidance_scale)  # noqa: E731
+            if work.inpaint:  # an inpainting UNet's teacher inpaints what the compiled mixes did
+                fn = lambda ps=ps: work.torch_images(  # noqa: E731
+                    pipe, ps, list(range(len(ps))), req.steps, req.guidance_scale, 0, (h, w)
+                )
             res["end_to_end"][b] = time_until_stable({"t": fn}, req.rule).timings["t"].to_dict()
         out[str(t)] = res
     return {"threads": out}
