@@ -78,7 +78,7 @@ def variants(model, spec, graphs: dict[str, Path], batch: int, threads: int, bf1
     out: dict[str, Any] = {"torch eager fp32": eager, "torch.compile fp32": compiled}
     for p, g in graphs.items():
         out[f"ORT {p}"] = OnnxRuntimeRunner(g, spec, threads=threads)
-    out["OpenVINO fp32 dynamic"] = OpenVINORunner(graphs["fp32"], spec, threads=threads)
+    out["OpenVINO fp32 dynamic"] = OpenVINORunner(graphs["fp32"], spec, threads=threads, static=False)
     out["OpenVINO fp32 static"] = OpenVINORunner(graphs["fp32"], spec, batch_sizes=[batch], threads=threads)
     if bf16:
         out["OpenVINO bf16 static"] = OpenVINORunner(

@@ -134,10 +134,15 @@ def load_t2i(
     path = manifest.verify(art)
     desc = json.loads(path.read_text())
     # a mix built for TensorRT names each component's engine; the others its ONNX graph
-    by_path = {a.path: a for a in [*manifest.find("onnx"), *manifest.find("engine")]}
+    # keyed by precision too: a bf16 component is the fp32 graph file under its own artifact
+    # (validated on its own record), so a path alone may name two artifacts
+    graphs = [*manifest.find("onnx"), *manifest.find("engine")]
+    by_path = {a.path: a for a in graphs}
+    by_key = {(a.path, a.precision): a for a in graphs}
     run_dir = art.path.rsplit("/", 1)[0]
     for kind, c in desc["components"].items():
-        g = by_path.get(f"{run_dir}/{c['path']}")
+        rel = f"{run_dir}/{c['path']}"
+        g = by_key.get((rel, c.get("precision"))) or by_path.get(rel)
         if g is None:
             raise InputError(f"{path}: component {kind} graph {c['path']} is not in the manifest")
         if (g.kind == "engine") != (backend == "tensorrt"):

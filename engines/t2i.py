@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from engines.base import Runner
 from engines.errors import InputError
@@ -47,6 +47,13 @@ FAMILY_COMPONENTS = {
 }
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "openvino", "tensorrt")
 RunnerFactory = Callable[[str, Path, IOSpec], Runner]
+# precisions a runtime applies to the fp32 graph (no graph of their own) -> OpenVINO's
+# INFERENCE_PRECISION_HINT; t2i.json names them as a component's "precision"
+OPENVINO_HINTS = {"bf16": "bf16"}
+
+
+class ComponentRunnerFactory(Protocol):
+    def __call__(self, name: str, path: Path, spec: IOSpec, precision: str = "fp32") -> Runner: ...
 
 
 @dataclass(frozen=True)
@@ -140,14 +147,21 @@ class T2IConfig:
         )
 
 
-def component_runner(backend: str, threads: int | None = None) -> RunnerFactory:
-    """Runners on `backend` for the components' graphs (heavy imports only for the one asked)."""
+def component_runner(backend: str, threads: int | None = None) -> ComponentRunnerFactory:
+    """Runners on `backend` for the components' graphs (heavy imports only for the one asked);
+    `precision` is the component's in the description: "bf16" runs its fp32 graph under OpenVINO's
+    bf16 hint, so it is refused on any other backend rather than run in fp32 unsaid."""
     if backend not in BACKENDS:
         raise InputError(f"unknown text-to-image backend {backend!r}; choose from {list(BACKENDS)}")
 
-    def make(name: str, path: Path, spec: IOSpec) -> Runner:
+    def make(name: str, path: Path, spec: IOSpec, precision: str = "fp32") -> Runner:
         if not path.exists():
             raise InputError(f"{path}: {name} graph not found")
+        if precision in OPENVINO_HINTS and backend != "openvino":
+            raise InputError(
+                f"{name}: precision {precision} is the fp32 graph under OpenVINO's {precision} "
+                f"inference hint: it runs with backend 'openvino', not {backend!r}"
+            )
         if backend == "tensorrt":  # the description names each component's engine (.plan)
             from engines.tensorrt_runner import TensorRTRunner
 
@@ -155,9 +169,11 @@ def component_runner(backend: str, threads: int | None = None) -> RunnerFactory:
         if backend == "openvino":
             from engines.openvino_runner import OpenVINORunner
 
-            # dynamic shapes: the UNet runs at B and 2B (CFG) and at any latent size of the profile,
-            # where a static compile at the opt shapes would not take the call
-            return OpenVINORunner(path, spec, threads=threads, name=name)
+            # static compiles per input-shape signature, on first use (the UNet at B and 2B under
+            # CFG, each latent size of the profile): dynamic shapes ran the demo UNet at 0.6-0.7x
+            # (benchmarks/openvino_pipeline.py); bf16 on AMX is the larger gain at SD 1.5 size
+            hint = OPENVINO_HINTS.get(precision, "f32")
+            return OpenVINORunner(path, spec, threads=threads, name=name, precision_hint=hint)
         from engines.onnxruntime_runner import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(path, spec, backend=backend, threads=threads, name=name)
@@ -190,9 +206,14 @@ class TextToImagePipeline(CompiledPipeline):
         self.config = cfg = T2IConfig.load(folder, config)
         names = cfg.required + tuple(n for n in OPTIONAL_COMPONENTS if n in cfg.components)
         specs = {n: IOSpec.from_dict(cfg.components[n]["io"]) for n in names}
-        make = runner_factory or component_runner(backend, threads)
         self.backend = backend if runner_factory is None else "custom"
-        runners = {n: make(n, cfg.root / cfg.components[n]["path"], specs[n]) for n in names}
+        paths = {n: cfg.root / cfg.components[n]["path"] for n in names}
+        if runner_factory is None:  # each component at the precision its description names
+            make = component_runner(backend, threads)
+            precision = {n: str(cfg.components[n].get("precision", "fp32")) for n in names}
+            runners = {n: make(n, paths[n], specs[n], precision=precision[n]) for n in names}
+        else:  # runners bound elsewhere (dd-serve's, Triton BLS) already run each precision
+            runners = {n: runner_factory(n, paths[n], specs[n]) for n in names}
         self.tokenizer = _tokenizer(cfg.root, cfg.tokenizer)
         more = tuple(
             (f"text_encoder_{i}", _tokenizer(cfg.root, t))

@@ -219,7 +219,7 @@ def print_table(report) -> None:
     show_default=True,
     type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "openvino"]),
     help="Runtime that runs the graphs: ONNX Runtime (CPU, or its CUDA/TensorRT providers), "
-    "TensorRT engines, or OpenVINO (CPU; static shapes per batch size).",
+    "TensorRT engines, or OpenVINO (CPU; static shapes per input shape).",
 )
 @click.option(
     "--batch-sizes",

@@ -98,8 +98,10 @@ def test_unavailable_ort_provider_is_refused_up_front(tmp_path):
 
 
 def test_precisions_come_from_the_family(tmp_path):
-    res, _ = _run(["--demo", "--precision", "bf16", "--backend", "openvino"], tmp_path)
-    assert res.exit_code == 2 and "--precision bf16: text-to-image pipelines" in res.output
+    with pytest.raises(InputError, match="--precision fp8: text-to-image pipelines"):
+        FAMILIES["sd"].check_precisions(("fp32", "fp8"), "openvino")
+    res, _ = _run(["--demo", "--precision", "bf16"], tmp_path)  # pipelines too: OpenVINO's hint
+    assert res.exit_code == 2 and "--precision bf16: needs --backend openvino" in res.output
     res, _ = _run(["--demo", "pixel", "--precision", "bf16"], tmp_path)
     assert res.exit_code == 2 and "needs --backend openvino" in res.output
 

@@ -26,13 +26,14 @@ def test_same_graph_same_answer_as_onnxruntime(tmp_path, precision):
         OnnxRuntimeRunner(path, tiny_spec()) as ort_r,
         OpenVINORunner(path, tiny_spec(), batch_sizes=[2]) as ov_r,
     ):
-        for b in (2, 3):  # 2: the static compile; 3: the dynamic fallback
+        for b in (2, 3):  # 2: precompiled at activation; 3: compiled static on first use
             f = _feeds(b, seed=b)
             ref, got = ort_r.infer(f)["out_sample"], ov_r.infer(f)["out_sample"]
             assert got.shape == ref.shape
             # fp32: same math; fp16/int8: the two runtimes may round intermediate tensors differently
             assert rel_l2(got, ref) < (1e-5 if precision == "fp32" else 2e-2)
-        assert set(ov_r._static) == {2} and ov_r._dynamic is not None
+        sigs = ov_r.compiled_signatures
+        assert [dict(s)["sample"][0] for s in sigs] == [2, 3] and ov_r._dynamic is None
 
 
 def test_cache_dir_and_config(tmp_path):
@@ -118,3 +119,94 @@ def test_bf16_needs_the_openvino_backend(tiny_teacher_dir, tmp_path):
     )
     assert res.exit_code == 2 and "--precision bf16: needs --backend openvino" in res.output
     assert not (tmp_path / "o").exists()
+
+
+# -- static compiles keyed by the feeds' shapes ------------------------------------------------------
+def _spatial(tmp_path):
+    """A conv graph with dynamic batch and spatial axes (a UNet's latent size) and its spec."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engines.iospec import DimRange, IOSpec, TensorSpec
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((4, 4, 3, 3)) * 0.2).astype(np.float32), "w")
+    dims = ["batch", 4, "h", "w"]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["sample", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Tanh", ["c"], ["out"]),
+        ],
+        "spatial",
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, dims)],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    path = tmp_path / "spatial.fp32.onnx"
+    onnx.save(model, str(path))
+    spec = IOSpec(
+        "spatial",
+        (TensorSpec("sample", "float32", tuple(dims)),),
+        (TensorSpec("out", "float32", tuple(dims)),),
+        {"batch": DimRange(1, 1, 8), "h": DimRange(4, 8, 16), "w": DimRange(4, 8, 16)},
+    )
+    return path, spec
+
+
+def _x(b: int, h: int, w: int) -> dict[str, np.ndarray]:
+    return {"sample": np.random.default_rng(b * h * w).standard_normal((b, 4, h, w)).astype(np.float32)}
+
+
+def test_static_compiles_are_keyed_by_the_full_shape_and_match_onnxruntime(tmp_path):
+    path, spec = _spatial(tmp_path)
+    with OnnxRuntimeRunner(path, spec) as ref, OpenVINORunner(path, spec, batch_sizes=[1]) as r:
+        assert r.compiles == 1  # the construction's batch size, at the spec's opt dims, before any call
+        # another batch (CFG's 2B) and another latent size at the precompiled batch: each its own compile
+        for shape in ((1, 8, 8), (2, 8, 8), (1, 12, 16), (2, 8, 8)):
+            f = _x(*shape)
+            assert rel_l2(r.infer(f)["out"], ref.infer(f)["out"]) < 1e-5, shape
+        held = [dict(s)["sample"] for s in r.compiled_signatures]
+        assert held == [(1, 4, 8, 8), (1, 4, 12, 16), (2, 4, 8, 8)] and r.compiles == 3  # by last use
+        assert r._dynamic is None
+
+
+def test_the_compiles_kept_are_bounded_least_recently_used_first(tmp_path):
+    path, spec = _spatial(tmp_path)
+    with (
+        OnnxRuntimeRunner(path, spec) as ref,
+        OpenVINORunner(path, spec, batch_sizes=[1], max_compiled=2) as r,
+    ):
+        for b in (2, 3, 2, 4):  # 3 is the least recently used when 4 comes
+            r.infer(_x(b, 8, 8))
+        assert [dict(s)["sample"][0] for s in r.compiled_signatures] == [1, 2, 4]  # 1: precompiled, kept
+        n = r.compiles
+        f = _x(3, 8, 8)  # evicted: compiled again, and still right
+        assert rel_l2(r.infer(f)["out"], ref.infer(f)["out"]) < 1e-5
+        assert r.compiles == n + 1 and len(r.compiled_signatures) == 3
+    with pytest.raises(InputError, match="max_compiled 0"):
+        OpenVINORunner(path, spec, max_compiled=0)
+
+
+def test_static_false_is_one_dynamic_compile_for_every_shape(tmp_path):
+    path, spec = _spatial(tmp_path)
+    with OnnxRuntimeRunner(path, spec) as ref, OpenVINORunner(path, spec, batch_sizes=[1], static=False) as r:
+        assert r.compiles == 1  # compiled at activation: timing excludes it
+        for shape in ((1, 8, 8), (3, 8, 8), (2, 16, 4)):
+            f = _x(*shape)
+            assert rel_l2(r.infer(f)["out"], ref.infer(f)["out"]) < 1e-5
+        assert r.compiles == 1 and r.compiled_signatures == []
+
+
+def test_the_bf16_hint_reaches_every_static_compile(tmp_path):
+    if "BF16" not in cpu_capabilities():
+        pytest.skip("this CPU's OpenVINO reports no BF16 (needs AVX512-BF16 or AMX)")
+    path, spec = _spatial(tmp_path)
+    with OpenVINORunner(path, spec, batch_sizes=[1], precision_hint="bf16", cache_dir=tmp_path / "c") as r:
+        for shape in ((2, 8, 8), (1, 16, 16)):
+            r.infer(_x(*shape))
+        compiled = [*r._pinned.values(), *r._lru.values()]
+        assert len(compiled) == 3
+        assert {c.model.get_property("INFERENCE_PRECISION_HINT").to_string() for c in compiled} == {"bf16"}
+    assert len(list((tmp_path / "c").iterdir())) >= 3  # CACHE_DIR: one blob per compiled shape

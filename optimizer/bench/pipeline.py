@@ -48,6 +48,7 @@ from optimizer.bench.measure import (
     run_group,
 )
 from optimizer.bench.variants import VariantSpec, ort_has
+from optimizer.families.table import RUNTIME_PRECISIONS
 from optimizer.t2i.teacher_timing import MODULE as TEACHER_MODULE
 
 log = logging.getLogger(__name__)
@@ -278,6 +279,9 @@ def _open_all(s: PipelineSetup, out_dir: Path, cfg: BenchConfig, allow_unvalidat
         for be, why in _backends(cfg, s.device):
             dev = "cuda" if be.startswith("onnxruntime-") else "cpu"
             v = VariantSpec(f"{be}/{mix}", "student", "engine", be, mix, art.name, dev)
+            if why is None and mix in RUNTIME_PRECISIONS and be != "openvino":
+                # the fp32 graphs under OpenVINO's bf16 hint: no other runtime runs that mix
+                why = f"{mix} is OpenVINO's inference hint on the fp32 graphs: openvino only"
             if why is None:
                 # validated on another runtime family (OpenVINO for an ONNX Runtime compile): its
                 # verdict does not carry over; a row saying so, not a refusal of the whole bench

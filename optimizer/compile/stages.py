@@ -36,6 +36,7 @@ from optimizer.compile.publish import RunDir
 from optimizer.compile.speed import SpeedConfig, measure, speedups
 from optimizer.compile.validate import call_parity, distribution, sample_parity
 from optimizer.conditioning import load_conditioning, n_classes
+from optimizer.families.table import RUNTIME_PRECISIONS
 from optimizer.model_io import conditioning_feeds, io_spec_for, sample_shape
 from optimizer.models import Denoiser, Teacher, load_teacher, teacher_reference_samples
 from optimizer.process import process_state
@@ -45,9 +46,7 @@ from optimizer.seeds import SeedPlan
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8", "bf16")
-# bf16 is a way of running the fp32 graph (OpenVINO's INFERENCE_PRECISION_HINT), not a graph
-RUNTIME_PRECISIONS = ("bf16",)
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")  # RUNTIME_PRECISIONS (bf16) run the fp32 graph
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "openvino")
 DEMO_DIR = Path(__file__).parents[1] / "demo"
 

@@ -3,7 +3,9 @@
 text encoder fp32 | fp16, UNet fp32 | fp16 | int8, VAE decoder and encoder (image-to-image) fp32 |
 fp16 after their range check: optimizer/quantize/fp16.py keeps FP32 islands where the measured
 activations would overflow fp16; if a converted VAE graph still misses its target (or the islands
-grow past the budget) it stays fp32. Every choice is recorded with its reason for the report.
+grow past the budget) it stays fp32. bf16 (--backend openvino) is no graph: every component's
+fp32 graph run under OpenVINO's bf16 inference hint (`runtime_graph`). Every choice is recorded
+with its reason for the report.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from optimizer.bars import ParityBars
 from optimizer.families import FAMILIES
+from optimizer.families.table import RUNTIME_PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,14 @@ class Graph:
     why: str = ""
 
 
+def runtime_graph(fp32: Graph, precision: str) -> Graph:
+    """A precision the runtime applies to the fp32 graph (bf16: OpenVINO's hint): the same file,
+    its own precision, so it is validated (call parity at that precision's bar) and published on
+    its own record; t2i.json names it as the component's precision (engines/t2i.py)."""
+    why = f"the fp32 graph under OpenVINO's {precision} inference hint (nothing quantized)"
+    return Graph(fp32.kind, precision, fp32.path, {"passed": True, "graph": "fp32"}, why)
+
+
 def quantize_component(
     kind: str,
     precision: str,
@@ -43,9 +54,12 @@ def quantize_component(
     bars: ParityBars,
 ) -> Graph:
     """One component graph at `precision`; a graph that misses its target is returned with the
-    reason, and the mix falls back to the fp32 graph (`resolve_mix`)."""
+    reason, and the mix falls back to the fp32 graph (`resolve_mix`). A runtime precision (bf16)
+    writes nothing: the fp32 graph under that precision (`runtime_graph`)."""
     from optimizer import quantize as q
 
+    if precision in RUNTIME_PRECISIONS:
+        return runtime_graph(Graph(kind, "fp32", fp32), precision)
     if precision == "fp16":
         res = q.quantize_fp16(fp32, out, calib, q.Fp16Config.from_bars(bars))
         islands = [k for k in res.kept_float if k.reason == "range"]

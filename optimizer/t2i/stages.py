@@ -388,7 +388,7 @@ def validate(
         feeds = vrec.feeds(kind)
         spec = IOSpec.from_dict(loaded.spec.component(kind).io.to_dict())
         refs = val.torch_outputs(kind, loaded.module(kind), feeds, spec)
-        with make(f"{kind}.{p}", ctx.root / _runnable(ctx, kind, g), spec) as r:
+        with make(f"{kind}.{p}", ctx.root / _runnable(ctx, kind, g), spec, precision=p) as r:
             cp = val.call_parity(kind, p, r, feeds, refs, cfg.bars)
         calls[f"{kind}.{p}"] = cp
         log.info("call %s %s: rel. L2 %.2e over %d calls", kind, p, cp.rel_l2, cp.calls)
