@@ -45,7 +45,7 @@ def parameters_text(params: dict[str, str]) -> str:
     )
 
 
-def swap_in(new: Path, repo_dir: Path, option: str) -> None:
+def swap_in(new: Path, repo_dir: Path, option: str, kind: str = "triton-repo") -> None:
     """Rename `new` onto `repo_dir`. An existing repository is renamed away under a fresh name
     (never onto anything that exists) and deleted only once the new one is in place."""
     if not repo_dir.exists():
@@ -55,8 +55,10 @@ def swap_in(new: Path, repo_dir: Path, option: str) -> None:
         repo_dir.rmdir()  # an empty folder holds nothing to lose
         new.rename(repo_dir)
         return
-    if not is_ours(repo_dir, "triton-repo"):  # changed since check_target: refuse, touch nothing
-        raise InputError(f"{option} {repo_dir}: no longer a dd-triton repository; nothing was replaced")
+    if not is_ours(repo_dir, kind):  # changed since check_target: refuse, touch nothing
+        raise InputError(
+            f"{option} {repo_dir}: no longer a folder dd-compile wrote ({kind}); nothing was replaced"
+        )
     old = repo_dir.with_name(f".{repo_dir.name}.old-{uuid.uuid4().hex}")
     repo_dir.rename(old)
     new.rename(repo_dir)

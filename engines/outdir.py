@@ -1,9 +1,9 @@
 """Output folders: a tool writes into, and replaces, only a folder it created itself.
 
-Every command that writes a folder (dd-compile -o, dd-triton --repo, dd-distill's <stem>.distill/,
-dd-bench -o) calls `check_target` before any work and `claim` once the folder exists. A folder is
-ours when it holds the marker file `.dd-compile.json` naming the kind of folder and an id (the
-manifest's run id for a compiled output). Anything else that already holds files is the user's:
+Every command that writes a folder (dd-compile -o, dd-triton --repo, dd-layout -o, dd-distill's
+<stem>.distill/, dd-bench -o) calls `check_target` before any work and `claim` once the folder
+exists. A folder is ours when it holds the marker file `.dd-compile.json` naming the kind of folder
+and an id (the manifest's run id for a compiled output). Anything else that already holds files is the user's:
 it is refused with one line, never emptied, moved or replaced.
 """
 
@@ -19,7 +19,7 @@ from engines.errors import InputError
 from engines.fileio import write_json_atomic
 
 MARKER = ".dd-compile.json"
-KINDS = ("compile", "triton-repo", "distill", "bench", "t2i-student")
+KINDS = ("compile", "triton-repo", "distill", "bench", "t2i-student", "layout")
 
 
 def read_marker(folder: str | Path) -> dict[str, Any] | None:

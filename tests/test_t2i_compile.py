@@ -4,7 +4,10 @@ nothing written), the VAE's planted fp16 overflow, CLIP score on a tiny random C
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -245,14 +248,11 @@ def test_clip_score_on_a_tiny_random_clip_model(tmp_path):
         judge(a, b, ["x"] * 6, None, ParityBars(), info, tmp_path / "nope")
 
 
-@pytest.mark.slow
-def test_compile_tiny_pipeline_end_to_end(tiny, tmp_path):
-    """dd-compile on a tiny SD pipeline (its own teacher at 6 steps): every check passes, the
-    report holds every component's parity, engines.load gives the TextToImagePipeline."""
-    import engines
-
+@pytest.fixture(scope="module")
+def compiled_sd(tiny, tmp_path_factory):
+    """dd-compile on the tiny SD pipeline (its own teacher), fp32 + fp16: the output folder."""
     src, _ = tiny
-    out = tmp_path / "out"
+    out = tmp_path_factory.mktemp("compiled_sd") / "out"
     res = _cli(
         [
             src,
@@ -269,6 +269,16 @@ def test_compile_tiny_pipeline_end_to_end(tiny, tmp_path):
         ]
     )
     assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.mark.slow
+def test_compile_tiny_pipeline_end_to_end(compiled_sd, tmp_path):
+    """dd-compile on a tiny SD pipeline (its own teacher at 6 steps): every check passes, the
+    report holds every component's parity, engines.load gives the TextToImagePipeline."""
+    import engines
+
+    out = compiled_sd
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["call_parity"]) == {
         f"{k}.{p}" for k in ("text_encoder", "unet", "vae_decoder", "vae_encoder") for p in ("fp32", "fp16")
@@ -300,11 +310,69 @@ def test_compile_tiny_pipeline_end_to_end(tiny, tmp_path):
             pipe(**kw)
     with pytest.raises(InputError, match="no text-to-image pipeline 'int8'"):
         engines.load(out, precision="int8")
-    # a tampered graph is refused before anything runs
-    unet = next((out / "runs").glob("*/onnx/unet.fp16.onnx"))
+    # a tampered graph is refused before anything runs (on a copy: the output is shared)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    unet = next((copy / "runs").glob("*/onnx/unet.fp16.onnx"))
     unet.write_bytes(unet.read_bytes() + b"\0")
     with pytest.raises(Exception, match="sha256"):
-        engines.load(out, precision="fp16")
+        engines.load(copy, precision="fp16")
+
+
+@pytest.mark.slow
+def test_layout_optimum_onnx(compiled_sd, tmp_path):
+    """dd-layout writes a mix as optimum-onnx's folder layout (model_index.json, <component>/
+    model.onnx byte for byte + config.json, tokenizer, scheduler, the validation record); it
+    replaces only a layout it wrote, refuses other families and bf16 in one line; with the peers'
+    venv (benchmarks/layout_check.py) optimum's ORTDiffusionPipeline reproduces our images."""
+    from engines.fileio import sha256_file
+    from engines.layouts import check_reader, command
+
+    def layout(*args):
+        return CliRunner().invoke(command(), [str(a) for a in args], catch_exceptions=False)
+
+    dest = tmp_path / "optimum"
+    for _ in range(2):  # the second run replaces the first (it is ours)
+        res = layout(compiled_sd, "-o", dest, "--precision", "fp16")
+        assert res.exit_code == 0, res.output
+    index = json.loads((dest / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["unet"][1] == "UNet2DConditionModel"
+    rec = json.loads((dest / "dd-compile.json").read_text())
+    assert rec["mix"] == "fp16" and rec["precisions"]["unet"] == "fp16"
+    run = next((compiled_sd / "runs").glob("*"))
+    for kind in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        got = sha256_file(dest / kind / "model.onnx")
+        precision = rec["precisions"][kind]
+        assert got == rec["graphs_sha256"][kind] == sha256_file(run / f"onnx/{kind}.{precision}.onnx")
+        assert json.loads((dest / kind / "config.json").read_text())  # the model's config.json
+    tok = json.loads((dest / "tokenizer" / "tokenizer_config.json").read_text())
+    assert tok["model_max_length"] == 77 and (dest / "tokenizer" / "tokenizer.json").exists()
+    assert (dest / "report.json").exists() and (dest / "scheduler" / "scheduler_config.json").exists()
+    assert check_reader(dest, rec["checked_with"]) is None
+    assert "optimum-onnx 9.9 (checked: " in check_reader(dest, {**rec["checked_with"], "optimum-onnx": "9.9"})
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("user data")
+    res = layout(compiled_sd, "-o", theirs)
+    assert res.exit_code == 2 and (theirs / "keep.txt").read_text() == "user data", res.output
+    res = layout(compiled_sd, "-o", tmp_path / "x", "--precision", "int8")
+    assert res.exit_code == 2 and "no text-to-image pipeline 'int8'" in res.output
+    assert not (tmp_path / "x").exists()
+    peers = Path(os.environ.get("DD_PEERS_VENV") or Path.home() / ".cache/dd-compile/peers-venv")
+    if not (peers / "bin" / "python").exists():
+        pytest.skip(f"no peers venv at {peers} (bash .ci/setup-peers): optimum's load not checked")
+    check = Path(__file__).resolve().parents[1] / "benchmarks" / "layout_check.py"
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    refs, result = tmp_path / "refs.json", tmp_path / "result.json"
+    ours = [sys.executable, check, "ours", compiled_sd, "--precision", "fp16", "--json", refs]
+    subprocess.run([str(a) for a in ours], check=True, env=env, capture_output=True)
+    cmd = [peers / "bin" / "python", check, "optimum", dest, "--refs", refs, "--json", result]
+    p = subprocess.run([str(a) for a in cmd], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(result.read_text())
+    print("\noptimum-onnx on the fp16 layout vs dd-compile's runtime:", got["psnr_db"], "dB")
+    assert got["pipeline_class"] == "ORTStableDiffusionPipeline" and got["reader_warning"] is None
+    assert float(got["psnr_db"]) >= 40, got
 
 
 @pytest.mark.slow

@@ -170,7 +170,8 @@ def t2i_json(spec: PipelineSpec, paths: dict[str, str], vocab_size: int) -> dict
         "guidance": spec.guidance,
         # a component without a graph is left out (no vae_encoder: a text-to-image-only description)
         "components": {
-            c.kind: {"path": paths[c.kind], "precision": "fp32", "io": c.io.to_dict()}
+            # config: the model's config.json, for layouts other runtimes load (engines/layouts.py)
+            c.kind: {"path": paths[c.kind], "precision": "fp32", "io": c.io.to_dict(), "config": c.config}
             for c in spec.components
             if c.kind in paths
         },
