@@ -141,6 +141,7 @@ def test_compile_tiny_pipeline_fp32_and_bf16_on_openvino(tmp_path):
         assert {r.precision_hint for r in pipe.runners.values()} == {"f32"}
     with pytest.raises(InputError, match="validated on openvino, not on onnxruntime"):
         engines.load(out, precision="bf16", backend="onnxruntime")
+    _openvino_layout(out, tmp_path)
     # dd-bench, even told to run unvalidated rows: the bf16 mix is a skipped row off OpenVINO
     from optimizer.bench.measure import BenchConfig
     from optimizer.bench.pipeline import setup
@@ -156,3 +157,57 @@ def test_compile_tiny_pipeline_fp32_and_bf16_on_openvino(tmp_path):
     finally:
         for r in s.runners.values():
             r.deactivate()
+
+
+def _openvino_layout(out: Path, tmp_path: Path) -> None:
+    """dd-layout --layout openvino of the validated bf16 mix: IR per component (the UNet's timestep
+    int64, as genai feeds it), the tokenizer converted for genai, the hint the validation held
+    under recorded; with the peers' venv, openvino.genai's Text2ImagePipeline reproduces the
+    runtime's bf16 images on OpenVINO (its own scheduler code: within 30 dB here)."""
+    import os
+    import subprocess
+    import sys
+
+    import openvino as ov
+
+    from engines.layouts import command
+
+    dest = tmp_path / "ov_layout"
+    res = CliRunner().invoke(
+        command(), [str(out), "-o", str(dest), "--layout", "openvino", "--precision", "bf16"]
+    )
+    assert res.exit_code == 0, res.output
+    rec = json.loads((dest / "dd-compile.json").read_text())
+    assert rec["properties"] == {"INFERENCE_PRECISION_HINT": "bf16"} and rec["mix"] == "bf16"
+    unet = ov.Core().read_model(str(dest / "unet" / "openvino_model.xml"))
+    assert {i.get_any_name(): i.get_element_type() for i in unet.inputs}["timestep"] == ov.Type.i64
+    assert (dest / "tokenizer" / "openvino_tokenizer.xml").exists()
+    index = json.loads((dest / "model_index.json").read_text())
+    assert index["vae"] == ["diffusers", "AutoencoderKL"] and all(
+        None not in v for v in index.values() if isinstance(v, list)
+    )
+    peers = Path(os.environ.get("DD_PEERS_VENV") or Path.home() / ".cache/dd-compile/peers-venv")
+    if not (peers / "bin" / "python").exists():
+        pytest.skip(f"no peers venv at {peers} (bash .ci/setup-peers): genai's load not checked")
+    check = Path(__file__).resolve().parents[1] / "benchmarks" / "layout_check.py"
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    refs, result = tmp_path / "refs.json", tmp_path / "result.json"
+    ours = [
+        sys.executable,
+        check,
+        "ours",
+        out,
+        "--precision",
+        "bf16",
+        "--backend",
+        "openvino",
+        "--json",
+        refs,
+    ]
+    subprocess.run([str(a) for a in ours], check=True, env=env, capture_output=True)
+    cmd = [peers / "bin" / "python", check, "genai", dest, "--refs", refs, "--json", result]
+    p = subprocess.run([str(a) for a in cmd], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(result.read_text())
+    print("\nopenvino.genai on the bf16 layout vs dd-compile's runtime on OpenVINO:", got["psnr_db"], "dB")
+    assert got["reader_warning"] is None and float(got["psnr_db"]) >= 30, got

@@ -358,6 +358,10 @@ def test_layout_optimum_onnx(compiled_sd, tmp_path):
     res = layout(compiled_sd, "-o", tmp_path / "x", "--precision", "int8")
     assert res.exit_code == 2 and "no text-to-image pipeline 'int8'" in res.output
     assert not (tmp_path / "x").exists()
+    # an OpenVINO layout needs a mix validated on OpenVINO (tests/test_openvino_t2i.py writes one)
+    res = layout(compiled_sd, "-o", tmp_path / "ov", "--layout", "openvino")
+    assert res.exit_code == 2 and "validated on onnxruntime, not on openvino" in res.output
+    assert not (tmp_path / "ov").exists()
     peers = Path(os.environ.get("DD_PEERS_VENV") or Path.home() / ".cache/dd-compile/peers-venv")
     if not (peers / "bin" / "python").exists():
         pytest.skip(f"no peers venv at {peers} (bash .ci/setup-peers): optimum's load not checked")
@@ -448,7 +452,8 @@ def test_compile_t2i_student_ckpt(tiny, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["meta"]["guidance"] == "embedded"
     with engines.load(out) as pipe:
         assert pipe(["a red seven"], seeds=[0]).shape == (1, 16, 16, 3)
-    # a failed check: exit 1, the report and manifest say so, and the runtime refuses to serve it
+    # a failed check: exit 1, the report and manifest say so, and the runtime refuses to serve that
+    # mix, while the mix that passed stays servable (recommended among the passing ones)
     bad = tmp_path / "bad"
     res = _cli(
         [
@@ -456,7 +461,7 @@ def test_compile_t2i_student_ckpt(tiny, tmp_path):
             "-o",
             bad,
             "--precision",
-            "fp32",
+            "fp32,int8",
             "--threads",
             "1",
             "--bench-seconds",
@@ -468,15 +473,18 @@ def test_compile_t2i_student_ckpt(tiny, tmp_path):
             "--batch-sizes",
             "1,2",
             "--bar",
-            "call.fp32=1e-12",
+            "sample.int8=99",
             "--threads-grid",
             "0",
         ]
     )
-    assert res.exit_code == 1 and "FAILED call unet.fp32" in res.output, res.output
-    assert json.loads((bad / "report.json").read_text())["passed"] is False
+    assert res.exit_code == 1 and "FAILED sample int8" in res.output, res.output
+    rep = json.loads((bad / "report.json").read_text())
+    assert rep["passed"] is False and rep["recommended"] == "fp32"
     with pytest.raises(InputError, match="not servable"):
-        engines.load(bad)
+        engines.load(bad, precision="int8")
+    with engines.load(bad) as pipe:  # the recommended fp32 mix
+        assert pipe(["a red seven"], seeds=[0]).shape == (1, 16, 16, 3)
 
 
 def test_sample_bars_default_per_mix_and_follow_bar():

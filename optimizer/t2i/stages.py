@@ -701,6 +701,10 @@ def publish(ctx: T2IContext, graphs: dict[tuple[str, str], prec.Graph]) -> Manif
 
         e = m.add(**engine_artifact(kind, eng))
         e.validation = _validation(ctx, not fails, fails)
+    # a mix carries its own failures and the run's (distribution, ...), not another mix's: a
+    # failed int8 leaves the passing fp32 and bf16 mixes servable
+    of_mixes = {f for v in ctx.report["variants"] for f in v["failures"]}
+    run_failures = [f for f in ctx.report["failures"] if f not in of_mixes]
     for v in ctx.report["variants"]:
         art = m.add(
             f"pipeline/{v['mix']}",
@@ -711,8 +715,8 @@ def publish(ctx: T2IContext, graphs: dict[tuple[str, str], prec.Graph]) -> Manif
             input_sha256=ctx.source_sha,
             extra={"components": v["components"]},
         )
-        ok = v["passed"] and not ctx.report["failures"]
-        art.validation = _validation(ctx, ok, v["failures"] + ctx.report["failures"])
+        ok = v["passed"] and not run_failures
+        art.validation = _validation(ctx, ok, v["failures"] + run_failures)
     for rel in ("tokenizer/tokenizer.json", "scheduler/scheduler_config.json", "t2i.json"):
         if (ctx.root / rel).exists():
             m.add(f"asset/{rel}", ctx.root / rel, "asset", input_sha256=ctx.source_sha)
