@@ -164,10 +164,6 @@ def _openvino_layout(out: Path, tmp_path: Path) -> None:
     int64, as genai feeds it), the tokenizer converted for genai, the hint the validation held
     under recorded; with the peers' venv, openvino.genai's Text2ImagePipeline reproduces the
     runtime's bf16 images on OpenVINO (its own scheduler code: within 30 dB here)."""
-    import os
-    import subprocess
-    import sys
-
     import openvino as ov
 
     from engines.layouts import command
@@ -186,28 +182,8 @@ def _openvino_layout(out: Path, tmp_path: Path) -> None:
     assert index["vae"] == ["diffusers", "AutoencoderKL"] and all(
         None not in v for v in index.values() if isinstance(v, list)
     )
-    peers = Path(os.environ.get("DD_PEERS_VENV") or Path.home() / ".cache/dd-compile/peers-venv")
-    if not (peers / "bin" / "python").exists():
-        pytest.skip(f"no peers venv at {peers} (bash .ci/setup-peers): genai's load not checked")
-    check = Path(__file__).resolve().parents[1] / "benchmarks" / "layout_check.py"
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    refs, result = tmp_path / "refs.json", tmp_path / "result.json"
-    ours = [
-        sys.executable,
-        check,
-        "ours",
-        out,
-        "--precision",
-        "bf16",
-        "--backend",
-        "openvino",
-        "--json",
-        refs,
-    ]
-    subprocess.run([str(a) for a in ours], check=True, env=env, capture_output=True)
-    cmd = [peers / "bin" / "python", check, "genai", dest, "--refs", refs, "--json", result]
-    p = subprocess.run([str(a) for a in cmd], env=env, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-2000:]
-    got = json.loads(result.read_text())
+    from tests.peer_runtimes import layout_check
+
+    got = layout_check(tmp_path, out, dest, "genai", "bf16", "openvino")
     print("\nopenvino.genai on the bf16 layout vs dd-compile's runtime on OpenVINO:", got["psnr_db"], "dB")
     assert got["reader_warning"] is None and float(got["psnr_db"]) >= 30, got

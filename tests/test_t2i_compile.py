@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from engines.errors import InputError
+from tests.peer_runtimes import layout_check
 from tests.t2i_tiny import clip_tokenizer, make_tiny_pipeline
 
 
@@ -362,18 +361,7 @@ def test_layout_optimum_onnx(compiled_sd, tmp_path):
     res = layout(compiled_sd, "-o", tmp_path / "ov", "--layout", "openvino")
     assert res.exit_code == 2 and "validated on onnxruntime, not on openvino" in res.output
     assert not (tmp_path / "ov").exists()
-    peers = Path(os.environ.get("DD_PEERS_VENV") or Path.home() / ".cache/dd-compile/peers-venv")
-    if not (peers / "bin" / "python").exists():
-        pytest.skip(f"no peers venv at {peers} (bash .ci/setup-peers): optimum's load not checked")
-    check = Path(__file__).resolve().parents[1] / "benchmarks" / "layout_check.py"
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    refs, result = tmp_path / "refs.json", tmp_path / "result.json"
-    ours = [sys.executable, check, "ours", compiled_sd, "--precision", "fp16", "--json", refs]
-    subprocess.run([str(a) for a in ours], check=True, env=env, capture_output=True)
-    cmd = [peers / "bin" / "python", check, "optimum", dest, "--refs", refs, "--json", result]
-    p = subprocess.run([str(a) for a in cmd], env=env, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-2000:]
-    got = json.loads(result.read_text())
+    got = layout_check(tmp_path, compiled_sd, dest, "optimum", "fp16", "onnxruntime")
     print("\noptimum-onnx on the fp16 layout vs dd-compile's runtime:", got["psnr_db"], "dB")
     assert got["pipeline_class"] == "ORTStableDiffusionPipeline" and got["reader_warning"] is None
     assert float(got["psnr_db"]) >= 40, got
@@ -385,7 +373,6 @@ def test_demo_t2i_passes_and_is_far_past_10x(tmp_path):
     compiled pipeline beats the diffusers teacher (DDIM 50 + CFG) by >= 10x end to end.
     CI compiles the demo as its own step first and points DD_DEMO_T2I_OUT at that out/, so the same
     assertions run on that real run instead of compiling it twice."""
-    import os
 
     if os.environ.get("DD_DEMO_T2I_OUT"):
         out = Path(os.environ["DD_DEMO_T2I_OUT"])
