@@ -186,9 +186,11 @@ class OpenVINORunner(Runner):
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         c = self._request(feeds)
-        c.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
-        # copies: the request's output buffers are reused by the next call
-        return {n: np.array(c.request.get_output_tensor(i).data) for i, n in enumerate(c.names)}
+        # inputs shared, not copied (the call is synchronous); outputs copied once by infer (the
+        # request's buffers are reused by the next call), not twice: 0.06 ms of a 2 ms demo UNet
+        # call, within noise end to end (the demo teacher: 0.99x)
+        res = c.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()}, share_inputs=True)
+        return {n: res[i] for i, n in enumerate(c.names)}
 
     def deactivate_impl(self) -> None:
         self._pinned, self._lru, self._dynamic, self._core = {}, OrderedDict(), None, None

@@ -754,7 +754,8 @@ class CompiledPipeline:
                 xi = np.concatenate([xi, masked], axis=1)
             xin = np.concatenate([xi, xi]) if do_cfg else xi
             feeds = {"sample": xin, "timestep": np.full((xin.shape[0],), t, np.float32), **feeds_c}
-            out = self.runners[p.denoiser].infer(feeds)[out_name].astype(np.float32)
+            # the first step checks the feeds against the IO spec; the others have the same shapes
+            out = self.runners[p.denoiser].infer(feeds, check=i == begin)[out_name].astype(np.float32)
             if do_cfg:
                 u, c = out[:b], out[b:]
                 out = u + np.float32(g) * (c - u)
