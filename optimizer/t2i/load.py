@@ -328,16 +328,9 @@ def check_configs(configs: dict[str, dict[str, Any]], where: dict[str, str]) -> 
     for key in ("in_channels", "out_channels", "time_cond_proj_dim"):
         need("unet", key, unet.get(key) is None or _pos_int(unet.get(key)), "a positive integer")
     need("vae_decoder", "latent_channels", _pos_int(vae.get("latent_channels")), "a positive integer")
-    # a 9-channel inpainting UNet reads the latents, the mask and the masked image's latents (the
-    # pipeline class says which it is: pipeline_spec checks they agree)
-    c = int(vae["latent_channels"])
-    need(
-        "unet",
-        "in_channels",
-        unet.get("in_channels", 4) in (c, 2 * c + 1),
-        f"the VAE's latent_channels {c} (text-to-image) or {2 * c + 1} (an inpainting UNet: latents + "
-        "mask + masked image)",
-    )
+    # a 9-channel inpainting UNet (latents, mask, masked-image latents) is told apart from a
+    # text-to-image one by pipeline_spec; other counts by check_unet_channels once the weights
+    # loaded (a VAE config that does not match its weights is named first, as the VAE's)
     sample_size(unet, where["unet"])
     if "text_encoder_2" not in configs:
         if unet.get("addition_embed_type") is not None:
@@ -658,9 +651,24 @@ def load_pipeline(
         path, index["_class_name"], configs, sched_cfg, profile=profile, guidance=guidance, index=index
     )
     family = family_of_pipeline(index["_class_name"])
+    modules = {f: load_component(f, path / f, index[f][1]) for f in module_folders(family)}
+    check_unet_channels(configs, path)
     return LoadedPipeline(
         path=path,
         spec=spec,
-        modules={f: load_component(f, path / f, index[f][1]) for f in module_folders(family)},
+        modules=modules,
         tokenizer_dirs={t: path / t for t in family.tokenizers},
     )
+
+
+def check_unet_channels(configs: dict[str, dict[str, Any]], path: Path) -> None:
+    """A UNet reads the VAE's latent channels C (text-to-image) or 2C + 1 (inpainting)."""
+    unet = configs.get("unet")
+    if unet is None:  # SD3 / Flux: their transformer's channels are checked with their configs
+        return
+    c, got = int(configs["vae_decoder"]["latent_channels"]), unet.get("in_channels", 4)
+    if got not in (c, 2 * c + 1):
+        raise InputError(
+            f"{path / 'unet' / 'config.json'}: in_channels {got!r}: expected the VAE's latent_channels {c} "
+            f"(text-to-image) or {2 * c + 1} (an inpainting UNet: latents + mask + masked image)"
+        )
