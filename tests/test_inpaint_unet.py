@@ -51,8 +51,9 @@ def sd_inpaint(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd_inpaint")
     src = make_tiny_pipeline(root / "pipe", inpaint=True, seed=2)
     out = root / "out"
-    args = [src, "--steps", "2", "-o", out, "--precision", "fp32,fp16", "--threads", "1"]
-    args += ["--resolutions", "16,32", "--bench-seconds", "0.5", "--fid-samples", "20", "--threads-grid", "1"]
+    args = [src, "--steps", "2", "-o", out, "--precision", "fp32,fp16", "--threads", "1", "--samples", "4"]
+    args += ["--resolutions", "16,32", "--bench-seconds", "0.3", "--fid-samples", "8", "--threads-grid", "1"]
+    args += ["--batch-sizes", "1"]
     res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return out, diffusers_pipeline(load_pipeline(src))
@@ -137,9 +138,9 @@ def test_compile_inpainting_unet(sd_inpaint):
     assert rep["call_parity"]["unet.fp32"]["rel_l2"] <= 1e-5
     assert rep["call_parity"]["vae_encoder.fp32"]["passed"]
     psnr = {v["mix"]: float(v["sample_parity"]["psnr_db"]) for v in rep["variants"]}
-    assert psnr["fp32"] >= 40 and psnr["fp16"] >= 30, psnr
+    assert psnr["fp32"] >= 40 and psnr["fp16"] >= 30, psnr  # fp16: range-checked on inpainting calls
     assert all(v["task_parity"] == {} for v in rep["variants"])  # its sample parity is inpainting
-    assert rep["distribution"]["n"] == 20
+    assert rep["distribution"]["n"] == 8
     assert rep["timings"]["end_to_end"]["teacher"] and rep["timings"]["teacher_baseline"]
     for b, sp in rep["variants"][0]["speedup_end_to_end"].items():  # 2 steps vs its 50 CFG steps
         why = rep["timings"]["speedup_null_reason"]["fp32"][b]
