@@ -291,11 +291,13 @@ def prepare_source(folder: Path, dest: Path) -> dict[str, Any]:
         return json.loads(done.read_text())
     from safetensors.numpy import load_file, save_file
 
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(folder, dest)
+    if dest.exists():  # not a copy this script finished: the user's to look at, never deleted here
+        raise SystemExit(f"{dest}: exists but is not a finished peers copy (no {done.name}); remove it")
+    # built beside dest and renamed into place once fixed: an interrupted run leaves no dest
+    work = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    shutil.copytree(folder, work)
     fixes: dict[str, Any] = {}
-    for sub in sorted(p for p in dest.iterdir() if p.is_dir()):
+    for sub in sorted(p for p in work.iterdir() if p.is_dir()):
         cfg = sub / "config.json"
         weights = sub / "model.safetensors"
         if cfg.exists() and weights.exists():
@@ -319,7 +321,8 @@ def prepare_source(folder: Path, dest: Path) -> dict[str, Any]:
             fixes[sub.name] = (
                 "vocab.json + merges.txt written from tokenizer.json's BPE (the slow CLIPTokenizer)"
             )
-    done.write_text(json.dumps(fixes, indent=1))
+    (work / done.name).write_text(json.dumps(fixes, indent=1))
+    work.rename(dest)
     return fixes
 
 
