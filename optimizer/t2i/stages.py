@@ -380,12 +380,14 @@ def validate(
 
     cfg = ctx.cfg
     make = component_runner(cfg.backend, cfg.threads)
-    # validation trajectories (other prompts and latents), recorded at a batch the profile holds
-    vrec = record(ctx, pipe, min(2, max(cfg.batch_sizes)), 1000)
+    # validation trajectories (other prompts and latents) at every batch size the output is built
+    # for: a static backend compiles each shape apart (OpenVINO's static int8 demo UNet was 10x off
+    # at batch 4 while batch 2, which alone was checked here, passed)
+    vrecs = [record(ctx, pipe, b, 1000 + 10 * b) for b in sorted(set(cfg.batch_sizes))]
     loaded = ctx.src.student
     calls: dict[str, Any] = {}
     for (kind, p), g in sorted(graphs.items()):
-        feeds = vrec.feeds(kind)
+        feeds = [f for r in vrecs for f in r.feeds(kind)]
         spec = IOSpec.from_dict(loaded.spec.component(kind).io.to_dict())
         refs = val.torch_outputs(kind, loaded.module(kind), feeds, spec)
         with make(f"{kind}.{p}", ctx.root / _runnable(ctx, kind, g), spec, precision=p) as r:
