@@ -21,6 +21,8 @@ class Runner(abc.ABC):
         self.spec = spec
         self.name = name or self.backend
         self.is_active = False
+        # fed with every call beside the caller's feeds (a graph's LoRA inputs: engines/lora.py)
+        self.extra_feeds: dict[str, np.ndarray] = {}
 
     def __enter__(self) -> Runner:
         self.activate()
@@ -47,7 +49,7 @@ class Runner(abc.ABC):
             raise RuntimeError(f"{self.name}: activate the runner (use it as a context manager)")
         if check:
             self.spec.check_feeds(feeds)
-        return self.infer_impl(feeds)
+        return self.infer_impl({**feeds, **self.extra_feeds} if self.extra_feeds else feeds)
 
     @abc.abstractmethod
     def activate_impl(self) -> None: ...

@@ -154,6 +154,12 @@ def check_layout_source(desc: dict[str, Any], where: Path, layout: str = "optimu
             f"{where}: no model config recorded for {', '.join(missing)} (compiled before dd-compile "
             "recorded them; recompile it)"
         )
+    slotted = [k for k, c in desc["components"].items() if c.get("lora")]
+    if slotted:  # their runtimes feed a model's own inputs, not LoRA's
+        raise InputError(
+            f"{where}: {', '.join(slotted)} take LoRA inputs (dd-compile --lora-rank), which "
+            f"{layout}'s runtime does not feed: compile without --lora-rank for this layout"
+        )
     for k, c in desc["components"].items():
         # the fp32 graph under OpenVINO's hint: what ORT would run is not what was validated
         if c.get("precision") == "bf16" and layout != "openvino":

@@ -11,6 +11,7 @@ import numpy as np
 from engines.base import Runner
 from engines.errors import BackendUnavailable
 from engines.iospec import IOSpec
+from engines.lora import graph_zero_feeds
 
 PROVIDERS = {
     "onnxruntime": ["CPUExecutionProvider"],
@@ -120,6 +121,7 @@ class OnnxRuntimeRunner(Runner):
             cache_dir = self.model_path.parent / "trt_ep_cache"
         self.provider_options = provider_options or default_provider_options(backend, spec, cache_dir)
         self.session: Any = None
+        self.lora_defaults: dict[str, np.ndarray] = {}
 
     def activate_impl(self) -> None:
         ort = import_ort()
@@ -133,9 +135,15 @@ class OnnxRuntimeRunner(Runner):
         self.session = ort.InferenceSession(
             str(self.model_path), session_options(self.threads), providers=providers
         )
+        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+        self.lora_defaults = graph_zero_feeds(
+            (i.name, i.shape, types.get(i.type, np.float32)) for i in self.session.get_inputs()
+        )
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.session.get_outputs()]
+        if self.lora_defaults:  # LoRA inputs not fed: no adapter (rank 0)
+            feeds = {**self.lora_defaults, **feeds}
         return dict(zip(names, self.session.run(names, feeds), strict=True))
 
     def deactivate_impl(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from engines.base import Runner
 from engines.errors import InputError
 from engines.iospec import IOSpec
+from engines.lora import AdapterSet, Slots
 from engines.pipeline import (  # noqa: F401  (T2IRequest, to_uint8, guidance_scale_embedding: this module's API)
     LONG_PROMPT_POLICIES,
     CompiledPipeline,
@@ -50,6 +51,8 @@ RunnerFactory = Callable[[str, Path, IOSpec], Runner]
 # precisions a runtime applies to the fp32 graph (no graph of their own) -> OpenVINO's
 # INFERENCE_PRECISION_HINT; t2i.json names them as a component's "precision"
 OPENVINO_HINTS = {"bf16": "bf16"}
+# backends whose runners feed a graph's LoRA inputs (rank 0 when no adapter is set: engines/lora.py)
+LORA_BACKENDS = ("onnxruntime", "onnxruntime-cuda", "openvino")
 
 
 class ComponentRunnerFactory(Protocol):
@@ -255,3 +258,45 @@ class TextToImagePipeline(CompiledPipeline):
                 inpaint_unet=int(specs[cfg.denoiser].inputs[0].shape[1]) == 2 * cfg.latent_channels + 1,
             )
         )
+        # LoRA inputs (dd-compile --lora-rank): adapters at run time, fed to this process's runners
+        slots = {
+            n: Slots.from_dict(cfg.components[n]["lora"]) for n in names if cfg.components[n].get("lora")
+        }
+        if slots and self.backend not in LORA_BACKENDS:
+            raise InputError(
+                f"{cfg.root / config}: graphs with LoRA inputs run on {', '.join(LORA_BACKENDS)}, not "
+                f"{self.backend!r} (TensorRT refit and adapters through Triton are not built yet)"
+            )
+        self.adapters = AdapterSet(slots, runners, cfg.denoiser)
+
+    # -- LoRA at run time (diffusers' names; engines/lora.py) --
+    def load_lora_weights(self, path: str | Path, adapter_name: str | None = None) -> str:
+        """Load a LoRA file (diffusers / peft or kohya names); it becomes the one active adapter."""
+        return self.adapters.load(path, adapter_name)
+
+    def set_adapters(
+        self,
+        adapter_names: str | Sequence[str] | Mapping[str, float],
+        adapter_weights: float | Sequence[float] | None = None,
+    ) -> None:
+        """The adapters to run and their weights: `set_adapters({"style": 0.8, "detail": 0.4})`, or
+        diffusers' `set_adapters(["style", "detail"], adapter_weights=[0.8, 0.4])`; `{}`: none,
+        which gives the base model's images bit for bit."""
+        if isinstance(adapter_names, Mapping):
+            weights = dict(adapter_names)
+        else:
+            names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+            ws = adapter_weights if isinstance(adapter_weights, Sequence) else [adapter_weights] * len(names)
+            if len(ws) != len(names):
+                raise InputError(f"set_adapters: {len(names)} adapter names but {len(ws)} weights")
+            weights = {n: 1.0 if w is None else w for n, w in zip(names, ws, strict=True)}
+        self.adapters.set(weights)
+
+    def disable_lora(self) -> None:
+        self.adapters.set({})
+
+    def unload_lora_weights(self) -> None:
+        self.adapters.unload()
+
+    def get_active_adapters(self) -> list[str]:
+        return list(self.adapters.active)

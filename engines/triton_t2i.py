@@ -64,6 +64,8 @@ VENDORED = (
     "tokenizer.py",
     "conditioning.py",
     "torch_rng.py",
+    "lora.py",
+    "safetensors_io.py",
     "images.py",
     "pipeline.py",
     "t2i.py",
@@ -375,6 +377,11 @@ def write_t2i_repo(
     if opened is None:
         raise InputError(f"{out_dir}: not a text-to-image output")
     pipe = opened.pipe
+    if pipe.adapters.slots:  # Triton's ORT backend takes the inputs config.pbtxt declares, no more
+        raise InputError(
+            f"{out_dir}: its graphs take LoRA inputs (dd-compile --lora-rank); a Triton repository "
+            "for them is not built yet: serve it with dd-serve, or compile without --lora-rank"
+        )
     cfg = T2ITritonConfig(instances, max_queue_delay_us, opened.unvalidated)
     repo_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{repo_dir.name}.staging-", dir=repo_dir.parent))

@@ -371,6 +371,15 @@ def print_table(report) -> None:
     "(default: the family's own, SD3 256, Flux 512).",
 )
 @click.option(
+    "--lora-rank",
+    type=click.IntRange(1, 1024),
+    default=None,
+    metavar="R",
+    help="Text-to-image: graphs take LoRA adapters at run time (pipe.load_lora_weights / "
+    "set_adapters, no rebuild) up to a total rank R per layer, summed over the active adapters; "
+    "the denoiser's transformer blocks and CLIP's layers (ONNX Runtime, OpenVINO). [default: off]",
+)
+@click.option(
     "--prompt-chunks",
     default=None,
     metavar="N",
@@ -423,6 +432,7 @@ def main(
     guidance_scale,
     max_sequence_length,
     prompt_chunks,
+    lora_rank,
     clip_model,
     export_cache_dir,
     as_json,
@@ -487,6 +497,7 @@ def main(
                 guidance_scale=guidance_scale,
                 max_sequence_length=max_sequence_length,
                 prompt_chunks=_prompt_chunks(prompt_chunks),
+                lora_rank=lora_rank or 0,
                 size=parse_size(size) if size else None,
                 resolutions=resolutions,
                 clip_model=clip_model,
@@ -548,6 +559,7 @@ def _check_options(family, backend: str) -> None:
     the --trt-* options without --backend tensorrt."""
     from click.core import ParameterSource
 
+    from engines.t2i import LORA_BACKENDS
     from optimizer.families import FAMILIES
 
     ctx = click.get_current_context()
@@ -562,6 +574,17 @@ def _check_options(family, backend: str) -> None:
             )
         if opt.startswith("--trt-") and backend != "tensorrt":
             raise InputError(f"{opt}: only with --backend tensorrt (not {backend})")
+        if opt == "--lora-rank" and backend not in LORA_BACKENDS:  # engines/t2i.py's runners
+            raise InputError(
+                f"--lora-rank: LoRA inputs run on {', '.join(LORA_BACKENDS)} (not {backend}: "
+                "TensorRT refit is not built yet)"
+            )
+
+
+def _lora_cell(report: dict, mix: str) -> str:
+    """ ", with a LoRA adapter X dB" for outputs compiled with --lora-rank (optimizer/t2i/lora_stage.py)."""
+    sp = (report.get("lora") or {}).get("sample_parity", {}).get(mix)
+    return f", with a LoRA adapter {sp['psnr_db']:.1f} dB" if sp else ""
 
 
 def _g(v) -> str:
@@ -592,6 +615,7 @@ def _pipeline_main(source: Path | None, options: dict, as_json: bool) -> None:
                     f", {t} not validated" if "skipped" in p else f", {t} {p['psnr_db']:.1f} dB"
                     for t, p in (v.get("task_parity") or {}).items()
                 )
+                + _lora_cell(report, v["mix"])
                 + f"; {'pass' if v['passed'] else 'FAIL'}"
             )
         d = report.get("distribution") or {}

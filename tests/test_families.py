@@ -37,6 +37,7 @@ OPTION_ARGS = {
     "guidance_scale": ["--guidance-scale", "2"],
     "max_sequence_length": ["--max-sequence-length", "128"],
     "prompt_chunks": ["--prompt-chunks", "2"],
+    "lora_rank": ["--lora-rank", "8"],
     "clip_model": ["--clip-model", "clip/"],
 }
 

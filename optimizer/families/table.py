@@ -159,7 +159,7 @@ def _pipeline_mixes(
 
 PIPELINE_BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "openvino")
 PIPELINE_OPTIONS = frozenset(
-    {"size", "resolutions", "guidance_scale", "clip_model", "threads_grid", *TRT_OPTIONS}
+    {"size", "resolutions", "guidance_scale", "clip_model", "threads_grid", "lora_rank", *TRT_OPTIONS}
 )
 
 T5_OPTIONS = PIPELINE_OPTIONS | {"max_sequence_length"}  # families with a T5 encoder

@@ -80,6 +80,28 @@ def markdown(rep: dict[str, Any]) -> str:
             f"| {k} | {c['calls']} | {_f(c['rel_l2'], '.2e')} | {_f(c['max_abs'], '.2e')} | {c['bar']} | "
             f"{c['passed']} |"
         )
+    lo = rep.get("lora")
+    if lo:
+        layers = ", ".join(f"{k} {n}" for k, n in lo["layers"].items())
+        lines += [
+            "",
+            f"## LoRA inputs (rank <= {lo['rank']} per layer; layers: {layers})",
+            "",
+            f"Checked with a synthetic adapter (rank {lo['check']['rank']}, update "
+            f"{lo['check']['update']:g} of each layer's weight norm, read from a diffusers-named file) "
+            "against the torch modules with it merged.",
+            "",
+            "| graph or mix | rel. L2 / PSNR (dB) | bar | passed |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {_f(c['rel_l2'], '.2e')} | {c['bar']} | {c['passed']} |"
+            for k, c in lo["call_parity"].items()
+        ]
+        lines += [
+            f"| {k} images | {_f(c['psnr_db'], '.1f')} | {c['bar']} | {c['passed']} |"
+            for k, c in lo["sample_parity"].items()
+        ]
     d = rep.get("distribution")
     if d:
         lines += ["", "## Distribution (student vs teacher, same prompts and latents)", ""]

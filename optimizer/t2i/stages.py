@@ -60,6 +60,7 @@ class T2ICompileConfig:
     guidance_scale: float | None = None
     max_sequence_length: int | None = None  # T5's token length (None: the family's own)
     prompt_chunks: int = 1  # the UNet's tokens axis: up to this many CLIP-length chunks
+    lora_rank: int = 0  # LoRA inputs up to this total rank per layer (optimizer/t2i/lora_slots.py); 0: none
     teacher: Path | None = None
     size: tuple[int, int] | None = None
     resolutions: tuple[int, ...] | None = None
@@ -90,6 +91,8 @@ class T2IContext:
     engines: dict[tuple[str, str], Any] = field(default_factory=dict)  # (component, p) -> EngineResult
     # what a generation is: text-to-image, or inpainting for an inpainting UNet (optimizer/t2i/workload.py)
     workload: Workload = field(default_factory=Workload)
+    # (component, precision) -> its graph's LoRA inputs (--lora-rank; optimizer/t2i/lora_stage.py)
+    lora: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
@@ -131,6 +134,10 @@ def prepare(source: Path, cfg: T2ICompileConfig) -> T2IContext:
     if cfg.triton_repo is not None and family.name != "sd":
         raise InputError(
             f"--triton-repo: the Triton repository serves SD 1.x/2.x pipelines; not {family.title} yet"
+        )
+    if cfg.lora_rank and cfg.triton_repo is not None:
+        raise InputError(
+            "--triton-repo: a Triton repository for graphs with LoRA inputs (--lora-rank) is not built yet"
         )
     if cfg.clip_model is not None and not (Path(cfg.clip_model) / "config.json").exists():
         raise InputError(f"--clip-model {cfg.clip_model}: no config.json (a transformers CLIPModel folder)")
@@ -360,6 +367,8 @@ def write_mixes(
         d = json.loads(json.dumps(base))
         for kind, g in comps.items():
             d["components"][kind].update(path=_runnable(ctx, kind, g), precision=g.precision)
+            if (kind, g.precision) in ctx.lora:
+                d["components"][kind]["lora"] = ctx.lora[(kind, g.precision)].to_dict()
         d["defaults"].update(
             num_inference_steps=ctx.src.steps,
             guidance_scale=ctx.src.guidance_scale,
@@ -447,6 +456,16 @@ def validate(
         )
         log.info("sample %s: PSNR %.1f dB vs the diffusers student (%d images)", mix, sp.psnr_db, n)
     ctx.report["variants"] = variants
+    if ctx.lora:  # the adapters' path, per graph and per mix (optimizer/t2i/lora_stage.py)
+        from optimizer.t2i.lora_stage import CHECK_IMAGES, CheckIO, check_lora
+
+        ps, _ = prompts(ctx, min(n, CHECK_IMAGES), 3000)
+        io = CheckIO(
+            graph_path=lambda k, p: ctx.root / _runnable(ctx, k, graphs[(k, p)]),
+            want=lambda pipe: torch_images(ctx, pipe, ps, 3000, step_start=0),
+            got=lambda ep: engine_images(ctx, ep, ps, 3000),
+        )
+        check_lora(ctx, mixes, vrecs, io)
 
 
 def task_references(
@@ -764,6 +783,10 @@ def run(source: Path, cfg: T2ICompileConfig) -> dict[str, Any]:
             calib = record(ctx, pipe, cfg.calib_prompts, 0)
             stage("quantize")
             graphs = quantize(ctx, graphs, calib)
+            if cfg.lora_rank:
+                from optimizer.t2i.lora_stage import slot_graphs
+
+                ctx.lora = slot_graphs(ctx.src.student, graphs, cfg.lora_rank)
             if cfg.backend == "tensorrt":
                 stage("build")
                 build(ctx, graphs)
