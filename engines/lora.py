@@ -294,6 +294,23 @@ def adapter_feeds(comp: str, slots: Slots, active: Iterable[tuple[Adapter, float
     return feeds
 
 
+# the rank a static-shape backend runs when no adapter is set: 1, zeros (TensorRT's profiles and
+# OpenVINO's static compiles; a rank-0 tensor is what neither takes well)
+STATIC_IDLE_RANK = 1
+
+
+def rank_profiles(slots: Slots, opt_rank: int = 16) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """TensorRT optimization-profile shapes (min, opt, max) of a graph's LoRA inputs: rank from
+    STATIC_IDLE_RANK (no adapter: zeros) to the compiled max_rank, tuned at min(opt_rank, max)."""
+    lo, hi = STATIC_IDLE_RANK, slots.max_rank
+    opt = max(lo, min(opt_rank, hi))
+    out: dict[str, tuple[tuple[int, ...], ...]] = {}
+    for s in slots.layers.values():
+        out[s.a] = ((s.features_in, lo), (s.features_in, opt), (s.features_in, hi))
+        out[s.b] = ((lo, s.features_out), (opt, s.features_out), (hi, s.features_out))
+    return out
+
+
 def graph_zero_feeds(inputs: Iterable[tuple[str, list[Any], Any]], rank: int = 0) -> dict[str, np.ndarray]:
     """Zero feeds for a session's LoRA inputs ((name, shape, numpy dtype) each) at `rank` (0: empty
     factors; a backend that compiles static shapes takes rank-1 zeros, which add exact zeros for

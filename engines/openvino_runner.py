@@ -27,7 +27,7 @@ import numpy as np
 from engines.base import Runner
 from engines.errors import BackendUnavailable, InputError
 from engines.iospec import IOSpec
-from engines.lora import graph_zero_feeds
+from engines.lora import STATIC_IDLE_RANK, graph_zero_feeds
 
 log = logging.getLogger(__name__)
 PRECISION_HINTS = ("f32", "bf16")
@@ -166,7 +166,7 @@ class OpenVINORunner(Runner):
             )
             for i in model.inputs
         ]
-        self.lora_defaults = graph_zero_feeds(inputs, rank=1)
+        self.lora_defaults = graph_zero_feeds(inputs, rank=STATIC_IDLE_RANK)
         del model
         if not self.static:
             if self.batch_sizes:  # asked to be ready: compile now, not in the first timed call

@@ -51,8 +51,10 @@ RunnerFactory = Callable[[str, Path, IOSpec], Runner]
 # precisions a runtime applies to the fp32 graph (no graph of their own) -> OpenVINO's
 # INFERENCE_PRECISION_HINT; t2i.json names them as a component's "precision"
 OPENVINO_HINTS = {"bf16": "bf16"}
-# backends whose runners feed a graph's LoRA inputs (rank 0 when no adapter is set: engines/lora.py)
-LORA_BACKENDS = ("onnxruntime", "onnxruntime-cuda", "openvino")
+# backends whose runners feed a graph's LoRA inputs (zeros when no adapter is set: engines/lora.py);
+# tensorrt: engines built with the inputs' rank range in their profiles, written against TensorRT's
+# API and unit-tested around it (no TensorRT here); onnxruntime-trt's profiles do not cover them
+LORA_BACKENDS = ("onnxruntime", "onnxruntime-cuda", "openvino", "tensorrt")
 
 
 class ComponentRunnerFactory(Protocol):
@@ -265,7 +267,7 @@ class TextToImagePipeline(CompiledPipeline):
         if slots and self.backend not in LORA_BACKENDS:
             raise InputError(
                 f"{cfg.root / config}: graphs with LoRA inputs run on {', '.join(LORA_BACKENDS)}, not "
-                f"{self.backend!r} (TensorRT refit and adapters through Triton are not built yet)"
+                f"{self.backend!r} (adapters through Triton are not built yet)"
             )
         self.adapters = AdapterSet(slots, runners, cfg.denoiser)
 

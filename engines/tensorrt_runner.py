@@ -22,6 +22,7 @@ from engines.base import Runner
 from engines.cuda_utils import CudaEventTimer, call, check_cuda_device, import_cudart, import_tensorrt
 from engines.errors import InputError, IntegrityError
 from engines.iospec import IOSpec
+from engines.lora import graph_zero_feeds
 
 # engines/runtime.py checks an engine record before it builds this runner
 from engines.trt_target import check_engine_compatible  # noqa: F401
@@ -74,6 +75,7 @@ class TensorRTRunner(Runner):
         self.last_gpu_ms: float | None = None  # CUDA-event time of the engine call (copies excluded)
         self.graph_captures = 0  # how many times a CUDA graph was (re)captured
         self._engine: Any = None
+        self.lora_defaults: dict[str, np.ndarray] = {}
 
     # -- activation -------------------------------------------------------------------------
     def activate_impl(self) -> None:
@@ -113,6 +115,11 @@ class TensorRTRunner(Runner):
         if missing:
             raise IntegrityError(f"{self.engine_path}: engine lacks input(s) {missing} of the IO spec")
         self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        # a graph's LoRA inputs, not fed: zeros at the profile's min rank (engines/lora.py)
+        self.lora_defaults = graph_zero_feeds(
+            (n, list(engine.get_tensor_profile_shape(n, self.profile_index)[0]), self._dtypes[n])
+            for n in self._inputs
+        )
         # Allocate once at the largest shapes of the profiles we may use: addresses stay fixed, so
         # a captured graph stays valid until the shapes (not the buffers) change.
         start = self.profile_index
@@ -223,6 +230,8 @@ class TensorRTRunner(Runner):
         self.graph_captures += 1
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.lora_defaults:
+            feeds = {**self.lora_defaults, **feeds}
         cudart = self._cudart
         h2d, d2h = (
             cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,

@@ -377,7 +377,7 @@ def print_table(report) -> None:
     metavar="R",
     help="Text-to-image: graphs take LoRA adapters at run time (pipe.load_lora_weights / "
     "set_adapters, no rebuild) up to a total rank R per layer, summed over the active adapters; "
-    "the denoiser's transformer blocks and CLIP's layers (ONNX Runtime, OpenVINO). [default: off]",
+    "the denoiser's transformer blocks and CLIP's layers (ONNX Runtime, OpenVINO, TensorRT). [default: off]",
 )
 @click.option(
     "--prompt-chunks",
@@ -577,7 +577,7 @@ def _check_options(family, backend: str) -> None:
         if opt == "--lora-rank" and backend not in LORA_BACKENDS:  # engines/t2i.py's runners
             raise InputError(
                 f"--lora-rank: LoRA inputs run on {', '.join(LORA_BACKENDS)} (not {backend}: "
-                "TensorRT refit is not built yet)"
+                "ONNX Runtime's TensorRT provider builds its profiles from the model's own inputs)"
             )
 
 

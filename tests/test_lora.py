@@ -352,7 +352,7 @@ def test_dd_compile_lora_rank_validates_the_adapter_path_per_mix(tmp_path):
         assert np.array_equal(pipe("a red seven", num_inference_steps=2, seeds=[1]), base)
     # what cannot feed LoRA inputs: one line each, before any work
     res = CliRunner().invoke(
-        main, [str(src), "-o", str(tmp_path / "trt"), "--lora-rank", "8", "--backend", "tensorrt"]
+        main, [str(src), "-o", str(tmp_path / "trt"), "--lora-rank", "8", "--backend", "onnxruntime-trt"]
     )
     assert res.exit_code == 2 and "--lora-rank: LoRA inputs run on onnxruntime" in res.output
     res = CliRunner().invoke(layout_command(), [str(out), "-o", str(tmp_path / "optimum")])

@@ -71,3 +71,31 @@ def test_compile_tiny_pipeline_on_tensorrt(tmp_path):
     with engines.load(out, precision="fp16", backend="tensorrt") as pipe:
         img = pipe(["a red seven"], seeds=[0])
     assert img.dtype == np.uint8 and img.shape[0] == 1
+
+
+def test_lora_inputs_get_a_rank_range_in_every_engine_profile(monkeypatch, tmp_path):
+    """--lora-rank with --backend tensorrt: a slotted graph's engine profiles hold each LoRA input
+    from rank 1 (no adapter: zeros, engines/lora.STATIC_IDLE_RANK) to the compiled max; graphs
+    without inputs get none. The build itself needs TensorRT (the marked test above)."""
+    from engines.lora import Slot, Slots, graph_zero_feeds, rank_profiles
+    from optimizer.t2i import trt_build
+
+    slots = Slots({"to_q": Slot("lora_A:to_q", "lora_B:to_q", 32, 64)}, max_rank=64)
+    prof = rank_profiles(slots)
+    assert prof["lora_A:to_q"] == ((32, 1), (32, 16), (32, 64))
+    assert prof["lora_B:to_q"] == ((1, 64), (16, 64), (64, 64))
+    assert rank_profiles(Slots(slots.layers, max_rank=4))["lora_A:to_q"][1] == (32, 4)
+    seen = {}
+
+    def fake_build(path, spec, out, cfg, *, precision, stem, extra_profiles):
+        seen[(stem, precision)] = extra_profiles
+        return "engine"
+
+    monkeypatch.setattr(trt_build, "build_engine", fake_build)
+    specs = build_specs(CONFIGS, Profile(), "cfg")
+    graphs = {("unet", "int8"): tmp_path / "u.onnx", ("vae_decoder", "fp16"): tmp_path / "v.onnx"}
+    trt_build.build_component_engines(tmp_path, graphs, specs, TrtBuildConfig(), {("unet", "int8"): slots})
+    assert seen[("unet", "int8")] == prof and seen[("vae_decoder", "fp16")] is None
+    # the runner's feeds where no adapter is set: zeros at each profile's min shape
+    zeros = graph_zero_feeds([(n, list(s[0]), np.float32) for n, s in prof.items()])
+    assert zeros["lora_A:to_q"].shape == (32, 1) and not zeros["lora_B:to_q"].any()

@@ -147,9 +147,11 @@ def build_engine(
     *,
     precision: str | None = None,
     stem: str = "student",
+    extra_profiles: ProfileShapes | None = None,
 ) -> EngineResult:
     """Build a strongly typed engine from `onnx_path`; write it atomically to `out_path` (a .plan
-    file, or a folder in which it is named student.<precision>.<target>.plan)."""
+    file, or a folder in which it is named student.<precision>.<target>.plan). `extra_profiles`:
+    (min, opt, max) of inputs outside the IO spec (a graph's LoRA inputs), in every profile."""
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     if not onnx_path.exists():
         raise InputError(f"{onnx_path}: no such ONNX file")
@@ -165,7 +167,10 @@ def build_engine(
 
     target = build_target(config)
     out_path = engine_path_for(out_path, precision, target, stem)
-    profiles = profiles_from_spec(spec, config.batch_sizes, config.profile_mode)
+    profiles = [
+        {**p, **(extra_profiles or {})}
+        for p in profiles_from_spec(spec, config.batch_sizes, config.profile_mode)
+    ]
 
     if config.memory_check:
         estimate = estimate_build_memory(onnx_path, profiles, config.workspace_bytes)

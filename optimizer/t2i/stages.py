@@ -344,7 +344,7 @@ def build(ctx: T2IContext, graphs: dict[tuple[str, str], prec.Graph]) -> None:
 
     specs = {c.kind: c.io for c in ctx.src.student.spec.components}
     paths = {k: g.path for k, g in graphs.items()}
-    ctx.engines = build_component_engines(ctx.root, paths, specs, ctx.cfg.trt)
+    ctx.engines = build_component_engines(ctx.root, paths, specs, ctx.cfg.trt, ctx.lora)
 
 
 def _runnable(ctx: T2IContext, kind: str, g: prec.Graph) -> str:

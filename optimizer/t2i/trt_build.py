@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.iospec import IOSpec
+from engines.lora import Slots, rank_profiles
 from optimizer.compile.build import EngineResult, build_engine
 from optimizer.compile.trt_profiles import TrtBuildConfig
 
@@ -26,13 +27,21 @@ def build_component_engines(
     graphs: dict[tuple[str, str], Path],
     specs: dict[str, IOSpec],
     config: TrtBuildConfig,
+    lora: dict[tuple[str, str], Slots] | None = None,
 ) -> dict[tuple[str, str], EngineResult]:
-    """(component, precision) -> its engine in root/engines/<component>.<precision>.<target>.plan."""
+    """(component, precision) -> its engine in root/engines/<component>.<precision>.<target>.plan.
+    A graph with LoRA inputs (`lora`) gets their rank range in every profile (engines/lora.py's
+    rank_profiles): adapters are fed, never refitted, so a swap leaves no residue and int8 engines
+    take them too."""
     cfg = replace(config, batch_sizes=None)  # each component's batch range is its own spec's
     out: dict[tuple[str, str], EngineResult] = {}
     for (kind, p), path in sorted(graphs.items()):
         log.info("build %s %s engine", kind, p)
-        out[(kind, p)] = build_engine(path, specs[kind], root / "engines", cfg, precision=p, stem=kind)
+        slots = (lora or {}).get((kind, p))
+        extra = rank_profiles(slots) if slots else None
+        out[(kind, p)] = build_engine(
+            path, specs[kind], root / "engines", cfg, precision=p, stem=kind, extra_profiles=extra
+        )
     return out
 
 
