@@ -328,8 +328,11 @@ class AdapterSet:
     load_lora_weights, set_adapters, disable_lora, unload_lora_weights). Feeds are computed once per
     change, checked whole before any runner sees them, then bound to each component's runner."""
 
-    def __init__(self, slots: Mapping[str, Slots], runners: Mapping[str, Any], denoiser: str):
-        self.slots, self.runners, self.denoiser = dict(slots), runners, denoiser
+    def __init__(
+        self, slots: Mapping[str, Slots], runners: Mapping[str, Any], denoiser: str, refuse: str | None = None
+    ):
+        """`refuse`: why these runners cannot take adapters (one line for any load)."""
+        self.slots, self.runners, self.denoiser, self.refuse = dict(slots), runners, denoiser, refuse
         self.loaded: dict[str, Adapter] = {}
         self.active: dict[str, float] = {}
 
@@ -338,6 +341,8 @@ class AdapterSet:
         one active, at weight 1."""
         if not self.slots:
             raise InputError("this output takes no LoRA adapters: compile it with dd-compile --lora-rank R")
+        if self.refuse:
+            raise InputError(self.refuse)
         name = name or f"default_{len(self.loaded)}"
         if name in self.loaded:
             raise InputError(

@@ -264,12 +264,21 @@ class TextToImagePipeline(CompiledPipeline):
         slots = {
             n: Slots.from_dict(cfg.components[n]["lora"]) for n in names if cfg.components[n].get("lora")
         }
-        if slots and self.backend not in LORA_BACKENDS:
+        if slots and runner_factory is None and self.backend not in LORA_BACKENDS:
             raise InputError(
                 f"{cfg.root / config}: graphs with LoRA inputs run on {', '.join(LORA_BACKENDS)}, not "
-                f"{self.backend!r} (adapters through Triton are not built yet)"
+                f"{self.backend!r}"
             )
-        self.adapters = AdapterSet(slots, runners, cfg.denoiser)
+        # runners bound elsewhere (dd-serve's, Triton BLS) feed the base model; adapters are not
+        # sent through them yet, so they are refused rather than silently dropped
+        self.adapters = AdapterSet(
+            slots,
+            runners,
+            cfg.denoiser,
+            refuse=None
+            if runner_factory is None
+            else "adapters through Triton or dd-serve are not applied yet",
+        )
 
     # -- LoRA at run time (diffusers' names; engines/lora.py) --
     def load_lora_weights(self, path: str | Path, adapter_name: str | None = None) -> str:

@@ -508,3 +508,27 @@ def _record_slots(out, slots) -> None:
     for (k, _), s in slots.items():
         d["components"][k]["lora"] = s.to_dict()
     (out / "t2i.json").write_text(json.dumps(d))
+
+
+@pytest.mark.slow
+def test_dd_serve_serves_the_base_model_of_a_lora_output(lora_env, pipe, tmp_path):
+    """dd-serve on an output with LoRA inputs: its runners feed zeros, so the served images are
+    the base model's (the runtime's without adapters); adapters through the server are refused in
+    the runtime (one line), not dropped. Needs the serve venv (bash .ci/setup-serve)."""
+    from engines.t2i import TextToImagePipeline
+    from tests.test_serve import http, require_serve_env, run_server
+    from tests.test_serve_t2i import prompt_inputs
+
+    py = require_serve_env("tokenizers")
+    pipe.unload_lora_weights()
+    want = pipe(PROMPTS, seeds=[3, 4], num_inference_steps=2)
+    with run_server(tmp_path, lora_env["out"], "dd_t2i", "--allow-unvalidated", py=py) as s:
+        got = (
+            http.InferenceServerClient(s["http"])
+            .infer("dd_t2i", prompt_inputs(http, PROMPTS, [3, 4], 2))
+            .as_numpy("image")
+        )
+    assert int(np.abs(got.astype(int) - want).max()) <= 1
+    bls = TextToImagePipeline(lora_env["out"], runner_factory=lambda name, path, spec: pipe.runners[name])
+    with pytest.raises(InputError, match="not applied yet"):
+        bls.load_lora_weights(lora_env["files"]["a"])
