@@ -80,6 +80,8 @@ class ServeConfig:
     allow_unvalidated: bool = False
     # on SIGINT/SIGTERM, how long Triton lets in-flight requests finish (Triton's own default: 30)
     exit_timeout_s: int = 30
+    # dd-serve: LoRA adapters requests may name (an output compiled with --lora-rank)
+    lora_dir: Path | None = None
 
 
 def server_config(config: ServeConfig, repo: Path) -> Any:

@@ -374,3 +374,41 @@ class AdapterSet:
         if self.slots:
             self.set({})
         self.loaded.clear()
+
+
+def parse_request_adapters(text: str, loaded: Iterable[str]) -> str:
+    """A request's `adapters` (JSON {name: weight}, as set_adapters takes them) checked against the
+    adapters a server loaded; the canonical JSON its batch key compares ("" for none)."""
+    names = sorted(loaded)
+    try:
+        d = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as e:
+        raise InputError(f'adapters: not JSON ({e.msg}); send {{"name": weight}}') from None
+    if not isinstance(d, dict):
+        raise InputError('adapters: a JSON object {"name": weight} is expected')
+    for n, w in d.items():
+        if n not in names:
+            raise InputError(f"adapters: {n!r} is not loaded by this server (loaded: {names or 'none'})")
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+            raise InputError(f"adapters: the weight of {n!r} must be a finite number, not {w!r}")
+    return json.dumps({n: float(d[n]) for n in sorted(d)}) if d else ""
+
+
+class ComponentAdapters:
+    """One component's LoRA feeds per adapter combination (canonical JSON), computed once: what a
+    served component model applies to the rows of a batch that name those adapters."""
+
+    def __init__(self, comp: str, adapters: AdapterSet, cache: int = 16):
+        self.comp, self.adapters, self.max = comp, adapters, cache
+        self._feeds: dict[str, dict[str, np.ndarray]] = {}
+
+    def feeds(self, key: str) -> dict[str, np.ndarray]:
+        if not key:
+            return {}
+        if key not in self._feeds:
+            weights = json.loads(key)
+            active = [(self.adapters.loaded[n], float(w)) for n, w in weights.items()]
+            if len(self._feeds) >= self.max:
+                self._feeds.pop(next(iter(self._feeds)))
+            self._feeds[key] = adapter_feeds(self.comp, self.adapters.slots[self.comp], active)
+        return self._feeds[key]

@@ -214,14 +214,15 @@ class T2IRequest:
     image: np.ndarray | None = None  # uint8 [B, H, W, 3], one per prompt; None: text-to-image
     mask_image: np.ndarray | None = None  # uint8 [B, H, W], 255 = repaint (inpainting), else 0
     strength: float | None = None  # with an image: the strength it runs at (defaults filled in)
+    adapters: str = ""  # a server's LoRA adapters for the call: canonical JSON {name: weight}, "" none
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
-        """What requests share to run as one call: guidance, steps, and for image requests the
-        size, strength and task (inpainting or not)."""
+        """What requests share to run as one call: guidance, steps, adapters, and for image
+        requests the size, strength and task (inpainting or not)."""
         size = None if self.image is None else tuple(self.image.shape[1:3])
         inpaint = self.mask_image is not None
-        return (self.guidance_scale, self.num_inference_steps, size, self.strength, inpaint)
+        return (self.guidance_scale, self.num_inference_steps, size, self.strength, inpaint, self.adapters)
 
     @staticmethod
     def merge(requests: list[T2IRequest]) -> T2IRequest:
@@ -245,6 +246,7 @@ class T2IRequest:
             cat("image"),
             cat("mask_image"),
             first.strength,
+            first.adapters,
         )
 
 

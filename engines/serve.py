@@ -40,7 +40,7 @@ import numpy as np
 
 # ServeConfig and load_model live in engines/deploy_common.py (serve_t2i.py uses them too)
 from engines.deploy_common import ServeConfig, load_model, runner_function, server_config
-from engines.errors import BackendUnavailable
+from engines.errors import BackendUnavailable, InputError
 from engines.iospec import IOSpec
 from engines.manifest import Manifest
 from engines.runtime import SamplerPipeline, load
@@ -99,6 +99,10 @@ def serve(out_dir: str | Path, config: ServeConfig = DEFAULT_CONFIG) -> None:
         )
         return serve_t2i(opened, Path(out_dir), config)
 
+    if config.lora_dir is not None:
+        raise InputError(
+            f"--lora-dir: {out_dir} is not a text-to-image output (LoRA adapters are for pipelines)"
+        )
     kw = {"threads": config.threads} if config.threads else {}
     pipe = load(
         out_dir,
@@ -186,6 +190,13 @@ def main(argv: list[str] | None = None) -> None:
         "--allow-unvalidated",
         is_flag=True,
         help="Serve an artifact the published run did not validate or that failed (logs a warning).",
+    )
+    @click.option(
+        "--lora-dir",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Text-to-image compiled with --lora-rank: LoRA files (*.safetensors, or diffusers folders) "
+        'requests may name in their `adapters` input ({"name": weight}); loaded and checked at start.',
     )
     def cli(out_dir: Path, **kw: Any) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

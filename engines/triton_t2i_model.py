@@ -18,6 +18,7 @@ scale, step count; for image requests size, strength and task: T2IRequest.batch_
 pipeline call.
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the copied engines/ subset, whatever else is installed
 from engines.base import Runner  # noqa: E402
 from engines.errors import InputError  # noqa: E402
+from engines.lora import parse_request_adapters  # noqa: E402
 from engines.t2i import T2IRequest, TextToImagePipeline  # noqa: E402
 
 
@@ -51,6 +53,7 @@ class _BLSRunner(Runner):
 
     def __init__(self, model_name, spec):
         super().__init__(spec, name=model_name)
+        self.adapters = None  # a component with LoRA inputs (dd-serve --lora-dir): the call's JSON
 
     def activate_impl(self):
         pass
@@ -62,6 +65,11 @@ class _BLSRunner(Runner):
             if len(t.shape) == 1:  # a [batch] tensor is dims [1] + reshape [] in Triton
                 a = a.reshape(-1, 1)
             tensors.append(pb_utils.Tensor(t.name, a))
+        if self.adapters is not None:  # every row of the call runs the same adapters
+            rows = len(tensors[0].as_numpy())
+            tensors.append(
+                pb_utils.Tensor("adapters", np.array([[self.adapters.encode()]] * rows, dtype=object))
+            )
         names = self.spec.output_names
         response = pb_utils.InferenceRequest(
             model_name=self.name, inputs=tensors, requested_output_names=names
@@ -110,6 +118,9 @@ class TritonPythonModel:
             long_prompts=cfg["long_prompts"],
         )
         self.pipe.__enter__()
+        self.adapter_names = cfg.get("adapters", [])
+        for name in cfg.get("lora_components", []):  # they take an adapters input ("" for none)
+            self.pipe.runners[name].adapters = ""
 
     def _parse(self, request):
         """A checked T2IRequest, or InputError with the one-line reason."""
@@ -136,9 +147,13 @@ class TritonPythonModel:
                 "guidance_scale, num_inference_steps and strength: one value per request "
                 "(send separate requests)"
             )
+        adapters = _strings(request, "adapters", False)
+        if adapters is not None and (len(adapters) != b or len(set(adapters)) > 1):
+            raise InputError("adapters: one value per request, the same for each of its prompts")
+        key = "" if adapters is None else parse_request_adapters(adapters[0], self.adapter_names)
         # image [B, H, W, 3] and mask_image [B, H, W]: dtype, shape, size and the strength are the
         # runtime's checks (one image and mask per prompt)
-        return self.pipe.check(
+        r = self.pipe.check(
             prompts,
             neg,
             seeds,
@@ -149,6 +164,7 @@ class TritonPythonModel:
             # the decimal the client meant: FP32 0.7 is 0.69999999, and int(10 * that) keeps 6 steps
             strength=None if strength is None else float(str(np.float32(strength[0]))),
         )
+        return dataclasses.replace(r, adapters=key)
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -165,6 +181,9 @@ class TritonPythonModel:
             groups.setdefault(r.batch_key, []).append((i, r))
         for members in groups.values():
             merged = T2IRequest.merge([r for _, r in members])
+            for runner in self.pipe.runners.values():
+                if runner.adapters is not None:
+                    runner.adapters = merged.adapters
             try:  # the batcher keeps a batch within max_batch_size, so one call takes it
                 images = self.pipe.run(merged)
             except Exception as e:  # a component refused or failed: the group's requests fail

@@ -511,24 +511,55 @@ def _record_slots(out, slots) -> None:
 
 
 @pytest.mark.slow
-def test_dd_serve_serves_the_base_model_of_a_lora_output(lora_env, pipe, tmp_path):
-    """dd-serve on an output with LoRA inputs: its runners feed zeros, so the served images are
-    the base model's (the runtime's without adapters); adapters through the server are refused in
-    the runtime (one line), not dropped. Needs the serve venv (bash .ci/setup-serve)."""
+def test_dd_serve_applies_adapters_per_request(lora_env, pipe, tmp_path):
+    """dd-serve --lora-dir: requests name adapters with weights ({"a": 0.8}); concurrent requests
+    with different adapters (or none) each get the runtime's image for theirs; an unknown adapter
+    or a bad weight fails that request alone (HTTP 400). Needs the serve venv (.ci/setup-serve)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from engines.t2i import TextToImagePipeline
     from tests.test_serve import http, require_serve_env, run_server
-    from tests.test_serve_t2i import prompt_inputs
+    from tests.test_serve_t2i import _input, prompt_inputs
 
     py = require_serve_env("tokenizers")
+    lora_dir = tmp_path / "adapters"
+    lora_dir.mkdir()
+    shutil.copytree(lora_env["files"]["a"], lora_dir / "a")
+    shutil.copyfile(lora_env["files"]["b"] / "pytorch_lora_weights.safetensors", lora_dir / "b.safetensors")
+    asks = [None, '{"a": 1.0}', '{"b": 0.5, "a": 0.8}', '{"a": 0.8, "b": 0.5}', None, '{"b": 1}']
     pipe.unload_lora_weights()
-    want = pipe(PROMPTS, seeds=[3, 4], num_inference_steps=2)
-    with run_server(tmp_path, lora_env["out"], "dd_t2i", "--allow-unvalidated", py=py) as s:
-        got = (
-            http.InferenceServerClient(s["http"])
-            .infer("dd_t2i", prompt_inputs(http, PROMPTS, [3, 4], 2))
-            .as_numpy("image")
+    pipe.load_lora_weights(lora_env["files"]["a"], adapter_name="a")
+    pipe.load_lora_weights(lora_env["files"]["b"], adapter_name="b")
+    want = []
+    for i, a in enumerate(asks):
+        pipe.set_adapters(json.loads(a) if a else {})
+        want.append(pipe([PROMPTS[i % 2]], seeds=[i], num_inference_steps=2))
+    pipe.unload_lora_weights()
+
+    def request(url, i, adapters):
+        inputs = prompt_inputs(http, [PROMPTS[i % 2]], [i], 2)
+        if adapters is not None:
+            inputs.append(_input(http, "adapters", np.array([[adapters.encode()]], dtype=object), "BYTES"))
+        try:
+            return http.InferenceServerClient(url).infer("dd_t2i", inputs).as_numpy("image")
+        except Exception as e:  # noqa: BLE001 (the refusal is the answer)
+            return str(e)
+
+    args = ("--allow-unvalidated", "--lora-dir", str(lora_dir))
+    with run_server(tmp_path, lora_env["out"], "dd_t2i", *args, py=py) as s, ThreadPoolExecutor(6) as ex:
+        got = list(ex.map(lambda j: request(s["http"], *j), enumerate(asks)))
+        bad = list(
+            ex.map(lambda a: request(s["http"], 0, a), ['{"zzz": 1}', '{"a": "x"}', "[1]", '{"a": 1.0}'])
         )
-    assert int(np.abs(got.astype(int) - want).max()) <= 1
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert not isinstance(g, str), g
+        assert int(np.abs(g.astype(int) - w).max()) <= 1, (i, asks[i])
+    assert (
+        "'zzz' is not loaded by this server" in bad[0]
+        and "finite number" in bad[1]
+        and "JSON object" in bad[2]
+    )
+    assert not isinstance(bad[3], str)  # the good request among them is answered
     bls = TextToImagePipeline(lora_env["out"], runner_factory=lambda name, path, spec: pipe.runners[name])
     with pytest.raises(InputError, match="not applied yet"):
         bls.load_lora_weights(lora_env["files"]["a"])
