@@ -306,14 +306,13 @@ def write_pipeline_model(repo: Path, pipe: TextToImagePipeline, cfg: T2ITritonCo
         shutil.copyfile(pipe.config.root / tok["path"], dest / TOKENIZER_PATHS[key])
     (dest / SCHEDULER_PATH).write_text(json.dumps(pipe.config.scheduler_config, indent=2))
     (dest / "t2i.json").write_text(json.dumps(description(pipe), indent=2))
-    settings = {
+    settings: dict[str, object] = {
         "models": served_models(pipe),
         "max_batch": pipe.max_batch,
         "long_prompts": LONG_PROMPTS,
-        # dd-serve --lora-dir: what requests may name, and the components that take them
-        "adapters": sorted(pipe.adapters.loaded),
-        "lora_components": sorted(pipe.adapters.slots) if pipe.adapters.loaded else [],
     }
+    if pipe.adapters.loaded:  # dd-serve --lora-dir: what requests may name, the components taking them
+        settings.update(adapters=sorted(pipe.adapters.loaded), lora_components=sorted(pipe.adapters.slots))
     (version / "t2i_model.json").write_text(json.dumps(settings, indent=2))
     return model
 

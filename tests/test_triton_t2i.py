@@ -395,7 +395,7 @@ def test_image_request_checks_run_no_component(t2i_folder, tmp_path):
     assert np.array_equal(pipe.check(["a"], seeds=[0], image=ramp).image, ramp)
     assert np.array_equal(r.mask_image, np.where(mask >= 128, 255, 0).astype(np.uint8))
     assert r.strength == 1.0 and pipe.check(["a"], seeds=[0], image=img[0]).strength == 0.8
-    assert r.batch_key == (7.5, r.num_inference_steps, (16, 16), 1.0, True)
+    assert r.batch_key == (7.5, r.num_inference_steps, (16, 16), 1.0, True, "")  # "": no adapters
     assert pipe.check(["a"], seeds=[0]).image is None
     # a server merges requests with the same batch key, in order
     m = T2IRequest.merge([r, pipe.check(["c"], seeds=[2], image=img[:1], mask_image=mask[:1])])
