@@ -361,7 +361,11 @@ class AdapterSet:
         unknown = [n for n in weights if n not in self.loaded]
         if unknown:
             raise InputError(f"adapter(s) {unknown} not loaded (loaded: {sorted(self.loaded)})")
-        bad = [n for n, w in weights.items() if isinstance(w, bool) or not math.isfinite(float(w))]
+        bad = [
+            n
+            for n, w in weights.items()
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w)
+        ]
         if bad:
             raise InputError(f"adapter weight(s) for {bad} must be finite numbers")
         active = [(self.loaded[n], float(w)) for n, w in weights.items()]

@@ -298,6 +298,7 @@ def test_bad_lora_files_and_calls_are_one_line(lora_env, pipe, tmp_path):
     refused(lambda: pipe.set_adapters({"nope": 1.0}), "nope", "not loaded")
     pipe.load_lora_weights(lora_env["files"]["a"], adapter_name="a")
     refused(lambda: pipe.set_adapters({"a": float("nan")}), "finite")
+    refused(lambda: pipe.set_adapters({"a": "0.5"}), "finite")
     refused(lambda: pipe.load_lora_weights(lora_env["files"]["a"], adapter_name="a"), "already loaded")
     pipe.unload_lora_weights()
     assert pipe.get_active_adapters() == []
