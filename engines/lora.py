@@ -238,7 +238,7 @@ def read_adapter(path: str | Path, name: str, slots: Mapping[str, Slots], denois
             else s.inert[module]
         )
         r = down.shape[0]
-        if down.shape != (r, fin) or up.shape != (fout, r):
+        if r == 0 or down.shape != (r, fin) or up.shape != (fout, r):
             raise InputError(
                 f"{f}: {kd} {list(down.shape)} / {ku} {list(up.shape)} do not fit {comp} {module} "
                 f"({fin} -> {fout})"
@@ -254,7 +254,8 @@ def read_adapter(path: str | Path, name: str, slots: Mapping[str, Slots], denois
         if "alpha" in p:  # kohya / diffusers network alphas
             scale = float(p["alpha"][1].reshape(-1)[0]) / r
         else:
-            scale = _peft_scale(meta, comp, module, r) or 1.0  # the metadata's prefix: the component
+            scale = _peft_scale(meta, comp, module, r)  # the metadata's prefix: the component
+            scale = 1.0 if scale is None else scale  # no config: diffusers' lora_alpha = r
         if not np.isfinite(down).all() or not np.isfinite(up).all() or not math.isfinite(scale):
             raise InputError(f"{f}: layer {comp} {module} has non-finite weights")
         layers.setdefault(comp, {})[module] = LoraLayer(down, up, scale)
