@@ -143,9 +143,9 @@ def _split_component(key: str, denoiser: str, slots: Mapping[str, Slots]) -> tup
         if key.startswith(prefix):
             comp = comp or denoiser
             flat, _, suffix = key[len(prefix) :].partition(".")
-            names = {}
-            for m in slots.get(comp, Slots({}, 0)).layers:
-                names.update({v.replace(".", "_"): m for v in _spellings(m)})
+            modules = list(slots.get(comp, Slots({}, 0)).layers)
+            names = {v.replace(".", "_"): m for m in modules for v in _spellings(m)}
+            names.update({v.replace(".", "_"): m for m, v in _sgm_names(modules).items()})
             return comp, f"{names.get(flat, flat)}.{suffix}"
     head, _, rest = key.partition(".")
     if head in ("unet", "transformer"):
@@ -153,6 +153,31 @@ def _split_component(key: str, denoiser: str, slots: Mapping[str, Slots]) -> tup
     if head.startswith("text_encoder"):
         return head, rest
     return denoiser, key  # unet.save_attn_procs / a bare peft state dict: the denoiser's modules
+
+
+_UNET_ATTENTION = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.(.+)$")
+
+
+def _sgm_names(modules: list[str]) -> dict[str, str]:
+    """A UNet's attention layers as the original (SGM / LDM) checkpoints name them, which kohya's
+    SDXL LoRAs use (input_blocks.4.1..., middle_block.1..., output_blocks.3.1...): the inverse of
+    diffusers' _maybe_map_sgm_blocks_to_diffusers. layers_per_block from the names: a down block
+    has one attention per layer, an up block one more."""
+    found = [(m, _UNET_ATTENTION.match(m)) for m in modules]
+    downs = [int(x.group(3)) for _, x in found if x and x.group(1) == "down_blocks"]
+    ups = [int(x.group(3)) for _, x in found if x and x.group(1) == "up_blocks"]
+    if not downs and not ups:
+        return {}
+    per = max(downs) + 1 if downs else max(ups)  # layers_per_block
+    out = {}
+    for m, x in found:
+        if x is not None:
+            kind, block, layer, rest = x.group(1), int(x.group(2)), int(x.group(3)), x.group(4)
+            index = 1 + block * (per + 1) + layer if kind == "down_blocks" else block * (per + 1) + layer
+            out[m] = f"{'input_blocks' if kind == 'down_blocks' else 'output_blocks'}.{index}.1.{rest}"
+        elif m.startswith("mid_block.attentions.0."):
+            out[m] = "middle_block.1." + m[len("mid_block.attentions.0.") :]
+    return out
 
 
 def _spellings(module: str) -> tuple[str, ...]:

@@ -442,6 +442,53 @@ def test_sdxl_adapters_on_unet_and_both_text_encoders_reproduce_diffusers(tmp_pa
         assert psnr(got, _diffusers(ref)) >= 40
         pipe.set_adapters({})
         assert np.array_equal(_ours(pipe), base)
+        # the UNet part as kohya's sd-scripts names SDXL layers (SGM blocks, `.alpha`): diffusers'
+        # own converter loads that file, and both give the same images
+        from engines.lora import _sgm_names
+        from engines.safetensors_io import read_safetensors, write_safetensors
+
+        tensors, _ = read_safetensors(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+        sgm = _sgm_names(list(pipe.adapters.slots["unet"].layers))
+        kohya = {}
+        parts = {
+            ".lora.down.weight": "lora_down",
+            ".lora_A.weight": "lora_down",
+            ".lora.up.weight": "lora_up",
+        }
+        parts[".lora_B.weight"] = "lora_up"  # diffusers' save mixes both spellings in one file
+        for k, v in tensors.items():
+            suffix = next((x for x in parts if k.endswith(x)), None)
+            if k.startswith("unet.") and suffix:
+                base_key = "lora_unet_" + sgm[k[len("unet.") : -len(suffix)]].replace(".", "_")
+                kohya[f"{base_key}.{parts[suffix]}.weight"] = v
+                kohya[f"{base_key}.alpha"] = np.array(4.0, np.float32)  # the file's scale 1 at rank 4
+        write_safetensors(tmp_path / "kohya.safetensors", kohya)
+        pipe.load_lora_weights(tmp_path / "kohya.safetensors", adapter_name="kohya")
+        ref.delete_adapters("x")
+        ref.load_lora_weights(tmp_path / "kohya.safetensors", adapter_name="kohya")
+        k = _ours(pipe)
+        assert psnr(k, base) < 30 and psnr(k, _diffusers(ref)) >= 40
+
+
+def test_sgm_names_are_the_original_sdxl_blocks():
+    """SDXL's layout (2 layers per block; attention in down blocks 1-2, up blocks 0-1): the names
+    kohya's SDXL LoRAs carry."""
+    from engines.lora import _sgm_names
+
+    mods = [
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2",
+        "mid_block.attentions.0.proj_in",
+        "up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+        "up_blocks.1.attentions.2.proj_out",
+    ]
+    assert list(_sgm_names(mods).values()) == [
+        "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+        "input_blocks.8.1.transformer_blocks.9.ff.net.2",
+        "middle_block.1.proj_in",
+        "output_blocks.0.1.transformer_blocks.0.attn2.to_k",
+        "output_blocks.5.1.proj_out",
+    ]
 
 
 @pytest.mark.slow
