@@ -21,7 +21,9 @@ class Runner(abc.ABC):
         self.spec = spec
         self.name = name or self.backend
         self.is_active = False
-        # fed with every call beside the caller's feeds (a graph's LoRA inputs: engines/lora.py)
+        # a graph's LoRA inputs (engines/lora.py): zeros a backend sets at activation where the
+        # caller feeds none (no adapter), and the adapters' feeds, given with every call
+        self.lora_defaults: dict[str, np.ndarray] = {}
         self.extra_feeds: dict[str, np.ndarray] = {}
 
     def __enter__(self) -> Runner:
@@ -49,7 +51,9 @@ class Runner(abc.ABC):
             raise RuntimeError(f"{self.name}: activate the runner (use it as a context manager)")
         if check:
             self.spec.check_feeds(feeds)
-        return self.infer_impl({**feeds, **self.extra_feeds} if self.extra_feeds else feeds)
+        if self.lora_defaults or self.extra_feeds:
+            feeds = {**self.lora_defaults, **feeds, **self.extra_feeds}
+        return self.infer_impl(feeds)
 
     @abc.abstractmethod
     def activate_impl(self) -> None: ...

@@ -121,7 +121,6 @@ class OnnxRuntimeRunner(Runner):
             cache_dir = self.model_path.parent / "trt_ep_cache"
         self.provider_options = provider_options or default_provider_options(backend, spec, cache_dir)
         self.session: Any = None
-        self.lora_defaults: dict[str, np.ndarray] = {}
 
     def activate_impl(self) -> None:
         ort = import_ort()
@@ -142,8 +141,6 @@ class OnnxRuntimeRunner(Runner):
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.session.get_outputs()]
-        if self.lora_defaults:  # LoRA inputs not fed: no adapter (rank 0)
-            feeds = {**self.lora_defaults, **feeds}
         return dict(zip(names, self.session.run(names, feeds), strict=True))
 
     def deactivate_impl(self) -> None:

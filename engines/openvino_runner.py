@@ -112,7 +112,6 @@ class OpenVINORunner(Runner):
         self._dynamic: Compiled | None = None
         self._core: Any = None
         self.compiles = 0  # models compiled since activation (static and dynamic)
-        self.lora_defaults: dict[str, np.ndarray] = {}  # a graph's LoRA inputs at rank 0 (engines/lora.py)
 
     def config(self) -> dict[str, str]:
         cfg = {
@@ -202,8 +201,6 @@ class OpenVINORunner(Runner):
         return [*self._pinned, *self._lru]
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.lora_defaults:  # LoRA inputs not fed: no adapter (rank 0; a static compile of its own)
-            feeds = {**self.lora_defaults, **feeds}
         c = self._request(feeds)
         # inputs shared, not copied (the call is synchronous); outputs copied once by infer (the
         # request's buffers are reused by the next call), not twice: 0.06 ms of a 2 ms demo UNet

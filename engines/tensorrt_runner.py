@@ -75,7 +75,6 @@ class TensorRTRunner(Runner):
         self.last_gpu_ms: float | None = None  # CUDA-event time of the engine call (copies excluded)
         self.graph_captures = 0  # how many times a CUDA graph was (re)captured
         self._engine: Any = None
-        self.lora_defaults: dict[str, np.ndarray] = {}
 
     # -- activation -------------------------------------------------------------------------
     def activate_impl(self) -> None:
@@ -230,8 +229,6 @@ class TensorRTRunner(Runner):
         self.graph_captures += 1
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.lora_defaults:
-            feeds = {**self.lora_defaults, **feeds}
         cudart = self._cudart
         h2d, d2h = (
             cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
